@@ -1,0 +1,216 @@
+//! Wiring: the clients, stores and queues built from validated settings, the
+//! operations the CLI and HTTP API share (submit, cancel, status), and the daemon.
+
+use crate::config::ValidatedSettings;
+use crate::engine::Engine;
+use crate::handoff::HandoffSinks;
+use crate::intake::Worker;
+use crate::job::{JobError, JobSpec};
+use crate::metrics::Metrics;
+use crate::queue::{AzureQueue, MessageQueue};
+use crate::state::{JobDocument, StateError, StateStore};
+use crate::storage::{
+    azure::{shared_transport, AzureStore},
+    instrumented::Instrumented,
+    retry::RetryPolicy,
+    BlobStore, StorageError,
+};
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+
+/// The control plane: storage, queues and state of one deployment.
+#[derive(Debug, Clone)]
+pub struct Control {
+    /// Validated settings.
+    pub settings: Arc<ValidatedSettings>,
+    /// Metrics of this process.
+    pub metrics: Metrics,
+    /// Blob storage (rate-limited, retried, counted).
+    pub store: Arc<dyn BlobStore>,
+    /// Job documents.
+    pub state: StateStore,
+    /// Intake queue.
+    pub intake: Arc<dyn MessageQueue>,
+    /// Poison queue.
+    pub poison: Arc<dyn MessageQueue>,
+    /// Hand-off queue.
+    pub handoff: Arc<dyn MessageQueue>,
+}
+
+/// Submitting a job failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    /// The job is invalid.
+    #[error("{0}")]
+    Invalid(#[from] JobError),
+    /// Storage failed.
+    #[error("cannot submit: {0}")]
+    Storage(#[from] StorageError),
+    /// State failed.
+    #[error("cannot submit: {0}")]
+    State(#[from] StateError),
+}
+
+/// A submitted job.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Submitted {
+    /// Its id.
+    pub job_id: String,
+    /// False when a job with this id existed already (nothing new was queued).
+    pub created: bool,
+}
+
+impl Control {
+    /// Azure (or Azurite) clients for every account.
+    pub fn azure(settings: Arc<ValidatedSettings>, metrics: Metrics) -> Result<Self, StorageError> {
+        let transport = shared_transport();
+        let raw: Arc<dyn BlobStore> = Arc::new(AzureStore::new(&settings.accounts, &transport));
+        let control = settings
+            .account(&settings.control.account)
+            .expect("validated: the control account is configured");
+        let q = |name: &str| -> Result<Arc<dyn MessageQueue>, StorageError> {
+            Ok(Arc::new(AzureQueue::new(control, name, &transport)?))
+        };
+        let intake = q(&settings.control.intake_queue)?;
+        let poison = q(&settings.control.poison_queue)?;
+        let handoff = q(&settings.control.handoff_queue)?;
+        Ok(Self::from_parts(
+            settings, metrics, raw, intake, poison, handoff,
+        ))
+    }
+
+    /// Any store and queues (the in-memory ones in tests).
+    pub fn from_parts(
+        settings: Arc<ValidatedSettings>,
+        metrics: Metrics,
+        raw_store: Arc<dyn BlobStore>,
+        intake: Arc<dyn MessageQueue>,
+        poison: Arc<dyn MessageQueue>,
+        handoff: Arc<dyn MessageQueue>,
+    ) -> Self {
+        let rates = settings
+            .accounts
+            .iter()
+            .map(|a| (a.name.clone(), a.max_requests_per_second));
+        let store: Arc<dyn BlobStore> = Arc::new(Instrumented::new(
+            raw_store,
+            rates,
+            metrics.clone(),
+            RetryPolicy::default(),
+        ));
+        let state = StateStore::new(
+            store.clone(),
+            &settings.control.account,
+            &settings.control.state_container,
+        );
+        Self {
+            settings,
+            metrics,
+            store,
+            state,
+            intake,
+            poison,
+            handoff,
+        }
+    }
+
+    /// Creates the queues and the state container if they are missing.
+    pub async fn ensure(&self) -> Result<(), StateError> {
+        for q in [&self.intake, &self.poison, &self.handoff] {
+            q.ensure().await?;
+        }
+        self.state.ensure().await
+    }
+
+    /// Checks a job and puts it on the intake queue. A job id seen before queues
+    /// nothing new: resubmitting never makes a second set of copies.
+    pub async fn submit(&self, spec: JobSpec) -> Result<Submitted, SubmitError> {
+        let job = spec.validate(&self.settings)?;
+        if self.state.load(job.id.as_str()).await?.is_some() {
+            return Ok(Submitted {
+                job_id: job.id.to_string(),
+                created: false,
+            });
+        }
+        // Queue first, then the document: a crash between the two leaves a message
+        // the worker completes, never a document nobody will run.
+        let text = serde_json::to_string(&job.spec).expect("job spec serialises");
+        self.intake.send(&text).await?;
+        match self
+            .state
+            .create(&JobDocument::queued(job.id.clone(), job.spec.clone()))
+            .await
+        {
+            Ok(_) | Err(StateError::Exists(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        Ok(Submitted {
+            job_id: job.id.to_string(),
+            created: true,
+        })
+    }
+
+    /// Asks for a job to be cancelled; the instance running it aborts its copies.
+    pub async fn cancel(&self, id: &str) -> Result<JobDocument, StateError> {
+        self.state
+            .update(id, |d| {
+                if d.state.is_terminal() || d.cancel_requested {
+                    return false;
+                }
+                d.cancel_requested = true;
+                true
+            })
+            .await
+    }
+
+    /// The engine for this control plane.
+    pub fn engine(&self) -> Engine {
+        let handoff = HandoffSinks {
+            queue: self.handoff.clone(),
+            dir: self.settings.handoff_dir.clone(),
+            webhook: self.settings.handoff_webhook.clone(),
+            http: reqwest::Client::new(),
+        };
+        Engine::new(
+            self.store.clone(),
+            self.state.clone(),
+            handoff,
+            self.metrics.clone(),
+            self.settings.clone(),
+        )
+    }
+}
+
+/// Runs the daemon until `stop` fires: the intake worker and the HTTP API.
+pub async fn run_daemon(
+    control: Control,
+    listener: tokio::net::TcpListener,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    control.ensure().await?;
+    let engine = Arc::new(control.engine());
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, "HTTP API listening");
+    let api_state = crate::api::AppState::new(control.clone(), engine.live());
+    let server = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            axum::serve(listener, crate::api::router(api_state))
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await
+        })
+    };
+    let worker = Worker::new(
+        engine,
+        control.intake.clone(),
+        control.poison.clone(),
+        control.state.clone(),
+        control.metrics.clone(),
+        control.settings.clone(),
+    );
+    worker.run(stop.clone()).await;
+    stop.cancel();
+    server.await??;
+    tracing::info!("stopped");
+    Ok(())
+}

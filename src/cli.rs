@@ -1,0 +1,593 @@
+//! The command line (see CONTRACT.md). Exit codes: 0 success, 1 the job failed or
+//! was cancelled (or an operation failed), 2 usage or configuration error.
+
+use crate::api::job_view;
+use crate::app::{run_daemon, Control};
+use crate::config::{ConfigError, ProcessSecrets, Settings, ValidatedSettings, DEFAULT_CONFIG};
+use crate::job::{parse_job_json, JobSpec, Os, PoolSpec};
+use crate::metrics::Metrics;
+use crate::state::{JobDocument, JobState};
+use clap::{Args, Parser, Subcommand};
+use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
+use tokio_util::sync::CancellationToken;
+
+/// Exit code: the job failed, was cancelled, or the operation failed.
+pub const EXIT_FAILED: u8 = 1;
+/// Exit code: bad usage or configuration.
+pub const EXIT_USAGE: u8 = 2;
+
+/// Replicates a custom VHD into the identical copies an Azure Batch pool needs.
+///
+/// Exit codes: 0 success; 1 the job failed or was cancelled, or the operation
+/// failed; 2 usage or configuration error.
+#[derive(Debug, Parser)]
+#[command(name = "vhd-replicator", version)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Args)]
+struct ConfigArg {
+    /// Configuration file (TOML); VHDREP__SECTION__KEY variables override it.
+    #[arg(long, default_value = DEFAULT_CONFIG, global = true)]
+    config: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the daemon until SIGTERM or SIGINT.
+    Run {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Put a job on the intake queue and print its id.
+    Submit {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The job as JSON (see CONTRACT.md); instead of --source, --os, --nodes, --pool-id.
+        #[arg(long, conflicts_with_all = ["source", "os", "nodes", "pool_id"])]
+        file: Option<PathBuf>,
+        #[command(flatten)]
+        job: JobArgs,
+        /// Pool id.
+        #[arg(long)]
+        pool_id: Option<String>,
+        /// Follow the job; exit 0 only if it completes.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Show jobs, or one job.
+    Status {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The job to show; all jobs when absent.
+        job_id: Option<String>,
+        /// Refresh until the job ends.
+        #[arg(long)]
+        watch: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ask for a job to be cancelled (its copies are aborted).
+    Cancel {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The job.
+        job_id: String,
+    },
+    /// Dry run: how many replicas, where, and their names. Writes nothing.
+    Plan {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[command(flatten)]
+        job: JobArgs,
+        /// Pool id used in the names.
+        #[arg(long, default_value = "pool")]
+        pool_id: String,
+        /// Job id used in the names.
+        #[arg(long, default_value = "dry-run")]
+        job_id: String,
+    },
+    /// Upload a small fixed VHD test image (patterned data, then zeroes, then a
+    /// valid footer) as a page blob, to try a deployment end to end.
+    SampleVhd {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Blob URL in a configured account.
+        #[arg(long)]
+        url: String,
+        /// Virtual size in MiB.
+        #[arg(long, default_value_t = 16)]
+        size_mib: u64,
+        /// MiB of non-zero data at the start (the rest stays sparse).
+        #[arg(long, default_value_t = 4)]
+        data_mib: u64,
+    },
+    /// Check the configuration; with --online, also each account.
+    Validate {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Also reach every account (Get Account Information) and the control queues.
+        #[arg(long)]
+        online: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+struct JobArgs {
+    /// Source VHD blob URL.
+    #[arg(long)]
+    source: Option<String>,
+    /// Node OS.
+    #[arg(long, value_enum)]
+    os: Option<Os>,
+    /// Nodes of the pool.
+    #[arg(long)]
+    nodes: Option<u32>,
+    /// VM size for the add-pool body.
+    #[arg(long)]
+    vm_size: Option<String>,
+    /// Replicas (default: one per 20 Windows or 40 Linux nodes).
+    #[arg(long)]
+    replicas: Option<u32>,
+    /// Destination accounts, comma-separated (default: every destination account).
+    #[arg(long, value_delimiter = ',')]
+    accounts: Option<Vec<String>>,
+}
+
+impl JobArgs {
+    /// The job these flags describe, or which flag is missing.
+    fn spec(&self, pool_id: Option<String>, job_id: Option<String>) -> Result<JobSpec, String> {
+        let missing =
+            |flag: &str| format!("{flag} is required (or give the whole job with --file)");
+        Ok(JobSpec {
+            job_id,
+            source: self.source.clone().ok_or_else(|| missing("--source"))?,
+            pool: PoolSpec {
+                id: pool_id.ok_or_else(|| missing("--pool-id"))?,
+                os: self.os.ok_or_else(|| missing("--os"))?,
+                nodes: self.nodes.ok_or_else(|| missing("--nodes"))?,
+                vm_size: self.vm_size.clone(),
+                node_agent_sku_id: None,
+                caching: None,
+            },
+            replicas: self.replicas,
+            accounts: self.accounts.clone(),
+            container: None,
+        })
+    }
+}
+
+fn load(path: &std::path::Path) -> Result<ValidatedSettings, ConfigError> {
+    Settings::load(path)?.validate(&ProcessSecrets)
+}
+
+fn usage_error(message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("error: {message}");
+    ExitCode::from(EXIT_USAGE)
+}
+
+fn failed(message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("error: {message}");
+    ExitCode::from(EXIT_FAILED)
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => return failed(format!("cannot start the runtime: {e}")),
+    };
+    runtime.block_on(dispatch(cli.command))
+}
+
+fn connect(settings: ValidatedSettings) -> Result<Control, ExitCode> {
+    Control::azure(Arc::new(settings), Metrics::new()).map_err(failed)
+}
+
+async fn dispatch(command: Command) -> ExitCode {
+    match command {
+        Command::Validate { config, online } => validate(&config.config, online).await,
+        Command::SampleVhd {
+            config,
+            url,
+            size_mib,
+            data_mib,
+        } => {
+            let settings = match load(&config.config) {
+                Ok(s) => s,
+                Err(e) => return usage_error(e),
+            };
+            let blob = match crate::job::locate_source(&url, &settings) {
+                Ok(b) => b,
+                Err(e) => return usage_error(e),
+            };
+            if size_mib == 0 {
+                return usage_error("--size-mib must be at least 1");
+            }
+            let control = match connect(settings) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let image = crate::vhd::sample_image(size_mib, data_mib, 42);
+            let len = image.len();
+            let result = async {
+                control
+                    .store
+                    .ensure_container(&blob.account, &blob.container)
+                    .await?;
+                control
+                    .store
+                    .put_page_blob(&blob, bytes::Bytes::from(image))
+                    .await
+            }
+            .await;
+            match result {
+                Ok(()) => {
+                    println!("uploaded a fixed VHD of {len} bytes to {url}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => failed(e),
+            }
+        }
+        Command::Run { config } => {
+            let settings = match load(&config.config) {
+                Ok(s) => s,
+                Err(e) => return usage_error(e),
+            };
+            crate::telemetry::init(settings.log_json);
+            let listen = settings.listen;
+            let control = match connect(settings) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let listener = match tokio::net::TcpListener::bind(listen).await {
+                Ok(l) => l,
+                Err(e) => {
+                    return usage_error(format!("service.listen: cannot listen on {listen}: {e}"))
+                }
+            };
+            let stop = CancellationToken::new();
+            tokio::spawn(shutdown_signal(stop.clone()));
+            match run_daemon(control, listener, stop).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => failed(format!("{e:#}")),
+            }
+        }
+        Command::Submit {
+            config,
+            file,
+            job,
+            pool_id,
+            wait,
+        } => {
+            crate::telemetry::init(false);
+            let settings = match load(&config.config) {
+                Ok(s) => s,
+                Err(e) => return usage_error(e),
+            };
+            let spec = match file {
+                Some(path) => match std::fs::read_to_string(&path) {
+                    Ok(text) => match parse_job_json(&text) {
+                        Ok(s) => s,
+                        Err(e) => return usage_error(format!("{}: {e}", path.display())),
+                    },
+                    Err(e) => return usage_error(format!("cannot read {}: {e}", path.display())),
+                },
+                None => match job.spec(pool_id, None) {
+                    Ok(s) => s,
+                    Err(e) => return usage_error(e),
+                },
+            };
+            let control = match connect(settings) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            if let Err(e) = control.ensure().await {
+                return failed(e);
+            }
+            let submitted = match control.submit(spec).await {
+                Ok(s) => s,
+                Err(crate::app::SubmitError::Invalid(e)) => return usage_error(e),
+                Err(e) => return failed(e),
+            };
+            println!("{}", submitted.job_id);
+            if !submitted.created {
+                eprintln!(
+                    "note: job {} was submitted before; nothing new was queued",
+                    submitted.job_id
+                );
+            }
+            if wait {
+                follow(&control, &submitted.job_id).await
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Command::Status {
+            config,
+            job_id,
+            watch,
+            json,
+        } => {
+            let settings = match load(&config.config) {
+                Ok(s) => s,
+                Err(e) => return usage_error(e),
+            };
+            let control = match connect(settings) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match job_id {
+                Some(id) if watch => follow(&control, &id).await,
+                Some(id) => match control.state.load(&id).await {
+                    Ok(Some((d, _))) => {
+                        print_job(&d, json);
+                        ExitCode::SUCCESS
+                    }
+                    Ok(None) => failed(format!("no job {id}")),
+                    Err(e) => failed(e),
+                },
+                None => match control.state.list().await {
+                    Ok(docs) => {
+                        if json {
+                            let views: Vec<_> = docs.iter().map(job_view).collect();
+                            println!(
+                                "{}",
+                                serde_json::to_string_pretty(&serde_json::json!({ "jobs": views }))
+                                    .unwrap()
+                            );
+                        } else if docs.is_empty() {
+                            println!("no jobs");
+                        } else {
+                            for d in &docs {
+                                println!("{}", summary_line(d));
+                            }
+                        }
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => failed(e),
+                },
+            }
+        }
+        Command::Cancel { config, job_id } => {
+            let settings = match load(&config.config) {
+                Ok(s) => s,
+                Err(e) => return usage_error(e),
+            };
+            let control = match connect(settings) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match control.cancel(&job_id).await {
+                Ok(d) if d.state.is_terminal() => {
+                    println!("job {job_id} has already ended: {}", d.state.as_str());
+                    ExitCode::SUCCESS
+                }
+                Ok(_) => {
+                    println!("cancel requested for job {job_id}");
+                    ExitCode::SUCCESS
+                }
+                Err(crate::state::StateError::NotFound(_)) => failed(format!("no job {job_id}")),
+                Err(e) => failed(e),
+            }
+        }
+        Command::Plan {
+            config,
+            job,
+            pool_id,
+            job_id,
+        } => {
+            let settings = match load(&config.config) {
+                Ok(s) => s,
+                Err(e) => return usage_error(e),
+            };
+            let spec = match job.spec(Some(pool_id), Some(job_id)) {
+                Ok(s) => s,
+                Err(e) => return usage_error(e),
+            };
+            let validated = match spec.validate(&settings) {
+                Ok(v) => v,
+                Err(e) => return usage_error(e),
+            };
+            let plan = crate::plan::plan(&validated);
+            println!(
+                "{} replicas for {} {} nodes from {}",
+                validated.replicas,
+                validated.spec.pool.nodes,
+                validated.spec.pool.os,
+                validated.spec.source
+            );
+            for (account, n) in plan.per_account() {
+                println!("  {account}: {n}");
+            }
+            for r in &plan.replicas {
+                println!(
+                    "  [{}] {}/{}/{}",
+                    r.index, r.blob.account, r.blob.container, r.blob.name
+                );
+            }
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+async fn validate(path: &std::path::Path, online: bool) -> ExitCode {
+    let settings = match load(path) {
+        Ok(s) => s,
+        Err(e) => return usage_error(e),
+    };
+    println!(
+        "{}: configuration is valid ({} accounts, {} destinations)",
+        path.display(),
+        settings.accounts.len(),
+        settings.destination_accounts().len()
+    );
+    if !online {
+        return ExitCode::SUCCESS;
+    }
+    let control = match connect(settings) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let mut bad = 0;
+    for a in &control.settings.accounts {
+        match control.store.account_info(&a.name).await {
+            Ok(info) => {
+                let verdict = if a.destination {
+                    info.suits_batch_images().err()
+                } else {
+                    None
+                };
+                match verdict {
+                    None => println!("  {}: reachable, {} {}", a.name, info.sku, info.kind),
+                    Some(why) => {
+                        bad += 1;
+                        println!("  {}: NOT USABLE as a destination: {why}", a.name);
+                    }
+                }
+            }
+            Err(e) => {
+                bad += 1;
+                println!("  {}: NOT REACHABLE: {e}", a.name);
+            }
+        }
+    }
+    if bad > 0 {
+        ExitCode::from(EXIT_USAGE)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn summary_line(d: &JobDocument) -> String {
+    let verified = d
+        .replicas
+        .iter()
+        .filter(|r| r.state == crate::state::ReplicaState::Verified)
+        .count();
+    format!(
+        "{:<40} {:<10} {:<12} {:>3}% {}/{} replicas{}",
+        d.job_id.as_str(),
+        d.state.as_str(),
+        d.phase
+            .map(|p| format!("{p:?}").to_lowercase())
+            .unwrap_or_else(|| "-".into()),
+        (d.progress() * 100.0).round(),
+        verified,
+        d.replicas.len(),
+        d.error
+            .as_ref()
+            .map(|e| format!("  error: {e}"))
+            .unwrap_or_default()
+    )
+}
+
+fn print_job(d: &JobDocument, json: bool) {
+    if json {
+        println!("{}", serde_json::to_string_pretty(&job_view(d)).unwrap());
+        return;
+    }
+    println!("{}", summary_line(d));
+    for r in &d.replicas {
+        println!(
+            "  [{:>3}] {:<12} {:<10} {:>6.1}% {}",
+            r.index,
+            r.account,
+            format!("{:?}", r.state).to_lowercase(),
+            if r.bytes_total == 0 {
+                0.0
+            } else {
+                r.bytes_copied as f64 * 100.0 / r.bytes_total as f64
+            },
+            r.uri
+        );
+    }
+}
+
+/// Prints progress until the job ends; exit 0 only if it completed.
+async fn follow(control: &Control, id: &str) -> ExitCode {
+    let mut last = String::new();
+    loop {
+        match control.state.load(id).await {
+            Ok(Some((d, _))) => {
+                let line = summary_line(&d);
+                if line != last {
+                    println!("{line}");
+                    last = line;
+                }
+                if d.state.is_terminal() {
+                    return if d.state == JobState::Completed {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::from(EXIT_FAILED)
+                    };
+                }
+            }
+            Ok(None) => {}
+            Err(e) => eprintln!("warning: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+async fn shutdown_signal(stop: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler installs");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutdown signal received");
+    stop.cancel();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn submit_flags_name_what_is_missing() {
+        let cli = Cli::try_parse_from([
+            "vhd-replicator",
+            "submit",
+            "--source",
+            "http://x/c/b.vhd",
+            "--os",
+            "linux",
+        ])
+        .unwrap();
+        let Command::Submit { job, pool_id, .. } = cli.command else {
+            panic!("submit")
+        };
+        let err = job.spec(pool_id, None).unwrap_err();
+        assert!(err.contains("--pool-id"), "{err}");
+        assert!(Cli::try_parse_from([
+            "vhd-replicator",
+            "submit",
+            "--file",
+            "j.json",
+            "--nodes",
+            "3"
+        ])
+        .is_err());
+    }
+}

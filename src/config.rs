@@ -1,0 +1,890 @@
+//! Configuration: raw [`Settings`] as read from TOML and `VHDREP__SECTION__KEY`
+//! environment variables, then [`Settings::validate`] into [`ValidatedSettings`],
+//! reporting every problem at once with the key it concerns.
+
+use crate::storage::auth::SharedKey;
+use azure_core::credentials::TokenCredential;
+use secrecy::SecretString;
+use serde::Deserialize;
+use std::{collections::HashSet, fmt, net::SocketAddr, path::Path, sync::Arc, time::Duration};
+use url::Url;
+
+/// The file `--config` defaults to.
+pub const DEFAULT_CONFIG: &str = "config/default.toml";
+
+/// Raw settings, exactly as the file and environment give them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// `[service]`
+    #[serde(default)]
+    pub service: ServiceSettings,
+    /// `[batch]`
+    pub batch: BatchSettings,
+    /// `[control]`
+    pub control: ControlSettings,
+    /// `[handoff]`
+    #[serde(default)]
+    pub handoff: HandoffSettings,
+    /// `[limits]`
+    #[serde(default)]
+    pub limits: LimitSettings,
+    /// `[engine]`
+    #[serde(default)]
+    pub engine: EngineSettings,
+    /// `[[accounts]]`
+    #[serde(default)]
+    pub accounts: Vec<AccountSettings>,
+}
+
+/// `[service]`: the HTTP listener and process behaviour.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServiceSettings {
+    /// Address of the HTTP API, status page and metrics.
+    pub listen: String,
+    /// Environment variable holding the admin token for mutating routes.
+    pub admin_token_env: String,
+    /// `text` (default) or `json`.
+    pub log_format: String,
+    /// Seconds to drain on SIGTERM before exiting.
+    pub shutdown_grace_seconds: u64,
+}
+
+impl Default for ServiceSettings {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:9464".into(),
+            admin_token_env: "VHDREP_ADMIN_TOKEN".into(),
+            log_format: "text".into(),
+            shutdown_grace_seconds: 30,
+        }
+    }
+}
+
+/// `[batch]`: the Batch account the pools are for.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchSettings {
+    /// Subscription id of the Batch account.
+    pub subscription: String,
+    /// Region of the Batch account.
+    pub region: String,
+}
+
+/// `[control]`: where queues and job state live.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlSettings {
+    /// One of `[[accounts]]`.
+    pub account: String,
+    /// Queue of submitted jobs.
+    #[serde(default = "default_intake")]
+    pub intake_queue: String,
+    /// Queue of messages that can never succeed.
+    #[serde(default = "default_poison")]
+    pub poison_queue: String,
+    /// Queue for the pool-creation stage.
+    #[serde(default = "default_handoff")]
+    pub handoff_queue: String,
+    /// Container of job state documents.
+    #[serde(default = "default_state")]
+    pub state_container: String,
+}
+
+fn default_intake() -> String {
+    "vhd-jobs".into()
+}
+fn default_poison() -> String {
+    "vhd-jobs-poison".into()
+}
+fn default_handoff() -> String {
+    "pool-requests".into()
+}
+fn default_state() -> String {
+    "vhd-replicator-state".into()
+}
+
+/// `[handoff]`: extra hand-off sinks.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HandoffSettings {
+    /// Also write `<dir>/<job_id>.json` when not empty.
+    pub dir: String,
+    /// Also POST the hand-off JSON here when not empty.
+    pub webhook: String,
+}
+
+/// `[limits]`: nodes one VHD may serve.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitSettings {
+    /// Windows nodes per VHD (Azure Batch: 20).
+    pub windows_nodes_per_vhd: u32,
+    /// Linux nodes per VHD (Azure Batch: 40).
+    pub linux_nodes_per_vhd: u32,
+}
+
+impl Default for LimitSettings {
+    fn default() -> Self {
+        Self {
+            windows_nodes_per_vhd: 20,
+            linux_nodes_per_vhd: 40,
+        }
+    }
+}
+
+/// `[engine]`: how jobs are taken and copies run.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineSettings {
+    /// Jobs one instance runs at once.
+    pub max_parallel_jobs: u32,
+    /// Seconds a taken message stays invisible between renewals.
+    pub lease_seconds: u32,
+    /// A message seen more often than this goes to the poison queue.
+    pub max_dequeue_count: u32,
+    /// Milliseconds between intake polls when the queue is empty.
+    pub idle_poll_ms: u64,
+    /// Shortest wait between status polls of one pending copy, in milliseconds.
+    pub min_poll_ms: u64,
+    /// Longest wait between status polls of one pending copy, in milliseconds.
+    pub max_poll_ms: u64,
+    /// Hours a copy-source SAS stays valid.
+    pub sas_hours: u32,
+}
+
+impl Default for EngineSettings {
+    fn default() -> Self {
+        Self {
+            max_parallel_jobs: 4,
+            lease_seconds: 60,
+            max_dequeue_count: 5,
+            idle_poll_ms: 1000,
+            min_poll_ms: 250,
+            max_poll_ms: 30_000,
+            sas_hours: 48,
+        }
+    }
+}
+
+/// One `[[accounts]]` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccountSettings {
+    /// Storage account name.
+    pub name: String,
+    /// Blob endpoint; default `https://<name>.blob.core.windows.net`.
+    #[serde(default)]
+    pub blob_endpoint: Option<String>,
+    /// Queue endpoint; default `https://<name>.queue.core.windows.net`.
+    #[serde(default)]
+    pub queue_endpoint: Option<String>,
+    /// Environment variable holding the shared key.
+    #[serde(default)]
+    pub key_env: Option<String>,
+    /// File holding the shared key.
+    #[serde(default)]
+    pub key_file: Option<String>,
+    /// `shared_key` (default when a key is given) or `entra`.
+    #[serde(default)]
+    pub auth: Option<String>,
+    /// With `auth = "entra"`: `auto` (default), `managed_identity`, `workload_identity`, `azure_cli`.
+    #[serde(default)]
+    pub credential: Option<String>,
+    /// Subscription of the account (checked against `[batch]`).
+    #[serde(default)]
+    pub subscription: Option<String>,
+    /// Region of the account (checked against `[batch]`).
+    #[serde(default)]
+    pub region: Option<String>,
+    /// Whether replicas may be placed here.
+    #[serde(default = "default_true")]
+    pub destination: bool,
+    /// Request rate cap for this account.
+    #[serde(default = "default_rps")]
+    pub max_requests_per_second: u32,
+    /// Concurrent copies into this account.
+    #[serde(default = "default_copies")]
+    pub max_concurrent_copies: u32,
+    /// Storage service version to send, for emulators that lag behind the SDK.
+    #[serde(default)]
+    pub api_version: Option<String>,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_rps() -> u32 {
+    500
+}
+fn default_copies() -> u32 {
+    16
+}
+
+/// How an account authenticates, resolved.
+#[derive(Clone)]
+pub enum AccountCredential {
+    /// Shared Key from the account key.
+    SharedKey(SharedKey),
+    /// Entra ID token credential.
+    Entra(Arc<dyn TokenCredential>),
+}
+
+impl fmt::Debug for AccountCredential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AccountCredential::SharedKey(k) => write!(f, "SharedKey({})", k.account()),
+            AccountCredential::Entra(_) => write!(f, "Entra"),
+        }
+    }
+}
+
+/// One account, validated and ready to build clients for.
+#[derive(Debug, Clone)]
+pub struct AccountConfig {
+    /// Account name.
+    pub name: String,
+    /// Blob endpoint without a trailing `/`.
+    pub blob_endpoint: Url,
+    /// Queue endpoint without a trailing `/`.
+    pub queue_endpoint: Url,
+    /// Credential.
+    pub credential: AccountCredential,
+    /// May receive replicas.
+    pub destination: bool,
+    /// Request rate cap.
+    pub max_requests_per_second: u32,
+    /// Concurrent copies cap.
+    pub max_concurrent_copies: u32,
+    /// Service version override.
+    pub api_version: Option<String>,
+}
+
+/// Settings that passed validation.
+#[derive(Debug, Clone)]
+pub struct ValidatedSettings {
+    /// HTTP listen address.
+    pub listen: SocketAddr,
+    /// Admin token for mutating routes, when its variable is set.
+    pub admin_token: Option<SecretString>,
+    /// Log as JSON lines.
+    pub log_json: bool,
+    /// Drain time on shutdown.
+    pub shutdown_grace: Duration,
+    /// `[batch]`
+    pub batch: BatchSettings,
+    /// `[control]`
+    pub control: ControlSettings,
+    /// Hand-off directory.
+    pub handoff_dir: Option<std::path::PathBuf>,
+    /// Hand-off webhook.
+    pub handoff_webhook: Option<Url>,
+    /// `[limits]`
+    pub limits: LimitSettings,
+    /// `[engine]`
+    pub engine: EngineSettings,
+    /// All accounts, in configuration order.
+    pub accounts: Vec<AccountConfig>,
+}
+
+impl ValidatedSettings {
+    /// The account with this name.
+    pub fn account(&self, name: &str) -> Option<&AccountConfig> {
+        self.accounts.iter().find(|a| a.name == name)
+    }
+
+    /// Names of the accounts that may receive replicas.
+    pub fn destination_accounts(&self) -> Vec<String> {
+        self.accounts
+            .iter()
+            .filter(|a| a.destination)
+            .map(|a| a.name.clone())
+            .collect()
+    }
+}
+
+/// One thing wrong with the configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    /// The key, e.g. `accounts[2].key_env`.
+    pub key: String,
+    /// What is wrong and what to do.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+/// Configuration that cannot be used, with every problem found.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file or environment could not be read or parsed.
+    #[error("cannot read configuration: {0}")]
+    Load(String),
+    /// The values are wrong.
+    #[error("invalid configuration:\n{}", .0.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<ConfigProblem>),
+}
+
+/// Where secrets come from during validation (the process environment and files,
+/// or a map in tests).
+pub trait SecretSource {
+    /// An environment variable.
+    fn env(&self, name: &str) -> Option<String>;
+    /// A file's contents.
+    fn file(&self, path: &str) -> Result<String, String>;
+}
+
+/// The process environment and file system.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ProcessSecrets;
+
+impl SecretSource for ProcessSecrets {
+    fn env(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok().filter(|v| !v.is_empty())
+    }
+    fn file(&self, path: &str) -> Result<String, String> {
+        std::fs::read_to_string(path).map_err(|e| e.to_string())
+    }
+}
+
+impl Settings {
+    /// Reads the TOML file and `VHDREP__SECTION__KEY` overrides.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        if !path.exists() {
+            return Err(ConfigError::Load(format!(
+                "{} does not exist; pass --config FILE",
+                path.display()
+            )));
+        }
+        let raw = config::Config::builder()
+            .add_source(config::File::from(path).format(config::FileFormat::Toml))
+            .add_source(
+                config::Environment::with_prefix("VHDREP")
+                    .prefix_separator("__")
+                    .separator("__")
+                    .try_parsing(true),
+            )
+            .build()
+            .map_err(|e| ConfigError::Load(format!("{}: {e}", path.display())))?;
+        raw.try_deserialize()
+            .map_err(|e| ConfigError::Load(format!("{}: {e}", path.display())))
+    }
+
+    /// Reads a TOML string (no environment), for tests and tools.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        toml_de(text)
+    }
+
+    /// Checks every value and resolves credentials; reports all problems at once.
+    pub fn validate(&self, secrets: &dyn SecretSource) -> Result<ValidatedSettings, ConfigError> {
+        let mut problems = Vec::new();
+        let mut problem = |key: &str, message: String| {
+            problems.push(ConfigProblem {
+                key: key.to_owned(),
+                message,
+            })
+        };
+
+        let listen = match self.service.listen.parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                problem(
+                    "service.listen",
+                    format!(
+                        "{:?} is not an address:port such as \"127.0.0.1:9464\"",
+                        self.service.listen
+                    ),
+                );
+                None
+            }
+        };
+        if !matches!(self.service.log_format.as_str(), "text" | "json") {
+            problem(
+                "service.log_format",
+                format!("{:?} is not \"text\" or \"json\"", self.service.log_format),
+            );
+        }
+        if self.batch.subscription.trim().is_empty() {
+            problem(
+                "batch.subscription",
+                "must name the Batch account's subscription id".into(),
+            );
+        }
+        if self.batch.region.trim().is_empty() {
+            problem(
+                "batch.region",
+                "must name the Batch account's region, e.g. \"westeurope\"".into(),
+            );
+        }
+        for (key, value) in [
+            ("control.intake_queue", &self.control.intake_queue),
+            ("control.poison_queue", &self.control.poison_queue),
+            ("control.handoff_queue", &self.control.handoff_queue),
+        ] {
+            if let Err(m) = check_queue_name(value) {
+                problem(key, m);
+            }
+        }
+        if let Err(m) = check_container_name(&self.control.state_container) {
+            problem("control.state_container", m);
+        }
+        if self.limits.windows_nodes_per_vhd == 0 {
+            problem(
+                "limits.windows_nodes_per_vhd",
+                "must be at least 1 (Azure Batch allows 20)".into(),
+            );
+        }
+        if self.limits.linux_nodes_per_vhd == 0 {
+            problem(
+                "limits.linux_nodes_per_vhd",
+                "must be at least 1 (Azure Batch allows 40)".into(),
+            );
+        }
+        let e = &self.engine;
+        for (key, v) in [
+            ("engine.max_parallel_jobs", e.max_parallel_jobs as u64),
+            ("engine.lease_seconds", e.lease_seconds as u64),
+            ("engine.max_dequeue_count", e.max_dequeue_count as u64),
+            ("engine.idle_poll_ms", e.idle_poll_ms),
+            ("engine.min_poll_ms", e.min_poll_ms),
+            ("engine.max_poll_ms", e.max_poll_ms),
+            ("engine.sas_hours", e.sas_hours as u64),
+        ] {
+            if v == 0 {
+                problem(key, "must be at least 1".into());
+            }
+        }
+        if e.lease_seconds > 0 && e.lease_seconds < 10 {
+            problem(
+                "engine.lease_seconds",
+                "must be at least 10 so renewals keep up".into(),
+            );
+        }
+        if e.lease_seconds > 7 * 24 * 3600 {
+            problem(
+                "engine.lease_seconds",
+                "cannot exceed 7 days (604800), the queue's limit".into(),
+            );
+        }
+        if e.min_poll_ms > e.max_poll_ms {
+            problem(
+                "engine.min_poll_ms",
+                "must not exceed engine.max_poll_ms".into(),
+            );
+        }
+        let handoff_webhook = if self.handoff.webhook.is_empty() {
+            None
+        } else {
+            match Url::parse(&self.handoff.webhook) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") => Some(u),
+                _ => {
+                    problem(
+                        "handoff.webhook",
+                        format!("{:?} is not an http(s) URL", self.handoff.webhook),
+                    );
+                    None
+                }
+            }
+        };
+
+        if self.accounts.is_empty() {
+            problem(
+                "accounts",
+                "no [[accounts]] configured; add the control and destination accounts".into(),
+            );
+        }
+        let mut seen = HashSet::new();
+        let mut accounts = Vec::new();
+        for (i, a) in self.accounts.iter().enumerate() {
+            let k = |field: &str| format!("accounts[{i}].{field}");
+            if let Err(m) = check_account_name(&a.name) {
+                problem(&k("name"), m);
+            }
+            if !seen.insert(a.name.clone()) {
+                problem(
+                    &k("name"),
+                    format!(
+                        "account {:?} is configured twice; names must be unique",
+                        a.name
+                    ),
+                );
+            }
+            if a.max_requests_per_second == 0 {
+                problem(&k("max_requests_per_second"), "must be at least 1".into());
+            }
+            if a.max_concurrent_copies == 0 {
+                problem(&k("max_concurrent_copies"), "must be at least 1".into());
+            }
+            if a.destination {
+                if let Some(s) = &a.subscription {
+                    if !s.eq_ignore_ascii_case(&self.batch.subscription) {
+                        problem(&k("subscription"), format!("{s} differs from batch.subscription; Batch reads custom images only from its own subscription (set destination = false to keep it as a source)"));
+                    }
+                }
+                if let Some(r) = &a.region {
+                    if !r.eq_ignore_ascii_case(&self.batch.region) {
+                        problem(&k("region"), format!("{r} differs from batch.region ({}); Batch reads custom images only from its own region (set destination = false to keep it as a source)", self.batch.region));
+                    }
+                }
+            }
+            let blob = endpoint(&a.blob_endpoint, &a.name, "blob")
+                .map_err(|m| problem(&k("blob_endpoint"), m));
+            let queue = endpoint(&a.queue_endpoint, &a.name, "queue")
+                .map_err(|m| problem(&k("queue_endpoint"), m));
+            let credential =
+                resolve_credential(a, secrets).map_err(|(field, m)| problem(&k(field), m));
+            if let (Ok(blob_endpoint), Ok(queue_endpoint), Ok(credential)) =
+                (blob, queue, credential)
+            {
+                accounts.push(AccountConfig {
+                    name: a.name.clone(),
+                    blob_endpoint,
+                    queue_endpoint,
+                    credential,
+                    destination: a.destination,
+                    max_requests_per_second: a.max_requests_per_second,
+                    max_concurrent_copies: a.max_concurrent_copies,
+                    api_version: a.api_version.clone(),
+                });
+            }
+        }
+        if !self.accounts.is_empty() {
+            if !self.accounts.iter().any(|a| a.name == self.control.account) {
+                problem(
+                    "control.account",
+                    format!(
+                        "{:?} is not one of [[accounts]]; add it or name a configured account",
+                        self.control.account
+                    ),
+                );
+            }
+            if !self.accounts.iter().any(|a| a.destination) {
+                problem(
+                    "accounts",
+                    "no account has destination = true; at least one must receive replicas".into(),
+                );
+            }
+        }
+
+        if !problems.is_empty() {
+            return Err(ConfigError::Invalid(problems));
+        }
+        let admin_token = if self.service.admin_token_env.is_empty() {
+            None
+        } else {
+            secrets
+                .env(&self.service.admin_token_env)
+                .map(SecretString::from)
+        };
+        Ok(ValidatedSettings {
+            listen: listen.expect("checked above"),
+            admin_token,
+            log_json: self.service.log_format == "json",
+            shutdown_grace: Duration::from_secs(self.service.shutdown_grace_seconds),
+            batch: self.batch.clone(),
+            control: self.control.clone(),
+            handoff_dir: (!self.handoff.dir.is_empty()).then(|| self.handoff.dir.clone().into()),
+            handoff_webhook,
+            limits: self.limits.clone(),
+            engine: self.engine.clone(),
+            accounts,
+        })
+    }
+}
+
+fn toml_de(text: &str) -> Result<Settings, ConfigError> {
+    config::Config::builder()
+        .add_source(config::File::from_str(text, config::FileFormat::Toml))
+        .build()
+        .and_then(|c| c.try_deserialize())
+        .map_err(|e| ConfigError::Load(e.to_string()))
+}
+
+fn endpoint(given: &Option<String>, account: &str, service: &str) -> Result<Url, String> {
+    let text = match given {
+        Some(t) => t.trim().trim_end_matches('/').to_owned(),
+        None => format!("https://{account}.{service}.core.windows.net"),
+    };
+    let url = Url::parse(&text).map_err(|e| format!("{text:?} is not a URL ({e}); use e.g. \"https://{account}.{service}.core.windows.net\""))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+        return Err(format!("{text:?} must be an http(s) URL with a host"));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(format!("{text:?} must not carry a query (no SAS here; keys come from key_env, key_file or auth = \"entra\")"));
+    }
+    Ok(url)
+}
+
+fn resolve_credential(
+    a: &AccountSettings,
+    secrets: &dyn SecretSource,
+) -> Result<AccountCredential, (&'static str, String)> {
+    let entra = match a.auth.as_deref() {
+        None | Some("shared_key") => false,
+        Some("entra") => true,
+        Some(other) => {
+            return Err((
+                "auth",
+                format!("{other:?} is not \"shared_key\" or \"entra\""),
+            ));
+        }
+    };
+    match (entra, &a.key_env, &a.key_file) {
+        (true, None, None) => entra_credential(a.credential.as_deref().unwrap_or("auto"))
+            .map(AccountCredential::Entra)
+            .map_err(|m| ("credential", m)),
+        (true, _, _) => Err(("auth", "auth = \"entra\" takes no key_env or key_file; remove one or the other".into())),
+        (false, Some(_), Some(_)) => Err(("key_env", "give key_env or key_file, not both".into())),
+        (false, None, None) => Err(("key_env", "no credential: set key_env (a variable holding the account key), key_file, or auth = \"entra\"".into())),
+        (false, Some(var), None) => {
+            let value = secrets.env(var).ok_or_else(|| ("key_env", format!("environment variable {var} is not set or empty; export the account key in it")))?;
+            SharedKey::new(&a.name, &SecretString::from(value))
+                .map(AccountCredential::SharedKey)
+                .map_err(|_| ("key_env", format!("the value of {var} is not a base64 account key")))
+        }
+        (false, None, Some(path)) => {
+            let value = secrets.file(path).map_err(|e| ("key_file", format!("cannot read {path}: {e}")))?;
+            SharedKey::new(&a.name, &SecretString::from(value))
+                .map(AccountCredential::SharedKey)
+                .map_err(|_| ("key_file", format!("{path} does not hold a base64 account key")))
+        }
+    }
+}
+
+fn entra_credential(kind: &str) -> Result<Arc<dyn TokenCredential>, String> {
+    let kind = if kind == "auto" {
+        if std::env::var_os("AZURE_FEDERATED_TOKEN_FILE").is_some() {
+            "workload_identity"
+        } else if std::env::var_os("IDENTITY_ENDPOINT").is_some()
+            || std::env::var_os("MSI_ENDPOINT").is_some()
+        {
+            "managed_identity"
+        } else {
+            "azure_cli"
+        }
+    } else {
+        kind
+    };
+    let r: azure_core::Result<Arc<dyn TokenCredential>> = match kind {
+        "managed_identity" => azure_identity::ManagedIdentityCredential::new(None).map(|c| c as _),
+        "workload_identity" => {
+            azure_identity::WorkloadIdentityCredential::new(None).map(|c| c as _)
+        }
+        "azure_cli" => azure_identity::AzureCliCredential::new(None).map(|c| c as _),
+        other => {
+            return Err(format!(
+                "{other:?} is not one of auto, managed_identity, workload_identity, azure_cli"
+            ))
+        }
+    };
+    r.map_err(|e| format!("cannot build the {kind} credential: {e}"))
+}
+
+/// Storage account names: 3–24 lower-case letters and digits.
+pub fn check_account_name(name: &str) -> Result<(), String> {
+    if (3..=24).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name:?} is not a storage account name (3-24 lower-case letters and digits)"
+        ))
+    }
+}
+
+/// Container names: 3–63 of lower-case letters, digits and single hyphens, starting
+/// and ending with a letter or digit.
+pub fn check_container_name(name: &str) -> Result<(), String> {
+    let ok = (3..=63).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+        && !name.contains("--");
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("{name:?} is not a container name (3-63 lower-case letters, digits and single hyphens, starting and ending with a letter or digit)"))
+    }
+}
+
+/// Queue names follow the container rules.
+pub fn check_queue_name(name: &str) -> Result<(), String> {
+    check_container_name(name).map_err(|_| {
+        format!("{name:?} is not a queue name (3-63 lower-case letters, digits and single hyphens, starting and ending with a letter or digit)")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    struct Map(HashMap<String, String>);
+    impl SecretSource for Map {
+        fn env(&self, name: &str) -> Option<String> {
+            self.0.get(name).cloned()
+        }
+        fn file(&self, path: &str) -> Result<String, String> {
+            self.0
+                .get(path)
+                .cloned()
+                .ok_or_else(|| "no such file".into())
+        }
+    }
+    const KEY: &str =
+        "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+
+    fn secrets() -> Map {
+        Map(HashMap::from([
+            ("K_OPS".to_owned(), KEY.to_owned()),
+            ("K_DST".to_owned(), KEY.to_owned()),
+        ]))
+    }
+
+    const GOOD: &str = r#"
+[batch]
+subscription = "00000000-0000-0000-0000-000000000000"
+region = "westeurope"
+[control]
+account = "ops"
+[[accounts]]
+name = "ops"
+blob_endpoint = "http://127.0.0.1:10000/ops/"
+queue_endpoint = "http://127.0.0.1:10001/ops"
+key_env = "K_OPS"
+destination = false
+[[accounts]]
+name = "dst1"
+key_env = "K_DST"
+region = "westeurope"
+"#;
+
+    fn problems(toml: &str) -> Vec<ConfigProblem> {
+        match Settings::from_toml(toml).unwrap().validate(&secrets()) {
+            Err(ConfigError::Invalid(p)) => p,
+            other => panic!("expected problems, got {other:?}"),
+        }
+    }
+
+    fn keys(toml: &str) -> Vec<String> {
+        problems(toml).into_iter().map(|p| p.key).collect()
+    }
+
+    #[test]
+    fn a_good_config_validates_with_defaults() {
+        let v = Settings::from_toml(GOOD)
+            .unwrap()
+            .validate(&secrets())
+            .unwrap();
+        assert_eq!(v.listen.to_string(), "127.0.0.1:9464");
+        assert_eq!(v.control.intake_queue, "vhd-jobs");
+        assert_eq!(
+            v.accounts[0].blob_endpoint.as_str(),
+            "http://127.0.0.1:10000/ops"
+        );
+        assert_eq!(
+            v.accounts[1].blob_endpoint.as_str(),
+            "https://dst1.blob.core.windows.net/"
+        );
+        assert_eq!(v.destination_accounts(), vec!["dst1"]);
+        assert_eq!(v.limits.windows_nodes_per_vhd, 20);
+        assert!(v.admin_token.is_none());
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let err = Settings::from_toml(&format!("{GOOD}\nbogus = 1\n")).unwrap_err();
+        assert!(err.to_string().contains("bogus"), "{err}");
+        let err = Settings::from_toml(&GOOD.replace("[control]", "[control]\nqueue = \"x\""))
+            .unwrap_err();
+        assert!(err.to_string().contains("queue"), "{err}");
+    }
+
+    #[test]
+    fn zero_limits_are_named() {
+        let t = GOOD.replace(
+            "name = \"dst1\"",
+            "name = \"dst1\"\nmax_concurrent_copies = 0\nmax_requests_per_second = 0",
+        ) + "[limits]\nwindows_nodes_per_vhd = 0\n";
+        let k = keys(&t);
+        assert!(
+            k.contains(&"accounts[1].max_concurrent_copies".to_owned()),
+            "{k:?}"
+        );
+        assert!(
+            k.contains(&"accounts[1].max_requests_per_second".to_owned()),
+            "{k:?}"
+        );
+        assert!(
+            k.contains(&"limits.windows_nodes_per_vhd".to_owned()),
+            "{k:?}"
+        );
+    }
+
+    #[test]
+    fn duplicate_accounts_missing_control_and_no_destination() {
+        let t = GOOD.replace("name = \"dst1\"", "name = \"ops\"");
+        assert!(keys(&t).contains(&"accounts[1].name".to_owned()));
+        let t = GOOD.replace("account = \"ops\"", "account = \"nope\"");
+        assert_eq!(keys(&t), vec!["control.account"]);
+        let t = GOOD.replace("region = \"westeurope\"\n\"#", "") + "";
+        let t = t.replace(
+            "key_env = \"K_DST\"",
+            "key_env = \"K_DST\"\ndestination = false",
+        );
+        assert!(keys(&t).contains(&"accounts".to_owned()));
+    }
+
+    #[test]
+    fn malformed_endpoints_and_missing_keys() {
+        let t = GOOD.replace("http://127.0.0.1:10001/ops", "not a url");
+        assert_eq!(keys(&t), vec!["accounts[0].queue_endpoint"]);
+        let t = GOOD.replace("K_DST", "K_MISSING");
+        let p = problems(&t);
+        assert_eq!(p[0].key, "accounts[1].key_env");
+        assert!(p[0].message.contains("K_MISSING"));
+        let t = GOOD.replace("key_env = \"K_DST\"\n", "");
+        assert_eq!(keys(&t), vec!["accounts[1].key_env"]);
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let t = GOOD
+            .replace("127.0.0.1:10001/ops", "::bad")
+            .replace("K_DST", "K_MISSING")
+            .replace("account = \"ops\"", "account = \"zzz\"")
+            + "[service]\nlisten = \"nowhere\"\n";
+        let k = keys(&t);
+        assert_eq!(k.len(), 4, "{k:?}");
+    }
+
+    #[test]
+    fn region_mismatch_of_a_destination_is_refused() {
+        let t = GOOD.replace("region = \"westeurope\"\n\"#", "").replace(
+            "key_env = \"K_DST\"\nregion = \"westeurope\"",
+            "key_env = \"K_DST\"\nregion = \"eastus\"",
+        );
+        assert_eq!(keys(&t), vec!["accounts[1].region"]);
+    }
+
+    #[test]
+    fn name_rules() {
+        assert!(check_account_name("dst1").is_ok());
+        assert!(check_account_name("Dst1").is_err());
+        assert!(check_account_name("ab").is_err());
+        assert!(check_container_name("vhd-replicas").is_ok());
+        assert!(check_container_name("vhd--replicas").is_err());
+        assert!(check_container_name("-vhd").is_err());
+        assert!(check_queue_name("Jobs").is_err());
+    }
+}

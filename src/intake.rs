@@ -1,0 +1,304 @@
+//! The intake queue consumer. A message is the job's work lease: it stays
+//! invisible while the job runs (renewed, keeping the newest pop receipt), is
+//! deleted when the job ends, is made visible again when this instance stops, and
+//! goes to the poison queue with the reason when it can never succeed.
+
+use crate::config::ValidatedSettings;
+use crate::engine::{Engine, Outcome};
+use crate::job::{parse_message, JobError, JobId};
+use crate::metrics::Metrics;
+use crate::queue::{MessageQueue, ReceivedMessage};
+use crate::state::{JobDocument, JobState, StateStore};
+use serde::Serialize;
+use std::{sync::Arc, time::Duration};
+use time::OffsetDateTime;
+use tokio::{sync::Mutex, task::JoinSet};
+use tokio_util::sync::CancellationToken;
+
+/// What goes to the poison queue: the original text and why it was refused.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct PoisonMessage {
+    /// The message text as received.
+    pub original: String,
+    /// Why it can never succeed.
+    pub reason: String,
+    /// Times it had been taken.
+    pub dequeue_count: u32,
+    /// When it was moved.
+    #[serde(with = "time::serde::rfc3339")]
+    pub poisoned_at: OffsetDateTime,
+    /// The job id, when the message had a valid one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_id: Option<String>,
+}
+
+/// Consumes the intake queue and runs jobs on the engine.
+#[derive(Debug, Clone)]
+pub struct Worker {
+    engine: Arc<Engine>,
+    intake: Arc<dyn MessageQueue>,
+    poison: Arc<dyn MessageQueue>,
+    state: StateStore,
+    metrics: Metrics,
+    settings: Arc<ValidatedSettings>,
+}
+
+/// A taken message whose invisibility is kept up while its job runs.
+struct Lease {
+    queue: Arc<dyn MessageQueue>,
+    id: String,
+    receipt: Arc<Mutex<String>>,
+    renewer: tokio::task::JoinHandle<()>,
+}
+
+impl Lease {
+    fn start(
+        queue: Arc<dyn MessageQueue>,
+        msg: &ReceivedMessage,
+        lease: Duration,
+        lost: CancellationToken,
+    ) -> Self {
+        let receipt = Arc::new(Mutex::new(msg.pop_receipt.clone()));
+        let renewer = {
+            let queue = queue.clone();
+            let receipt = receipt.clone();
+            let id = msg.id.clone();
+            tokio::spawn(async move {
+                let every = lease / 3;
+                loop {
+                    tokio::time::sleep(every).await;
+                    let mut r = receipt.lock().await;
+                    match queue.renew(&id, &r, lease).await {
+                        Ok(new) => *r = new,
+                        Err(e) if e.is_not_found() => {
+                            tracing::warn!(message_id = %id, "lost the message lease; another instance owns the job now");
+                            lost.cancel();
+                            return;
+                        }
+                        Err(e) => {
+                            tracing::warn!(message_id = %id, error = %e, "could not renew the message lease")
+                        }
+                    }
+                }
+            })
+        };
+        Self {
+            queue,
+            id: msg.id.clone(),
+            receipt,
+            renewer,
+        }
+    }
+
+    async fn stop_renewing(&self) -> String {
+        self.renewer.abort();
+        self.receipt.lock().await.clone()
+    }
+
+    async fn delete(self) {
+        let r = self.stop_renewing().await;
+        if let Err(e) = self.queue.delete(&self.id, &r).await {
+            tracing::warn!(message_id = %self.id, error = %e, "could not delete the finished job's message");
+        }
+    }
+
+    /// Makes the message visible again after `after`.
+    async fn release(self, after: Duration) {
+        let r = self.stop_renewing().await;
+        if let Err(e) = self.queue.renew(&self.id, &r, after).await {
+            tracing::warn!(message_id = %self.id, error = %e, "could not release the message");
+        }
+    }
+}
+
+impl Worker {
+    /// A worker over these queues.
+    pub fn new(
+        engine: Arc<Engine>,
+        intake: Arc<dyn MessageQueue>,
+        poison: Arc<dyn MessageQueue>,
+        state: StateStore,
+        metrics: Metrics,
+        settings: Arc<ValidatedSettings>,
+    ) -> Self {
+        Self {
+            engine,
+            intake,
+            poison,
+            state,
+            metrics,
+            settings,
+        }
+    }
+
+    /// Takes messages until `stop` fires, then waits up to the grace period for
+    /// running jobs to checkpoint and release their messages.
+    pub async fn run(self, stop: CancellationToken) {
+        let e = &self.settings.engine;
+        let lease = Duration::from_secs(e.lease_seconds as u64);
+        let idle = Duration::from_millis(e.idle_poll_ms);
+        let mut jobs: JoinSet<()> = JoinSet::new();
+        while !stop.is_cancelled() {
+            while jobs.try_join_next().is_some() {}
+            let free = (e.max_parallel_jobs as usize).saturating_sub(jobs.len());
+            let mut took = 0;
+            if free > 0 {
+                match self.intake.receive(free.min(32) as u32, lease).await {
+                    Ok(messages) => {
+                        took = messages.len();
+                        for m in messages {
+                            if let Some(task) = self.take(m, lease, stop.clone()).await {
+                                jobs.spawn(task);
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(queue = self.intake.name(), error = %e, "cannot read the intake queue")
+                    }
+                }
+            }
+            if took == 0 {
+                tokio::select! {
+                    _ = tokio::time::sleep(idle) => {}
+                    _ = stop.cancelled() => {}
+                    Some(_) = jobs.join_next(), if !jobs.is_empty() => {}
+                }
+            }
+        }
+        let grace = self.settings.shutdown_grace;
+        tracing::info!(
+            running = jobs.len(),
+            grace_s = grace.as_secs(),
+            "stopping: draining jobs"
+        );
+        let drained =
+            tokio::time::timeout(grace, async { while jobs.join_next().await.is_some() {} }).await;
+        if drained.is_err() {
+            tracing::warn!("grace period over; leaving the remaining jobs to be resumed");
+            jobs.abort_all();
+        }
+    }
+
+    /// Handles one message: refuses it to the poison queue, drops a duplicate, or
+    /// returns the task that runs its job.
+    async fn take(
+        &self,
+        m: ReceivedMessage,
+        lease: Duration,
+        stop: CancellationToken,
+    ) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
+        let max = self.settings.engine.max_dequeue_count;
+        let spec = parse_message(&m.text);
+        let job_id = spec
+            .as_ref()
+            .ok()
+            .and_then(|s| s.job_id.clone())
+            .filter(|id| JobId::parse(id).is_ok());
+        if m.dequeue_count > max {
+            let last = match &job_id {
+                Some(id) => self
+                    .state
+                    .load(id)
+                    .await
+                    .ok()
+                    .flatten()
+                    .and_then(|(d, _)| d.error),
+                None => None,
+            };
+            let reason = format!(
+                "taken {} times without finishing (engine.max_dequeue_count = {max}){}",
+                m.dequeue_count,
+                last.map(|e| format!("; last error: {e}"))
+                    .unwrap_or_default()
+            );
+            self.poison(&m, reason, job_id).await;
+            return None;
+        }
+        let job = match spec.and_then(|s| s.validate(&self.settings)) {
+            Ok(job) => job,
+            Err(JobError { field, message }) => {
+                self.poison(&m, format!("{field}: {message}"), job_id).await;
+                return None;
+            }
+        };
+        if self
+            .engine
+            .live()
+            .lock()
+            .expect("live lock")
+            .contains_key(job.id.as_str())
+        {
+            tracing::info!(job_id = %job.id, "duplicate message for a job running here; dropping it");
+            let _ = self.intake.delete(&m.id, &m.pop_receipt).await;
+            return None;
+        }
+        let engine = self.engine.clone();
+        let queue = self.intake.clone();
+        Some(async move {
+            let job_stop = stop.child_token();
+            let lease = Lease::start(queue, &m, lease, job_stop.clone());
+            let outcome = engine.run(&job, job_stop).await;
+            match outcome {
+                Outcome::Completed
+                | Outcome::Failed(_)
+                | Outcome::Cancelled
+                | Outcome::AlreadyEnded(_) => lease.delete().await,
+                Outcome::Interrupted => lease.release(Duration::from_secs(1)).await,
+                Outcome::Retry(_) => {
+                    let backoff = Duration::from_secs((30 * m.dequeue_count as u64).min(600));
+                    lease.release(backoff).await
+                }
+            }
+        })
+    }
+
+    async fn poison(&self, m: &ReceivedMessage, reason: String, job_id: Option<String>) {
+        tracing::warn!(message_id = %m.id, reason = %reason, "moving message to the poison queue");
+        let wrapper = PoisonMessage {
+            original: m.text.clone(),
+            reason: reason.clone(),
+            dequeue_count: m.dequeue_count,
+            poisoned_at: OffsetDateTime::now_utc(),
+            job_id: job_id.clone(),
+        };
+        let text = serde_json::to_string(&wrapper).expect("poison wrapper serialises");
+        if let Err(e) = self.poison.send(&text).await {
+            tracing::error!(error = %e, "cannot write to the poison queue; the message stays on the intake queue");
+            return;
+        }
+        self.metrics.queue_poisoned.inc();
+        // A job that has an id gets a failed state document, so `status` tells why.
+        if let Some(id) = job_id.as_deref().and_then(|i| JobId::parse(i).ok()) {
+            let spec = parse_message(&m.text).ok();
+            if let Some(spec) = spec {
+                let mut doc = JobDocument::queued(id.clone(), spec);
+                doc.state = JobState::Failed;
+                doc.error = Some(reason.clone());
+                match self.state.create(&doc).await {
+                    Ok(_) => {
+                        self.metrics
+                            .jobs_finished
+                            .with_label_values(&["failed"])
+                            .inc();
+                    }
+                    Err(_) => {
+                        let _ = self
+                            .state
+                            .update(id.as_str(), |d| {
+                                if d.state.is_terminal() {
+                                    return false;
+                                }
+                                d.state = JobState::Failed;
+                                d.error = Some(reason.clone());
+                                true
+                            })
+                            .await;
+                    }
+                }
+            }
+        }
+        if let Err(e) = self.intake.delete(&m.id, &m.pop_receipt).await {
+            tracing::warn!(message_id = %m.id, error = %e, "could not delete the poisoned message");
+        }
+    }
+}

@@ -1,0 +1,451 @@
+//! Jobs: the submitted spec (queue message, `submit --file`, `POST /v1/jobs`), its
+//! validation against the configuration, ids and states.
+
+use crate::config::{check_container_name, ValidatedSettings};
+use crate::storage::BlobPath;
+use base64::{engine::general_purpose::STANDARD as B64, Engine as _};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// Default destination container.
+pub const DEFAULT_CONTAINER: &str = "vhd-replicas";
+/// More nodes than any Batch pool can have.
+pub const MAX_NODES: u32 = 100_000;
+/// More replicas than one job may ask for.
+pub const MAX_REPLICAS: u32 = 5_000;
+
+/// A job id: `[a-z0-9-]{1,63}`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct JobId(String);
+
+impl JobId {
+    /// Checks the id's characters and length.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        if (1..=63).contains(&text.len())
+            && text
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        {
+            Ok(Self(text.to_owned()))
+        } else {
+            Err(format!(
+                "{text:?} is not a job id: use 1-63 lower-case letters, digits and hyphens"
+            ))
+        }
+    }
+
+    /// A fresh random id.
+    pub fn generate() -> Self {
+        Self(format!("job-{}", uuid::Uuid::new_v4().simple()))
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for JobId {
+    type Error = String;
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        Self::parse(&value)
+    }
+}
+
+impl From<JobId> for String {
+    fn from(id: JobId) -> Self {
+        id.0
+    }
+}
+
+impl fmt::Display for JobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Operating system of the pool's nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Os {
+    /// Windows: 20 nodes per VHD.
+    Windows,
+    /// Linux: 40 nodes per VHD.
+    Linux,
+}
+
+impl fmt::Display for Os {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Os::Windows => "windows",
+            Os::Linux => "linux",
+        })
+    }
+}
+
+/// OS disk caching of the pool's nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum Caching {
+    /// No caching (default).
+    #[default]
+    #[serde(rename = "none")]
+    None,
+    /// Read-only caching.
+    #[serde(rename = "readOnly")]
+    ReadOnly,
+    /// Read-write caching.
+    #[serde(rename = "readWrite")]
+    ReadWrite,
+}
+
+/// The `pool` object of a job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolSpec {
+    /// Batch pool id.
+    pub id: String,
+    /// Node OS.
+    pub os: Os,
+    /// Dedicated nodes the pool will have.
+    pub nodes: u32,
+    /// VM size for the add-pool body.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm_size: Option<String>,
+    /// Node agent SKU for the add-pool body.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_agent_sku_id: Option<String>,
+    /// OS disk caching.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub caching: Option<Caching>,
+}
+
+/// A job as submitted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    /// Idempotency key; generated when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_id: Option<String>,
+    /// URL of the source VHD (a page blob in a configured account).
+    pub source: String,
+    /// The pool the replicas are for.
+    pub pool: PoolSpec,
+    /// Replicas to make; default ceil(nodes / per-VHD limit of the OS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<u32>,
+    /// Destination accounts; default every configured destination account.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accounts: Option<Vec<String>>,
+    /// Destination container; default `vhd-replicas`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
+}
+
+/// Why a job was refused, naming the field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct JobError {
+    /// The field, e.g. `pool.nodes`.
+    pub field: String,
+    /// What is wrong and what to do.
+    pub message: String,
+}
+
+impl JobError {
+    fn new(field: &str, message: impl Into<String>) -> Self {
+        Self {
+            field: field.to_owned(),
+            message: message.into(),
+        }
+    }
+}
+
+/// A job checked against the configuration, with defaults filled in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ValidatedJob {
+    /// Job id.
+    pub id: JobId,
+    /// The spec as submitted (with the id filled in).
+    pub spec: JobSpec,
+    /// The source blob.
+    pub source: BlobPath,
+    /// Replicas to make.
+    pub replicas: u32,
+    /// Destination accounts, in order.
+    pub accounts: Vec<String>,
+    /// Destination container.
+    pub container: String,
+}
+
+/// Parses a queue message body: the job JSON itself or its base64.
+pub fn parse_message(text: &str) -> Result<JobSpec, JobError> {
+    let trimmed = text.trim();
+    let json: std::borrow::Cow<'_, str> = if trimmed.starts_with('{') {
+        trimmed.into()
+    } else {
+        let bytes = B64.decode(trimmed).map_err(|_| {
+            JobError::new(
+                "message",
+                "the message is neither JSON nor base64-encoded JSON; send the job object of CONTRACT.md",
+            )
+        })?;
+        String::from_utf8(bytes)
+            .map_err(|_| {
+                JobError::new(
+                    "message",
+                    "the base64 message does not decode to UTF-8 text",
+                )
+            })?
+            .into()
+    };
+    parse_job_json(&json)
+}
+
+/// Parses job JSON, naming the field of any error.
+pub fn parse_job_json(json: &str) -> Result<JobSpec, JobError> {
+    let value: serde_json::Value = serde_json::from_str(json)
+        .map_err(|e| JobError::new("message", format!("not valid JSON: {e}")))?;
+    if !value.is_object() {
+        return Err(JobError::new("message", "the job must be a JSON object"));
+    }
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let field = if path == "." { "job".to_owned() } else { path };
+        JobError::new(&field, e.into_inner().to_string())
+    })
+}
+
+/// Replicas a pool of `nodes` needs: one VHD per so many nodes of its OS.
+pub fn replicas_needed(os: Os, nodes: u32, limits: &crate::config::LimitSettings) -> u32 {
+    let per = match os {
+        Os::Windows => limits.windows_nodes_per_vhd,
+        Os::Linux => limits.linux_nodes_per_vhd,
+    }
+    .max(1);
+    nodes.div_ceil(per)
+}
+
+/// Finds which configured account holds the blob at `url`.
+pub fn locate_source(url: &str, settings: &ValidatedSettings) -> Result<BlobPath, JobError> {
+    let parsed = url::Url::parse(url).map_err(|_| {
+        JobError::new(
+            "source",
+            format!("{url:?} is not a URL; give the VHD's blob URL"),
+        )
+    })?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(JobError::new(
+            "source",
+            "the source must be an http(s) blob URL",
+        ));
+    }
+    if parsed.query().is_some() {
+        return Err(JobError::new(
+            "source",
+            "the source URL must not carry a query or SAS; the daemon signs its own read access",
+        ));
+    }
+    for account in &settings.accounts {
+        let base = account.blob_endpoint.as_str().trim_end_matches('/');
+        if let Some(rest) = url.strip_prefix(base).and_then(|r| r.strip_prefix('/')) {
+            let (container, name) = rest.split_once('/').ok_or_else(|| {
+                JobError::new("source", "the source URL must name a container and a blob")
+            })?;
+            if name.is_empty() {
+                return Err(JobError::new("source", "the source URL must name a blob"));
+            }
+            let name =
+                url::form_urlencoded::parse(format!("n={}", name.replace('+', "%2B")).as_bytes())
+                    .next()
+                    .map(|(_, v)| v.into_owned())
+                    .unwrap_or_default();
+            return Ok(BlobPath::new(&account.name, container, &name));
+        }
+    }
+    Err(JobError::new(
+        "source",
+        format!("{url} is not in any configured account; add its account to [[accounts]] (destination = false for a source-only account)"),
+    ))
+}
+
+impl JobSpec {
+    /// Checks the job against the configuration and fills in defaults.
+    pub fn validate(&self, settings: &ValidatedSettings) -> Result<ValidatedJob, JobError> {
+        let id = match &self.job_id {
+            Some(id) => JobId::parse(id).map_err(|m| JobError::new("job_id", m))?,
+            None => JobId::generate(),
+        };
+        let source = locate_source(&self.source, settings)?;
+        let pool = &self.pool;
+        if pool.id.is_empty()
+            || pool.id.len() > 64
+            || !pool
+                .id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(JobError::new(
+                "pool.id",
+                format!(
+                    "{:?} is not a Batch pool id: 1-64 letters, digits, hyphens and underscores",
+                    pool.id
+                ),
+            ));
+        }
+        if pool.nodes == 0 {
+            return Err(JobError::new("pool.nodes", "must be at least 1"));
+        }
+        if pool.nodes > MAX_NODES {
+            return Err(JobError::new(
+                "pool.nodes",
+                format!(
+                    "{} is more than any Batch pool holds (at most {MAX_NODES})",
+                    pool.nodes
+                ),
+            ));
+        }
+        let needed = replicas_needed(pool.os, pool.nodes, &settings.limits);
+        let replicas = match self.replicas {
+            None => needed,
+            Some(0) => return Err(JobError::new("replicas", "must be at least 1; omit it to use the default")),
+            Some(r) if r > MAX_REPLICAS => {
+                return Err(JobError::new("replicas", format!("{r} is more than one job may make (at most {MAX_REPLICAS})")))
+            }
+            Some(r) if r < needed => {
+                return Err(JobError::new(
+                    "replicas",
+                    format!(
+                        "{r} replicas serve fewer than {} {} nodes (Batch allows {} nodes per VHD); ask for at least {needed} or omit replicas",
+                        pool.nodes,
+                        pool.os,
+                        match pool.os { Os::Windows => settings.limits.windows_nodes_per_vhd, Os::Linux => settings.limits.linux_nodes_per_vhd }
+                    ),
+                ))
+            }
+            Some(r) => r,
+        };
+        let accounts =
+            match &self.accounts {
+                None => settings.destination_accounts(),
+                Some(list) if list.is_empty() => {
+                    return Err(JobError::new(
+                        "accounts",
+                        "must name at least one account; omit it to use every destination account",
+                    ))
+                }
+                Some(list) => {
+                    let mut out: Vec<String> = Vec::new();
+                    for (i, name) in list.iter().enumerate() {
+                        match settings.account(name) {
+                            None => {
+                                return Err(JobError::new(
+                                    &format!("accounts[{i}]"),
+                                    format!("{name:?} is not a configured account"),
+                                ))
+                            }
+                            Some(a) if !a.destination => return Err(JobError::new(
+                                &format!("accounts[{i}]"),
+                                format!(
+                                    "{name:?} is not a destination account (destination = false)"
+                                ),
+                            )),
+                            Some(_) if out.contains(name) => {
+                                return Err(JobError::new(
+                                    &format!("accounts[{i}]"),
+                                    format!("{name:?} is listed twice"),
+                                ))
+                            }
+                            Some(_) => out.push(name.clone()),
+                        }
+                    }
+                    out
+                }
+            };
+        let container = self
+            .container
+            .clone()
+            .unwrap_or_else(|| DEFAULT_CONTAINER.to_owned());
+        check_container_name(&container).map_err(|m| JobError::new("container", m))?;
+        if let Some(vm) = &pool.vm_size {
+            if vm.trim().is_empty() {
+                return Err(JobError::new(
+                    "pool.vm_size",
+                    "must not be empty; omit it or name a VM size",
+                ));
+            }
+        }
+        let mut spec = self.clone();
+        spec.job_id = Some(id.to_string());
+        Ok(ValidatedJob {
+            id,
+            spec,
+            source,
+            replicas,
+            accounts,
+            container,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_ids() {
+        assert!(JobId::parse("render-2026-11-28").is_ok());
+        assert!(JobId::parse("Render").is_err());
+        assert!(JobId::parse("a_b").is_err());
+        assert!(JobId::parse("").is_err());
+        assert!(JobId::parse(&"a".repeat(64)).is_err());
+        assert!(JobId::parse(JobId::generate().as_str()).is_ok());
+    }
+
+    const JOB: &str = r#"{"job_id":"j1","source":"http://x/a/b.vhd","pool":{"id":"render","os":"windows","nodes":200}}"#;
+
+    #[test]
+    fn messages_are_json_or_base64() {
+        let a = parse_message(JOB).unwrap();
+        let b = parse_message(&B64.encode(JOB)).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.pool.nodes, 200);
+        assert_eq!(parse_message("hello world").unwrap_err().field, "message");
+        assert_eq!(parse_message("[1,2]").unwrap_err().field, "message");
+        assert_eq!(
+            parse_message(&B64.encode("[1]")).unwrap_err().field,
+            "message"
+        );
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let e = parse_job_json(r#"{"source":"s","pool":{"id":"p","os":"windows","nodes":-5}}"#)
+            .unwrap_err();
+        assert_eq!(e.field, "pool.nodes");
+        let e = parse_job_json(r#"{"source":"s","pool":{"id":"p","os":"beos","nodes":5}}"#)
+            .unwrap_err();
+        assert_eq!(e.field, "pool.os");
+        let e =
+            parse_job_json(r#"{"source":"s","pool":{"id":"p","os":"linux","nodes":5},"colour":1}"#)
+                .unwrap_err();
+        assert!(e.message.contains("colour"), "{e}");
+        let e = parse_job_json(r#"{"pool":{"id":"p","os":"linux","nodes":5}}"#).unwrap_err();
+        assert!(e.message.contains("source"), "{e}");
+        let e = parse_job_json(
+            r#"{"source":"s","pool":{"id":"p","os":"linux","nodes":5,"caching":"all"}}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "pool.caching");
+    }
+
+    #[test]
+    fn replicas_round_up() {
+        let l = crate::config::LimitSettings::default();
+        assert_eq!(replicas_needed(Os::Windows, 200, &l), 10);
+        assert_eq!(replicas_needed(Os::Windows, 90, &l), 5);
+        assert_eq!(replicas_needed(Os::Linux, 41, &l), 2);
+        assert_eq!(replicas_needed(Os::Linux, 40, &l), 1);
+        assert_eq!(replicas_needed(Os::Windows, 1, &l), 1);
+    }
+}

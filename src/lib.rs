@@ -1,0 +1,42 @@
+//! vhd-replicator: turns one custom VHD into the many identical copies an Azure
+//! Batch pool needs, with server-side copies across storage accounts.
+//!
+//! The pipeline, module by module:
+//!
+//! ```text
+//!  cli / api ──▶ intake queue ──▶ plan ──▶ engine ──▶ verify ──▶ handoff
+//!                 (intake)        (plan)   (engine)   (engine)   (handoff)
+//!                 job state: one JSON document per job (state), ETag-guarded
+//! ```
+//!
+//! - [`config`]: settings from TOML and `VHDREP__SECTION__KEY`, validated with the key named.
+//! - [`job`]: the submitted job, its parsing and validation.
+//! - [`plan`]: replicas, placement, names, metadata (pure).
+//! - [`engine`]: runs a job: snapshot, copies under limits, polling, verification, hand-off.
+//! - [`storage`]: the `BlobStore` trait; Azure, in-memory and instrumented stores; auth.
+//! - [`queue`]: the `MessageQueue` trait; Azure and in-memory queues.
+//! - [`intake`]: the queue consumer: leases, poison queue.
+//! - [`state`]: job documents with ETag concurrency.
+//! - [`handoff`]: the pool-creation hand-off and its sinks.
+//! - [`api`]: HTTP routes, status page, metrics, health.
+//! - [`metrics`]: every metric in one place.
+//! - [`vhd`]: the fixed-VHD footer.
+//! - [`app`]: wiring shared by the CLI and the daemon; [`cli`]: the command line.
+
+#![warn(missing_docs, unreachable_pub)]
+
+pub mod api;
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod engine;
+pub mod handoff;
+pub mod intake;
+pub mod job;
+pub mod metrics;
+pub mod plan;
+pub mod queue;
+pub mod state;
+pub mod storage;
+pub mod telemetry;
+pub mod vhd;

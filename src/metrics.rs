@@ -1,0 +1,237 @@
+//! Every metric of the product contract, in one place (prefix `vhdrep_`, base
+//! units, bounded labels).
+
+use prometheus::{
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+/// The daemon's metrics and the registry that exports them.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// `vhdrep_jobs{state}`: jobs this instance knows in each state.
+    pub jobs: IntGaugeVec,
+    /// `vhdrep_jobs_finished_total{outcome}`.
+    pub jobs_finished: IntCounterVec,
+    /// `vhdrep_replicas_finished_total{outcome}`.
+    pub replicas_finished: IntCounterVec,
+    /// `vhdrep_copies_in_flight{account}`.
+    pub copies_in_flight: IntGaugeVec,
+    /// `vhdrep_copy_bytes_total{account}`: bytes of finished copies into each account.
+    pub copy_bytes: IntCounterVec,
+    /// `vhdrep_copy_duration_seconds{kind}`.
+    pub copy_duration: HistogramVec,
+    /// `vhdrep_job_progress_ratio{job_id}` of active jobs.
+    pub job_progress: GaugeVec,
+    /// `vhdrep_storage_requests_total{account,operation,status_class}`.
+    pub storage_requests: IntCounterVec,
+    /// `vhdrep_storage_throttled_total{account}`.
+    pub storage_throttled: IntCounterVec,
+    /// `vhdrep_storage_retries_total{account,reason}`.
+    pub storage_retries: IntCounterVec,
+    /// `vhdrep_queue_poisoned_total`.
+    pub queue_poisoned: IntCounter,
+    /// `vhdrep_build_info{version}`.
+    pub build_info: GaugeVec,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A fresh registry with every metric registered.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let m = Self {
+            registry: registry.clone(),
+            jobs: IntGaugeVec::new(
+                Opts::new("vhdrep_jobs", "Jobs known to this instance, by state."),
+                &["state"],
+            )
+            .unwrap(),
+            jobs_finished: IntCounterVec::new(
+                Opts::new("vhdrep_jobs_finished_total", "Jobs that ended, by outcome."),
+                &["outcome"],
+            )
+            .unwrap(),
+            replicas_finished: IntCounterVec::new(
+                Opts::new(
+                    "vhdrep_replicas_finished_total",
+                    "Replicas that ended, by outcome.",
+                ),
+                &["outcome"],
+            )
+            .unwrap(),
+            copies_in_flight: IntGaugeVec::new(
+                Opts::new(
+                    "vhdrep_copies_in_flight",
+                    "Server-side copies running, by destination account.",
+                ),
+                &["account"],
+            )
+            .unwrap(),
+            copy_bytes: IntCounterVec::new(
+                Opts::new(
+                    "vhdrep_copy_bytes_total",
+                    "Bytes copied into each destination account.",
+                ),
+                &["account"],
+            )
+            .unwrap(),
+            copy_duration: HistogramVec::new(
+                HistogramOpts::new(
+                    "vhdrep_copy_duration_seconds",
+                    "Time from starting a copy to its verified end.",
+                )
+                .buckets(vec![
+                    0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0,
+                ]),
+                &["kind"],
+            )
+            .unwrap(),
+            job_progress: GaugeVec::new(
+                Opts::new(
+                    "vhdrep_job_progress_ratio",
+                    "Share of an active job's bytes copied (0 to 1).",
+                ),
+                &["job_id"],
+            )
+            .unwrap(),
+            storage_requests: IntCounterVec::new(
+                Opts::new(
+                    "vhdrep_storage_requests_total",
+                    "Storage requests, by account, operation and status class.",
+                ),
+                &["account", "operation", "status_class"],
+            )
+            .unwrap(),
+            storage_throttled: IntCounterVec::new(
+                Opts::new(
+                    "vhdrep_storage_throttled_total",
+                    "Storage requests answered with throttling.",
+                ),
+                &["account"],
+            )
+            .unwrap(),
+            storage_retries: IntCounterVec::new(
+                Opts::new(
+                    "vhdrep_storage_retries_total",
+                    "Storage requests retried, by reason.",
+                ),
+                &["account", "reason"],
+            )
+            .unwrap(),
+            queue_poisoned: IntCounter::new(
+                "vhdrep_queue_poisoned_total",
+                "Intake messages moved to the poison queue.",
+            )
+            .unwrap(),
+            build_info: GaugeVec::new(
+                Opts::new("vhdrep_build_info", "Build information; always 1."),
+                &["version"],
+            )
+            .unwrap(),
+        };
+        for c in [
+            Box::new(m.jobs.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(m.jobs_finished.clone()),
+            Box::new(m.replicas_finished.clone()),
+            Box::new(m.copies_in_flight.clone()),
+            Box::new(m.copy_bytes.clone()),
+            Box::new(m.copy_duration.clone()),
+            Box::new(m.job_progress.clone()),
+            Box::new(m.storage_requests.clone()),
+            Box::new(m.storage_throttled.clone()),
+            Box::new(m.storage_retries.clone()),
+            Box::new(m.queue_poisoned.clone()),
+            Box::new(m.build_info.clone()),
+        ] {
+            registry.register(c).expect("metric names are unique");
+        }
+        m.build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1.0);
+        for outcome in ["completed", "failed", "cancelled"] {
+            m.jobs_finished.with_label_values(&[outcome]).reset();
+        }
+        for state in ["queued", "running"] {
+            m.jobs.with_label_values(&[state]).set(0);
+        }
+        m
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding cannot fail");
+        String::from_utf8(buf).expect("exposition is UTF-8")
+    }
+
+    /// Records one storage request's outcome.
+    pub fn storage_request(&self, account: &str, operation: &str, status: Option<u16>) {
+        let class = match status {
+            Some(s) if s < 300 => "2xx",
+            Some(s) if s < 400 => "3xx",
+            Some(s) if s < 500 => "4xx",
+            Some(_) => "5xx",
+            None => "error",
+        };
+        self.storage_requests
+            .with_label_values(&[account, operation, class])
+            .inc();
+        if matches!(status, Some(429) | Some(503)) {
+            self.storage_throttled.with_label_values(&[account]).inc();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_has_the_contract_names() {
+        let m = Metrics::new();
+        m.copies_in_flight.with_label_values(&["dst1"]).set(2);
+        m.copy_bytes.with_label_values(&["dst1"]).inc_by(512);
+        m.job_progress.with_label_values(&["j1"]).set(0.5);
+        m.storage_request("dst1", "start_copy", Some(503));
+        m.copy_duration
+            .with_label_values(&["cross_account"])
+            .observe(1.0);
+        m.replicas_finished.with_label_values(&["completed"]).inc();
+        m.storage_retries
+            .with_label_values(&["dst1", "throttled"])
+            .inc();
+        m.queue_poisoned.inc();
+        let text = m.render();
+        for name in [
+            "vhdrep_jobs{state=\"queued\"} 0",
+            "vhdrep_jobs_finished_total",
+            "vhdrep_replicas_finished_total",
+            "vhdrep_copies_in_flight{account=\"dst1\"} 2",
+            "vhdrep_copy_bytes_total{account=\"dst1\"} 512",
+            "vhdrep_copy_duration_seconds_bucket",
+            "vhdrep_job_progress_ratio{job_id=\"j1\"} 0.5",
+            "vhdrep_storage_requests_total{account=\"dst1\",operation=\"start_copy\",status_class=\"5xx\"} 1",
+            "vhdrep_storage_throttled_total{account=\"dst1\"} 1",
+            "vhdrep_storage_retries_total",
+            "vhdrep_queue_poisoned_total 1",
+            "vhdrep_build_info{version=",
+        ] {
+            assert!(text.contains(name), "missing {name} in\n{text}");
+        }
+    }
+}

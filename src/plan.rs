@@ -1,0 +1,146 @@
+//! Planning, with no I/O: how many replicas, which account each goes to, what
+//! each is called, and the metadata that marks it as ours.
+
+use crate::job::ValidatedJob;
+use crate::storage::{BlobPath, Metadata};
+use std::collections::BTreeMap;
+
+/// Metadata key: the job that made a replica.
+pub const META_JOB: &str = "vhdrep_job_id";
+/// Metadata key: the pool a replica is for.
+pub const META_POOL: &str = "vhdrep_pool_id";
+/// Metadata key: the replica's index in its job.
+pub const META_REPLICA: &str = "vhdrep_replica";
+/// Metadata key: the source snapshot the replica holds.
+pub const META_SNAPSHOT: &str = "vhdrep_source_snapshot";
+
+/// One replica to make.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ReplicaPlan {
+    /// 0-based index in the job.
+    pub index: u32,
+    /// Destination blob.
+    pub blob: BlobPath,
+}
+
+/// Every replica of a job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    /// Replicas in index order.
+    pub replicas: Vec<ReplicaPlan>,
+}
+
+impl Plan {
+    /// Replica count per account.
+    pub fn per_account(&self) -> BTreeMap<String, u32> {
+        let mut m = BTreeMap::new();
+        for r in &self.replicas {
+            *m.entry(r.blob.account.clone()).or_default() += 1;
+        }
+        m
+    }
+}
+
+/// Spreads `count` replicas over `accounts` round-robin: every account gets
+/// `count / n` or one more, earlier accounts first.
+pub fn place(count: u32, accounts: &[String]) -> Vec<String> {
+    assert!(!accounts.is_empty(), "placement needs at least one account");
+    (0..count as usize)
+        .map(|i| accounts[i % accounts.len()].clone())
+        .collect()
+}
+
+/// The deterministic name of replica `index` of a job, so a re-run finds its own
+/// blobs: `<pool>/<job>/<source stem>-<index>.vhd`.
+pub fn replica_name(pool_id: &str, job_id: &str, source_name: &str, index: u32) -> String {
+    let file = source_name.rsplit('/').next().unwrap_or(source_name);
+    let stem = file
+        .strip_suffix(".vhd")
+        .or_else(|| file.strip_suffix(".VHD"))
+        .unwrap_or(file);
+    format!("{pool_id}/{job_id}/{stem}-{index:04}.vhd")
+}
+
+/// The plan of a validated job.
+pub fn plan(job: &ValidatedJob) -> Plan {
+    let accounts = place(job.replicas, &job.accounts);
+    let replicas = accounts
+        .into_iter()
+        .enumerate()
+        .map(|(i, account)| {
+            let index = i as u32;
+            ReplicaPlan {
+                index,
+                blob: BlobPath::new(
+                    &account,
+                    &job.container,
+                    &replica_name(&job.spec.pool.id, job.id.as_str(), &job.source.name, index),
+                ),
+            }
+        })
+        .collect();
+    Plan { replicas }
+}
+
+/// Metadata that marks a replica as made by this daemon for this job.
+pub fn replica_metadata(job: &ValidatedJob, index: u32, snapshot: &str) -> Metadata {
+    Metadata::from([
+        (META_JOB.to_owned(), job.id.to_string()),
+        (META_POOL.to_owned(), job.spec.pool.id.clone()),
+        (META_REPLICA.to_owned(), index.to_string()),
+        (META_SNAPSHOT.to_owned(), snapshot.to_owned()),
+    ])
+}
+
+/// Whether a blob's metadata says it is replica `index` of this job from this snapshot.
+pub fn is_our_replica(metadata: &Metadata, job: &ValidatedJob, index: u32, snapshot: &str) -> bool {
+    metadata.get(META_JOB).map(String::as_str) == Some(job.id.as_str())
+        && metadata.get(META_REPLICA).map(String::as_str) == Some(index.to_string().as_str())
+        && metadata.get(META_SNAPSHOT).map(String::as_str) == Some(snapshot)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn names(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("dst{i}")).collect()
+    }
+
+    #[test]
+    fn five_over_three_is_two_two_one() {
+        let p = place(5, &names(3));
+        assert_eq!(p, vec!["dst0", "dst1", "dst2", "dst0", "dst1"]);
+    }
+
+    #[test]
+    fn names_are_deterministic_and_readable() {
+        assert_eq!(
+            replica_name("render", "j1", "images/win2016-app.vhd", 7),
+            "render/j1/win2016-app-0007.vhd"
+        );
+        assert_eq!(replica_name("p", "j", "disk", 0), "p/j/disk-0000.vhd");
+    }
+
+    proptest! {
+        #[test]
+        fn placement_is_balanced(count in 0u32..2000, n in 1usize..60) {
+            let accounts = names(n);
+            let p = place(count, &accounts);
+            prop_assert_eq!(p.len(), count as usize);
+            let mut per: BTreeMap<&str, u32> = BTreeMap::new();
+            for a in &p { *per.entry(a.as_str()).or_default() += 1; }
+            let max = per.values().copied().max().unwrap_or(0);
+            let min = if per.len() < n { 0 } else { per.values().copied().min().unwrap_or(0) };
+            prop_assert!(max - min <= 1);
+            prop_assert!(p.iter().all(|a| accounts.contains(a)));
+        }
+
+        #[test]
+        fn replica_names_are_unique(count in 1u32..500) {
+            let names: std::collections::HashSet<_> = (0..count).map(|i| replica_name("p", "j", "s.vhd", i)).collect();
+            prop_assert_eq!(names.len(), count as usize);
+        }
+    }
+}

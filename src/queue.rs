@@ -1,0 +1,362 @@
+//! Storage queues behind one narrow trait: the intake, poison and hand-off queues.
+//!
+//! [`AzureQueue`] uses the GA `azure_storage_queue` client; [`MemoryQueue`] keeps
+//! messages in memory with the same visibility and pop-receipt rules.
+
+use crate::config::{AccountConfig, AccountCredential};
+use crate::storage::{azure::map_error, ErrorClass, StorageError, StorageResult};
+use async_trait::async_trait;
+use azure_core::http::{headers::HeaderName, Transport};
+use azure_storage_queue::{
+    models::{QueueClientReceiveMessagesOptions, QueueMessage},
+    QueueClient, QueueClientOptions,
+};
+use std::{collections::VecDeque, fmt, sync::Mutex, time::Duration};
+use time::OffsetDateTime;
+
+/// A message taken from a queue, invisible to others until its lease lapses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReceivedMessage {
+    /// Message id.
+    pub id: String,
+    /// The receipt needed to renew or delete it (changes on every renewal).
+    pub pop_receipt: String,
+    /// How many times it has been taken, this time included.
+    pub dequeue_count: u32,
+    /// The message text.
+    pub text: String,
+    /// When it was first enqueued.
+    pub inserted: Option<OffsetDateTime>,
+}
+
+/// Everything the daemon asks of a queue.
+#[async_trait]
+pub trait MessageQueue: Send + Sync + fmt::Debug {
+    /// Queue name.
+    fn name(&self) -> &str;
+    /// Creates the queue if it does not exist.
+    async fn ensure(&self) -> StorageResult<()>;
+    /// Appends a message (text up to 64 KiB), never expiring.
+    async fn send(&self, text: &str) -> StorageResult<()>;
+    /// Takes up to `max` messages, hiding them for `visibility`.
+    async fn receive(&self, max: u32, visibility: Duration) -> StorageResult<Vec<ReceivedMessage>>;
+    /// Extends a taken message's invisibility; returns the new pop receipt.
+    async fn renew(
+        &self,
+        id: &str,
+        pop_receipt: &str,
+        visibility: Duration,
+    ) -> StorageResult<String>;
+    /// Deletes a taken message.
+    async fn delete(&self, id: &str, pop_receipt: &str) -> StorageResult<()>;
+}
+
+/// An Azure Storage queue.
+pub struct AzureQueue {
+    name: String,
+    client: QueueClient,
+}
+
+impl fmt::Debug for AzureQueue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AzureQueue")
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+impl AzureQueue {
+    /// A client for queue `name` of `account`.
+    pub fn new(account: &AccountConfig, name: &str, transport: &Transport) -> StorageResult<Self> {
+        let mut url = account.queue_endpoint.clone();
+        url.path_segments_mut()
+            .expect("endpoints are validated as base URLs")
+            .pop_if_empty()
+            .push(name);
+        let mut options = QueueClientOptions {
+            client_options: crate::storage::azure::client_options(transport, account),
+            ..Default::default()
+        };
+        if let Some(v) = crate::storage::azure::service_version(account) {
+            options.version = v;
+        }
+        let token = match &account.credential {
+            AccountCredential::Entra(t) => Some(t.clone()),
+            AccountCredential::SharedKey(_) => None,
+        };
+        let client = QueueClient::new(url, token, Some(options))
+            .map_err(|e| map_error("queue_client", name, e))?;
+        Ok(Self {
+            name: name.to_owned(),
+            client,
+        })
+    }
+}
+
+fn secs(d: Duration) -> i32 {
+    d.as_secs().clamp(0, 7 * 24 * 3600) as i32
+}
+
+#[async_trait]
+impl MessageQueue for AzureQueue {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn ensure(&self) -> StorageResult<()> {
+        match self.client.create(None).await {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                let err = map_error("create_queue", &self.name, e);
+                if err.class == ErrorClass::Conflict {
+                    Ok(())
+                } else {
+                    Err(err)
+                }
+            }
+        }
+    }
+
+    async fn send(&self, text: &str) -> StorageResult<()> {
+        const OP: &str = "send_message";
+        if text.len() > 64 * 1024 {
+            return Err(StorageError::other(
+                OP,
+                &self.name,
+                ErrorClass::Invalid,
+                format!(
+                    "message of {} bytes exceeds the 64 KiB queue limit",
+                    text.len()
+                ),
+            ));
+        }
+        let message = QueueMessage {
+            message_text: Some(text.to_owned()),
+        };
+        let content = message
+            .try_into()
+            .map_err(|e| map_error(OP, &self.name, e))?;
+        let options = azure_storage_queue::models::QueueClientSendMessageOptions {
+            message_time_to_live: Some(-1),
+            ..Default::default()
+        };
+        self.client
+            .send_message(content, Some(options))
+            .await
+            .map(|_| ())
+            .map_err(|e| map_error(OP, &self.name, e))
+    }
+
+    async fn receive(&self, max: u32, visibility: Duration) -> StorageResult<Vec<ReceivedMessage>> {
+        const OP: &str = "receive_messages";
+        let options = QueueClientReceiveMessagesOptions {
+            number_of_messages: Some(max.clamp(1, 32) as i32),
+            visibility_timeout: Some(secs(visibility).max(1)),
+            ..Default::default()
+        };
+        let rsp = self
+            .client
+            .receive_messages(Some(options))
+            .await
+            .map_err(|e| map_error(OP, &self.name, e))?;
+        let model = rsp.into_model().map_err(|e| map_error(OP, &self.name, e))?;
+        Ok(model
+            .items
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|m| {
+                Some(ReceivedMessage {
+                    id: m.message_id?,
+                    pop_receipt: m.pop_receipt?,
+                    dequeue_count: m.dequeue_count.unwrap_or(1).max(0) as u32,
+                    text: m.message_text.unwrap_or_default(),
+                    inserted: m.insertion_time,
+                })
+            })
+            .collect())
+    }
+
+    async fn renew(
+        &self,
+        id: &str,
+        pop_receipt: &str,
+        visibility: Duration,
+    ) -> StorageResult<String> {
+        const OP: &str = "update_message";
+        let rsp = self
+            .client
+            .update_message(id, pop_receipt, secs(visibility), None)
+            .await
+            .map_err(|e| map_error(OP, &self.name, e))?;
+        rsp.headers()
+            .get_optional_str(&HeaderName::from_static("x-ms-popreceipt"))
+            .map(str::to_owned)
+            .ok_or_else(|| {
+                StorageError::other(
+                    OP,
+                    &self.name,
+                    ErrorClass::Transient,
+                    "no x-ms-popreceipt in answer",
+                )
+            })
+    }
+
+    async fn delete(&self, id: &str, pop_receipt: &str) -> StorageResult<()> {
+        self.client
+            .delete_message(id, pop_receipt, None)
+            .await
+            .map(|_| ())
+            .map_err(|e| map_error("delete_message", &self.name, e))
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Stored {
+    id: String,
+    pop_receipt: String,
+    dequeue_count: u32,
+    text: String,
+    visible_at: tokio::time::Instant,
+    inserted: OffsetDateTime,
+}
+
+/// A queue in memory, with visibility timeouts on tokio's clock.
+#[derive(Debug)]
+pub struct MemoryQueue {
+    name: String,
+    messages: Mutex<VecDeque<Stored>>,
+}
+
+impl MemoryQueue {
+    /// An empty queue.
+    pub fn new(name: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            messages: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    /// Texts of every message, visible or not (for tests).
+    pub fn texts(&self) -> Vec<String> {
+        self.messages
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|m| m.text.clone())
+            .collect()
+    }
+}
+
+#[async_trait]
+impl MessageQueue for MemoryQueue {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn ensure(&self) -> StorageResult<()> {
+        Ok(())
+    }
+
+    async fn send(&self, text: &str) -> StorageResult<()> {
+        self.messages.lock().unwrap().push_back(Stored {
+            id: uuid::Uuid::new_v4().to_string(),
+            pop_receipt: String::new(),
+            dequeue_count: 0,
+            text: text.to_owned(),
+            visible_at: tokio::time::Instant::now(),
+            inserted: OffsetDateTime::now_utc(),
+        });
+        Ok(())
+    }
+
+    async fn receive(&self, max: u32, visibility: Duration) -> StorageResult<Vec<ReceivedMessage>> {
+        let now = tokio::time::Instant::now();
+        let mut out = Vec::new();
+        for m in self.messages.lock().unwrap().iter_mut() {
+            if out.len() as u32 >= max {
+                break;
+            }
+            if m.visible_at <= now {
+                m.dequeue_count += 1;
+                m.pop_receipt = uuid::Uuid::new_v4().to_string();
+                m.visible_at = now + visibility;
+                out.push(ReceivedMessage {
+                    id: m.id.clone(),
+                    pop_receipt: m.pop_receipt.clone(),
+                    dequeue_count: m.dequeue_count,
+                    text: m.text.clone(),
+                    inserted: Some(m.inserted),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    async fn renew(
+        &self,
+        id: &str,
+        pop_receipt: &str,
+        visibility: Duration,
+    ) -> StorageResult<String> {
+        let mut q = self.messages.lock().unwrap();
+        let m = q
+            .iter_mut()
+            .find(|m| m.id == id && m.pop_receipt == pop_receipt)
+            .ok_or_else(|| {
+                StorageError::http("update_message", &self.name, 404, Some("MessageNotFound"))
+            })?;
+        m.pop_receipt = uuid::Uuid::new_v4().to_string();
+        m.visible_at = tokio::time::Instant::now() + visibility;
+        Ok(m.pop_receipt.clone())
+    }
+
+    async fn delete(&self, id: &str, pop_receipt: &str) -> StorageResult<()> {
+        let mut q = self.messages.lock().unwrap();
+        let before = q.len();
+        q.retain(|m| !(m.id == id && m.pop_receipt == pop_receipt));
+        if q.len() == before {
+            return Err(StorageError::http(
+                "delete_message",
+                &self.name,
+                404,
+                Some("MessageNotFound"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn visibility_and_receipts() {
+        let q = MemoryQueue::new("q");
+        q.send("a").await.unwrap();
+        let got = q.receive(5, Duration::from_secs(10)).await.unwrap();
+        assert_eq!(got.len(), 1);
+        assert!(q
+            .receive(5, Duration::from_secs(10))
+            .await
+            .unwrap()
+            .is_empty());
+        let new_receipt = q
+            .renew(&got[0].id, &got[0].pop_receipt, Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert!(
+            q.delete(&got[0].id, &got[0].pop_receipt).await.is_err(),
+            "old receipt is stale"
+        );
+        tokio::time::advance(Duration::from_secs(11)).await;
+        let again = q.receive(5, Duration::from_secs(10)).await.unwrap();
+        assert_eq!(again[0].dequeue_count, 2);
+        assert!(
+            q.delete(&got[0].id, &new_receipt).await.is_err(),
+            "receipt changed on re-take"
+        );
+        q.delete(&again[0].id, &again[0].pop_receipt).await.unwrap();
+        assert!(q.texts().is_empty());
+    }
+}

@@ -1,0 +1,419 @@
+//! Durable job state: one JSON document per job in the control account's state
+//! container, written under ETag conditions so concurrent writers never lose an
+//! update silently.
+
+use crate::job::{JobId, JobSpec};
+use crate::storage::{BlobPath, BlobStore, Condition, ErrorClass, StorageError};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use time::OffsetDateTime;
+
+/// Where a job stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    /// Submitted, not yet taken.
+    Queued,
+    /// Taken by an instance.
+    Running,
+    /// Every replica verified and handed off.
+    Completed,
+    /// Ended with a reason.
+    Failed,
+    /// Cancelled on request.
+    Cancelled,
+}
+
+impl JobState {
+    /// Whether the job has ended.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            JobState::Completed | JobState::Failed | JobState::Cancelled
+        )
+    }
+
+    /// The state's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Completed => "completed",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// What a running job is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Checking the source and accounts, taking the snapshot.
+    Planning,
+    /// First copies into each account.
+    Seeding,
+    /// Copies under way.
+    Copying,
+    /// Checking finished copies.
+    Verifying,
+    /// Sending the hand-off.
+    HandingOff,
+}
+
+/// Where one replica stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplicaState {
+    /// Not started.
+    Pending,
+    /// Copy running.
+    Copying,
+    /// Copy finished and checked.
+    Verified,
+    /// Gave up on it.
+    Failed,
+    /// Aborted by a cancel.
+    Cancelled,
+}
+
+/// One replica in a job document.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaRecord {
+    /// Index in the job.
+    pub index: u32,
+    /// Destination account.
+    pub account: String,
+    /// Blob URL (no SAS).
+    pub uri: String,
+    /// Destination blob.
+    pub blob: BlobPath,
+    /// State.
+    pub state: ReplicaState,
+    /// Id of the copy in flight or last finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub copy_id: Option<String>,
+    /// Bytes copied.
+    pub bytes_copied: u64,
+    /// Bytes to copy.
+    pub bytes_total: u64,
+    /// Copies started for it (retries included).
+    #[serde(default)]
+    pub attempts: u32,
+    /// Status requests spent polling it.
+    #[serde(default)]
+    pub status_requests: u32,
+    /// Why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The durable record of a job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobDocument {
+    /// Job id.
+    pub job_id: JobId,
+    /// The job as submitted (id filled in).
+    pub spec: JobSpec,
+    /// State.
+    pub state: JobState,
+    /// Phase while running.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    /// Reason of a failure, in words a person can act on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// When it was submitted.
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    /// Last change.
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+    /// Someone asked to cancel it.
+    #[serde(default)]
+    pub cancel_requested: bool,
+    /// Snapshot of the source all replicas are copied from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_snapshot: Option<String>,
+    /// Length of the source in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_bytes: Option<u64>,
+    /// Replicas, by index.
+    #[serde(default)]
+    pub replicas: Vec<ReplicaRecord>,
+    /// The hand-off as sent (recorded before it is sent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handoff: Option<serde_json::Value>,
+}
+
+impl JobDocument {
+    /// A new queued job.
+    pub fn queued(job_id: JobId, spec: JobSpec) -> Self {
+        let now = OffsetDateTime::now_utc();
+        Self {
+            job_id,
+            spec,
+            state: JobState::Queued,
+            phase: None,
+            error: None,
+            created_at: now,
+            updated_at: now,
+            cancel_requested: false,
+            source_snapshot: None,
+            source_bytes: None,
+            replicas: Vec::new(),
+            handoff: None,
+        }
+    }
+
+    /// Bytes copied over bytes to copy, 0 to 1.
+    pub fn progress(&self) -> f64 {
+        let total: u64 = self.replicas.iter().map(|r| r.bytes_total).sum();
+        if total == 0 {
+            return if self.state == JobState::Completed {
+                1.0
+            } else {
+                0.0
+            };
+        }
+        let done: u64 = self
+            .replicas
+            .iter()
+            .map(|r| r.bytes_copied.min(r.bytes_total))
+            .sum();
+        done as f64 / total as f64
+    }
+}
+
+/// A state operation that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// The document changed since it was read (someone else wrote it).
+    #[error("job {0} was changed by another writer")]
+    Conflict(JobId),
+    /// A document with this id exists already.
+    #[error("job {0} exists already")]
+    Exists(JobId),
+    /// No such job.
+    #[error("job {0} not found")]
+    NotFound(String),
+    /// The stored document is not valid JSON of a job.
+    #[error("job document {0} is corrupt: {1}")]
+    Corrupt(String, String),
+    /// Storage failed.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+/// Job documents in a container of the control account.
+#[derive(Debug, Clone)]
+pub struct StateStore {
+    store: Arc<dyn BlobStore>,
+    account: String,
+    container: String,
+}
+
+const PREFIX: &str = "jobs/";
+
+impl StateStore {
+    /// Documents in `container` of `account`.
+    pub fn new(store: Arc<dyn BlobStore>, account: &str, container: &str) -> Self {
+        Self {
+            store,
+            account: account.to_owned(),
+            container: container.to_owned(),
+        }
+    }
+
+    fn path(&self, id: &str) -> BlobPath {
+        BlobPath::new(
+            &self.account,
+            &self.container,
+            &format!("{PREFIX}{id}.json"),
+        )
+    }
+
+    /// Creates the container.
+    pub async fn ensure(&self) -> Result<(), StateError> {
+        Ok(self
+            .store
+            .ensure_container(&self.account, &self.container)
+            .await?)
+    }
+
+    /// Stores a new document; fails with [`StateError::Exists`] if the id is taken.
+    pub async fn create(&self, doc: &JobDocument) -> Result<String, StateError> {
+        match self
+            .store
+            .put_block_blob(
+                &self.path(doc.job_id.as_str()),
+                to_bytes(doc),
+                Condition::IfAbsent,
+            )
+            .await
+        {
+            Ok(etag) => Ok(etag),
+            Err(e)
+                if matches!(
+                    e.class,
+                    ErrorClass::PreconditionFailed | ErrorClass::Conflict
+                ) =>
+            {
+                Err(StateError::Exists(doc.job_id.clone()))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Reads a document and its ETag.
+    pub async fn load(&self, id: &str) -> Result<Option<(JobDocument, String)>, StateError> {
+        match self.store.read(&self.path(id), None).await {
+            Ok((bytes, etag)) => {
+                let doc = serde_json::from_slice(&bytes)
+                    .map_err(|e| StateError::Corrupt(id.to_owned(), e.to_string()))?;
+                Ok(Some((doc, etag)))
+            }
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Writes a document if it still has `etag`; returns the new ETag.
+    pub async fn save(&self, doc: &mut JobDocument, etag: &str) -> Result<String, StateError> {
+        doc.updated_at = OffsetDateTime::now_utc();
+        match self
+            .store
+            .put_block_blob(
+                &self.path(doc.job_id.as_str()),
+                to_bytes(doc),
+                Condition::IfMatch(etag.to_owned()),
+            )
+            .await
+        {
+            Ok(etag) => Ok(etag),
+            Err(e) if e.class == ErrorClass::PreconditionFailed => {
+                Err(StateError::Conflict(doc.job_id.clone()))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Reads, changes and writes a document, again from the start whenever another
+    /// writer got there first. `change` returns false to leave it as it is.
+    pub async fn update(
+        &self,
+        id: &str,
+        mut change: impl FnMut(&mut JobDocument) -> bool,
+    ) -> Result<JobDocument, StateError> {
+        loop {
+            let (mut doc, etag) = self
+                .load(id)
+                .await?
+                .ok_or_else(|| StateError::NotFound(id.to_owned()))?;
+            if !change(&mut doc) {
+                return Ok(doc);
+            }
+            match self.save(&mut doc, &etag).await {
+                Ok(_) => return Ok(doc),
+                Err(StateError::Conflict(_)) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Every job, newest first.
+    pub async fn list(&self) -> Result<Vec<JobDocument>, StateError> {
+        let names = self
+            .store
+            .list(&self.account, &self.container, PREFIX)
+            .await?;
+        let mut docs = Vec::with_capacity(names.len());
+        for name in names {
+            let id = name
+                .strip_prefix(PREFIX)
+                .and_then(|n| n.strip_suffix(".json"))
+                .unwrap_or(&name);
+            if let Some((doc, _)) = self.load(id).await? {
+                docs.push(doc);
+            }
+        }
+        docs.sort_by(|a, b| {
+            b.created_at
+                .cmp(&a.created_at)
+                .then(b.job_id.cmp(&a.job_id))
+        });
+        Ok(docs)
+    }
+}
+
+fn to_bytes(doc: &JobDocument) -> Bytes {
+    Bytes::from(serde_json::to_vec_pretty(doc).expect("job documents serialise"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::memory::MemoryStore;
+
+    fn spec() -> JobSpec {
+        crate::job::parse_job_json(
+            r#"{"source":"http://x/c/b.vhd","pool":{"id":"p","os":"linux","nodes":3}}"#,
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn create_is_idempotent_and_saves_are_fenced() {
+        let s = StateStore::new(Arc::new(MemoryStore::new()), "ops", "state");
+        s.ensure().await.unwrap();
+        let id = JobId::parse("j1").unwrap();
+        let doc = JobDocument::queued(id.clone(), spec());
+        let etag = s.create(&doc).await.unwrap();
+        assert!(matches!(s.create(&doc).await, Err(StateError::Exists(_))));
+
+        let (mut a, _) = s.load("j1").await.unwrap().unwrap();
+        let mut b = a.clone();
+        a.state = JobState::Running;
+        let new_etag = s.save(&mut a, &etag).await.unwrap();
+        b.cancel_requested = true;
+        assert!(matches!(
+            s.save(&mut b, &etag).await,
+            Err(StateError::Conflict(_))
+        ));
+
+        let d = s
+            .update("j1", |d| {
+                d.cancel_requested = true;
+                true
+            })
+            .await
+            .unwrap();
+        assert!(d.cancel_requested);
+        assert_eq!(d.state, JobState::Running);
+        assert!(matches!(
+            s.save(&mut a, &new_etag).await,
+            Err(StateError::Conflict(_))
+        ));
+        assert!(s.load("nope").await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn list_is_newest_first() {
+        let s = StateStore::new(Arc::new(MemoryStore::new()), "ops", "state");
+        s.ensure().await.unwrap();
+        for (i, id) in ["a", "b", "c"].iter().enumerate() {
+            let mut d = JobDocument::queued(JobId::parse(id).unwrap(), spec());
+            d.created_at += time::Duration::seconds(i as i64);
+            s.create(&d).await.unwrap();
+        }
+        let ids: Vec<_> = s
+            .list()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|d| d.job_id.to_string())
+            .collect();
+        assert_eq!(ids, vec!["c", "b", "a"]);
+    }
+}

@@ -1,0 +1,619 @@
+//! [`BlobStore`] on the GA Azure SDK crates, for Azure and Azurite.
+//!
+//! Authentication is per account: a Shared Key (signed by our own per-try policy,
+//! see [`super::auth`]) or an Entra ID credential. The SDK's own retry policy is
+//! switched off: retries belong to [`super::retry`], so the two never stack.
+
+use super::{
+    auth::{self, BlobSasRequest, SharedKey, SharedKeyPolicy},
+    AccountInfo, BlobKind, BlobPath, BlobProperties, BlobStore, Condition, CopyInfo, CopyStarted,
+    CopyState, ErrorClass, Metadata, StorageError, StorageResult,
+};
+use crate::config::{AccountConfig, AccountCredential};
+use async_trait::async_trait;
+use azure_core::{
+    credentials::TokenCredential,
+    error::ErrorKind,
+    http::{
+        headers::HeaderName, new_http_client, Etag, HttpClientOptions, RequestContent,
+        RetryOptions, Transport,
+    },
+};
+use azure_storage_blob::{
+    models::{
+        BlobClientCreateSnapshotResultHeaders, BlobClientDeleteOptions, BlobClientDownloadOptions,
+        BlobClientGetAccountInfoResultHeaders, BlobClientGetPropertiesResultHeaders,
+        BlobClientStartCopyFromUrlOptions, BlobClientStartCopyFromUrlResultHeaders,
+        BlobClientUploadOptions, BlobContainerClientListBlobsOptions, DeleteSnapshotsOptionType,
+        HttpRange,
+    },
+    BlobClient, BlobClientOptions, BlobContainerClient, BlobContainerClientOptions,
+};
+use bytes::Bytes;
+use futures::TryStreamExt;
+use std::{collections::HashMap, sync::Arc, time::Duration};
+use time::OffsetDateTime;
+use url::Url;
+
+/// How long a copy-source SAS starts before "now", against clock skew.
+const SAS_START_SKEW: time::Duration = time::Duration::minutes(15);
+
+/// Largest chunk one Put Page call may carry.
+const MAX_PUT_PAGE: usize = 4 * 1024 * 1024;
+
+struct Account {
+    endpoint: Url,
+    key: Option<SharedKey>,
+    token: Option<Arc<dyn TokenCredential>>,
+    blob_options: BlobClientOptions,
+    container_options: BlobContainerClientOptions,
+}
+
+impl std::fmt::Debug for Account {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Account")
+            .field("endpoint", &self.endpoint.as_str())
+            .field("shared_key", &self.key.is_some())
+            .field("entra", &self.token.is_some())
+            .finish()
+    }
+}
+
+/// Azure Blob Storage over the SDK, for every configured account.
+#[derive(Debug)]
+pub struct AzureStore {
+    accounts: HashMap<String, Account>,
+}
+
+/// Client options shared by blob and queue clients of one account: one HTTP
+/// transport for all, the SDK retry policy off, Shared Key signing per try.
+pub(crate) fn client_options(
+    transport: &Transport,
+    account: &AccountConfig,
+) -> azure_core::http::ClientOptions {
+    let mut options = azure_core::http::ClientOptions {
+        transport: Some(transport.clone()),
+        retry: RetryOptions::none(),
+        ..Default::default()
+    };
+    if let AccountCredential::SharedKey(key) = &account.credential {
+        options
+            .per_try_policies
+            .push(Arc::new(SharedKeyPolicy::new(key.clone())));
+    }
+    options
+}
+
+/// The HTTP transport every client shares (no automatic decompression, as the
+/// storage crates require).
+pub(crate) fn shared_transport() -> Transport {
+    Transport::new(new_http_client(Some(HttpClientOptions {
+        automatic_decompression: false,
+    })))
+}
+
+/// The SDK's service version, or the override for emulators that lag behind.
+pub(crate) fn service_version(account: &AccountConfig) -> Option<String> {
+    account.api_version.clone()
+}
+
+impl AzureStore {
+    /// A store for these accounts, sharing one HTTP transport.
+    pub fn new(accounts: &[AccountConfig], transport: &Transport) -> Self {
+        let accounts = accounts
+            .iter()
+            .map(|a| {
+                let client_options = client_options(transport, a);
+                let mut blob_options = BlobClientOptions {
+                    client_options: client_options.clone(),
+                    ..Default::default()
+                };
+                let mut container_options = BlobContainerClientOptions {
+                    client_options,
+                    ..Default::default()
+                };
+                if let Some(v) = service_version(a) {
+                    blob_options.version = v.clone();
+                    container_options.version = v;
+                }
+                let (key, token) = match &a.credential {
+                    AccountCredential::SharedKey(k) => (Some(k.clone()), None),
+                    AccountCredential::Entra(t) => (None, Some(t.clone())),
+                };
+                (
+                    a.name.clone(),
+                    Account {
+                        endpoint: a.blob_endpoint.clone(),
+                        key,
+                        token,
+                        blob_options,
+                        container_options,
+                    },
+                )
+            })
+            .collect();
+        Self { accounts }
+    }
+
+    fn account(&self, name: &str, operation: &'static str) -> StorageResult<&Account> {
+        self.accounts.get(name).ok_or_else(|| {
+            StorageError::other(
+                operation,
+                name,
+                ErrorClass::Invalid,
+                format!("account {name} is not configured"),
+            )
+        })
+    }
+
+    fn container_url(account: &Account, container: &str) -> Url {
+        let mut url = account.endpoint.clone();
+        url.path_segments_mut()
+            .expect("endpoints are validated as base URLs")
+            .pop_if_empty()
+            .push(container);
+        url
+    }
+
+    fn url_of(account: &Account, blob: &BlobPath) -> Url {
+        let mut url = Self::container_url(account, &blob.container);
+        url.path_segments_mut()
+            .expect("endpoints are validated as base URLs")
+            .extend(blob.name.split('/'));
+        if let Some(s) = &blob.snapshot {
+            url.query_pairs_mut().append_pair("snapshot", s);
+        }
+        url
+    }
+
+    fn blob_client(&self, blob: &BlobPath, op: &'static str) -> StorageResult<BlobClient> {
+        let account = self.account(&blob.account, op)?;
+        BlobClient::new(
+            Self::url_of(account, blob),
+            account.token.clone(),
+            Some(account.blob_options.clone()),
+        )
+        .map_err(|e| map_error(op, blob, e))
+    }
+
+    fn container_client(
+        &self,
+        account_name: &str,
+        container: &str,
+        op: &'static str,
+    ) -> StorageResult<BlobContainerClient> {
+        let account = self.account(account_name, op)?;
+        BlobContainerClient::new(
+            Self::container_url(account, container),
+            account.token.clone(),
+            Some(account.container_options.clone()),
+        )
+        .map_err(|e| map_error(op, format!("{account_name}/{container}"), e))
+    }
+}
+
+/// Maps an SDK error once: status and service code to a class, Retry-After kept,
+/// nothing secret carried along.
+pub(crate) fn map_error(
+    operation: &'static str,
+    target: impl std::fmt::Display,
+    e: azure_core::Error,
+) -> StorageError {
+    match e.kind() {
+        ErrorKind::HttpResponse {
+            status,
+            error_code,
+            raw_response,
+        } => {
+            let mut err =
+                StorageError::http(operation, target, u16::from(*status), error_code.as_deref());
+            err.retry_after = raw_response.as_ref().and_then(|r| {
+                r.headers()
+                    .get_optional_str(&HeaderName::from_static("retry-after"))
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .map(Duration::from_secs)
+            });
+            err
+        }
+        ErrorKind::Connection | ErrorKind::Io => {
+            StorageError::other(operation, target, ErrorClass::Transient, e)
+        }
+        ErrorKind::Credential => StorageError::other(operation, target, ErrorClass::Denied, e),
+        ErrorKind::DataConversion => StorageError::other(operation, target, ErrorClass::Invalid, e),
+        _ => StorageError::other(operation, target, ErrorClass::Transient, e),
+    }
+}
+
+fn parse_progress(text: &str) -> (u64, u64) {
+    let mut parts = text.split('/');
+    let copied = parts
+        .next()
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap_or(0);
+    let total = parts
+        .next()
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap_or(0);
+    (copied, total)
+}
+
+fn copy_state(s: azure_storage_blob::models::CopyStatus) -> CopyState {
+    use azure_storage_blob::models::CopyStatus as S;
+    match s {
+        S::Pending => CopyState::Pending,
+        S::Success => CopyState::Success,
+        S::Aborted => CopyState::Aborted,
+        _ => CopyState::Failed,
+    }
+}
+
+#[async_trait]
+impl BlobStore for AzureStore {
+    fn blob_url(&self, blob: &BlobPath) -> StorageResult<Url> {
+        let account = self.account(&blob.account, "blob_url")?;
+        Ok(Self::url_of(account, blob))
+    }
+
+    async fn copy_source_url(
+        &self,
+        source: &BlobPath,
+        dest_account: &str,
+        expiry: OffsetDateTime,
+    ) -> StorageResult<String> {
+        const OP: &str = "copy_source_url";
+        let account = self.account(&source.account, OP)?;
+        let url = Self::url_of(account, source);
+        match &account.key {
+            Some(_) if source.account == dest_account => Ok(url.to_string()),
+            Some(key) => {
+                let now = OffsetDateTime::now_utc();
+                let protocol = if url.scheme() == "https" {
+                    "https"
+                } else {
+                    "https,http"
+                };
+                let sas = auth::blob_sas_query(
+                    key,
+                    &BlobSasRequest {
+                        container: &source.container,
+                        blob: &source.name,
+                        snapshot: source.snapshot.as_deref(),
+                        permissions: "r",
+                        start: now - SAS_START_SKEW,
+                        expiry,
+                        protocol,
+                    },
+                );
+                let sep = if url.query().is_some() { '&' } else { '?' };
+                Ok(format!("{url}{sep}{sas}"))
+            }
+            None => Err(StorageError::other(
+                OP,
+                source,
+                ErrorClass::Invalid,
+                "copies from an account with auth = \"entra\" need a user delegation SAS, which this version does not create yet; give the source account a key (key_env or key_file)",
+            )),
+        }
+    }
+
+    async fn ensure_container(&self, account: &str, container: &str) -> StorageResult<()> {
+        const OP: &str = "create_container";
+        let client = self.container_client(account, container, OP)?;
+        match client.create(None).await {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                let err = map_error(OP, format!("{account}/{container}"), e);
+                if err.class == ErrorClass::Conflict {
+                    Ok(())
+                } else {
+                    Err(err)
+                }
+            }
+        }
+    }
+
+    async fn properties(&self, blob: &BlobPath) -> StorageResult<BlobProperties> {
+        const OP: &str = "get_properties";
+        let client = self.blob_client(blob, OP)?;
+        let rsp = client
+            .get_properties(None)
+            .await
+            .map_err(|e| map_error(OP, blob, e))?;
+        let conv = |e: azure_core::Error| map_error(OP, blob, e);
+        let kind = match rsp.blob_type().map_err(conv)? {
+            Some(azure_storage_blob::models::BlobType::PageBlob) => BlobKind::Page,
+            Some(azure_storage_blob::models::BlobType::AppendBlob) => BlobKind::Append,
+            _ => BlobKind::Block,
+        };
+        let copy = match (
+            rsp.copy_id().map_err(conv)?,
+            rsp.copy_status().map_err(conv)?,
+        ) {
+            (Some(id), Some(status)) => {
+                let (copied, total) = rsp
+                    .copy_progress()
+                    .map_err(conv)?
+                    .map(|p| parse_progress(&p))
+                    .unwrap_or((0, 0));
+                Some(CopyInfo {
+                    id,
+                    state: copy_state(status),
+                    copied,
+                    total,
+                    description: rsp
+                        .copy_status_description()
+                        .map_err(conv)?
+                        .map(|d| auth::redact_sas(&d)),
+                    source: rsp
+                        .copy_source()
+                        .map_err(conv)?
+                        .map(|s| auth::redact_sas(&s)),
+                })
+            }
+            _ => None,
+        };
+        Ok(BlobProperties {
+            len: rsp.content_length().map_err(conv)?.unwrap_or(0),
+            kind,
+            etag: rsp
+                .etag()
+                .map_err(conv)?
+                .map(|e| e.to_string())
+                .unwrap_or_default(),
+            metadata: rsp
+                .metadata()
+                .map_err(conv)?
+                .into_iter()
+                .map(|(k, v)| (k.to_ascii_lowercase(), v))
+                .collect(),
+            copy,
+        })
+    }
+
+    async fn snapshot(&self, blob: &BlobPath) -> StorageResult<String> {
+        const OP: &str = "create_snapshot";
+        let client = self.blob_client(blob, OP)?;
+        let rsp = client
+            .create_snapshot(None)
+            .await
+            .map_err(|e| map_error(OP, blob, e))?;
+        rsp.snapshot()
+            .map_err(|e| map_error(OP, blob, e))?
+            .ok_or_else(|| {
+                StorageError::other(
+                    OP,
+                    blob,
+                    ErrorClass::Transient,
+                    "no x-ms-snapshot in answer",
+                )
+            })
+    }
+
+    async fn start_copy(
+        &self,
+        dest: &BlobPath,
+        source_url: &str,
+        metadata: &Metadata,
+    ) -> StorageResult<CopyStarted> {
+        const OP: &str = "start_copy";
+        let client = self.blob_client(dest, OP)?;
+        let options = BlobClientStartCopyFromUrlOptions {
+            metadata: Some(metadata.clone().into_iter().collect()),
+            ..Default::default()
+        };
+        let rsp = client
+            .start_copy_from_url(source_url.to_owned(), Some(options))
+            .await
+            .map_err(|e| map_error(OP, dest, e))?;
+        let conv = |e: azure_core::Error| map_error(OP, dest, e);
+        let copy_id = rsp.copy_id().map_err(conv)?.ok_or_else(|| {
+            StorageError::other(OP, dest, ErrorClass::Transient, "no x-ms-copy-id in answer")
+        })?;
+        let state = rsp
+            .copy_status()
+            .map_err(conv)?
+            .map(copy_state)
+            .unwrap_or(CopyState::Pending);
+        Ok(CopyStarted { copy_id, state })
+    }
+
+    async fn abort_copy(&self, dest: &BlobPath, copy_id: &str) -> StorageResult<()> {
+        const OP: &str = "abort_copy";
+        let client = self.blob_client(dest, OP)?;
+        client
+            .abort_copy(copy_id, None)
+            .await
+            .map(|_| ())
+            .map_err(|e| map_error(OP, dest, e))
+    }
+
+    async fn delete(&self, blob: &BlobPath) -> StorageResult<()> {
+        const OP: &str = "delete";
+        let client = self.blob_client(blob, OP)?;
+        let options = BlobClientDeleteOptions {
+            delete_snapshots: blob
+                .snapshot
+                .is_none()
+                .then_some(DeleteSnapshotsOptionType::Include),
+            ..Default::default()
+        };
+        client
+            .delete(Some(options))
+            .await
+            .map(|_| ())
+            .map_err(|e| map_error(OP, blob, e))
+    }
+
+    async fn account_info(&self, account_name: &str) -> StorageResult<AccountInfo> {
+        const OP: &str = "get_account_info";
+        let account = self.account(account_name, OP)?;
+        // Any blob URL of the account answers Get Account Information.
+        let client = BlobClient::new(
+            Self::url_of(account, &BlobPath::new(account_name, "$root", "x")),
+            account.token.clone(),
+            Some(account.blob_options.clone()),
+        )
+        .map_err(|e| map_error(OP, account_name, e))?;
+        let rsp = client
+            .get_account_info(None)
+            .await
+            .map_err(|e| map_error(OP, account_name, e))?;
+        let conv = |e: azure_core::Error| map_error(OP, account_name, e);
+        Ok(AccountInfo {
+            sku: rsp
+                .sku_name()
+                .map_err(conv)?
+                .map(|s| s.to_string())
+                .unwrap_or_default(),
+            kind: rsp
+                .account_kind()
+                .map_err(conv)?
+                .map(|k| k.to_string())
+                .unwrap_or_default(),
+        })
+    }
+
+    async fn put_block_blob(
+        &self,
+        blob: &BlobPath,
+        data: Bytes,
+        condition: Condition,
+    ) -> StorageResult<String> {
+        const OP: &str = "put_blob";
+        let client = self.blob_client(blob, OP)?;
+        let mut options = BlobClientUploadOptions {
+            blob_content_type: Some("application/json".into()),
+            ..Default::default()
+        };
+        match condition {
+            Condition::Always => {}
+            Condition::IfAbsent => options.if_none_match = Some(Etag::from("*")),
+            Condition::IfMatch(etag) => options.if_match = Some(Etag::from(etag)),
+        }
+        let rsp = client
+            .upload(RequestContent::from(data.to_vec()), Some(options))
+            .await
+            .map_err(|e| {
+                let mut err = map_error(OP, blob, e);
+                // An If-None-Match: * on an existing blob answers 409 BlobAlreadyExists.
+                if err.code.as_deref() == Some("BlobAlreadyExists") {
+                    err.class = ErrorClass::PreconditionFailed;
+                }
+                err
+            })?;
+        Ok(rsp.etag.map(|e| e.to_string()).unwrap_or_default())
+    }
+
+    async fn put_page_blob(&self, blob: &BlobPath, data: Bytes) -> StorageResult<()> {
+        const OP: &str = "put_page_blob";
+        if !data.len().is_multiple_of(512) {
+            return Err(StorageError::other(
+                OP,
+                blob,
+                ErrorClass::Invalid,
+                "a page blob's length must be a multiple of 512 bytes",
+            ));
+        }
+        let client = self.blob_client(blob, OP)?.page_blob_client();
+        client
+            .create(data.len() as u64, None)
+            .await
+            .map_err(|e| map_error(OP, blob, e))?;
+        let mut offset = 0usize;
+        while offset < data.len() {
+            let end = (offset + MAX_PUT_PAGE).min(data.len());
+            let chunk = data.slice(offset..end);
+            // Pages of zeroes stay unwritten: page blobs read zeroes there anyway.
+            if chunk.iter().any(|b| *b != 0) {
+                client
+                    .upload_pages(
+                        RequestContent::from(chunk.to_vec()),
+                        chunk.len() as u64,
+                        HttpRange::from(offset as u64..end as u64),
+                        None,
+                    )
+                    .await
+                    .map_err(|e| map_error(OP, blob, e))?;
+            }
+            offset = end;
+        }
+        Ok(())
+    }
+
+    async fn read(
+        &self,
+        blob: &BlobPath,
+        range: Option<std::ops::Range<u64>>,
+    ) -> StorageResult<(Bytes, String)> {
+        const OP: &str = "read";
+        let client = self.blob_client(blob, OP)?;
+        let options = BlobClientDownloadOptions {
+            range: range.map(HttpRange::from),
+            ..Default::default()
+        };
+        let rsp = client
+            .download(Some(options))
+            .await
+            .map_err(|e| map_error(OP, blob, e))?;
+        let etag = rsp
+            .properties
+            .etag
+            .as_ref()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        let body = rsp
+            .body
+            .collect()
+            .await
+            .map_err(|e| map_error(OP, blob, e))?;
+        Ok((body, etag))
+    }
+
+    async fn list(
+        &self,
+        account: &str,
+        container: &str,
+        prefix: &str,
+    ) -> StorageResult<Vec<String>> {
+        const OP: &str = "list_blobs";
+        let target = format!("{account}/{container}");
+        let client = self.container_client(account, container, OP)?;
+        let options = BlobContainerClientListBlobsOptions {
+            prefix: (!prefix.is_empty()).then(|| prefix.to_owned()),
+            ..Default::default()
+        };
+        let mut pager = client
+            .list_blobs(Some(options))
+            .map_err(|e| map_error(OP, &target, e))?;
+        let mut names = Vec::new();
+        loop {
+            match pager.try_next().await {
+                Ok(Some(item)) => {
+                    if let Some(name) = item.name {
+                        names.push(name);
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    let err = map_error(OP, &target, e);
+                    if err.is_not_found() {
+                        return Ok(Vec::new());
+                    }
+                    return Err(err);
+                }
+            }
+        }
+        Ok(names)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_parses() {
+        assert_eq!(parse_progress("512/1024"), (512, 1024));
+        assert_eq!(parse_progress("garbage"), (0, 0));
+    }
+}

@@ -1,0 +1,209 @@
+//! A [`BlobStore`] wrapper that is itself a store: every attempt takes a token from
+//! the account's request-rate limiter (governor), is counted in the metrics, and
+//! retryable failures are retried with backoff.
+
+use super::{
+    retry::{with_retries, RetryPolicy},
+    AccountInfo, BlobPath, BlobProperties, BlobStore, Condition, CopyStarted, ErrorClass, Metadata,
+    StorageResult,
+};
+use crate::metrics::Metrics;
+use async_trait::async_trait;
+use bytes::Bytes;
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use std::{collections::HashMap, future::Future, num::NonZeroU32, sync::Arc};
+use time::OffsetDateTime;
+use url::Url;
+
+/// Rate-limited, retried, counted storage.
+#[derive(Debug)]
+pub struct Instrumented {
+    inner: Arc<dyn BlobStore>,
+    limiters: HashMap<String, Arc<DefaultDirectRateLimiter>>,
+    metrics: Metrics,
+    retry: RetryPolicy,
+}
+
+impl Instrumented {
+    /// Wraps `inner`, limiting each account to its requests per second.
+    pub fn new(
+        inner: Arc<dyn BlobStore>,
+        rates: impl IntoIterator<Item = (String, u32)>,
+        metrics: Metrics,
+        retry: RetryPolicy,
+    ) -> Self {
+        let limiters = rates
+            .into_iter()
+            .map(|(account, rps)| {
+                let rps = NonZeroU32::new(rps.max(1)).expect("at least 1");
+                (
+                    account,
+                    Arc::new(RateLimiter::direct(Quota::per_second(rps))),
+                )
+            })
+            .collect();
+        Self {
+            inner,
+            limiters,
+            metrics,
+            retry,
+        }
+    }
+
+    async fn call<T, F, Fut>(
+        &self,
+        account: &str,
+        operation: &'static str,
+        f: F,
+    ) -> StorageResult<T>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = StorageResult<T>>,
+    {
+        let limiter = self.limiters.get(account).cloned();
+        let metrics = &self.metrics;
+        with_retries(
+            &self.retry,
+            |e| {
+                let reason = match e.class {
+                    ErrorClass::Throttled => "throttled",
+                    _ => "transient",
+                };
+                metrics
+                    .storage_retries
+                    .with_label_values(&[account, reason])
+                    .inc();
+            },
+            || {
+                let limiter = limiter.clone();
+                let fut = f();
+                async move {
+                    if let Some(l) = limiter {
+                        l.until_ready().await;
+                    }
+                    let r = fut.await;
+                    let status = match &r {
+                        Ok(_) => Some(200),
+                        Err(e) => e.status,
+                    };
+                    metrics.storage_request(account, operation, status);
+                    r
+                }
+            },
+        )
+        .await
+    }
+}
+
+#[async_trait]
+impl BlobStore for Instrumented {
+    fn blob_url(&self, blob: &BlobPath) -> StorageResult<Url> {
+        self.inner.blob_url(blob)
+    }
+
+    async fn copy_source_url(
+        &self,
+        source: &BlobPath,
+        dest_account: &str,
+        expiry: OffsetDateTime,
+    ) -> StorageResult<String> {
+        self.inner
+            .copy_source_url(source, dest_account, expiry)
+            .await
+    }
+
+    async fn ensure_container(&self, account: &str, container: &str) -> StorageResult<()> {
+        self.call(account, "create_container", || {
+            self.inner.ensure_container(account, container)
+        })
+        .await
+    }
+
+    async fn properties(&self, blob: &BlobPath) -> StorageResult<BlobProperties> {
+        self.call(&blob.account, "get_properties", || {
+            self.inner.properties(blob)
+        })
+        .await
+    }
+
+    async fn snapshot(&self, blob: &BlobPath) -> StorageResult<String> {
+        self.call(&blob.account, "create_snapshot", || {
+            self.inner.snapshot(blob)
+        })
+        .await
+    }
+
+    async fn start_copy(
+        &self,
+        dest: &BlobPath,
+        source_url: &str,
+        metadata: &Metadata,
+    ) -> StorageResult<CopyStarted> {
+        self.call(&dest.account, "start_copy", || {
+            self.inner.start_copy(dest, source_url, metadata)
+        })
+        .await
+    }
+
+    async fn abort_copy(&self, dest: &BlobPath, copy_id: &str) -> StorageResult<()> {
+        self.call(&dest.account, "abort_copy", || {
+            self.inner.abort_copy(dest, copy_id)
+        })
+        .await
+    }
+
+    async fn delete(&self, blob: &BlobPath) -> StorageResult<()> {
+        self.call(&blob.account, "delete", || self.inner.delete(blob))
+            .await
+    }
+
+    async fn account_info(&self, account: &str) -> StorageResult<AccountInfo> {
+        self.call(account, "get_account_info", || {
+            self.inner.account_info(account)
+        })
+        .await
+    }
+
+    async fn put_block_blob(
+        &self,
+        blob: &BlobPath,
+        data: Bytes,
+        condition: Condition,
+    ) -> StorageResult<String> {
+        self.call(&blob.account, "put_blob", || {
+            self.inner
+                .put_block_blob(blob, data.clone(), condition.clone())
+        })
+        .await
+    }
+
+    async fn put_page_blob(&self, blob: &BlobPath, data: Bytes) -> StorageResult<()> {
+        self.call(&blob.account, "put_page_blob", || {
+            self.inner.put_page_blob(blob, data.clone())
+        })
+        .await
+    }
+
+    async fn read(
+        &self,
+        blob: &BlobPath,
+        range: Option<std::ops::Range<u64>>,
+    ) -> StorageResult<(Bytes, String)> {
+        self.call(&blob.account, "read", || {
+            self.inner.read(blob, range.clone())
+        })
+        .await
+    }
+
+    async fn list(
+        &self,
+        account: &str,
+        container: &str,
+        prefix: &str,
+    ) -> StorageResult<Vec<String>> {
+        self.call(account, "list_blobs", || {
+            self.inner.list(account, container, prefix)
+        })
+        .await
+    }
+}

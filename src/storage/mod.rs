@@ -1,0 +1,351 @@
+//! Blob storage behind one narrow trait.
+//!
+//! [`BlobStore`] is everything the daemon asks of Azure Blob Storage: snapshots,
+//! server-side copies and their status, account information, and small JSON
+//! documents for job state. [`azure::AzureStore`] talks to Azure (or Azurite);
+//! [`memory::MemoryStore`] keeps everything in memory for unit tests. The
+//! conformance suite in `tests/` runs the same checks against both.
+
+pub mod auth;
+pub mod azure;
+pub mod instrumented;
+pub mod memory;
+pub mod retry;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use std::{collections::BTreeMap, fmt, time::Duration};
+use time::OffsetDateTime;
+use url::Url;
+
+/// Metadata keys as stored on blobs (Azure lower-cases them).
+pub type Metadata = BTreeMap<String, String>;
+
+/// Where a blob lives: account (as configured), container, name, optional snapshot.
+#[derive(
+    Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+pub struct BlobPath {
+    /// Configured account name.
+    pub account: String,
+    /// Container name.
+    pub container: String,
+    /// Blob name, `/` allowed.
+    pub name: String,
+    /// Snapshot time, when this addresses a snapshot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
+}
+
+impl BlobPath {
+    /// A path to the base blob.
+    pub fn new(account: &str, container: &str, name: &str) -> Self {
+        Self {
+            account: account.to_owned(),
+            container: container.to_owned(),
+            name: name.to_owned(),
+            snapshot: None,
+        }
+    }
+
+    /// The same blob at a snapshot.
+    pub fn at_snapshot(&self, snapshot: &str) -> Self {
+        Self {
+            snapshot: Some(snapshot.to_owned()),
+            ..self.clone()
+        }
+    }
+}
+
+impl fmt::Display for BlobPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}/{}", self.account, self.container, self.name)?;
+        if let Some(s) = &self.snapshot {
+            write!(f, "@{s}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Kind of blob.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum BlobKind {
+    /// Page blob: what a VHD must be.
+    Page,
+    /// Block blob.
+    Block,
+    /// Append blob.
+    Append,
+}
+
+/// State of the last copy into a blob.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CopyState {
+    /// Still running.
+    Pending,
+    /// Finished.
+    Success,
+    /// Aborted by a client.
+    Aborted,
+    /// Failed in the service.
+    Failed,
+}
+
+/// What the destination says of its last copy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CopyInfo {
+    /// Copy id (`x-ms-copy-id`).
+    pub id: String,
+    /// Status.
+    pub state: CopyState,
+    /// Bytes copied so far.
+    pub copied: u64,
+    /// Bytes to copy.
+    pub total: u64,
+    /// Status description (free text; do not parse).
+    pub description: Option<String>,
+    /// The copy source as the service records it (SAS redacted).
+    pub source: Option<String>,
+}
+
+/// Properties of a blob.
+#[derive(Debug, Clone)]
+pub struct BlobProperties {
+    /// Length in bytes.
+    pub len: u64,
+    /// Kind of blob.
+    pub kind: BlobKind,
+    /// ETag.
+    pub etag: String,
+    /// User metadata.
+    pub metadata: Metadata,
+    /// Last copy into this blob, if any.
+    pub copy: Option<CopyInfo>,
+}
+
+/// A copy the service accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CopyStarted {
+    /// The copy id to track and abort it by.
+    pub copy_id: String,
+    /// `Success` when the service finished at once, otherwise `Pending`.
+    pub state: CopyState,
+}
+
+/// What Get Account Information says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountInfo {
+    /// e.g. `Standard_LRS`, `Premium_LRS`.
+    pub sku: String,
+    /// e.g. `StorageV2`, `BlockBlobStorage`.
+    pub kind: String,
+}
+
+impl AccountInfo {
+    /// Whether Batch accepts custom VHDs from this account: standard, general purpose.
+    pub fn suits_batch_images(&self) -> Result<(), String> {
+        if !self.sku.starts_with("Standard") {
+            return Err(format!(
+                "account SKU is {}; Batch custom images need a standard (not premium) account",
+                self.sku
+            ));
+        }
+        if self.kind != "StorageV2" && self.kind != "Storage" {
+            return Err(format!(
+                "account kind is {}; Batch custom images need a general-purpose account (StorageV2 or Storage)",
+                self.kind
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A write condition for optimistic concurrency.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Condition {
+    /// Write whatever is there.
+    Always,
+    /// Write only if the blob does not exist.
+    IfAbsent,
+    /// Write only if the blob still has this ETag.
+    IfMatch(String),
+}
+
+/// How a storage failure should be handled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// 404: the blob, container or queue is not there.
+    NotFound,
+    /// 409: conflicts such as a pending copy or an existing blob.
+    Conflict,
+    /// 412: an ETag or existence condition did not hold.
+    PreconditionFailed,
+    /// 503 ServerBusy, 429: the service asks us to slow down.
+    Throttled,
+    /// 500, 502, 504, 408, resets and timeouts: try again.
+    Transient,
+    /// 401, 403: credentials or SAS are wrong or expired.
+    Denied,
+    /// Any other client error: the request itself is wrong.
+    Invalid,
+}
+
+impl ErrorClass {
+    /// Whether trying the same request again may succeed.
+    pub fn is_retryable(self) -> bool {
+        matches!(self, ErrorClass::Throttled | ErrorClass::Transient)
+    }
+
+    /// Maps an HTTP status (and service error code) once for every backend.
+    pub fn from_status(status: u16, code: Option<&str>) -> Self {
+        match (status, code) {
+            (404, _) => ErrorClass::NotFound,
+            (409, _) => ErrorClass::Conflict,
+            (412, _) => ErrorClass::PreconditionFailed,
+            (429, _) | (503, _) => ErrorClass::Throttled,
+            (500, Some("CannotVerifyCopySource")) => ErrorClass::Denied,
+            (408, _) | (500, _) | (502, _) | (504, _) => ErrorClass::Transient,
+            (401, _) | (403, _) => ErrorClass::Denied,
+            _ => ErrorClass::Invalid,
+        }
+    }
+}
+
+/// A failed storage operation, with what was being done to what.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{operation} on {target}: {message}")]
+pub struct StorageError {
+    /// Operation name, e.g. `start_copy`.
+    pub operation: &'static str,
+    /// What it was done to (never with a SAS signature).
+    pub target: String,
+    /// Classification for retries.
+    pub class: ErrorClass,
+    /// HTTP status, when there was a response.
+    pub status: Option<u16>,
+    /// Service error code, when there was one.
+    pub code: Option<String>,
+    /// Human-readable detail (never with a secret).
+    pub message: String,
+    /// Retry-After the service asked for.
+    pub retry_after: Option<Duration>,
+}
+
+impl StorageError {
+    /// Builds an error from a status and code.
+    pub fn http(
+        operation: &'static str,
+        target: impl fmt::Display,
+        status: u16,
+        code: Option<&str>,
+    ) -> Self {
+        let class = ErrorClass::from_status(status, code);
+        Self {
+            operation,
+            target: auth::redact_sas(&target.to_string()),
+            class,
+            status: Some(status),
+            code: code.map(str::to_owned),
+            message: match code {
+                Some(c) => format!("HTTP {status} {c}"),
+                None => format!("HTTP {status}"),
+            },
+            retry_after: None,
+        }
+    }
+
+    /// An error without an HTTP response.
+    pub fn other(
+        operation: &'static str,
+        target: impl fmt::Display,
+        class: ErrorClass,
+        message: impl fmt::Display,
+    ) -> Self {
+        Self {
+            operation,
+            target: auth::redact_sas(&target.to_string()),
+            class,
+            status: None,
+            code: None,
+            message: auth::redact_sas(&message.to_string()),
+            retry_after: None,
+        }
+    }
+
+    /// Whether this is a 404.
+    pub fn is_not_found(&self) -> bool {
+        self.class == ErrorClass::NotFound
+    }
+}
+
+/// Result of a storage operation.
+pub type StorageResult<T> = Result<T, StorageError>;
+
+/// Everything the daemon asks of blob storage.
+#[async_trait]
+pub trait BlobStore: Send + Sync + fmt::Debug {
+    /// The blob's URL without any SAS (what the hand-off carries).
+    fn blob_url(&self, blob: &BlobPath) -> StorageResult<Url>;
+
+    /// A URL the service can read `source` from when copying into `dest_account`:
+    /// plain inside one account, with a read-only SAS valid until `expiry` across accounts.
+    async fn copy_source_url(
+        &self,
+        source: &BlobPath,
+        dest_account: &str,
+        expiry: OffsetDateTime,
+    ) -> StorageResult<String>;
+
+    /// Creates the container if it does not exist.
+    async fn ensure_container(&self, account: &str, container: &str) -> StorageResult<()>;
+
+    /// Properties, metadata and copy status of a blob.
+    async fn properties(&self, blob: &BlobPath) -> StorageResult<BlobProperties>;
+
+    /// Takes a snapshot and returns its time stamp.
+    async fn snapshot(&self, blob: &BlobPath) -> StorageResult<String>;
+
+    /// Starts a server-side copy into `dest`, tagging it with `metadata`.
+    async fn start_copy(
+        &self,
+        dest: &BlobPath,
+        source_url: &str,
+        metadata: &Metadata,
+    ) -> StorageResult<CopyStarted>;
+
+    /// Aborts a pending copy.
+    async fn abort_copy(&self, dest: &BlobPath, copy_id: &str) -> StorageResult<()>;
+
+    /// Deletes a blob (with its snapshots) or one snapshot.
+    async fn delete(&self, blob: &BlobPath) -> StorageResult<()>;
+
+    /// SKU and kind of an account.
+    async fn account_info(&self, account: &str) -> StorageResult<AccountInfo>;
+
+    /// Writes a small block blob under a condition and returns the new ETag.
+    async fn put_block_blob(
+        &self,
+        blob: &BlobPath,
+        data: Bytes,
+        condition: Condition,
+    ) -> StorageResult<String>;
+
+    /// Creates a page blob holding `data` (a whole number of 512-byte pages).
+    async fn put_page_blob(&self, blob: &BlobPath, data: Bytes) -> StorageResult<()>;
+
+    /// Reads a blob, or a byte range of it, with its ETag.
+    async fn read(
+        &self,
+        blob: &BlobPath,
+        range: Option<std::ops::Range<u64>>,
+    ) -> StorageResult<(Bytes, String)>;
+
+    /// Names of the base blobs under a prefix.
+    async fn list(
+        &self,
+        account: &str,
+        container: &str,
+        prefix: &str,
+    ) -> StorageResult<Vec<String>>;
+}

@@ -1,0 +1,1 @@
+1u9lui2jDxj0+fpbHjQ5m5NnastJRSYM+PSmfi8TXx4=
