@@ -53,6 +53,9 @@ enum Command {
         /// Pool id.
         #[arg(long)]
         pool_id: Option<String>,
+        /// Job id (idempotency key); generated when absent.
+        #[arg(long, conflicts_with = "file")]
+        job_id: Option<String>,
         /// Follow the job; exit 0 only if it completes.
         #[arg(long)]
         wait: bool,
@@ -265,6 +268,7 @@ async fn dispatch(command: Command) -> ExitCode {
             file,
             job,
             pool_id,
+            job_id,
             wait,
         } => {
             crate::telemetry::init(false);
@@ -280,7 +284,7 @@ async fn dispatch(command: Command) -> ExitCode {
                     },
                     Err(e) => return usage_error(format!("cannot read {}: {e}", path.display())),
                 },
-                None => match job.spec(pool_id, None) {
+                None => match job.spec(pool_id, job_id) {
                     Ok(s) => s,
                     Err(e) => return usage_error(e),
                 },

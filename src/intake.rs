@@ -5,7 +5,7 @@
 
 use crate::config::ValidatedSettings;
 use crate::engine::{Engine, Outcome};
-use crate::job::{parse_message, JobError, JobId};
+use crate::job::{job_id_of, lenient_spec, parse_message, JobError, JobId};
 use crate::metrics::Metrics;
 use crate::queue::{MessageQueue, ReceivedMessage};
 use crate::state::{JobDocument, JobState, StateStore};
@@ -70,7 +70,7 @@ impl Lease {
                     let mut r = receipt.lock().await;
                     match queue.renew(&id, &r, lease).await {
                         Ok(new) => *r = new,
-                        Err(e) if e.is_not_found() => {
+                        Err(e) if e.is_lost_message() => {
                             tracing::warn!(message_id = %id, "lost the message lease; another instance owns the job now");
                             lost.cancel();
                             return;
@@ -189,11 +189,7 @@ impl Worker {
     ) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
         let max = self.settings.engine.max_dequeue_count;
         let spec = parse_message(&m.text);
-        let job_id = spec
-            .as_ref()
-            .ok()
-            .and_then(|s| s.job_id.clone())
-            .filter(|id| JobId::parse(id).is_ok());
+        let job_id = job_id_of(&m.text).map(|id| id.to_string());
         if m.dequeue_count > max {
             let last = match &job_id {
                 Some(id) => self
@@ -269,8 +265,8 @@ impl Worker {
         self.metrics.queue_poisoned.inc();
         // A job that has an id gets a failed state document, so `status` tells why.
         if let Some(id) = job_id.as_deref().and_then(|i| JobId::parse(i).ok()) {
-            let spec = parse_message(&m.text).ok();
-            if let Some(spec) = spec {
+            {
+                let spec = parse_message(&m.text).unwrap_or_else(|_| lenient_spec(&m.text));
                 let mut doc = JobDocument::queued(id.clone(), spec);
                 doc.state = JobState::Failed;
                 doc.error = Some(reason.clone());

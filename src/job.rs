@@ -181,7 +181,9 @@ pub struct ValidatedJob {
 /// Parses a queue message body: the job JSON itself or its base64.
 pub fn parse_message(text: &str) -> Result<JobSpec, JobError> {
     let trimmed = text.trim();
-    let json: std::borrow::Cow<'_, str> = if trimmed.starts_with('{') {
+    let json: std::borrow::Cow<'_, str> = if serde_json::from_str::<serde_json::Value>(trimmed)
+        .is_ok()
+    {
         trimmed.into()
     } else {
         let bytes = B64.decode(trimmed).map_err(|_| {
@@ -214,6 +216,52 @@ pub fn parse_job_json(json: &str) -> Result<JobSpec, JobError> {
         let field = if path == "." { "job".to_owned() } else { path };
         JobError::new(&field, e.into_inner().to_string())
     })
+}
+
+/// The job id of a message whose job may be invalid, if it has a valid one.
+pub fn job_id_of(text: &str) -> Option<JobId> {
+    let value = message_value(text)?;
+    JobId::parse(value.get("job_id")?.as_str()?).ok()
+}
+
+/// What can be read of an invalid job, for its failed state document: the fields
+/// that parse, defaults for the rest.
+pub fn lenient_spec(text: &str) -> JobSpec {
+    let v = message_value(text).unwrap_or_default();
+    let s = |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_owned);
+    let pool = v.get("pool").cloned().unwrap_or_default();
+    JobSpec {
+        job_id: s(&v, "job_id"),
+        source: s(&v, "source").unwrap_or_default(),
+        pool: PoolSpec {
+            id: s(&pool, "id").unwrap_or_default(),
+            os: serde_json::from_value(pool.get("os").cloned().unwrap_or_default())
+                .unwrap_or(Os::Windows),
+            nodes: pool
+                .get("nodes")
+                .and_then(|n| n.as_u64())
+                .unwrap_or(0)
+                .min(u32::MAX as u64) as u32,
+            vm_size: None,
+            node_agent_sku_id: None,
+            caching: None,
+        },
+        replicas: None,
+        accounts: None,
+        container: s(&v, "container"),
+    }
+}
+
+fn message_value(text: &str) -> Option<serde_json::Value> {
+    let trimmed = text.trim();
+    serde_json::from_str::<serde_json::Value>(trimmed)
+        .ok()
+        .or_else(|| {
+            B64.decode(trimmed)
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok())
+        })
+        .filter(|v| v.is_object())
 }
 
 /// Replicas a pool of `nodes` needs: one VHD per so many nodes of its OS.
@@ -325,43 +373,44 @@ impl JobSpec {
             }
             Some(r) => r,
         };
-        let accounts =
-            match &self.accounts {
-                None => settings.destination_accounts(),
-                Some(list) if list.is_empty() => {
-                    return Err(JobError::new(
-                        "accounts",
-                        "must name at least one account; omit it to use every destination account",
-                    ))
-                }
-                Some(list) => {
-                    let mut out: Vec<String> = Vec::new();
-                    for (i, name) in list.iter().enumerate() {
-                        match settings.account(name) {
-                            None => {
-                                return Err(JobError::new(
-                                    &format!("accounts[{i}]"),
-                                    format!("{name:?} is not a configured account"),
-                                ))
-                            }
-                            Some(a) if !a.destination => return Err(JobError::new(
+        let accounts = match &self.accounts {
+            None => settings.destination_accounts(),
+            Some(list) if list.is_empty() => {
+                return Err(JobError::new(
+                    "accounts",
+                    "must name at least one account; omit it to use every destination account",
+                ))
+            }
+            Some(list) => {
+                let mut out: Vec<String> = Vec::new();
+                for (i, name) in list.iter().enumerate() {
+                    match settings.account(name) {
+                        None => {
+                            return Err(JobError::new(
+                                &format!("accounts[{i}]"),
+                                format!("{name:?} is not a configured account"),
+                            ))
+                        }
+                        Some(a) if !a.destination => {
+                            return Err(JobError::new(
                                 &format!("accounts[{i}]"),
                                 format!(
                                     "{name:?} is not a destination account (destination = false)"
                                 ),
-                            )),
-                            Some(_) if out.contains(name) => {
-                                return Err(JobError::new(
-                                    &format!("accounts[{i}]"),
-                                    format!("{name:?} is listed twice"),
-                                ))
-                            }
-                            Some(_) => out.push(name.clone()),
+                            ))
                         }
+                        Some(_) if out.contains(name) => {
+                            return Err(JobError::new(
+                                &format!("accounts[{i}]"),
+                                format!("{name:?} is listed twice"),
+                            ))
+                        }
+                        Some(_) => out.push(name.clone()),
                     }
-                    out
                 }
-            };
+                out
+            }
+        };
         let container = self
             .container
             .clone()
@@ -437,6 +486,20 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(e.field, "pool.caching");
+    }
+
+    #[test]
+    fn ids_and_fields_of_invalid_jobs_are_still_read() {
+        let text = r#"{"job_id":"j9","source":"s","pool":{"id":"p","os":"linux"}}"#;
+        assert!(parse_message(text).is_err());
+        assert_eq!(job_id_of(text).unwrap().as_str(), "j9");
+        assert_eq!(job_id_of(&B64.encode(text)).unwrap().as_str(), "j9");
+        assert!(job_id_of(r#"{"job_id":"Bad Id"}"#).is_none());
+        let spec = lenient_spec(text);
+        assert_eq!(
+            (spec.pool.id.as_str(), spec.pool.os, spec.pool.nodes),
+            ("p", Os::Linux, 0)
+        );
     }
 
     #[test]

@@ -29,7 +29,8 @@ pub struct ReceivedMessage {
     pub inserted: Option<OffsetDateTime>,
 }
 
-/// Everything the daemon asks of a queue.
+/// Everything the daemon asks of a queue. A stale pop receipt fails with
+/// [`StorageError::is_lost_message`] true.
 #[async_trait]
 pub trait MessageQueue: Send + Sync + fmt::Debug {
     /// Queue name.

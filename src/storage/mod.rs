@@ -202,6 +202,8 @@ impl ErrorClass {
         match (status, code) {
             (404, _) => ErrorClass::NotFound,
             (409, _) => ErrorClass::Conflict,
+            // A queue message taken again by someone else since we took it.
+            (400, Some("PopReceiptMismatch")) => ErrorClass::Conflict,
             (412, _) => ErrorClass::PreconditionFailed,
             (429, _) | (503, _) => ErrorClass::Throttled,
             (500, Some("CannotVerifyCopySource")) => ErrorClass::Denied,
@@ -276,6 +278,11 @@ impl StorageError {
     /// Whether this is a 404.
     pub fn is_not_found(&self) -> bool {
         self.class == ErrorClass::NotFound
+    }
+
+    /// For queue messages: the message is gone or was taken by someone else since.
+    pub fn is_lost_message(&self) -> bool {
+        matches!(self.class, ErrorClass::NotFound | ErrorClass::Conflict)
     }
 }
 

@@ -1,0 +1,232 @@
+use crate::helpers::*;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+fn run(env_vars: &[(String, String)], args: &[&str]) -> Output {
+    let mut cmd = Command::new(binary());
+    cmd.args(args);
+    for (k, v) in env_vars {
+        cmd.env(k, v);
+    }
+    cmd.env_remove("RUST_LOG");
+    cmd.output().expect("binary runs")
+}
+
+fn key_env() -> Vec<(String, String)> {
+    keys()
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("VHDREP_KEY_"))
+        .collect()
+}
+
+/// `validate` reports every problem of a broken config at once, naming each key,
+/// and exits 2; a good config passes with 0, and `--online` reaches every account.
+#[test]
+fn validate_names_every_broken_key() {
+    let env = TestEnv::new("");
+    let good = env.config_file();
+    let out = run(
+        &key_env(),
+        &["validate", "--config", good.to_str().unwrap()],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run(
+        &key_env(),
+        &["validate", "--online", "--config", good.to_str().unwrap()],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("dst3: reachable"));
+
+    let broken = env
+        .toml
+        .replace("account = \"ops\"", "account = \"nosuch\"")
+        .replace(
+            "queue_endpoint = \"http://127.0.0.1:10001/dst2\"",
+            "queue_endpoint = \"not a url\"",
+        )
+        .replace(
+            "key_env = \"VHDREP_KEY_DST3\"",
+            "key_env = \"VHDREP_KEY_UNSET_FOR_TEST\"",
+        )
+        .replace(
+            "name = \"dst1\"",
+            "name = \"dst1\"\nmax_concurrent_copies = 0",
+        )
+        .replace("name = \"dst2\"", "name = \"dst1\"");
+    let path = env.dir.path().join("broken.toml");
+    std::fs::write(&path, broken).unwrap();
+    let out = run(
+        &key_env(),
+        &["validate", "--config", path.to_str().unwrap()],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for key in [
+        "control.account",
+        "accounts[3].queue_endpoint",
+        "accounts[4].key_env",
+        "accounts[2].max_concurrent_copies",
+        "accounts[3].name",
+        "VHDREP_KEY_UNSET_FOR_TEST",
+    ] {
+        assert!(err.contains(key), "stderr lacks {key}:\n{err}");
+    }
+    // An unknown key is refused by name.
+    let path = env.dir.path().join("unknown.toml");
+    std::fs::write(
+        &path,
+        env.toml.replace("[engine]", "[engine]\nturbo = true"),
+    )
+    .unwrap();
+    let out = run(
+        &key_env(),
+        &["validate", "--config", path.to_str().unwrap()],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("turbo"));
+    // A missing file says so.
+    let out = run(&key_env(), &["validate", "--config", "/nonexistent/x.toml"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not exist"));
+}
+
+/// `plan` prints replicas per account and names without writing; `submit --wait`
+/// through the binary exits 0 when the job completes; `status --json` shows it.
+#[tokio::test(flavor = "multi_thread")]
+async fn plan_submit_wait_and_status_through_the_binary() {
+    let env = TestEnv::new("");
+    let app = TestApp::spawn(&env).await;
+    let config = env.config_file();
+    let config = config.to_str().unwrap().to_owned();
+    let source = env.source_url("cli.vhd");
+    upload_sample(&app.control, &source, 2, 1, 7).await;
+
+    let out = run(
+        &key_env(),
+        &[
+            "plan",
+            "--config",
+            &config,
+            "--source",
+            &source,
+            "--os",
+            "windows",
+            "--nodes",
+            "90",
+            "--pool-id",
+            "render",
+        ],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("5 replicas"), "{text}");
+    assert!(
+        text.contains("dst1: 2") && text.contains("dst2: 2") && text.contains("dst3: 1"),
+        "{text}"
+    );
+    assert!(text.contains("render/dry-run/cli-0004.vhd"), "{text}");
+    let out = run(
+        &key_env(),
+        &[
+            "plan",
+            "--config",
+            &config,
+            "--source",
+            &source,
+            "--os",
+            "windows",
+            "--nodes",
+            "0",
+            "--pool-id",
+            "render",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("pool.nodes"));
+
+    let vars = key_env();
+    let (cfg, src) = (config.clone(), source.clone());
+    let out = tokio::task::spawn_blocking(move || {
+        run(
+            &vars,
+            &[
+                "submit",
+                "--config",
+                &cfg,
+                "--source",
+                &src,
+                "--os",
+                "linux",
+                "--nodes",
+                "41",
+                "--pool-id",
+                "clipool",
+                "--wait",
+            ],
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let job_id = stdout.lines().next().unwrap().trim().to_owned();
+    assert!(stdout.contains("completed"), "{stdout}");
+
+    let out = run(
+        &key_env(),
+        &["status", "--config", &config, &job_id, "--json"],
+    );
+    assert_eq!(out.status.code(), Some(0));
+    let view: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(view["state"], "completed");
+    assert_eq!(view["replicas"].as_array().unwrap().len(), 2);
+
+    let out = run(&key_env(), &["status", "--config", &config]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&job_id));
+    let out = run(&key_env(), &["status", "--config", &config, "no-such-job"]);
+    assert_eq!(out.status.code(), Some(1));
+    let out = run(&key_env(), &["cancel", "--config", &config, &job_id]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("already ended: completed"));
+    // A bad submit is a usage error naming the field.
+    let out = run(
+        &key_env(),
+        &[
+            "submit",
+            "--config",
+            &config,
+            "--source",
+            &source,
+            "--os",
+            "linux",
+            "--nodes",
+            "1",
+            "--pool-id",
+            "bad id!",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("pool.id"));
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {}).await;
+    app.shutdown().await;
+}

@@ -1,0 +1,295 @@
+//! Shared set-up for the integration tests: a real Azurite (started by
+//! scripts/test.sh), unique queue and container names per test, the daemon on
+//! port 0 in-process, and the binary for CLI tests.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+use tokio_util::sync::CancellationToken;
+use vhd_replicator::{
+    app::{run_daemon, Control},
+    config::{SecretSource, Settings, ValidatedSettings},
+    metrics::Metrics,
+    state::JobDocument,
+    storage::BlobPath,
+};
+
+/// Blob endpoint of the test Azurite.
+pub const BLOB: &str = "http://127.0.0.1:10000";
+/// Queue endpoint of the test Azurite.
+pub const QUEUE: &str = "http://127.0.0.1:10001";
+
+/// The emulator keys of scripts/local-env.sh (the one place they are written).
+pub fn keys() -> HashMap<String, String> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/local-env.sh");
+    let text = std::fs::read_to_string(&path).expect("scripts/local-env.sh is readable");
+    text.lines()
+        .filter_map(|l| l.strip_prefix("export "))
+        .filter(|l| !l.contains('$'))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.trim_matches('"').to_owned()))
+        .collect()
+}
+
+/// Secrets from the key map, for in-process validation.
+pub struct Keys(pub HashMap<String, String>);
+
+impl SecretSource for Keys {
+    fn env(&self, name: &str) -> Option<String> {
+        self.0.get(name).cloned()
+    }
+    fn file(&self, path: &str) -> Result<String, String> {
+        std::fs::read_to_string(path).map_err(|e| e.to_string())
+    }
+}
+
+/// Fails the test with a clear message when Azurite is not there.
+pub fn require_azurite() {
+    for port in [10000, 10001] {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            panic!("Azurite is not listening on 127.0.0.1:{port}; run the suite with scripts/test.sh (it starts Azurite)");
+        }
+    }
+}
+
+/// One test's world: unique names, a temp dir, the config text.
+pub struct TestEnv {
+    /// Unique lower-case suffix.
+    pub id: String,
+    /// Temp dir for config and hand-off files.
+    pub dir: tempfile::TempDir,
+    /// The config TOML.
+    pub toml: String,
+}
+
+impl TestEnv {
+    /// A fresh environment; `extra` is appended to the config.
+    pub fn new(extra: &str) -> Self {
+        require_azurite();
+        let id = uuid::Uuid::new_v4().simple().to_string()[..10].to_owned();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let handoff = dir.path().join("handoff");
+        let toml = format!(
+            r#"
+[service]
+listen = "127.0.0.1:0"
+admin_token_env = "IT_ADMIN_TOKEN"
+
+[batch]
+subscription = "00000000-0000-0000-0000-000000000000"
+region = "local"
+
+[control]
+account = "ops"
+intake_queue = "it-{id}-jobs"
+poison_queue = "it-{id}-poison"
+handoff_queue = "it-{id}-handoff"
+state_container = "it-{id}-state"
+
+[handoff]
+dir = "{handoff}"
+
+[engine]
+min_poll_ms = 50
+idle_poll_ms = 100
+lease_seconds = 30
+
+{accounts}
+{extra}
+"#,
+            handoff = handoff.display(),
+            accounts = accounts_toml(),
+        );
+        Self { id, dir, toml }
+    }
+
+    /// Validated settings of this environment.
+    pub fn settings(&self) -> ValidatedSettings {
+        self.settings_with(keys())
+    }
+
+    /// Validated settings with these secrets.
+    pub fn settings_with(&self, secrets: HashMap<String, String>) -> ValidatedSettings {
+        Settings::from_toml(&self.toml)
+            .expect("test config parses")
+            .validate(&Keys(secrets))
+            .expect("test config validates")
+    }
+
+    /// A control plane (no daemon).
+    pub async fn control(&self) -> Control {
+        let c = Control::azure(Arc::new(self.settings()), Metrics::new()).expect("clients build");
+        c.ensure().await.expect("queues and state container");
+        c
+    }
+
+    /// The config written to a file, for the binary.
+    pub fn config_file(&self) -> PathBuf {
+        let path = self.dir.path().join("config.toml");
+        std::fs::write(&path, &self.toml).expect("write config");
+        path
+    }
+
+    /// The job container of this test.
+    pub fn container(&self) -> String {
+        format!("it-{}", self.id)
+    }
+
+    /// URL of a source blob in the `src` account.
+    pub fn source_url(&self, name: &str) -> String {
+        format!("{BLOB}/src/it-{}-src/{name}", self.id)
+    }
+
+    /// A job JSON for this environment.
+    pub fn job_json(&self, job_id: &str, source: &str, os: &str, nodes: u32) -> String {
+        serde_json::json!({
+            "job_id": job_id,
+            "source": source,
+            "pool": { "id": format!("pool-{}", self.id), "os": os, "nodes": nodes, "vm_size": "STANDARD_D2_V3" },
+            "container": self.container(),
+        })
+        .to_string()
+    }
+}
+
+/// The `[[accounts]]` of the test Azurite.
+pub fn accounts_toml() -> String {
+    let mut out = String::new();
+    for (name, dest) in [
+        ("ops", false),
+        ("src", false),
+        ("dst1", true),
+        ("dst2", true),
+        ("dst3", true),
+    ] {
+        out.push_str(&format!(
+            "[[accounts]]\nname = \"{name}\"\nblob_endpoint = \"{BLOB}/{name}\"\nqueue_endpoint = \"{QUEUE}/{name}\"\nkey_env = \"VHDREP_KEY_{}\"\ndestination = {dest}\n\n",
+            name.to_uppercase()
+        ));
+    }
+    out
+}
+
+/// The daemon, in-process on port 0.
+pub struct TestApp {
+    /// Its control plane.
+    pub control: Control,
+    /// Its HTTP address.
+    pub addr: std::net::SocketAddr,
+    /// Stops it.
+    pub stop: CancellationToken,
+    handle: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl TestApp {
+    /// Starts the daemon for `env`.
+    pub async fn spawn(env: &TestEnv) -> Self {
+        Self::spawn_with(env.settings()).await
+    }
+
+    /// Starts the daemon with these settings.
+    pub async fn spawn_with(settings: ValidatedSettings) -> Self {
+        let control = Control::azure(Arc::new(settings), Metrics::new()).expect("clients build");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let handle = tokio::spawn(run_daemon(control.clone(), listener, stop.clone()));
+        control.ensure().await.expect("queues and state container");
+        Self {
+            control,
+            addr,
+            stop,
+            handle,
+        }
+    }
+
+    /// URL of a route.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Stops the daemon and waits for it.
+    pub async fn shutdown(self) {
+        self.stop.cancel();
+        tokio::time::timeout(Duration::from_secs(40), self.handle)
+            .await
+            .expect("daemon stops within its grace period")
+            .expect("daemon task")
+            .expect("daemon ran cleanly");
+    }
+}
+
+/// Uploads a sample fixed VHD and returns its bytes.
+pub async fn upload_sample(
+    control: &Control,
+    url: &str,
+    mib: u64,
+    data_mib: u64,
+    seed: u8,
+) -> Vec<u8> {
+    let blob = vhd_replicator::job::locate_source(url, &control.settings)
+        .expect("source in a configured account");
+    let image = vhd_replicator::vhd::sample_image(mib, data_mib, seed);
+    control
+        .store
+        .ensure_container(&blob.account, &blob.container)
+        .await
+        .unwrap();
+    control
+        .store
+        .put_page_blob(&blob, bytes::Bytes::from(image.clone()))
+        .await
+        .expect("upload sample VHD");
+    image
+}
+
+/// Waits until the job has ended.
+pub async fn wait_for_end(control: &Control, id: &str, within: Duration) -> JobDocument {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Some((d, _)) = control.state.load(id).await.expect("state readable") {
+            if d.state.is_terminal() {
+                return d;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "job {id} did not end within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Reads a whole blob.
+pub async fn read_all(control: &Control, blob: &BlobPath) -> Vec<u8> {
+    control
+        .store
+        .read(blob, None)
+        .await
+        .expect("read blob")
+        .0
+        .to_vec()
+}
+
+/// Receives every message currently visible on a queue (hiding them for a minute).
+pub async fn drain(queue: &dyn vhd_replicator::queue::MessageQueue) -> Vec<String> {
+    let mut out = Vec::new();
+    loop {
+        let got = queue
+            .receive(32, Duration::from_secs(60))
+            .await
+            .expect("receive");
+        if got.is_empty() {
+            return out;
+        }
+        out.extend(got.into_iter().map(|m| m.text));
+    }
+}
+
+/// Path of the built binary.
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_vhd-replicator")
+}

@@ -1,0 +1,9 @@
+//! Integration tests against a real Azurite over HTTP. Run them with
+//! `scripts/test.sh`, which installs and starts Azurite first.
+
+mod api;
+mod cli;
+mod conformance;
+mod helpers;
+mod poison;
+mod replicate;
