@@ -11,9 +11,19 @@ if ! scripts/azurite.sh status >/dev/null 2>&1; then
   scripts/azurite.sh start
   started=1
 fi
+log="$(mktemp)"
 cleanup() {
+  rm -f "$log"
   if [ "$started" = 1 ]; then scripts/azurite.sh stop; fi
 }
 trap cleanup EXIT
 
-cargo test --locked "$@"
+set +e
+cargo test --locked "$@" 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+if [ "$started" = 1 ]; then scripts/azurite.sh stop; started=0; fi
+# One closing line for the whole suite, summed over every test binary.
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "Total: %d passed, %d failed\n", p, f }' "$log"
+exit "$status"
