@@ -2,7 +2,7 @@
 //! operations the CLI and HTTP API share (submit, cancel, status), and the daemon.
 
 use crate::config::ValidatedSettings;
-use crate::engine::Engine;
+use crate::engine::{limits::AccountLimits, Engine};
 use crate::handoff::HandoffSinks;
 use crate::intake::Worker;
 use crate::job::{JobError, JobSpec};
@@ -25,6 +25,8 @@ pub struct Control {
     pub settings: Arc<ValidatedSettings>,
     /// Metrics of this process.
     pub metrics: Metrics,
+    /// Request rates and adaptive copy caps per account.
+    pub limits: Arc<AccountLimits>,
     /// Blob storage (rate-limited, retried, counted).
     pub store: Arc<dyn BlobStore>,
     /// Job documents.
@@ -88,13 +90,16 @@ impl Control {
         poison: Arc<dyn MessageQueue>,
         handoff: Arc<dyn MessageQueue>,
     ) -> Self {
-        let rates = settings
-            .accounts
-            .iter()
-            .map(|a| (a.name.clone(), a.max_requests_per_second));
+        let limits = Arc::new(AccountLimits::new(settings.accounts.iter().map(|a| {
+            (
+                a.name.clone(),
+                a.max_requests_per_second,
+                a.max_concurrent_copies,
+            )
+        })));
         let store: Arc<dyn BlobStore> = Arc::new(Instrumented::new(
             raw_store,
-            rates,
+            limits.clone(),
             metrics.clone(),
             RetryPolicy::default(),
         ));
@@ -106,6 +111,7 @@ impl Control {
         Self {
             settings,
             metrics,
+            limits,
             store,
             state,
             intake,
@@ -176,6 +182,7 @@ impl Control {
             self.state.clone(),
             handoff,
             self.metrics.clone(),
+            self.limits.clone(),
             self.settings.clone(),
         )
     }

@@ -152,6 +152,12 @@ pub struct EngineSettings {
     pub max_poll_ms: u64,
     /// Hours a copy-source SAS stays valid.
     pub sas_hours: u32,
+    /// `fanout` (seed each account once, grow inside it) or `naive` (every replica
+    /// from the source snapshot).
+    pub strategy: crate::engine::schedule::Strategy,
+    /// Copies reading one source blob at once (fanout): every extra reader slows
+    /// all readers of a blob.
+    pub max_reads_per_source: u32,
 }
 
 impl Default for EngineSettings {
@@ -164,6 +170,8 @@ impl Default for EngineSettings {
             min_poll_ms: 250,
             max_poll_ms: 30_000,
             sas_hours: 48,
+            strategy: crate::engine::schedule::Strategy::Fanout,
+            max_reads_per_source: 1,
         }
     }
 }
@@ -454,6 +462,7 @@ impl Settings {
             ("engine.min_poll_ms", e.min_poll_ms),
             ("engine.max_poll_ms", e.max_poll_ms),
             ("engine.sas_hours", e.sas_hours as u64),
+            ("engine.max_reads_per_source", e.max_reads_per_source as u64),
         ] {
             if v == 0 {
                 problem(key, "must be at least 1".into());

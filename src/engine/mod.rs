@@ -4,7 +4,9 @@
 //! set off. Progress is checkpointed to the job document, and every step can be
 //! resumed from the document plus what storage says.
 
+pub mod limits;
 pub mod poll;
+pub mod schedule;
 
 use crate::config::ValidatedSettings;
 use crate::handoff::{HandOff, HandoffSinks};
@@ -19,13 +21,15 @@ use crate::storage::{
 };
 use crate::vhd;
 use futures::stream::{FuturesUnordered, StreamExt};
+use limits::AccountLimits;
+use schedule::{Scheduler, Strategy};
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::Duration,
 };
 use time::OffsetDateTime;
-use tokio::sync::Semaphore;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// Copies started for one replica before the job gives up on it.
@@ -84,7 +88,7 @@ pub struct Engine {
     handoff: HandoffSinks,
     metrics: Metrics,
     settings: Arc<ValidatedSettings>,
-    slots: HashMap<String, Arc<Semaphore>>,
+    limits: Arc<AccountLimits>,
     live: LiveJobs,
 }
 
@@ -142,31 +146,23 @@ fn with_replica<T>(
 }
 
 impl Engine {
-    /// An engine over `store` (already rate-limited and instrumented).
+    /// An engine over `store` (already rate-limited and instrumented), sharing
+    /// the accounts' copy gates in `limits` with every job of this instance.
     pub fn new(
         store: Arc<dyn BlobStore>,
         state: StateStore,
         handoff: HandoffSinks,
         metrics: Metrics,
+        limits: Arc<AccountLimits>,
         settings: Arc<ValidatedSettings>,
     ) -> Self {
-        let slots = settings
-            .accounts
-            .iter()
-            .map(|a| {
-                (
-                    a.name.clone(),
-                    Arc::new(Semaphore::new(a.max_concurrent_copies as usize)),
-                )
-            })
-            .collect();
         Self {
             store,
             state,
             handoff,
             metrics,
             settings,
-            slots,
+            limits,
             live: LiveJobs::default(),
         }
     }
@@ -211,11 +207,12 @@ impl Engine {
         let outcome = match result {
             Ok(()) => Outcome::Completed,
             Err(Failure::Fatal(reason)) => {
+                self.clean_up(&live, job).await;
                 self.finish(&live, JobState::Failed, Some(reason.clone()));
                 Outcome::Failed(reason)
             }
             Err(Failure::Cancelled) => {
-                self.clean_up_cancelled(&live).await;
+                self.clean_up(&live, job).await;
                 self.finish(&live, JobState::Cancelled, None);
                 Outcome::Cancelled
             }
@@ -406,95 +403,9 @@ impl Engine {
                 })?;
         }
 
-        // Copying.
-        set_phase(live, Phase::Copying);
-        checkpoint.save(live).await.map_err(save)?;
-        let cancel = stop.child_token();
-        let user_cancel = CancellationToken::new();
-        let copies_token = CancellationToken::new();
-        let source_snapshot = job.source.at_snapshot(&snapshot);
-        let pending: Vec<ReplicaRecord> = live
-            .lock()
-            .expect("live doc lock")
-            .replicas
-            .iter()
-            .filter(|r| r.state != ReplicaState::Verified)
-            .cloned()
-            .collect();
-        let mut copies: FuturesUnordered<_> = pending
-            .into_iter()
-            .map(|rec| {
-                let ctx = CopyContext {
-                    job,
-                    live,
-                    source: &source_snapshot,
-                    snapshot: &snapshot,
-                    source_len,
-                    token: &copies_token,
-                };
-                async move { (rec.index, self.copy_replica(ctx, rec).await) }
-            })
-            .collect();
-        let mut failures = Vec::new();
-        let mut ticker = tokio::time::interval(CHECKPOINT_INTERVAL);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                next = copies.next() => match next {
-                    None => break,
-                    Some((_, Ok(()))) => {}
-                    Some((index, Err(f))) => {
-                        if let Failure::Fatal(reason) | Failure::Transient(reason) = &f {
-                            with_replica(live, index, |r| {
-                                r.state = ReplicaState::Failed;
-                                r.error = Some(reason.clone());
-                            });
-                            self.metrics.replicas_finished.with_label_values(&["failed"]).inc();
-                        }
-                        failures.push(f);
-                    }
-                },
-                _ = ticker.tick() => {
-                    let _ = checkpoint.save(live).await;
-                    let doc = live.lock().expect("live doc lock").clone();
-                    self.metrics.job_progress.with_label_values(&[job.id.as_str()]).set(doc.progress());
-                    if doc.cancel_requested && !user_cancel.is_cancelled() {
-                        tracing::info!("cancel requested; aborting copies");
-                        user_cancel.cancel();
-                        copies_token.cancel();
-                    }
-                },
-                _ = cancel.cancelled(), if !copies_token.is_cancelled() => {
-                    copies_token.cancel();
-                }
-            }
-        }
-        if user_cancel.is_cancelled() || live.lock().expect("live doc lock").cancel_requested {
-            return Err(Failure::Cancelled);
-        }
-        if stop.is_cancelled() {
-            let _ = checkpoint.save(live).await;
-            return Err(Failure::Interrupted);
-        }
-        if let Some(f) = failures.iter().find(|f| matches!(f, Failure::Fatal(_))) {
-            let reasons: Vec<String> = failures
-                .iter()
-                .filter_map(|f| match f {
-                    Failure::Fatal(r) | Failure::Transient(r) => Some(r.clone()),
-                    _ => None,
-                })
-                .collect();
-            let _ = f;
-            return Err(Failure::Fatal(format!(
-                "{} of {} replicas failed: {}",
-                reasons.len(),
-                job.replicas,
-                reasons.join("; ")
-            )));
-        }
-        if let Some(Failure::Transient(r)) = failures.into_iter().next() {
-            return Err(Failure::Transient(r));
-        }
+        // Copying: seed each account, grow inside it (or naive: all from the snapshot).
+        self.copy_all(job, live, checkpoint, stop, &snapshot, source_len)
+            .await?;
 
         // Hand-off: recorded before it is sent, so a repeat sends the same thing.
         set_phase(live, Phase::HandingOff);
@@ -529,64 +440,226 @@ impl Engine {
         Ok(())
     }
 
-    /// Copies one replica, with up to [`MAX_REPLICA_ATTEMPTS`] copies started.
-    async fn copy_replica(&self, ctx: CopyContext<'_>, rec: ReplicaRecord) -> Result<(), Failure> {
-        let slots =
-            self.slots.get(&rec.account).cloned().ok_or_else(|| {
-                Failure::Fatal(format!("account {} is not configured", rec.account))
-            })?;
-        let _permit = tokio::select! {
-            p = slots.acquire_owned() => p.expect("semaphores are never closed"),
-            _ = ctx.token.cancelled() => return Err(Failure::Interrupted),
-        };
-        let gauge = self
-            .metrics
-            .copies_in_flight
-            .with_label_values(&[&rec.account]);
-        gauge.inc();
-        let started = Instant::now();
-        let mut result = Err(Failure::Interrupted);
-        for _ in 0..MAX_REPLICA_ATTEMPTS {
-            match self.copy_once(&ctx, &rec).await {
-                Ok(copied_now) => {
-                    if copied_now {
-                        let kind = if rec.account == ctx.source.account {
-                            "same_account"
-                        } else {
-                            "cross_account"
-                        };
-                        self.metrics
-                            .copy_duration
-                            .with_label_values(&[kind])
-                            .observe(started.elapsed().as_secs_f64());
-                        self.metrics
-                            .copy_bytes
-                            .with_label_values(&[&rec.account])
-                            .inc_by(ctx.source_len);
+    /// Runs every copy of the job under the scheduler, the account gates and the
+    /// per-source read cap, checkpointing and watching for a cancel request.
+    async fn copy_all(
+        &self,
+        job: &ValidatedJob,
+        live: &Arc<Mutex<JobDocument>>,
+        checkpoint: &Checkpoint<'_>,
+        stop: &CancellationToken,
+        snapshot: &str,
+        source_len: u64,
+    ) -> Result<(), Failure> {
+        let snapshot_blob = job.source.at_snapshot(snapshot);
+        let records = live.lock().expect("live doc lock").replicas.clone();
+        // Replicas recorded as verified are checked again: someone may have deleted one.
+        let mut verified = Vec::new();
+        let mut targets = Vec::new();
+        for r in &records {
+            let still_there = r.state == ReplicaState::Verified
+                && match self.store.properties(&r.blob).await {
+                    Ok(p) => {
+                        is_our_replica(&p.metadata, job, r.index, snapshot) && p.len == source_len
                     }
-                    self.metrics
-                        .replicas_finished
-                        .with_label_values(&["completed"])
-                        .inc();
-                    result = Ok(());
-                    break;
-                }
-                Err(CopyError::Retry(reason)) => {
-                    tracing::warn!(replica = rec.index, account = %rec.account, reason = %reason, "replica copy failed; trying again");
-                    with_replica(ctx.live, rec.index, |r| r.error = Some(reason.clone()));
-                    result = Err(Failure::Fatal(format!(
-                        "replica {} in {}: {reason} (gave up after {MAX_REPLICA_ATTEMPTS} copies)",
-                        rec.index, rec.account
-                    )));
-                }
-                Err(CopyError::Stop(f)) => {
-                    result = Err(f);
-                    break;
-                }
+                    Err(e) if e.is_not_found() => false,
+                    Err(e) => return Err(Failure::from_storage("replica check", &e)),
+                };
+            if still_there {
+                verified.push((r.index, r.account.clone()));
+            } else {
+                targets.push((r.index, r.account.clone()));
             }
         }
-        gauge.dec();
-        result
+        let strategy = self.settings.engine.strategy;
+        let mut sched = Scheduler::new(
+            strategy,
+            self.settings.engine.max_reads_per_source,
+            &job.source.account,
+            targets,
+            verified,
+        );
+        let blob_of = |index: u32| -> BlobPath {
+            records
+                .iter()
+                .find(|r| r.index == index)
+                .expect("record per replica")
+                .blob
+                .clone()
+        };
+        let phase = |sched: &Scheduler| {
+            if strategy == Strategy::Fanout && !sched.seeded() {
+                Phase::Seeding
+            } else {
+                Phase::Copying
+            }
+        };
+        set_phase(live, phase(&sched));
+        checkpoint
+            .save(live)
+            .await
+            .map_err(|e| Failure::Transient(format!("job state: {e}")))?;
+
+        let token = CancellationToken::new();
+        let ctx = CopyContext {
+            job,
+            live,
+            snapshot,
+            source_len,
+            token: &token,
+        };
+        let mut copies = FuturesUnordered::new();
+        let mut attempts: HashMap<u32, u32> = HashMap::new();
+        let mut fatal: Vec<String> = Vec::new();
+        let mut transient: Vec<String> = Vec::new();
+        let mut cancelled = false;
+        let mut ticker = tokio::time::interval(CHECKPOINT_INTERVAL);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            // Start whatever may start now.
+            for account in sched.waiting_accounts() {
+                let Some(gate) = self.limits.gate(&account) else {
+                    return Err(Failure::Fatal(format!(
+                        "account {account} is not configured"
+                    )));
+                };
+                while let Some(slot) = gate.try_acquire() {
+                    let Some(pick) = sched.next_for(&account) else {
+                        break;
+                    };
+                    let source = match sched.sources()[pick.source].replica {
+                        None => snapshot_blob.clone(),
+                        Some(i) => blob_of(i),
+                    };
+                    let record = records
+                        .iter()
+                        .find(|r| r.index == pick.index)
+                        .expect("record")
+                        .clone();
+                    let ctx = &ctx;
+                    let account = account.clone();
+                    copies.push(async move {
+                        let gauge = self.metrics.copies_in_flight.with_label_values(&[&account]);
+                        gauge.inc();
+                        let started = tokio::time::Instant::now();
+                        let result = self.copy_once(ctx, &record, &source).await;
+                        gauge.dec();
+                        drop(slot);
+                        (
+                            pick,
+                            account,
+                            source.account.clone(),
+                            started.elapsed(),
+                            result,
+                        )
+                    });
+                }
+            }
+            if copies.is_empty()
+                && (sched.is_drained() || !fatal.is_empty() || cancelled || stop.is_cancelled())
+            {
+                break;
+            }
+            let waiting = sched.waiting_accounts();
+            let gates_freed = async {
+                let gates: Vec<_> = waiting.iter().filter_map(|a| self.limits.gate(a)).collect();
+                if gates.is_empty() {
+                    std::future::pending::<()>().await;
+                }
+                let waits = gates.iter().map(|g| Box::pin(g.released()));
+                futures::future::select_all(waits).await;
+            };
+            tokio::select! {
+                Some((pick, account, source_account, took, result)) = copies.next(), if !copies.is_empty() => {
+                    let ok = result.is_ok();
+                    sched.finished(pick, &account, ok);
+                    match result {
+                        Ok(copied_now) => {
+                            if copied_now {
+                                let kind = if source_account == account { "same_account" } else { "cross_account" };
+                                self.metrics.copy_duration.with_label_values(&[kind]).observe(took.as_secs_f64());
+                                self.metrics.copy_bytes.with_label_values(&[&account]).inc_by(source_len);
+                            }
+                            self.metrics.replicas_finished.with_label_values(&["completed"]).inc();
+                            set_phase(live, phase(&sched));
+                        }
+                        Err(CopyError::Stop(Failure::Interrupted)) => {}
+                        Err(CopyError::Stop(Failure::Cancelled)) => cancelled = true,
+                        Err(CopyError::Stop(Failure::Fatal(reason))) => {
+                            self.replica_failed(live, pick.index, &reason);
+                            fatal.push(reason);
+                            sched.clear();
+                        }
+                        Err(CopyError::Retry(reason)) | Err(CopyError::Stop(Failure::Transient(reason))) => {
+                            let n = attempts.entry(pick.index).or_default();
+                            *n += 1;
+                            if *n < MAX_REPLICA_ATTEMPTS {
+                                tracing::warn!(replica = pick.index, %account, reason = %reason, "replica copy failed; trying again");
+                                with_replica(live, pick.index, |r| r.error = Some(reason.clone()));
+                                sched.requeue(pick.index, &account);
+                            } else {
+                                let reason = format!("replica {} in {account}: {reason} (gave up after {MAX_REPLICA_ATTEMPTS} tries)", pick.index);
+                                self.replica_failed(live, pick.index, &reason);
+                                transient.push(reason);
+                                sched.clear();
+                            }
+                        }
+                    }
+                },
+                _ = ticker.tick() => {
+                    let _ = checkpoint.save(live).await;
+                    let doc = live.lock().expect("live doc lock").clone();
+                    self.metrics.job_progress.with_label_values(&[job.id.as_str()]).set(doc.progress());
+                    if doc.cancel_requested && !cancelled {
+                        tracing::info!("cancel requested; aborting copies");
+                        cancelled = true;
+                        sched.clear();
+                        token.cancel();
+                    }
+                },
+                _ = stop.cancelled(), if !token.is_cancelled() => {
+                    sched.clear();
+                    token.cancel();
+                },
+                _ = gates_freed, if copies.is_empty() => {},
+            }
+        }
+        if cancelled || live.lock().expect("live doc lock").cancel_requested {
+            return Err(Failure::Cancelled);
+        }
+        if stop.is_cancelled() {
+            let _ = checkpoint.save(live).await;
+            return Err(Failure::Interrupted);
+        }
+        if !fatal.is_empty() {
+            fatal.extend(transient);
+            return Err(Failure::Fatal(format!(
+                "{} of {} replicas failed: {}",
+                fatal.len(),
+                job.replicas,
+                fatal.join("; ")
+            )));
+        }
+        if !transient.is_empty() {
+            return Err(Failure::Fatal(format!(
+                "{} of {} replicas failed: {}",
+                transient.len(),
+                job.replicas,
+                transient.join("; ")
+            )));
+        }
+        Ok(())
+    }
+
+    fn replica_failed(&self, live: &Mutex<JobDocument>, index: u32, reason: &str) {
+        with_replica(live, index, |r| {
+            r.state = ReplicaState::Failed;
+            r.error = Some(reason.to_owned());
+        });
+        self.metrics
+            .replicas_finished
+            .with_label_values(&["failed"])
+            .inc();
     }
 
     /// One try: adopt, resume or start the copy, poll it, verify it. Returns
@@ -595,6 +668,7 @@ impl Engine {
         &self,
         ctx: &CopyContext<'_>,
         rec: &ReplicaRecord,
+        source: &BlobPath,
     ) -> Result<bool, CopyError> {
         let dest = &rec.blob;
         let ours =
@@ -621,19 +695,24 @@ impl Engine {
                 return Ok(copied_now);
             }
             Some(c) if c.state == CopyState::Pending => c.id,
-            _ => self.start(ctx, rec).await?,
+            _ => self.start(ctx, rec, source).await?,
         };
         self.poll_until_done(ctx, rec, &copy_id).await?;
         Ok(copied_now)
     }
 
-    async fn start(&self, ctx: &CopyContext<'_>, rec: &ReplicaRecord) -> Result<String, CopyError> {
+    async fn start(
+        &self,
+        ctx: &CopyContext<'_>,
+        rec: &ReplicaRecord,
+        source: &BlobPath,
+    ) -> Result<String, CopyError> {
         let dest = &rec.blob;
         let expiry = OffsetDateTime::now_utc()
             + time::Duration::hours(self.settings.engine.sas_hours as i64);
         let url = self
             .store
-            .copy_source_url(ctx.source, &dest.account, expiry)
+            .copy_source_url(source, &dest.account, expiry)
             .await
             .map_err(|e| CopyError::Stop(Failure::from_storage("copy source", &e)))?;
         let metadata = replica_metadata(ctx.job, rec.index, ctx.snapshot);
@@ -775,35 +854,63 @@ impl Engine {
         Ok(())
     }
 
-    /// Aborts copies still pending and deletes the job's replicas.
-    async fn clean_up_cancelled(&self, live: &Mutex<JobDocument>) {
-        let replicas = live.lock().expect("live doc lock").replicas.clone();
+    /// Aborts copies still pending and deletes what the job made: its replicas
+    /// and its source snapshot, so a failed or cancelled job leaves nothing behind.
+    async fn clean_up(&self, live: &Mutex<JobDocument>, job: &ValidatedJob) {
+        let (replicas, snapshot) = {
+            let doc = live.lock().expect("live doc lock");
+            (doc.replicas.clone(), doc.source_snapshot.clone())
+        };
         for r in replicas {
-            if let Some(copy_id) = &r.copy_id {
-                if r.state == ReplicaState::Copying {
-                    if let Err(e) = self.store.abort_copy(&r.blob, copy_id).await {
-                        if !matches!(e.class, ErrorClass::Conflict | ErrorClass::NotFound) {
-                            tracing::warn!(blob = %r.blob, error = %e, "could not abort copy");
-                        }
+            if let (
+                Some(copy_id),
+                ReplicaState::Copying | ReplicaState::Pending | ReplicaState::Failed,
+            ) = (&r.copy_id, r.state)
+            {
+                if let Err(e) = self.store.abort_copy(&r.blob, copy_id).await {
+                    if !matches!(e.class, ErrorClass::Conflict | ErrorClass::NotFound) {
+                        tracing::warn!(blob = %r.blob, error = %e, "could not abort copy");
                     }
                 }
             }
-            match self.store.delete(&r.blob).await {
-                Ok(()) => {}
+            match self.store.properties(&r.blob).await {
+                // Only blobs this job made: never someone else's at the same name.
+                Ok(p)
+                    if p.metadata.get(plan::META_JOB).map(String::as_str)
+                        == Some(job.id.as_str()) =>
+                {
+                    if let Err(e) = self.store.delete(&r.blob).await {
+                        if !e.is_not_found() {
+                            tracing::warn!(blob = %r.blob, error = %e, "could not delete a replica of an ended job");
+                        }
+                    }
+                }
+                Ok(_) => {}
                 Err(e) if e.is_not_found() => {}
                 Err(e) => {
-                    tracing::warn!(blob = %r.blob, error = %e, "could not delete replica of a cancelled job")
+                    tracing::warn!(blob = %r.blob, error = %e, "could not check a replica of an ended job")
                 }
             }
             with_replica(live, r.index, |rec| {
-                if rec.state != ReplicaState::Failed {
+                if !matches!(rec.state, ReplicaState::Failed) {
                     rec.state = ReplicaState::Cancelled;
                 }
             });
-            self.metrics
-                .replicas_finished
-                .with_label_values(&["cancelled"])
-                .inc();
+            if !matches!(r.state, ReplicaState::Failed | ReplicaState::Verified) {
+                self.metrics
+                    .replicas_finished
+                    .with_label_values(&["cancelled"])
+                    .inc();
+            }
+        }
+        if let Some(s) = snapshot {
+            match self.store.delete(&job.source.at_snapshot(&s)).await {
+                Ok(()) => {}
+                Err(e) if e.is_not_found() => {}
+                Err(e) => {
+                    tracing::warn!(snapshot = %s, error = %e, "could not delete the job's source snapshot")
+                }
+            }
         }
     }
 }
@@ -811,7 +918,6 @@ impl Engine {
 struct CopyContext<'a> {
     job: &'a ValidatedJob,
     live: &'a Arc<Mutex<JobDocument>>,
-    source: &'a BlobPath,
     snapshot: &'a str,
     source_len: u64,
     token: &'a CancellationToken,

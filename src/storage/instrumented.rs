@@ -1,17 +1,18 @@
 //! A [`BlobStore`] wrapper that is itself a store: every attempt takes a token from
-//! the account's request-rate limiter (governor), is counted in the metrics, and
-//! retryable failures are retried with backoff.
+//! the account's request-rate limiter (governor), is counted in the metrics, tells
+//! the account's adaptive copy gate whether it was throttled, and retryable
+//! failures are retried with backoff.
 
 use super::{
     retry::{with_retries, RetryPolicy},
     AccountInfo, BlobPath, BlobProperties, BlobStore, Condition, CopyStarted, ErrorClass, Metadata,
     StorageResult,
 };
+use crate::engine::limits::AccountLimits;
 use crate::metrics::Metrics;
 use async_trait::async_trait;
 use bytes::Bytes;
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use std::{collections::HashMap, future::Future, num::NonZeroU32, sync::Arc};
+use std::{future::Future, sync::Arc};
 use time::OffsetDateTime;
 use url::Url;
 
@@ -19,32 +20,22 @@ use url::Url;
 #[derive(Debug)]
 pub struct Instrumented {
     inner: Arc<dyn BlobStore>,
-    limiters: HashMap<String, Arc<DefaultDirectRateLimiter>>,
+    limits: Arc<AccountLimits>,
     metrics: Metrics,
     retry: RetryPolicy,
 }
 
 impl Instrumented {
-    /// Wraps `inner`, limiting each account to its requests per second.
+    /// Wraps `inner` under the accounts' limits.
     pub fn new(
         inner: Arc<dyn BlobStore>,
-        rates: impl IntoIterator<Item = (String, u32)>,
+        limits: Arc<AccountLimits>,
         metrics: Metrics,
         retry: RetryPolicy,
     ) -> Self {
-        let limiters = rates
-            .into_iter()
-            .map(|(account, rps)| {
-                let rps = NonZeroU32::new(rps.max(1)).expect("at least 1");
-                (
-                    account,
-                    Arc::new(RateLimiter::direct(Quota::per_second(rps))),
-                )
-            })
-            .collect();
         Self {
             inner,
-            limiters,
+            limits,
             metrics,
             retry,
         }
@@ -60,7 +51,7 @@ impl Instrumented {
         F: Fn() -> Fut,
         Fut: Future<Output = StorageResult<T>>,
     {
-        let limiter = self.limiters.get(account).cloned();
+        let limits = &self.limits;
         let metrics = &self.metrics;
         with_retries(
             &self.retry,
@@ -75,18 +66,19 @@ impl Instrumented {
                     .inc();
             },
             || {
-                let limiter = limiter.clone();
                 let fut = f();
                 async move {
-                    if let Some(l) = limiter {
-                        l.until_ready().await;
-                    }
+                    limits.request(account).await;
                     let r = fut.await;
                     let status = match &r {
                         Ok(_) => Some(200),
                         Err(e) => e.status,
                     };
                     metrics.storage_request(account, operation, status);
+                    limits.feedback(
+                        account,
+                        matches!(&r, Err(e) if e.class == ErrorClass::Throttled),
+                    );
                     r
                 }
             },

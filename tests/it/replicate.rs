@@ -50,6 +50,39 @@ async fn windows_90_nodes_make_5_identical_replicas_over_3_accounts() {
             r.index
         );
     }
+    // Fan-out: each account got one copy from outside (the seed); the rest were
+    // copied from replicas inside the account.
+    let mut outside = BTreeMap::new();
+    for r in &doc.replicas {
+        let props = app.control.store.properties(&r.blob).await.unwrap();
+        let from = props
+            .copy
+            .and_then(|c| c.source)
+            .expect("copy source recorded");
+        assert!(
+            !from.contains("sig=") || from.contains("sig=REDACTED"),
+            "{from}"
+        );
+        let from_account = from
+            .trim_start_matches(BLOB)
+            .trim_start_matches('/')
+            .split('/')
+            .next()
+            .unwrap()
+            .to_owned();
+        if from_account != r.account {
+            *outside.entry(r.account.clone()).or_insert(0) += 1;
+        }
+    }
+    assert_eq!(
+        outside,
+        BTreeMap::from([
+            ("dst1".to_owned(), 1),
+            ("dst2".to_owned(), 1),
+            ("dst3".to_owned(), 1)
+        ])
+    );
+
     // Nothing else in the destination containers.
     for account in ["dst1", "dst2", "dst3"] {
         let mut listed = app

@@ -1,0 +1,249 @@
+//! Per-account limits shared by every job of an instance: a request-rate limiter
+//! (governor, on tokio's clock so simulations run on virtual time) and an adaptive
+//! cap on concurrent copies that halves when the account throttles and grows back
+//! by one slot per window of successes (AIMD).
+
+use governor::{
+    clock::Clock,
+    middleware::NoOpMiddleware,
+    state::{InMemoryState, NotKeyed},
+    Quota, RateLimiter,
+};
+use std::{
+    collections::HashMap,
+    num::NonZeroU32,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+use tokio::sync::Notify;
+
+/// governor's clock on tokio time: paused tests and simulations see virtual time.
+#[derive(Debug, Clone)]
+pub struct TokioClock {
+    start: tokio::time::Instant,
+}
+
+impl Default for TokioClock {
+    fn default() -> Self {
+        Self {
+            start: tokio::time::Instant::now(),
+        }
+    }
+}
+
+impl Clock for TokioClock {
+    type Instant = Duration;
+    fn now(&self) -> Duration {
+        tokio::time::Instant::now().saturating_duration_since(self.start)
+    }
+}
+
+type Limiter = RateLimiter<NotKeyed, InMemoryState, TokioClock, NoOpMiddleware<Duration>>;
+
+#[derive(Debug)]
+struct GateState {
+    max: u32,
+    limit: f64,
+    active: u32,
+    throttles: u64,
+}
+
+/// An adaptive concurrency cap for one account.
+#[derive(Debug)]
+pub struct Gate {
+    state: Mutex<GateState>,
+    released: Notify,
+}
+
+/// A held copy slot; gives it back when dropped.
+#[derive(Debug)]
+pub struct Slot {
+    gate: Arc<Gate>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.gate.state.lock().expect("gate lock").active -= 1;
+        self.gate.released.notify_waiters();
+    }
+}
+
+impl Gate {
+    fn new(max: u32) -> Self {
+        Self {
+            state: Mutex::new(GateState {
+                max: max.max(1),
+                limit: max.max(1) as f64,
+                active: 0,
+                throttles: 0,
+            }),
+            released: Notify::new(),
+        }
+    }
+
+    /// Takes a slot if one is free under the current limit.
+    pub fn try_acquire(self: &Arc<Self>) -> Option<Slot> {
+        let mut s = self.state.lock().expect("gate lock");
+        if (s.active as f64) < s.limit.floor().max(1.0) {
+            s.active += 1;
+            Some(Slot { gate: self.clone() })
+        } else {
+            None
+        }
+    }
+
+    /// Waits until a slot may be free.
+    pub async fn released(&self) {
+        self.released.notified().await
+    }
+
+    /// The account throttled: halve the limit (never below one).
+    pub fn on_throttle(&self) {
+        let mut s = self.state.lock().expect("gate lock");
+        s.limit = (s.limit / 2.0).max(1.0);
+        s.throttles += 1;
+    }
+
+    /// A request succeeded: grow the limit by one slot per limit's worth of successes.
+    pub fn on_success(&self) {
+        let grew = {
+            let mut s = self.state.lock().expect("gate lock");
+            let before = s.limit.floor();
+            s.limit = (s.limit + 1.0 / s.limit).min(s.max as f64);
+            s.limit.floor() > before
+        };
+        if grew {
+            self.released.notify_waiters();
+        }
+    }
+
+    /// The current limit (whole slots).
+    pub fn limit(&self) -> u32 {
+        self.state.lock().expect("gate lock").limit.floor() as u32
+    }
+
+    /// Slots in use.
+    pub fn active(&self) -> u32 {
+        self.state.lock().expect("gate lock").active
+    }
+}
+
+/// Rate limiters and copy gates of every account.
+#[derive(Debug)]
+pub struct AccountLimits {
+    rates: HashMap<String, Limiter>,
+    gates: HashMap<String, Arc<Gate>>,
+    clock: TokioClock,
+}
+
+impl AccountLimits {
+    /// Limits from `(account, requests per second, concurrent copies)`.
+    pub fn new(accounts: impl IntoIterator<Item = (String, u32, u32)>) -> Self {
+        let clock = TokioClock::default();
+        let mut rates = HashMap::new();
+        let mut gates = HashMap::new();
+        for (name, rps, copies) in accounts {
+            let quota = Quota::per_second(NonZeroU32::new(rps.max(1)).expect("at least 1"));
+            rates.insert(
+                name.clone(),
+                RateLimiter::direct_with_clock(quota, clock.clone()),
+            );
+            gates.insert(name, Arc::new(Gate::new(copies)));
+        }
+        Self {
+            rates,
+            gates,
+            clock,
+        }
+    }
+
+    /// Waits for a request token of `account` (accounts without a limiter pass).
+    pub async fn request(&self, account: &str) {
+        let Some(limiter) = self.rates.get(account) else {
+            return;
+        };
+        loop {
+            match limiter.check() {
+                Ok(()) => return,
+                Err(not_until) => {
+                    let wait = not_until.wait_time_from(self.clock.now());
+                    tokio::time::sleep(wait.max(Duration::from_micros(100))).await;
+                }
+            }
+        }
+    }
+
+    /// The copy gate of `account`.
+    pub fn gate(&self, account: &str) -> Option<Arc<Gate>> {
+        self.gates.get(account).cloned()
+    }
+
+    /// Tells the account's gate how a request went.
+    pub fn feedback(&self, account: &str, throttled: bool) {
+        if let Some(g) = self.gates.get(account) {
+            if throttled {
+                g.on_throttle();
+            } else {
+                g.on_success();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aimd_halves_on_throttle_and_grows_back_slowly() {
+        let g = Arc::new(Gate::new(16));
+        assert_eq!(g.limit(), 16);
+        g.on_throttle();
+        assert_eq!(g.limit(), 8);
+        g.on_throttle();
+        g.on_throttle();
+        g.on_throttle();
+        g.on_throttle();
+        assert_eq!(g.limit(), 1, "never below one");
+        let mut successes = 0;
+        while g.limit() < 4 {
+            g.on_success();
+            successes += 1;
+        }
+        // 1 -> 4 takes about 1 + 2 + 3 successes: additive, not multiplicative.
+        assert!((5..=8).contains(&successes), "{successes}");
+        for _ in 0..10_000 {
+            g.on_success();
+        }
+        assert_eq!(g.limit(), 16, "never above the configured cap");
+    }
+
+    #[test]
+    fn slots_are_bounded_by_the_limit_and_returned_on_drop() {
+        let g = Arc::new(Gate::new(2));
+        let a = g.try_acquire().unwrap();
+        let _b = g.try_acquire().unwrap();
+        assert!(g.try_acquire().is_none());
+        drop(a);
+        assert!(g.try_acquire().is_some());
+        g.on_throttle();
+        assert_eq!(g.active(), 1);
+        assert!(g.try_acquire().is_none(), "limit 1 with one in use");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_rate_limit_runs_on_tokio_time() {
+        let limits = AccountLimits::new([("a".to_owned(), 10, 1)]);
+        let start = tokio::time::Instant::now();
+        for _ in 0..30 {
+            limits.request("a").await;
+        }
+        let took = start.elapsed();
+        // 10 per second with a burst of 10: 30 requests need about 2 s of virtual time.
+        assert!(
+            took >= Duration::from_millis(1900) && took <= Duration::from_millis(2200),
+            "{took:?}"
+        );
+        limits.request("unlimited").await;
+    }
+}
