@@ -158,6 +158,9 @@ pub struct EngineSettings {
     /// Copies reading one source blob at once (fanout): every extra reader slows
     /// all readers of a blob.
     pub max_reads_per_source: u32,
+    /// Seconds between writes of a running job's progress (state changes are
+    /// written within 2 s); also bounds how late a cancel request is noticed.
+    pub checkpoint_seconds: u64,
 }
 
 impl Default for EngineSettings {
@@ -168,10 +171,11 @@ impl Default for EngineSettings {
             max_dequeue_count: 5,
             idle_poll_ms: 1000,
             min_poll_ms: 250,
-            max_poll_ms: 30_000,
+            max_poll_ms: 300_000,
             sas_hours: 48,
             strategy: crate::engine::schedule::Strategy::Fanout,
             max_reads_per_source: 1,
+            checkpoint_seconds: 10,
         }
     }
 }
@@ -463,6 +467,7 @@ impl Settings {
             ("engine.max_poll_ms", e.max_poll_ms),
             ("engine.sas_hours", e.sas_hours as u64),
             ("engine.max_reads_per_source", e.max_reads_per_source as u64),
+            ("engine.checkpoint_seconds", e.checkpoint_seconds),
         ] {
             if v == 0 {
                 problem(key, "must be at least 1".into());

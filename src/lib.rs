@@ -21,6 +21,8 @@
 //! - [`api`]: HTTP routes, status page, metrics, health.
 //! - [`metrics`]: every metric in one place.
 //! - [`vhd`]: the fixed-VHD footer.
+//! - [`proxy`]: an Azure behaviour proxy in front of Azurite, for tests.
+//! - [`simulation`]: whole-daemon runs on the simulated store, on virtual time.
 //! - [`app`]: wiring shared by the CLI and the daemon; [`cli`]: the command line.
 
 #![warn(missing_docs, unreachable_pub)]
@@ -35,7 +37,9 @@ pub mod intake;
 pub mod job;
 pub mod metrics;
 pub mod plan;
+pub mod proxy;
 pub mod queue;
+pub mod simulation;
 pub mod state;
 pub mod storage;
 pub mod telemetry;

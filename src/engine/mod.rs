@@ -35,7 +35,9 @@ use tokio_util::sync::CancellationToken;
 /// Copies started for one replica before the job gives up on it.
 pub const MAX_REPLICA_ATTEMPTS: u32 = 3;
 
-/// How often a running job writes its document and looks for a cancel request.
+/// How often a running job considers writing its document: at once after a
+/// replica changed state, else every `engine.checkpoint_seconds` for progress.
+/// A cancel request written by another process is picked up on the next write.
 pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Jobs this instance is running, by id, with their live documents.
@@ -98,10 +100,37 @@ struct Checkpoint<'a> {
     state: &'a StateStore,
     id: String,
     etag: tokio::sync::Mutex<String>,
+    last_saved: Mutex<Instant>,
+    transition: std::sync::atomic::AtomicBool,
 }
 
 impl Checkpoint<'_> {
+    fn new<'a>(state: &'a StateStore, id: &str, etag: String) -> Checkpoint<'a> {
+        Checkpoint {
+            state,
+            id: id.to_owned(),
+            etag: tokio::sync::Mutex::new(etag),
+            last_saved: Mutex::new(Instant::now()),
+            transition: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// A replica changed state: the next tick writes the document.
+    fn note_transition(&self) {
+        self.transition
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether a tick should write: after a transition, or when progress alone
+    /// has not been written for `every`.
+    fn due(&self, every: Duration) -> bool {
+        self.transition
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+            || self.last_saved.lock().expect("checkpoint lock").elapsed() >= every
+    }
+
     async fn save(&self, live: &Mutex<JobDocument>) -> Result<(), StateError> {
+        *self.last_saved.lock().expect("checkpoint lock") = Instant::now();
         let mut etag = self.etag.lock().await;
         loop {
             let mut doc = live.lock().expect("live doc lock").clone();
@@ -188,11 +217,7 @@ impl Engine {
         doc.phase = Some(Phase::Planning);
         doc.error = None;
         let live = Arc::new(Mutex::new(doc));
-        let checkpoint = Checkpoint {
-            state: &self.state,
-            id: id.clone(),
-            etag: tokio::sync::Mutex::new(etag),
-        };
+        let checkpoint = Checkpoint::new(&self.state, &id, etag);
         if let Err(e) = checkpoint.save(&live).await {
             return Outcome::Retry(format!("job state: {e}"));
         }
@@ -515,6 +540,7 @@ impl Engine {
         let mut cancelled = false;
         let mut ticker = tokio::time::interval(CHECKPOINT_INTERVAL);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let progress_every = Duration::from_secs(self.settings.engine.checkpoint_seconds);
         loop {
             // Start whatever may start now.
             for account in sched.waiting_accounts() {
@@ -573,6 +599,7 @@ impl Engine {
                 Some((pick, account, source_account, took, result)) = copies.next(), if !copies.is_empty() => {
                     let ok = result.is_ok();
                     sched.finished(pick, &account, ok);
+                    checkpoint.note_transition();
                     match result {
                         Ok(copied_now) => {
                             if copied_now {
@@ -607,10 +634,15 @@ impl Engine {
                     }
                 },
                 _ = ticker.tick() => {
-                    let _ = checkpoint.save(live).await;
-                    let doc = live.lock().expect("live doc lock").clone();
-                    self.metrics.job_progress.with_label_values(&[job.id.as_str()]).set(doc.progress());
-                    if doc.cancel_requested && !cancelled {
+                    if checkpoint.due(progress_every) {
+                        let _ = checkpoint.save(live).await;
+                    }
+                    let (progress, cancel_requested) = {
+                        let doc = live.lock().expect("live doc lock");
+                        (doc.progress(), doc.cancel_requested)
+                    };
+                    self.metrics.job_progress.with_label_values(&[job.id.as_str()]).set(progress);
+                    if cancel_requested && !cancelled {
                         tracing::info!("cancel requested; aborting copies");
                         cancelled = true;
                         sched.clear();

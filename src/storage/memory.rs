@@ -58,25 +58,57 @@ impl MemoryStore {
     fn not_found(op: &'static str, blob: &BlobPath) -> StorageError {
         StorageError::http(op, blob, 404, Some("BlobNotFound"))
     }
+}
 
-    fn parse_source(url: &str) -> Option<BlobPath> {
-        let url = Url::parse(url).ok()?;
-        let mut segments = url.path_segments()?;
-        let account = segments.next()?.to_owned();
-        let container = segments.next()?.to_owned();
-        let name = segments.collect::<Vec<_>>().join("/");
-        let name = percent_decode(&name);
-        let snapshot = url
-            .query_pairs()
-            .find(|(k, _)| k == "snapshot")
-            .map(|(_, v)| v.into_owned());
-        Some(BlobPath {
-            account,
-            container,
-            name,
-            snapshot,
-        })
+/// Parses a URL made by [`url_of`] (query parameters such as a SAS ignored).
+pub(crate) fn parse_source(url: &str) -> Option<BlobPath> {
+    let url = Url::parse(url).ok()?;
+    let mut segments = url.path_segments()?;
+    let account = segments.next()?.to_owned();
+    let container = segments.next()?.to_owned();
+    let name = segments.collect::<Vec<_>>().join("/");
+    let name = percent_decode(&name);
+    let snapshot = url
+        .query_pairs()
+        .find(|(k, _)| k == "snapshot")
+        .map(|(_, v)| v.into_owned());
+    Some(BlobPath {
+        account,
+        container,
+        name,
+        snapshot,
+    })
+}
+
+/// A path-style URL of `blob` under `base` (for stores without real endpoints).
+pub(crate) fn url_of(base: &str, blob: &BlobPath) -> Url {
+    let mut url = Url::parse(base).expect("static base URL parses");
+    url.path_segments_mut()
+        .expect("base URL")
+        .push(&blob.account)
+        .push(&blob.container)
+        .extend(blob.name.split('/'));
+    if let Some(s) = &blob.snapshot {
+        url.query_pairs_mut().append_pair("snapshot", s);
     }
+    url
+}
+
+/// A copy-source URL: plain inside one account, with a stand-in SAS across accounts.
+pub(crate) fn source_url_of(
+    base: &str,
+    source: &BlobPath,
+    dest_account: &str,
+    expiry: OffsetDateTime,
+) -> String {
+    let mut url = url_of(base, source);
+    if source.account != dest_account {
+        url.query_pairs_mut()
+            .append_pair("sp", "r")
+            .append_pair("se", &super::auth::sas_time(expiry))
+            .append_pair("sig", "simulated-signature");
+    }
+    url.to_string()
 }
 
 fn percent_decode(s: &str) -> String {
@@ -89,16 +121,7 @@ fn percent_decode(s: &str) -> String {
 #[async_trait]
 impl BlobStore for MemoryStore {
     fn blob_url(&self, blob: &BlobPath) -> StorageResult<Url> {
-        let mut url = Url::parse(SCHEME_BASE).expect("static URL parses");
-        url.path_segments_mut()
-            .expect("base URL")
-            .push(&blob.account)
-            .push(&blob.container)
-            .extend(blob.name.split('/'));
-        if let Some(s) = &blob.snapshot {
-            url.query_pairs_mut().append_pair("snapshot", s);
-        }
-        Ok(url)
+        Ok(url_of(SCHEME_BASE, blob))
     }
 
     async fn copy_source_url(
@@ -107,14 +130,7 @@ impl BlobStore for MemoryStore {
         dest_account: &str,
         expiry: OffsetDateTime,
     ) -> StorageResult<String> {
-        let mut url = self.blob_url(source)?;
-        if source.account != dest_account {
-            url.query_pairs_mut()
-                .append_pair("sp", "r")
-                .append_pair("se", &super::auth::sas_time(expiry))
-                .append_pair("sig", "memory-signature");
-        }
-        Ok(url.to_string())
+        Ok(source_url_of(SCHEME_BASE, source, dest_account, expiry))
     }
 
     async fn ensure_container(&self, account: &str, container: &str) -> StorageResult<()> {
@@ -162,7 +178,7 @@ impl BlobStore for MemoryStore {
         metadata: &Metadata,
     ) -> StorageResult<CopyStarted> {
         const OP: &str = "start_copy";
-        let source = Self::parse_source(source_url).ok_or_else(|| {
+        let source = parse_source(source_url).ok_or_else(|| {
             StorageError::other(
                 OP,
                 dest,

@@ -11,6 +11,7 @@ pub mod azure;
 pub mod instrumented;
 pub mod memory;
 pub mod retry;
+pub mod sim;
 
 use async_trait::async_trait;
 use bytes::Bytes;

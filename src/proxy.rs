@@ -1,0 +1,404 @@
+//! An Azure behaviour proxy for tests: sits in front of Azurite (which finishes
+//! every copy at once and never throttles) and makes it behave like Azure under
+//! load. It can hold copies `pending` with advancing `x-ms-copy-progress` for a
+//! while (and honour Abort Copy by reporting `aborted`), answer a share of
+//! requests with 503 ServerBusy (with or without Retry-After) or 500
+//! OperationTimedOut, reset connections, and add latency spikes. Faults are drawn
+//! from a seeded generator. Reads that carry a SAS (the service fetching a copy
+//! source) are passed through untouched.
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{
+    body::Incoming, server::conn::http1, service::service_fn, Request, Response, StatusCode,
+};
+use hyper_util::rt::TokioIo;
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
+use tokio::{net::TcpListener, time::Instant};
+use tokio_util::sync::CancellationToken;
+
+/// What the proxy does to traffic.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// Where requests go, e.g. `http://127.0.0.1:10000`.
+    pub upstream: String,
+    /// Seed of the fault generator.
+    pub seed: u64,
+    /// Copies stay `pending` this long after they start (progress advances linearly).
+    pub hold_copies: Option<Duration>,
+    /// Share of requests answered 503 ServerBusy.
+    pub busy_rate: f64,
+    /// Share of those 503s that carry `Retry-After: 1`.
+    pub retry_after_share: f64,
+    /// Share of requests answered 500 OperationTimedOut.
+    pub timeout_rate: f64,
+    /// Share of requests whose connection is reset without an answer.
+    pub reset_rate: f64,
+    /// Share of requests delayed by `spike`.
+    pub spike_rate: f64,
+    /// The added latency of a spike.
+    pub spike: Duration,
+}
+
+impl ProxyConfig {
+    /// A transparent proxy to `upstream`.
+    pub fn transparent(upstream: &str) -> Self {
+        Self {
+            upstream: upstream.trim_end_matches('/').to_owned(),
+            seed: 1,
+            hold_copies: None,
+            busy_rate: 0.0,
+            retry_after_share: 0.0,
+            timeout_rate: 0.0,
+            reset_rate: 0.0,
+            spike_rate: 0.0,
+            spike: Duration::ZERO,
+        }
+    }
+}
+
+/// What the proxy has seen and done.
+#[derive(Debug, Default)]
+pub struct ProxyStats {
+    /// Requests received.
+    pub requests: AtomicU64,
+    /// 503s injected.
+    pub busy: AtomicU64,
+    /// 503s injected with Retry-After.
+    pub busy_with_retry_after: AtomicU64,
+    /// 500s injected.
+    pub timeouts: AtomicU64,
+    /// Connections reset.
+    pub resets: AtomicU64,
+    /// Latency spikes added.
+    pub spikes: AtomicU64,
+    /// Copies held pending.
+    pub held: AtomicU64,
+    /// Pending copies aborted.
+    pub aborted: AtomicU64,
+    /// Status answers rewritten to pending.
+    pub pending_answers: AtomicU64,
+}
+
+impl ProxyStats {
+    fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A counter's value.
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Held {
+    copy_id: String,
+    started: Instant,
+    aborted: bool,
+}
+
+struct Shared {
+    cfg: ProxyConfig,
+    rng: Mutex<StdRng>,
+    held: Mutex<HashMap<String, Held>>,
+    stats: Arc<ProxyStats>,
+    client: reqwest::Client,
+}
+
+/// A running proxy.
+pub struct Proxy {
+    /// Its address.
+    pub addr: SocketAddr,
+    /// Its counters.
+    pub stats: Arc<ProxyStats>,
+    stop: CancellationToken,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy").field("addr", &self.addr).finish()
+    }
+}
+
+impl Proxy {
+    /// Starts a proxy on a free loopback port.
+    pub async fn start(cfg: ProxyConfig) -> std::io::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let stats = Arc::new(ProxyStats::default());
+        let shared = Arc::new(Shared {
+            rng: Mutex::new(StdRng::seed_from_u64(cfg.seed)),
+            cfg,
+            held: Mutex::new(HashMap::new()),
+            stats: stats.clone(),
+            client: reqwest::Client::builder()
+                .no_proxy()
+                .build()
+                .map_err(std::io::Error::other)?,
+        });
+        let stop = CancellationToken::new();
+        let token = stop.clone();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = tokio::select! {
+                    accepted = listener.accept() => match accepted { Ok(x) => x, Err(_) => continue },
+                    _ = token.cancelled() => return,
+                };
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |req| handle(shared.clone(), req));
+                    let _ = http1::Builder::new()
+                        .keep_alive(true)
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Ok(Self { addr, stats, stop })
+    }
+
+    /// The proxy's base URL.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+#[derive(Debug)]
+struct Reset;
+
+impl std::fmt::Display for Reset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("injected connection reset")
+    }
+}
+
+impl std::error::Error for Reset {}
+
+fn error_response(
+    status: StatusCode,
+    code: &str,
+    message: &str,
+    retry_after: bool,
+) -> Response<Full<Bytes>> {
+    let body = format!(
+        "<?xml version=\"1.0\" encoding=\"utf-8\"?><Error><Code>{code}</Code><Message>{message}</Message></Error>"
+    );
+    let mut b = Response::builder()
+        .status(status)
+        .header("content-type", "application/xml")
+        .header("x-ms-error-code", code);
+    if retry_after {
+        b = b.header("retry-after", "1");
+    }
+    b.body(Full::new(Bytes::from(body)))
+        .expect("static response builds")
+}
+
+fn query_has(query: &str, key: &str) -> Option<String> {
+    url::form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.into_owned())
+}
+
+async fn handle(
+    shared: Arc<Shared>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Reset> {
+    let stats = &shared.stats;
+    ProxyStats::bump(&stats.requests);
+    let path = req.uri().path().to_owned();
+    let query = req.uri().query().unwrap_or("").to_owned();
+    let method = req.method().clone();
+    let service_read =
+        query.contains("sig=") && (method == hyper::Method::GET || method == hyper::Method::HEAD);
+
+    if !service_read {
+        let (reset, busy, retry_after, timeout, spike) = {
+            let mut rng = shared.rng.lock().expect("rng lock");
+            let cfg = &shared.cfg;
+            (
+                rng.random::<f64>() < cfg.reset_rate,
+                rng.random::<f64>() < cfg.busy_rate,
+                rng.random::<f64>() < cfg.retry_after_share,
+                rng.random::<f64>() < cfg.timeout_rate,
+                rng.random::<f64>() < cfg.spike_rate,
+            )
+        };
+        if spike {
+            ProxyStats::bump(&stats.spikes);
+            tokio::time::sleep(shared.cfg.spike).await;
+        }
+        if reset {
+            ProxyStats::bump(&stats.resets);
+            return Err(Reset);
+        }
+        if busy {
+            ProxyStats::bump(&stats.busy);
+            if retry_after {
+                ProxyStats::bump(&stats.busy_with_retry_after);
+            }
+            return Ok(error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ServerBusy",
+                "Operations per second is over the account limit.",
+                retry_after,
+            ));
+        }
+        if timeout {
+            ProxyStats::bump(&stats.timeouts);
+            return Ok(error_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "OperationTimedOut",
+                "Operation could not be completed within the specified time.",
+                false,
+            ));
+        }
+    }
+
+    // Abort Copy of a copy we hold pending: Azurite has finished it long ago.
+    let is_abort = method == hyper::Method::PUT
+        && query_has(&query, "comp").as_deref() == Some("copy")
+        && req
+            .headers()
+            .get("x-ms-copy-action")
+            .and_then(|v| v.to_str().ok())
+            == Some("abort");
+    if is_abort {
+        let copy_id = query_has(&query, "copyid").unwrap_or_default();
+        let mut held = shared.held.lock().expect("held lock");
+        if let Some(h) = held
+            .get_mut(&path)
+            .filter(|h| h.copy_id == copy_id && !h.aborted)
+        {
+            let pending = shared
+                .cfg
+                .hold_copies
+                .is_some_and(|hold| h.started.elapsed() < hold);
+            if pending {
+                h.aborted = true;
+                ProxyStats::bump(&stats.aborted);
+                return Ok(Response::builder()
+                    .status(StatusCode::NO_CONTENT)
+                    .body(Full::new(Bytes::new()))
+                    .expect("static response builds"));
+            }
+        }
+    }
+
+    let is_start_copy = method == hyper::Method::PUT
+        && req.headers().contains_key("x-ms-copy-source")
+        && query_has(&query, "comp").is_none();
+    let is_status = (method == hyper::Method::HEAD || method == hyper::Method::GET)
+        && query_has(&query, "comp").is_none();
+    let is_delete = method == hyper::Method::DELETE && query_has(&query, "comp").is_none();
+
+    // Forward.
+    let url = if query.is_empty() {
+        format!("{}{path}", shared.cfg.upstream)
+    } else {
+        format!("{}{path}?{query}", shared.cfg.upstream)
+    };
+    let (parts, body) = req.into_parts();
+    let body = body.collect().await.map_err(|_| Reset)?.to_bytes();
+    let mut upstream = shared.client.request(parts.method.clone(), &url).body(body);
+    for (name, value) in parts.headers.iter() {
+        if name != hyper::header::HOST
+            && name != hyper::header::CONTENT_LENGTH
+            && name != hyper::header::CONNECTION
+        {
+            upstream = upstream.header(name, value);
+        }
+    }
+    let rsp = upstream.send().await.map_err(|_| Reset)?;
+    let status = rsp.status();
+    let mut headers = rsp.headers().clone();
+    let bytes = rsp.bytes().await.map_err(|_| Reset)?;
+
+    if is_delete && status.is_success() {
+        shared.held.lock().expect("held lock").remove(&path);
+    }
+    if let (true, Some(_)) = (
+        is_start_copy && status == StatusCode::ACCEPTED,
+        shared.cfg.hold_copies,
+    ) {
+        if let Some(id) = headers.get("x-ms-copy-id").and_then(|v| v.to_str().ok()) {
+            shared.held.lock().expect("held lock").insert(
+                path.clone(),
+                Held {
+                    copy_id: id.to_owned(),
+                    started: Instant::now(),
+                    aborted: false,
+                },
+            );
+            ProxyStats::bump(&stats.held);
+            headers.insert(
+                "x-ms-copy-status",
+                "pending".parse().expect("static header"),
+            );
+        }
+    }
+    if is_status && status.is_success() && !service_read {
+        let held = shared.held.lock().expect("held lock").get(&path).cloned();
+        if let (Some(h), Some(hold)) = (held, shared.cfg.hold_copies) {
+            let ours = headers.get("x-ms-copy-id").and_then(|v| v.to_str().ok())
+                == Some(h.copy_id.as_str());
+            let total: u64 = headers
+                .get("x-ms-copy-progress")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|p| p.split('/').nth(1))
+                .and_then(|t| t.parse().ok())
+                .or_else(|| {
+                    headers
+                        .get("content-length")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse().ok())
+                })
+                .unwrap_or(0);
+            if ours && h.aborted {
+                headers.insert(
+                    "x-ms-copy-status",
+                    "aborted".parse().expect("static header"),
+                );
+                headers.insert(
+                    "x-ms-copy-progress",
+                    format!("0/{total}").parse().expect("ascii"),
+                );
+            } else if ours && h.started.elapsed() < hold {
+                let share = h.started.elapsed().as_secs_f64() / hold.as_secs_f64();
+                let copied = (total as f64 * share) as u64;
+                headers.insert(
+                    "x-ms-copy-status",
+                    "pending".parse().expect("static header"),
+                );
+                headers.insert(
+                    "x-ms-copy-progress",
+                    format!("{copied}/{total}").parse().expect("ascii"),
+                );
+                ProxyStats::bump(&stats.pending_answers);
+            }
+        }
+    }
+    let mut out = Response::builder().status(status);
+    for (name, value) in headers.iter() {
+        if name != hyper::header::TRANSFER_ENCODING && name != hyper::header::CONNECTION {
+            out = out.header(name, value);
+        }
+    }
+    Ok(out.body(Full::new(bytes)).expect("response builds"))
+}

@@ -1,0 +1,763 @@
+//! A simulated Azure Blob Storage for scale tests and benchmarks, on tokio's clock
+//! (run it with time paused and a day of copying takes seconds).
+//!
+//! The model, deterministic for a seed:
+//! - async copies stay pending with advancing progress and finish when their bytes
+//!   have flowed;
+//! - a cross-account copy moves at the smallest of its shares of the source blob's
+//!   read bandwidth (60 MiB/s by default, shared by every copy reading that blob),
+//!   the source account's egress and the destination account's ingress;
+//! - a copy inside one account is fast (its own rate, no shared limit);
+//! - each account answers at most `requests_per_second` requests per second and
+//!   503 ServerBusy beyond (with Retry-After when configured);
+//! - a seeded share of requests fails with 500 OperationTimedOut, and a share of
+//!   cross-account copies ends `failed`;
+//! - blobs may be virtual: a length and a real 512-byte tail (the VHD footer), so a
+//!   127 GiB VHD costs nothing.
+
+use super::{
+    memory::{parse_source, source_url_of, url_of},
+    AccountInfo, BlobKind, BlobPath, BlobProperties, BlobStore, Condition, CopyInfo, CopyStarted,
+    CopyState, ErrorClass, Metadata, StorageError, StorageResult,
+};
+use async_trait::async_trait;
+use bytes::Bytes;
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    sync::Mutex,
+    time::Duration,
+};
+use time::OffsetDateTime;
+use tokio::time::Instant;
+use url::Url;
+
+const BASE: &str = "http://sim.invalid";
+const MIB: f64 = 1024.0 * 1024.0;
+
+/// Parameters of the model.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    /// Seed of every random choice.
+    pub seed: u64,
+    /// Read bandwidth of one blob, bytes per second (Azure: about 60 MiB/s).
+    pub blob_read_bps: f64,
+    /// Ingress of one account, bytes per second (25 Gbps).
+    pub account_ingress_bps: f64,
+    /// Egress of one account, bytes per second (50 Gbps).
+    pub account_egress_bps: f64,
+    /// Rate of one copy inside an account, bytes per second.
+    pub same_account_bps: f64,
+    /// Requests one account answers per second before 503 ServerBusy.
+    pub requests_per_second: u32,
+    /// Retry-After sent with a 503, if any.
+    pub retry_after: Option<Duration>,
+    /// Share of requests failing with 500 OperationTimedOut.
+    pub transient_failure_rate: f64,
+    /// Share of cross-account copies that end `failed`.
+    pub copy_failure_rate: f64,
+    /// Time every request takes.
+    pub latency: Duration,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        Self {
+            seed: 1,
+            blob_read_bps: 60.0 * MIB,
+            account_ingress_bps: 25e9 / 8.0,
+            account_egress_bps: 50e9 / 8.0,
+            same_account_bps: 2048.0 * MIB,
+            requests_per_second: 20_000,
+            retry_after: None,
+            transient_failure_rate: 0.0,
+            copy_failure_rate: 0.0,
+            latency: Duration::from_millis(5),
+        }
+    }
+}
+
+/// What the simulation counted.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SimStats {
+    /// Requests answered (throttled and failed included).
+    pub requests: u64,
+    /// 503 ServerBusy answers.
+    pub throttled: u64,
+    /// 500 OperationTimedOut answers.
+    pub transient_failures: u64,
+    /// Copies started.
+    pub copies_started: u64,
+    /// Copies that ended failed.
+    pub copies_failed: u64,
+    /// Status requests (Get Blob Properties).
+    pub status_requests: u64,
+}
+
+#[derive(Debug, Clone)]
+enum Content {
+    Real(Bytes),
+    Virtual { len: u64, tail: Bytes },
+}
+
+impl Content {
+    fn len(&self) -> u64 {
+        match self {
+            Content::Real(b) => b.len() as u64,
+            Content::Virtual { len, .. } => *len,
+        }
+    }
+
+    fn read(&self, range: Option<std::ops::Range<u64>>) -> Bytes {
+        let len = self.len();
+        let r = range.unwrap_or(0..len);
+        let (start, end) = (r.start.min(len), r.end.min(len));
+        match self {
+            Content::Real(b) => b.slice(start as usize..end as usize),
+            Content::Virtual { len, tail } => {
+                let tail_start = len - tail.len() as u64;
+                let mut out = vec![0u8; (end - start) as usize];
+                for (i, pos) in (start..end).enumerate() {
+                    if pos >= tail_start {
+                        out[i] = tail[(pos - tail_start) as usize];
+                    }
+                }
+                Bytes::from(out)
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Blob {
+    content: Content,
+    kind: BlobKind,
+    etag: u64,
+    metadata: Metadata,
+    copy: Option<CopyInfo>,
+}
+
+#[derive(Debug)]
+struct Flow {
+    id: String,
+    dest: BlobPath,
+    source: BlobPath,
+    content: Content,
+    kind: BlobKind,
+    total: f64,
+    done: f64,
+    same_account: bool,
+    fails_at: Option<f64>,
+}
+
+#[derive(Debug)]
+struct State {
+    rng: StdRng,
+    blobs: BTreeMap<BlobPath, Blob>,
+    containers: HashSet<(String, String)>,
+    flows: Vec<Flow>,
+    last: Instant,
+    next_etag: u64,
+    next_snapshot: u64,
+    windows: HashMap<String, (u64, u32)>,
+    stats: SimStats,
+    account_info: HashMap<String, AccountInfo>,
+}
+
+/// The simulated store.
+#[derive(Debug)]
+pub struct SimStore {
+    cfg: SimConfig,
+    state: Mutex<State>,
+    epoch: Instant,
+}
+
+impl SimStore {
+    /// A store following `cfg`.
+    pub fn new(cfg: SimConfig) -> Self {
+        let now = Instant::now();
+        Self {
+            state: Mutex::new(State {
+                rng: StdRng::seed_from_u64(cfg.seed),
+                blobs: BTreeMap::new(),
+                containers: HashSet::new(),
+                flows: Vec::new(),
+                last: now,
+                next_etag: 0,
+                next_snapshot: 0,
+                windows: HashMap::new(),
+                stats: SimStats::default(),
+                account_info: HashMap::new(),
+            }),
+            cfg,
+            epoch: now,
+        }
+    }
+
+    /// What was counted so far.
+    pub fn stats(&self) -> SimStats {
+        self.state.lock().expect("sim lock").stats.clone()
+    }
+
+    /// Makes `account` answer Get Account Information with this SKU and kind.
+    pub fn set_account_info(&self, account: &str, info: AccountInfo) {
+        self.state
+            .lock()
+            .expect("sim lock")
+            .account_info
+            .insert(account.to_owned(), info);
+    }
+
+    /// Creates a page blob of `len` bytes whose last bytes are `tail` (a VHD footer)
+    /// and whose other bytes read as zeroes, without storing them.
+    pub fn put_virtual_page_blob(&self, blob: &BlobPath, len: u64, tail: Bytes) {
+        let mut s = self.state.lock().expect("sim lock");
+        s.containers
+            .insert((blob.account.clone(), blob.container.clone()));
+        s.next_etag += 1;
+        let etag = s.next_etag;
+        s.blobs.insert(
+            blob.clone(),
+            Blob {
+                content: Content::Virtual { len, tail },
+                kind: BlobKind::Page,
+                etag,
+                metadata: Metadata::new(),
+                copy: None,
+            },
+        );
+    }
+
+    /// Admits one request of `account`, or answers it with a 503 or a 500, after
+    /// advancing every copy to now.
+    async fn admit(
+        &self,
+        operation: &'static str,
+        account: &str,
+        target: &(dyn std::fmt::Display + Sync),
+    ) -> StorageResult<std::sync::MutexGuard<'_, State>> {
+        tokio::time::sleep(self.cfg.latency).await;
+        let mut s = self.state.lock().expect("sim lock");
+        let now = Instant::now();
+        advance(&self.cfg, &mut s, now);
+        s.stats.requests += 1;
+        let second = now.saturating_duration_since(self.epoch).as_secs();
+        let window = s.windows.entry(account.to_owned()).or_insert((second, 0));
+        if window.0 != second {
+            *window = (second, 0);
+        }
+        window.1 += 1;
+        if window.1 > self.cfg.requests_per_second {
+            s.stats.throttled += 1;
+            let mut e = StorageError::http(operation, target, 503, Some("ServerBusy"));
+            e.message =
+                "HTTP 503 ServerBusy: Operations per second is over the account limit.".into();
+            e.retry_after = self.cfg.retry_after;
+            return Err(e);
+        }
+        if self.cfg.transient_failure_rate > 0.0
+            && s.rng.random::<f64>() < self.cfg.transient_failure_rate
+        {
+            s.stats.transient_failures += 1;
+            return Err(StorageError::http(
+                operation,
+                target,
+                500,
+                Some("OperationTimedOut"),
+            ));
+        }
+        Ok(s)
+    }
+}
+
+/// Moves every copy forward to `now`, finishing those whose bytes have all flowed.
+fn advance(cfg: &SimConfig, s: &mut State, now: Instant) {
+    loop {
+        if s.flows.is_empty() || now <= s.last {
+            s.last = s.last.max(now);
+            return;
+        }
+        let rates = rates(cfg, &s.flows);
+        // Earliest end (finish or failure) among the flows.
+        let mut first: Option<(f64, usize)> = None;
+        for (i, (f, r)) in s.flows.iter().zip(&rates).enumerate() {
+            let end = f.fails_at.map(|x| x * f.total).unwrap_or(f.total);
+            let t = ((end - f.done).max(0.0)) / r.max(1e-9);
+            if first.is_none_or(|(best, _)| t < best) {
+                first = Some((t, i));
+            }
+        }
+        let span = now.saturating_duration_since(s.last).as_secs_f64();
+        let (t, _) = first.expect("flows are not empty");
+        let step = t.min(span);
+        for (f, r) in s.flows.iter_mut().zip(&rates) {
+            f.done = (f.done + r * step).min(f.total);
+        }
+        s.last += Duration::from_secs_f64(step);
+        if t > span {
+            s.last = now;
+            return;
+        }
+        // End every flow that has reached its end.
+        let mut i = 0;
+        while i < s.flows.len() {
+            let f = &s.flows[i];
+            let end = f.fails_at.map(|x| x * f.total).unwrap_or(f.total);
+            if f.done + 1e-6 >= end {
+                let f = s.flows.swap_remove(i);
+                finish(s, f);
+            } else {
+                i += 1;
+            }
+        }
+    }
+}
+
+fn finish(s: &mut State, f: Flow) {
+    let failed = f.fails_at.is_some();
+    if failed {
+        s.stats.copies_failed += 1;
+    }
+    if let Some(b) = s.blobs.get_mut(&f.dest) {
+        if let Some(c) = b.copy.as_mut().filter(|c| c.id == f.id) {
+            if failed {
+                c.state = CopyState::Failed;
+                c.description = Some("500 InternalError: the copy failed in the service".into());
+            } else {
+                c.state = CopyState::Success;
+                c.copied = c.total;
+                b.content = f.content;
+                b.kind = f.kind;
+            }
+        }
+    }
+}
+
+/// Each flow's rate: same-account copies at their own rate; cross-account copies
+/// at the smallest of their fair shares of blob read, egress and ingress bandwidth.
+fn rates(cfg: &SimConfig, flows: &[Flow]) -> Vec<f64> {
+    let mut readers: HashMap<&BlobPath, u32> = HashMap::new();
+    let mut egress: HashMap<&str, u32> = HashMap::new();
+    let mut ingress: HashMap<&str, u32> = HashMap::new();
+    for f in flows.iter().filter(|f| !f.same_account) {
+        *readers.entry(&f.source).or_default() += 1;
+        *egress.entry(&f.source.account).or_default() += 1;
+        *ingress.entry(&f.dest.account).or_default() += 1;
+    }
+    flows
+        .iter()
+        .map(|f| {
+            if f.same_account {
+                cfg.same_account_bps
+            } else {
+                (cfg.blob_read_bps / readers[&f.source] as f64)
+                    .min(cfg.account_egress_bps / egress[f.source.account.as_str()] as f64)
+                    .min(cfg.account_ingress_bps / ingress[f.dest.account.as_str()] as f64)
+            }
+        })
+        .collect()
+}
+
+fn not_found(op: &'static str, blob: &BlobPath) -> StorageError {
+    StorageError::http(op, blob, 404, Some("BlobNotFound"))
+}
+
+#[async_trait]
+impl BlobStore for SimStore {
+    fn blob_url(&self, blob: &BlobPath) -> StorageResult<Url> {
+        Ok(url_of(BASE, blob))
+    }
+
+    async fn copy_source_url(
+        &self,
+        source: &BlobPath,
+        dest_account: &str,
+        expiry: OffsetDateTime,
+    ) -> StorageResult<String> {
+        Ok(source_url_of(BASE, source, dest_account, expiry))
+    }
+
+    async fn ensure_container(&self, account: &str, container: &str) -> StorageResult<()> {
+        let mut s = self.admit("create_container", account, &container).await?;
+        s.containers
+            .insert((account.to_owned(), container.to_owned()));
+        Ok(())
+    }
+
+    async fn properties(&self, blob: &BlobPath) -> StorageResult<BlobProperties> {
+        let mut s = self.admit("get_properties", &blob.account, blob).await?;
+        s.stats.status_requests += 1;
+        let flows: HashMap<String, f64> = s.flows.iter().map(|f| (f.id.clone(), f.done)).collect();
+        let b = s
+            .blobs
+            .get(blob)
+            .ok_or_else(|| not_found("get_properties", blob))?;
+        let copy = b.copy.clone().map(|mut c| {
+            if let Some(done) = flows.get(&c.id) {
+                c.copied = *done as u64;
+            }
+            c
+        });
+        Ok(BlobProperties {
+            len: b.content.len(),
+            kind: b.kind,
+            etag: format!("\"0x{:X}\"", b.etag),
+            metadata: b.metadata.clone(),
+            copy,
+        })
+    }
+
+    async fn snapshot(&self, blob: &BlobPath) -> StorageResult<String> {
+        let mut s = self.admit("create_snapshot", &blob.account, blob).await?;
+        let b = s
+            .blobs
+            .get(blob)
+            .cloned()
+            .ok_or_else(|| not_found("create_snapshot", blob))?;
+        s.next_snapshot += 1;
+        let stamp = format!("2026-01-01T00:00:00.{:07}Z", s.next_snapshot % 10_000_000);
+        s.blobs
+            .insert(blob.at_snapshot(&stamp), Blob { copy: None, ..b });
+        Ok(stamp)
+    }
+
+    async fn start_copy(
+        &self,
+        dest: &BlobPath,
+        source_url: &str,
+        metadata: &Metadata,
+    ) -> StorageResult<CopyStarted> {
+        const OP: &str = "start_copy";
+        let mut s = self.admit(OP, &dest.account, dest).await?;
+        let source = parse_source(source_url).ok_or_else(|| {
+            StorageError::other(
+                OP,
+                dest,
+                ErrorClass::Invalid,
+                "copy source is not a URL of this store",
+            )
+        })?;
+        if source.account != dest.account && !source_url.contains("sig=") {
+            return Err(StorageError::http(
+                OP,
+                dest,
+                403,
+                Some("CannotVerifyCopySource"),
+            ));
+        }
+        if !s
+            .containers
+            .contains(&(dest.account.clone(), dest.container.clone()))
+        {
+            return Err(StorageError::http(OP, dest, 404, Some("ContainerNotFound")));
+        }
+        if s.blobs
+            .get(dest)
+            .and_then(|b| b.copy.as_ref())
+            .map(|c| c.state)
+            == Some(CopyState::Pending)
+        {
+            return Err(StorageError::http(
+                OP,
+                dest,
+                409,
+                Some("PendingCopyOperation"),
+            ));
+        }
+        let src = s
+            .blobs
+            .get(&source)
+            .cloned()
+            .ok_or_else(|| StorageError::http(OP, dest, 404, Some("CannotVerifyCopySource")))?;
+        let same_account = source.account == dest.account;
+        let fails = !same_account
+            && self.cfg.copy_failure_rate > 0.0
+            && s.rng.random::<f64>() < self.cfg.copy_failure_rate;
+        let fails_at = fails.then(|| s.rng.random_range(0.05..0.95));
+        s.next_etag += 1;
+        s.stats.copies_started += 1;
+        let etag = s.next_etag;
+        let id = format!("{:016x}-{etag}", s.rng.random::<u64>());
+        let total = src.content.len();
+        s.blobs.insert(
+            dest.clone(),
+            Blob {
+                content: Content::Real(Bytes::new()),
+                kind: src.kind,
+                etag,
+                metadata: metadata.clone(),
+                copy: Some(CopyInfo {
+                    id: id.clone(),
+                    state: CopyState::Pending,
+                    copied: 0,
+                    total,
+                    description: None,
+                    source: Some(super::auth::redact_sas(source_url)),
+                }),
+            },
+        );
+        s.flows.push(Flow {
+            id: id.clone(),
+            dest: dest.clone(),
+            source,
+            content: src.content,
+            kind: src.kind,
+            total: total as f64,
+            done: 0.0,
+            same_account,
+            fails_at,
+        });
+        // A tiny copy may be done at once.
+        let now = Instant::now();
+        advance(&self.cfg, &mut s, now);
+        let state = s
+            .blobs
+            .get(dest)
+            .and_then(|b| b.copy.as_ref())
+            .map(|c| c.state)
+            .unwrap_or(CopyState::Pending);
+        Ok(CopyStarted { copy_id: id, state })
+    }
+
+    async fn abort_copy(&self, dest: &BlobPath, copy_id: &str) -> StorageResult<()> {
+        let mut s = self.admit("abort_copy", &dest.account, dest).await?;
+        let pending = s
+            .flows
+            .iter()
+            .position(|f| f.id == copy_id && &f.dest == dest);
+        let Some(i) = pending else {
+            return Err(StorageError::http(
+                "abort_copy",
+                dest,
+                409,
+                Some("NoPendingCopyOperation"),
+            ));
+        };
+        s.flows.swap_remove(i);
+        if let Some(b) = s.blobs.get_mut(dest) {
+            b.content = Content::Real(Bytes::new());
+            if let Some(c) = b.copy.as_mut() {
+                c.state = CopyState::Aborted;
+            }
+        }
+        Ok(())
+    }
+
+    async fn delete(&self, blob: &BlobPath) -> StorageResult<()> {
+        let mut s = self.admit("delete", &blob.account, blob).await?;
+        if s.blobs.remove(blob).is_none() {
+            return Err(not_found("delete", blob));
+        }
+        if blob.snapshot.is_none() {
+            s.blobs.retain(|k, _| {
+                !(k.account == blob.account && k.container == blob.container && k.name == blob.name)
+            });
+            s.flows.retain(|f| &f.dest != blob);
+        }
+        Ok(())
+    }
+
+    async fn account_info(&self, account: &str) -> StorageResult<AccountInfo> {
+        let s = self.admit("get_account_info", account, &account).await?;
+        Ok(s.account_info.get(account).cloned().unwrap_or(AccountInfo {
+            sku: "Standard_LRS".into(),
+            kind: "StorageV2".into(),
+        }))
+    }
+
+    async fn put_block_blob(
+        &self,
+        blob: &BlobPath,
+        data: Bytes,
+        condition: Condition,
+    ) -> StorageResult<String> {
+        const OP: &str = "put_blob";
+        let mut s = self.admit(OP, &blob.account, blob).await?;
+        if !s
+            .containers
+            .contains(&(blob.account.clone(), blob.container.clone()))
+        {
+            return Err(StorageError::http(OP, blob, 404, Some("ContainerNotFound")));
+        }
+        let current = s.blobs.get(blob).map(|b| format!("\"0x{:X}\"", b.etag));
+        match (&condition, &current) {
+            (Condition::IfAbsent, Some(_)) => {
+                return Err(StorageError::http(OP, blob, 412, Some("BlobAlreadyExists")))
+            }
+            (Condition::IfMatch(_), None) => {
+                return Err(StorageError::http(OP, blob, 404, Some("BlobNotFound")))
+            }
+            (Condition::IfMatch(want), Some(have)) if want != have => {
+                return Err(StorageError::http(OP, blob, 412, Some("ConditionNotMet")))
+            }
+            _ => {}
+        }
+        s.next_etag += 1;
+        let etag = s.next_etag;
+        s.blobs.insert(
+            blob.clone(),
+            Blob {
+                content: Content::Real(data),
+                kind: BlobKind::Block,
+                etag,
+                metadata: Metadata::new(),
+                copy: None,
+            },
+        );
+        Ok(format!("\"0x{etag:X}\""))
+    }
+
+    async fn put_page_blob(&self, blob: &BlobPath, data: Bytes) -> StorageResult<()> {
+        let mut s = self.admit("put_page_blob", &blob.account, blob).await?;
+        s.containers
+            .insert((blob.account.clone(), blob.container.clone()));
+        s.next_etag += 1;
+        let etag = s.next_etag;
+        s.blobs.insert(
+            blob.clone(),
+            Blob {
+                content: Content::Real(data),
+                kind: BlobKind::Page,
+                etag,
+                metadata: Metadata::new(),
+                copy: None,
+            },
+        );
+        Ok(())
+    }
+
+    async fn read(
+        &self,
+        blob: &BlobPath,
+        range: Option<std::ops::Range<u64>>,
+    ) -> StorageResult<(Bytes, String)> {
+        let s = self.admit("read", &blob.account, blob).await?;
+        let b = s.blobs.get(blob).ok_or_else(|| not_found("read", blob))?;
+        Ok((b.content.read(range), format!("\"0x{:X}\"", b.etag)))
+    }
+
+    async fn list(
+        &self,
+        account: &str,
+        container: &str,
+        prefix: &str,
+    ) -> StorageResult<Vec<String>> {
+        let s = self.admit("list_blobs", account, &container).await?;
+        Ok(s.blobs
+            .keys()
+            .filter(|k| {
+                k.account == account
+                    && k.container == container
+                    && k.snapshot.is_none()
+                    && k.name.starts_with(prefix)
+            })
+            .map(|k| k.name.clone())
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vhd(store: &SimStore, blob: &BlobPath, gib: u64) -> u64 {
+        let len = gib * 1024 * 1024 * 1024 + 512;
+        let footer = crate::vhd::fixed_footer(len - 512, [1; 16]);
+        store.put_virtual_page_blob(blob, len, Bytes::copy_from_slice(&footer));
+        len
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cross_account_copy_takes_its_bandwidth_time() {
+        let store = SimStore::new(SimConfig {
+            latency: Duration::ZERO,
+            ..Default::default()
+        });
+        let src = BlobPath::new("src", "c", "d.vhd");
+        let len = vhd(&store, &src, 6);
+        store.ensure_container("dst", "c").await.unwrap();
+        let dest = BlobPath::new("dst", "c", "d.vhd");
+        let url = store
+            .copy_source_url(&src, "dst", OffsetDateTime::now_utc())
+            .await
+            .unwrap();
+        let started = store
+            .start_copy(&dest, &url, &Metadata::new())
+            .await
+            .unwrap();
+        assert_eq!(started.state, CopyState::Pending);
+        tokio::time::advance(Duration::from_secs(51)).await;
+        let p = store.properties(&dest).await.unwrap();
+        let c = p.copy.unwrap();
+        assert_eq!(c.state, CopyState::Pending);
+        assert!(c.copied > 0 && c.copied < c.total);
+        // 6 GiB at 60 MiB/s: 102.4 s.
+        tokio::time::advance(Duration::from_secs(52)).await;
+        let p = store.properties(&dest).await.unwrap();
+        assert_eq!(p.copy.unwrap().state, CopyState::Success);
+        assert_eq!(p.len, len);
+        let (tail, _) = store.read(&dest, Some(len - 512..len)).await.unwrap();
+        crate::vhd::check_footer(&tail, len).unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn readers_of_one_blob_share_its_bandwidth() {
+        let store = SimStore::new(SimConfig {
+            latency: Duration::ZERO,
+            ..Default::default()
+        });
+        let src = BlobPath::new("src", "c", "d.vhd");
+        vhd(&store, &src, 6);
+        for a in ["d1", "d2"] {
+            store.ensure_container(a, "c").await.unwrap();
+            let url = store
+                .copy_source_url(&src, a, OffsetDateTime::now_utc())
+                .await
+                .unwrap();
+            store
+                .start_copy(&BlobPath::new(a, "c", "x"), &url, &Metadata::new())
+                .await
+                .unwrap();
+        }
+        tokio::time::advance(Duration::from_secs(150)).await;
+        let p = store
+            .properties(&BlobPath::new("d1", "c", "x"))
+            .await
+            .unwrap();
+        assert_eq!(
+            p.copy.unwrap().state,
+            CopyState::Pending,
+            "two readers: 204.8 s each"
+        );
+        tokio::time::advance(Duration::from_secs(60)).await;
+        let p = store
+            .properties(&BlobPath::new("d2", "c", "x"))
+            .await
+            .unwrap();
+        assert_eq!(p.copy.unwrap().state, CopyState::Success);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn over_the_request_rate_answers_server_busy() {
+        let store = SimStore::new(SimConfig {
+            requests_per_second: 5,
+            latency: Duration::ZERO,
+            retry_after: Some(Duration::from_secs(1)),
+            ..Default::default()
+        });
+        let mut busy = 0;
+        for _ in 0..8 {
+            if let Err(e) = store.ensure_container("a", "c").await {
+                assert_eq!(
+                    (e.class, e.retry_after),
+                    (ErrorClass::Throttled, Some(Duration::from_secs(1)))
+                );
+                busy += 1;
+            }
+        }
+        assert_eq!(busy, 3);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        store.ensure_container("a", "c").await.unwrap();
+        assert_eq!(store.stats().throttled, 3);
+    }
+}
