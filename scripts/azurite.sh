@@ -40,7 +40,7 @@ start() {
     --blobHost 127.0.0.1 --blobPort "$AZURITE_BLOB_PORT" \
     --queueHost 127.0.0.1 --queuePort "$AZURITE_QUEUE_PORT" \
     --tableHost 127.0.0.1 --tablePort "${AZURITE_TABLE_PORT:-10002}" \
-    --inMemoryPersistence --skipApiVersionCheck --disableProductStyleUrl --silent \
+    --inMemoryPersistence --skipApiVersionCheck --disableProductStyleUrl --disableTelemetry --silent \
     >"$state/azurite.log" 2>&1 &
   echo $! >"$pidfile"
   for _ in $(seq 1 100); do

@@ -12,7 +12,10 @@ use http_body_util::{BodyExt, Full};
 use hyper::{
     body::Incoming, server::conn::http1, service::service_fn, Request, Response, StatusCode,
 };
-use hyper_util::rt::TokioIo;
+use hyper_util::{
+    client::legacy::{connect::HttpConnector, Client},
+    rt::{TokioExecutor, TokioIo},
+};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use std::{
     collections::HashMap,
@@ -112,7 +115,7 @@ struct Shared {
     rng: Mutex<StdRng>,
     held: Mutex<HashMap<String, Held>>,
     stats: Arc<ProxyStats>,
-    client: reqwest::Client,
+    client: Client<HttpConnector, Full<Bytes>>,
 }
 
 /// A running proxy.
@@ -141,10 +144,8 @@ impl Proxy {
             cfg,
             held: Mutex::new(HashMap::new()),
             stats: stats.clone(),
-            client: reqwest::Client::builder()
-                .no_proxy()
-                .build()
-                .map_err(std::io::Error::other)?,
+            // hyper's client keeps the Host header it is given (reqwest replaces it).
+            client: Client::builder(TokioExecutor::new()).build_http(),
         });
         let stop = CancellationToken::new();
         let token = stop.clone();
@@ -316,19 +317,21 @@ async fn handle(
     };
     let (parts, body) = req.into_parts();
     let body = body.collect().await.map_err(|_| Reset)?.to_bytes();
-    let mut upstream = shared.client.request(parts.method.clone(), &url).body(body);
+    let mut upstream = Request::builder()
+        .method(parts.method.clone())
+        .uri(url.as_str());
+    // The Host header goes along: Azurite checks that a copy source is on "its" host.
     for (name, value) in parts.headers.iter() {
-        if name != hyper::header::HOST
-            && name != hyper::header::CONTENT_LENGTH
-            && name != hyper::header::CONNECTION
-        {
+        if name != hyper::header::CONNECTION {
             upstream = upstream.header(name, value);
         }
     }
-    let rsp = upstream.send().await.map_err(|_| Reset)?;
+    let upstream = upstream.body(Full::new(body)).map_err(|_| Reset)?;
+    let rsp = shared.client.request(upstream).await.map_err(|_| Reset)?;
     let status = rsp.status();
-    let mut headers = rsp.headers().clone();
-    let bytes = rsp.bytes().await.map_err(|_| Reset)?;
+    let (rsp_parts, rsp_body) = rsp.into_parts();
+    let mut headers = rsp_parts.headers;
+    let bytes = rsp_body.collect().await.map_err(|_| Reset)?.to_bytes();
 
     if is_delete && status.is_success() {
         shared.held.lock().expect("held lock").remove(&path);

@@ -119,6 +119,18 @@ lease_seconds = 30
             .expect("test config validates")
     }
 
+    /// Settings whose blob endpoints go through a proxy at `base` (queues stay direct).
+    pub fn proxied(&self, base: &str, extra: &str) -> ValidatedSettings {
+        let toml = self.toml.replace(
+            &format!("blob_endpoint = \"{BLOB}"),
+            &format!("blob_endpoint = \"{base}"),
+        ) + extra;
+        Settings::from_toml(&toml)
+            .expect("test config parses")
+            .validate(&Keys(keys()))
+            .expect("test config validates")
+    }
+
     /// A control plane (no daemon).
     pub async fn control(&self) -> Control {
         let c = Control::azure(Arc::new(self.settings()), Metrics::new()).expect("clients build");

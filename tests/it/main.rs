@@ -6,4 +6,5 @@ mod cli;
 mod conformance;
 mod helpers;
 mod poison;
+mod proxy;
 mod replicate;
