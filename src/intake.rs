@@ -91,6 +91,7 @@ impl Lease {
     }
 
     async fn stop_renewing(&self) -> String {
+        // (Also done on drop, so an aborted job task never keeps a lease alive.)
         self.renewer.abort();
         self.receipt.lock().await.clone()
     }
@@ -108,6 +109,12 @@ impl Lease {
         if let Err(e) = self.queue.renew(&self.id, &r, after).await {
             tracing::warn!(message_id = %self.id, error = %e, "could not release the message");
         }
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.renewer.abort();
     }
 }
 
@@ -240,6 +247,11 @@ impl Worker {
                 | Outcome::Cancelled
                 | Outcome::AlreadyEnded(_) => lease.delete().await,
                 Outcome::Interrupted => lease.release(Duration::from_secs(1)).await,
+                Outcome::OwnedElsewhere(until) => {
+                    // Back off until the other instance's claim would lapse.
+                    let wait = (until - OffsetDateTime::now_utc()).whole_seconds().max(1) as u64;
+                    lease.release(Duration::from_secs(wait + 1)).await
+                }
                 Outcome::Retry(_) => {
                     let backoff = Duration::from_secs((30 * m.dequeue_count as u64).min(600));
                     lease.release(backoff).await

@@ -112,6 +112,7 @@ struct Held {
 
 struct Shared {
     cfg: ProxyConfig,
+    starts: Mutex<HashMap<String, u32>>,
     rng: Mutex<StdRng>,
     held: Mutex<HashMap<String, Held>>,
     stats: Arc<ProxyStats>,
@@ -124,6 +125,7 @@ pub struct Proxy {
     pub addr: SocketAddr,
     /// Its counters.
     pub stats: Arc<ProxyStats>,
+    shared: Arc<Shared>,
     stop: CancellationToken,
 }
 
@@ -140,6 +142,7 @@ impl Proxy {
         let addr = listener.local_addr()?;
         let stats = Arc::new(ProxyStats::default());
         let shared = Arc::new(Shared {
+            starts: Mutex::new(HashMap::new()),
             rng: Mutex::new(StdRng::seed_from_u64(cfg.seed)),
             cfg,
             held: Mutex::new(HashMap::new()),
@@ -147,6 +150,7 @@ impl Proxy {
             // hyper's client keeps the Host header it is given (reqwest replaces it).
             client: Client::builder(TokioExecutor::new()).build_http(),
         });
+        let shared_for_stats = shared.clone();
         let stop = CancellationToken::new();
         let token = stop.clone();
         tokio::spawn(async move {
@@ -165,7 +169,18 @@ impl Proxy {
                 });
             }
         });
-        Ok(Self { addr, stats, stop })
+        Ok(Self {
+            addr,
+            stats,
+            shared: shared_for_stats,
+            stop,
+        })
+    }
+
+    /// Start Copy requests forwarded upstream, by destination path (counted when
+    /// they arrive, so a request whose client died mid-way still counts).
+    pub fn copy_starts(&self) -> HashMap<String, u32> {
+        self.shared.starts.lock().expect("starts lock").clone()
     }
 
     /// The proxy's base URL.
@@ -309,6 +324,14 @@ async fn handle(
         && query_has(&query, "comp").is_none();
     let is_delete = method == hyper::Method::DELETE && query_has(&query, "comp").is_none();
 
+    if is_start_copy {
+        *shared
+            .starts
+            .lock()
+            .expect("starts lock")
+            .entry(path.clone())
+            .or_default() += 1;
+    }
     // Forward.
     let url = if query.is_empty() {
         format!("{}{path}", shared.cfg.upstream)
@@ -329,6 +352,9 @@ async fn handle(
     let upstream = upstream.body(Full::new(body)).map_err(|_| Reset)?;
     let rsp = shared.client.request(upstream).await.map_err(|_| Reset)?;
     let status = rsp.status();
+    if std::env::var_os("VHDREP_PROXY_DEBUG").is_some() {
+        eprintln!("proxy: {} {path}?{query} -> {status}", parts.method);
+    }
     let (rsp_parts, rsp_body) = rsp.into_parts();
     let mut headers = rsp_parts.headers;
     let bytes = rsp_body.collect().await.map_err(|_| Reset)?.to_bytes();

@@ -37,6 +37,8 @@ pub struct Scenario {
     pub max_requests_per_second: u32,
     /// `engine.max_reads_per_source`.
     pub max_reads_per_source: u32,
+    /// What Get Account Information answers for some accounts (default: standard, StorageV2).
+    pub account_info: Vec<(String, crate::storage::AccountInfo)>,
 }
 
 impl Scenario {
@@ -51,6 +53,7 @@ impl Scenario {
             max_concurrent_copies: 16,
             max_requests_per_second: 500,
             max_reads_per_source: 1,
+            account_info: Vec::new(),
         }
     }
 
@@ -143,6 +146,9 @@ pub async fn run(scenario: &Scenario) -> Report {
         .validate(&DummyKeys)
         .expect("simulation config validates");
     let store = Arc::new(SimStore::new(scenario.sim.clone()));
+    for (account, info) in &scenario.account_info {
+        store.set_account_info(account, info.clone());
+    }
     let source = BlobPath::new("src", "images", "disk.vhd");
     let footer = crate::vhd::fixed_footer(scenario.vhd_bytes, [7; 16]);
     store.put_virtual_page_blob(

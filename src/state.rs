@@ -145,6 +145,20 @@ pub struct JobDocument {
     /// The hand-off as sent (recorded before it is sent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub handoff: Option<serde_json::Value>,
+    /// The instance running the job and until when its claim holds (renewed by
+    /// every checkpoint; cleared when the instance stops).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<Owner>,
+}
+
+/// Which instance runs a job, fenced by ETag-guarded writes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Owner {
+    /// Instance id (host, process and a random part).
+    pub instance: String,
+    /// The claim lapses at this time unless renewed.
+    #[serde(with = "time::serde::rfc3339")]
+    pub until: OffsetDateTime,
 }
 
 impl JobDocument {
@@ -164,7 +178,15 @@ impl JobDocument {
             source_bytes: None,
             replicas: Vec::new(),
             handoff: None,
+            owner: None,
         }
+    }
+
+    /// Another instance's live claim on this job, if any.
+    pub fn owned_elsewhere(&self, me: &str, now: OffsetDateTime) -> Option<&Owner> {
+        self.owner
+            .as_ref()
+            .filter(|o| o.instance != me && o.until > now && !self.state.is_terminal())
     }
 
     /// Bytes copied over bytes to copy, 0 to 1.
@@ -198,6 +220,9 @@ pub enum StateError {
     /// No such job.
     #[error("job {0} not found")]
     NotFound(String),
+    /// Another instance has taken the job over.
+    #[error("job {0} was taken over by instance {1}")]
+    Lost(JobId, String),
     /// The stored document is not valid JSON of a job.
     #[error("job document {0} is corrupt: {1}")]
     Corrupt(String, String),

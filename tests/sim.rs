@@ -140,3 +140,51 @@ fn transient_errors_and_throttling_are_survived() {
         "a failed copy was tried again"
     );
 }
+
+/// A source larger than Azure's 8 TiB page-blob limit is refused with the reason.
+#[test]
+fn a_source_over_8_tib_is_refused() {
+    let scenario = Scenario::new(2, 2, 9 * 1024 * 1024 * MIB, Strategy::Fanout);
+    let report = runtime().block_on(run(&scenario));
+    let Outcome::Failed(reason) = &report.outcome else {
+        panic!("expected a failure, got {:?}", report.outcome)
+    };
+    assert!(
+        reason.contains("larger than the 8 TiB page-blob limit"),
+        "{reason}"
+    );
+    assert!(report.destination_blobs.is_empty());
+}
+
+/// Destination accounts that Batch cannot read custom images from (premium, or
+/// block-blob-only) fail the job before anything is copied.
+#[test]
+fn premium_and_block_blob_accounts_are_refused() {
+    use vhd_replicator::storage::AccountInfo;
+    for (sku, kind, expected) in [
+        ("Premium_LRS", "StorageV2", "standard (not premium)"),
+        (
+            "Standard_LRS",
+            "BlockBlobStorage",
+            "general-purpose account",
+        ),
+    ] {
+        let mut scenario = Scenario::new(2, 2, 64 * MIB, Strategy::Fanout);
+        scenario.account_info = vec![(
+            "dst2".into(),
+            AccountInfo {
+                sku: sku.into(),
+                kind: kind.into(),
+            },
+        )];
+        let report = runtime().block_on(run(&scenario));
+        let Outcome::Failed(reason) = &report.outcome else {
+            panic!("expected a failure, got {:?}", report.outcome)
+        };
+        assert!(
+            reason.starts_with("account dst2:") && reason.contains(expected),
+            "{reason}"
+        );
+        assert_eq!(report.stats.copies_started, 0);
+    }
+}

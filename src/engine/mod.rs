@@ -14,7 +14,7 @@ use crate::job::ValidatedJob;
 use crate::metrics::Metrics;
 use crate::plan::{self, is_our_replica, replica_metadata};
 use crate::state::{
-    JobDocument, JobState, Phase, ReplicaRecord, ReplicaState, StateError, StateStore,
+    JobDocument, JobState, Owner, Phase, ReplicaRecord, ReplicaState, StateError, StateStore,
 };
 use crate::storage::{
     BlobKind, BlobPath, BlobProperties, BlobStore, CopyState, ErrorClass, StorageError,
@@ -54,6 +54,8 @@ pub enum Outcome {
     Cancelled,
     /// The job had already ended before this run (a duplicate message).
     AlreadyEnded(JobState),
+    /// Another instance holds the job until this time.
+    OwnedElsewhere(OffsetDateTime),
     /// Stopped by shutdown or a lost lease; resumable.
     Interrupted,
     /// A transient failure outlasted the request retries; run it again later.
@@ -66,9 +68,17 @@ enum Failure {
     Transient(String),
     Cancelled,
     Interrupted,
+    Lost(String),
 }
 
 impl Failure {
+    fn from_state(e: StateError) -> Self {
+        match e {
+            StateError::Lost(_, by) => Failure::Lost(by),
+            other => Failure::Transient(format!("job state: {other}")),
+        }
+    }
+
     fn from_storage(context: &str, e: &StorageError) -> Self {
         match e.class {
             ErrorClass::Throttled | ErrorClass::Transient => {
@@ -92,6 +102,7 @@ pub struct Engine {
     settings: Arc<ValidatedSettings>,
     limits: Arc<AccountLimits>,
     live: LiveJobs,
+    instance: String,
 }
 
 /// Writes a running job's document under its ETag, keeping a cancel request that
@@ -99,16 +110,26 @@ pub struct Engine {
 struct Checkpoint<'a> {
     state: &'a StateStore,
     id: String,
+    instance: &'a str,
+    lease: Duration,
     etag: tokio::sync::Mutex<String>,
     last_saved: Mutex<Instant>,
     transition: std::sync::atomic::AtomicBool,
 }
 
 impl Checkpoint<'_> {
-    fn new<'a>(state: &'a StateStore, id: &str, etag: String) -> Checkpoint<'a> {
+    fn new<'a>(
+        state: &'a StateStore,
+        id: &str,
+        etag: String,
+        instance: &'a str,
+        lease: Duration,
+    ) -> Checkpoint<'a> {
         Checkpoint {
             state,
             id: id.to_owned(),
+            instance,
+            lease,
             etag: tokio::sync::Mutex::new(etag),
             last_saved: Mutex::new(Instant::now()),
             transition: std::sync::atomic::AtomicBool::new(false),
@@ -133,7 +154,16 @@ impl Checkpoint<'_> {
         *self.last_saved.lock().expect("checkpoint lock") = Instant::now();
         let mut etag = self.etag.lock().await;
         loop {
-            let mut doc = live.lock().expect("live doc lock").clone();
+            let mut doc = {
+                let mut live = live.lock().expect("live doc lock");
+                if !live.state.is_terminal() {
+                    if let Some(owner) = live.owner.as_mut().filter(|o| o.instance == self.instance)
+                    {
+                        owner.until = OffsetDateTime::now_utc() + self.lease;
+                    }
+                }
+                live.clone()
+            };
             match self.state.save(&mut doc, &etag).await {
                 Ok(new) => {
                     *etag = new;
@@ -145,6 +175,16 @@ impl Checkpoint<'_> {
                         .load(&self.id)
                         .await?
                         .ok_or_else(|| StateError::NotFound(self.id.clone()))?;
+                    if let Some(other) = stored
+                        .owner
+                        .as_ref()
+                        .filter(|o| o.instance != self.instance)
+                    {
+                        return Err(StateError::Lost(
+                            stored.job_id.clone(),
+                            other.instance.clone(),
+                        ));
+                    }
                     if stored.cancel_requested {
                         live.lock().expect("live doc lock").cancel_requested = true;
                     }
@@ -193,7 +233,17 @@ impl Engine {
             settings,
             limits,
             live: LiveJobs::default(),
+            instance: instance_id(),
         }
+    }
+
+    /// This instance's id, as recorded in the documents of the jobs it runs.
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    fn lease(&self) -> Duration {
+        Duration::from_secs(self.settings.engine.lease_seconds as u64)
     }
 
     /// The jobs running here, for the API's live view.
@@ -209,18 +259,39 @@ impl Engine {
             Ok(x) => x,
             Err(e) => return Outcome::Retry(format!("job state: {e}")),
         };
-        let (mut doc, etag) = loaded;
-        if doc.state.is_terminal() {
-            return Outcome::AlreadyEnded(doc.state);
+        let (mut doc, mut etag) = loaded;
+        // Claim the job: an ETag-fenced write; whoever loses the race backs off.
+        loop {
+            if doc.state.is_terminal() {
+                return Outcome::AlreadyEnded(doc.state);
+            }
+            let now = OffsetDateTime::now_utc();
+            if let Some(owner) = doc.owned_elsewhere(&self.instance, now) {
+                tracing::info!(owner = %owner.instance, "job is running on another instance");
+                return Outcome::OwnedElsewhere(owner.until);
+            }
+            doc.state = JobState::Running;
+            doc.phase = Some(Phase::Planning);
+            doc.error = None;
+            doc.owner = Some(Owner {
+                instance: self.instance.clone(),
+                until: now + self.lease(),
+            });
+            match self.state.save(&mut doc, &etag).await {
+                Ok(new) => {
+                    etag = new;
+                    break;
+                }
+                Err(StateError::Conflict(_)) => match self.state.load(&id).await {
+                    Ok(Some((d, e))) => (doc, etag) = (d, e),
+                    Ok(None) => return Outcome::Retry("job state vanished".into()),
+                    Err(e) => return Outcome::Retry(format!("job state: {e}")),
+                },
+                Err(e) => return Outcome::Retry(format!("job state: {e}")),
+            }
         }
-        doc.state = JobState::Running;
-        doc.phase = Some(Phase::Planning);
-        doc.error = None;
         let live = Arc::new(Mutex::new(doc));
-        let checkpoint = Checkpoint::new(&self.state, &id, etag);
-        if let Err(e) = checkpoint.save(&live).await {
-            return Outcome::Retry(format!("job state: {e}"));
-        }
+        let checkpoint = Checkpoint::new(&self.state, &id, etag, &self.instance, self.lease());
         self.live
             .lock()
             .expect("live lock")
@@ -241,7 +312,16 @@ impl Engine {
                 self.finish(&live, JobState::Cancelled, None);
                 Outcome::Cancelled
             }
-            Err(Failure::Interrupted) => Outcome::Interrupted,
+            Err(Failure::Interrupted) => {
+                // Let another instance resume at once rather than after the claim lapses.
+                live.lock().expect("live doc lock").owner = None;
+                Outcome::Interrupted
+            }
+            Err(Failure::Lost(by)) => {
+                tracing::warn!(by = %by, "another instance took the job over; stopping here");
+                self.forget(&id);
+                return Outcome::Interrupted;
+            }
             Err(Failure::Transient(reason)) => {
                 live.lock().expect("live doc lock").error = Some(format!("will retry: {reason}"));
                 Outcome::Retry(reason)
@@ -264,7 +344,7 @@ impl Engine {
             Outcome::Cancelled => tracing::info!("job cancelled"),
             Outcome::Interrupted => tracing::info!("job interrupted; it will resume"),
             Outcome::Retry(r) => tracing::warn!(reason = %r, "job will be retried"),
-            Outcome::AlreadyEnded(_) => {}
+            Outcome::AlreadyEnded(_) | Outcome::OwnedElsewhere(_) => {}
         }
         if let Some(label) = match &outcome {
             Outcome::Completed => Some("completed"),
@@ -316,7 +396,7 @@ impl Engine {
         checkpoint: &Checkpoint<'_>,
         stop: &CancellationToken,
     ) -> Result<(), Failure> {
-        let save = |e: StateError| Failure::Transient(format!("job state: {e}"));
+        let save = Failure::from_state;
         if live.lock().expect("live doc lock").cancel_requested {
             return Err(Failure::Cancelled);
         }
@@ -538,9 +618,13 @@ impl Engine {
         let mut fatal: Vec<String> = Vec::new();
         let mut transient: Vec<String> = Vec::new();
         let mut cancelled = false;
+        let mut lost: Option<String> = None;
         let mut ticker = tokio::time::interval(CHECKPOINT_INTERVAL);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let progress_every = Duration::from_secs(self.settings.engine.checkpoint_seconds);
+        // Progress is written at least every third of the claim's lease, which keeps
+        // the claim alive.
+        let progress_every =
+            Duration::from_secs(self.settings.engine.checkpoint_seconds).min(self.lease() / 3);
         loop {
             // Start whatever may start now.
             for account in sched.waiting_accounts() {
@@ -611,6 +695,11 @@ impl Engine {
                             set_phase(live, phase(&sched));
                         }
                         Err(CopyError::Stop(Failure::Interrupted)) => {}
+                        Err(CopyError::Stop(Failure::Lost(by))) => {
+                            lost = Some(by);
+                            sched.clear();
+                            token.cancel();
+                        }
                         Err(CopyError::Stop(Failure::Cancelled)) => cancelled = true,
                         Err(CopyError::Stop(Failure::Fatal(reason))) => {
                             self.replica_failed(live, pick.index, &reason);
@@ -635,7 +724,11 @@ impl Engine {
                 },
                 _ = ticker.tick() => {
                     if checkpoint.due(progress_every) {
-                        let _ = checkpoint.save(live).await;
+                        if let Err(StateError::Lost(_, by)) = checkpoint.save(live).await {
+                            lost = Some(by);
+                            sched.clear();
+                            token.cancel();
+                        }
                     }
                     let (progress, cancel_requested) = {
                         let doc = live.lock().expect("live doc lock");
@@ -655,6 +748,9 @@ impl Engine {
                 },
                 _ = gates_freed, if copies.is_empty() => {},
             }
+        }
+        if let Some(by) = lost {
+            return Err(Failure::Lost(by));
         }
         if cancelled || live.lock().expect("live doc lock").cancel_requested {
             return Err(Failure::Cancelled);
@@ -970,4 +1066,19 @@ impl CopyError {
             _ => CopyError::Retry(e.to_string()),
         }
     }
+}
+
+/// A process-unique instance id: host name, process id and a random part.
+fn instance_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "host".into());
+    format!(
+        "{host}-{}-{}",
+        std::process::id(),
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    )
 }

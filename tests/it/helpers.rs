@@ -98,12 +98,15 @@ idle_poll_ms = 100
 lease_seconds = 30
 
 {accounts}
-{extra}
 "#,
             handoff = handoff.display(),
             accounts = accounts_toml(),
         );
-        Self { id, dir, toml }
+        Self {
+            id,
+            dir,
+            toml: merge_toml(&toml, extra),
+        }
     }
 
     /// Validated settings of this environment.
@@ -165,6 +168,55 @@ lease_seconds = 30
         })
         .to_string()
     }
+}
+
+/// Adds `extra` to `base`: keys under `[service]`, `[engine]` or `[handoff]` go into
+/// the base's table of that name, anything else (such as more `[[accounts]]`) at
+/// the end.
+pub fn merge_toml(base: &str, extra: &str) -> String {
+    let mut out = base.to_owned();
+    let mut tail = String::new();
+    let mut section: Option<String> = None;
+    for line in extra.lines() {
+        let t = line.trim();
+        if t.starts_with("[[") {
+            section = None;
+            tail.push_str(line);
+            tail.push('\n');
+        } else if t.starts_with('[') {
+            let header = t.to_owned();
+            section = out
+                .contains(&format!("{header}\n"))
+                .then_some(header.clone());
+            if section.is_none() {
+                tail.push_str(line);
+                tail.push('\n');
+            }
+        } else if let Some(h) = &section {
+            let start = out.find(&format!("{h}\n")).expect("section exists") + h.len() + 1;
+            let end = out[start..]
+                .find("\n[")
+                .map(|i| start + i + 1)
+                .unwrap_or(out.len());
+            let key = t.split('=').next().unwrap_or("").trim();
+            let existing = out[start..end]
+                .lines()
+                .scan(start, |pos, l| {
+                    let here = *pos;
+                    *pos += l.len() + 1;
+                    Some((here, l))
+                })
+                .find(|(_, l)| l.split('=').next().unwrap_or("").trim() == key && !key.is_empty());
+            match existing {
+                Some((at, l)) => out.replace_range(at..at + l.len(), line),
+                None => out.insert_str(start, &format!("{line}\n")),
+            }
+        } else {
+            tail.push_str(line);
+            tail.push('\n');
+        }
+    }
+    out + &tail
 }
 
 /// The `[[accounts]]` of the test Azurite.

@@ -2,8 +2,10 @@
 //! `scripts/test.sh`, which installs and starts Azurite first.
 
 mod api;
+mod bad_input;
 mod cli;
 mod conformance;
+mod crash;
 mod helpers;
 mod poison;
 mod proxy;

@@ -1,0 +1,65 @@
+//! Engine overhead: 1,000 concurrent small-blob replica copies through the
+//! simulated store (virtual time, so only the daemon's own work costs anything):
+//! CPU time and memory per copy. Run: `cargo bench --bench overhead`.
+//! The figures include the simulated store's own bookkeeping, so they are an upper
+//! bound of the engine's cost.
+
+use std::time::Instant;
+use vhd_replicator::{
+    engine::{schedule::Strategy, Outcome},
+    simulation::{run, Scenario},
+};
+
+fn proc_field(file: &str, key: &str) -> u64 {
+    std::fs::read_to_string(file)
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(key))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// User + system CPU seconds of this process.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after_comm = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = after_comm.split_whitespace().collect();
+    let ticks: u64 = fields.get(11).and_then(|f| f.parse().ok()).unwrap_or(0)
+        + fields.get(12).and_then(|f| f.parse().ok()).unwrap_or(0);
+    ticks as f64 / 100.0
+}
+
+fn main() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .expect("runtime");
+    println!("| strategy | copies | in flight at once | CPU s | CPU ms/copy | peak RSS growth MiB | KiB/copy | wall s |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for strategy in [Strategy::Naive, Strategy::Fanout] {
+        let mut scenario = Scenario::new(10, 1000, 4 * 1024 * 1024, strategy);
+        scenario.max_concurrent_copies = 100;
+        scenario.max_reads_per_source = 100;
+        scenario.max_requests_per_second = 20_000;
+        let rss_before = proc_field("/proc/self/status", "VmRSS:");
+        let cpu_before = cpu_seconds();
+        let wall = Instant::now();
+        let report = runtime.block_on(run(&scenario));
+        let wall = wall.elapsed().as_secs_f64();
+        let cpu = cpu_seconds() - cpu_before;
+        let peak = proc_field("/proc/self/status", "VmHWM:");
+        assert_eq!(report.outcome, Outcome::Completed, "{:?}", report.error);
+        assert_eq!(report.destination_blobs.len(), 1000);
+        let growth_kib = peak.saturating_sub(rss_before) as f64;
+        println!(
+            "| {strategy:?} | 1000 | up to {} | {cpu:.2} | {:.2} | {:.1} | {:.1} | {wall:.2} |",
+            scenario.max_concurrent_copies * scenario.accounts as u32,
+            cpu * 1000.0 / 1000.0,
+            growth_kib / 1024.0,
+            growth_kib / 1000.0,
+        );
+    }
+}

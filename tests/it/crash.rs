@@ -1,0 +1,417 @@
+//! Crash safety and scale-out with the real binary: SIGKILL at random moments,
+//! SIGTERM draining, two instances sharing the work, and no secret in anything the
+//! daemon writes.
+
+use crate::helpers::*;
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use std::{
+    collections::BTreeSet,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+use vhd_replicator::{
+    job::parse_job_json,
+    proxy::{Proxy, ProxyConfig},
+    state::{JobState, ReplicaState},
+};
+
+/// Engine settings that make crash tests quick: a short lease, frequent checkpoints.
+const FAST: &str =
+    "[engine]\nmin_poll_ms = 100\nidle_poll_ms = 100\nlease_seconds = 10\ncheckpoint_seconds = 1\n";
+
+/// A daemon process of the binary.
+struct Daemon {
+    child: Child,
+    log: std::path::PathBuf,
+}
+
+impl Daemon {
+    fn start(
+        config: &std::path::Path,
+        log: std::path::PathBuf,
+        extra_env: &[(&str, &str)],
+    ) -> Self {
+        let file = std::fs::File::create(&log).expect("log file");
+        let mut cmd = Command::new(binary());
+        cmd.args(["run", "--config", config.to_str().unwrap()])
+            .env("VHDREP__SERVICE__LISTEN", "127.0.0.1:0")
+            .stdout(Stdio::null())
+            .stderr(file);
+        for (k, v) in keys().iter().filter(|(k, _)| k.starts_with("VHDREP_KEY_")) {
+            cmd.env(k, v);
+        }
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
+        Self {
+            child: cmd.spawn().expect("daemon starts"),
+            log,
+        }
+    }
+
+    fn kill9(mut self) {
+        self.child.kill().expect("SIGKILL");
+        self.child.wait().unwrap();
+    }
+
+    fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    fn wait_exit(&mut self, within: Duration) -> Option<Duration> {
+        let start = std::time::Instant::now();
+        while start.elapsed() < within {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                assert!(status.success(), "daemon exited with {status}");
+                return Some(start.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One crash trial: a job under way behind a proxy that holds copies pending, the
+/// daemon killed with SIGKILL after `kill_after`, a new daemon started; the job
+/// must complete with exactly the planned replicas and consistent hand-offs.
+async fn crash_trial(kill_after: Duration, seed: u64) {
+    let env = TestEnv::new(FAST);
+    let direct = env.control().await;
+    let proxy = Proxy::start(ProxyConfig {
+        seed,
+        hold_copies: Some(Duration::from_millis(1500)),
+        ..ProxyConfig::transparent(BLOB)
+    })
+    .await
+    .unwrap();
+    let source = env.source_url("crash.vhd");
+    upload_sample(&direct, &source, 2, 1, seed as u8).await;
+    let proxied = env.toml.replace(
+        &format!("blob_endpoint = \"{BLOB}"),
+        &format!("blob_endpoint = \"{}", proxy.url()),
+    );
+    let config = env.dir.path().join("proxied.toml");
+    std::fs::write(&config, proxied).unwrap();
+    let id = format!("crash-{}", env.id);
+    let via_proxy = source.replace(BLOB, &proxy.url());
+    direct
+        .intake
+        .send(&env.job_json(&id, &via_proxy, "windows", 100))
+        .await
+        .unwrap();
+
+    let first = Daemon::start(&config, env.dir.path().join("first.log"), &[]);
+    tokio::time::sleep(kill_after).await;
+    let phase_at_kill = direct
+        .state
+        .load(&id)
+        .await
+        .unwrap()
+        .map(|(d, _)| format!("{:?}/{:?}", d.state, d.phase));
+    first.kill9();
+    let second = Daemon::start(&config, env.dir.path().join("second.log"), &[]);
+    let doc = wait_for_end(&direct, &id, Duration::from_secs(90)).await;
+    assert_eq!(
+        doc.state,
+        JobState::Completed,
+        "killed at {kill_after:?} ({phase_at_kill:?}): {:?}\n{}",
+        doc.error,
+        second.log()
+    );
+    assert_eq!(doc.replicas.len(), 5);
+    assert!(doc
+        .replicas
+        .iter()
+        .all(|r| r.state == ReplicaState::Verified));
+    let planned: BTreeSet<String> = doc
+        .replicas
+        .iter()
+        .map(|r| format!("{}/{}", r.account, r.blob.name))
+        .collect();
+    let mut found = BTreeSet::new();
+    for account in ["dst1", "dst2", "dst3"] {
+        for name in direct
+            .store
+            .list(account, &env.container(), "")
+            .await
+            .unwrap()
+        {
+            assert!(found.insert(format!("{account}/{name}")));
+        }
+    }
+    assert_eq!(
+        found, planned,
+        "killed at {kill_after:?} ({phase_at_kill:?}): extra or missing blobs"
+    );
+    let handoffs = drain(direct.handoff.as_ref()).await;
+    assert!(!handoffs.is_empty(), "at least one hand-off");
+    let first_handoff: serde_json::Value = serde_json::from_str(&handoffs[0]).unwrap();
+    for h in &handoffs {
+        let h: serde_json::Value = serde_json::from_str(h).unwrap();
+        assert_eq!(h, first_handoff, "repeated hand-offs agree");
+    }
+    assert_eq!(first_handoff["job_id"], id.as_str());
+    assert_eq!(first_handoff["image_uris"].as_array().unwrap().len(), 5);
+    drop(second);
+}
+
+/// SIGKILL at 10 seeded random moments across the job's phases; each time a
+/// restarted daemon completes the job with exactly the planned replicas, no extra
+/// blobs, and hand-off messages that agree.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_at_random_moments_then_resume() {
+    let mut rng = StdRng::seed_from_u64(20261129);
+    let moments: Vec<Duration> = (0..10)
+        .map(|_| Duration::from_millis(rng.random_range(300..6000)))
+        .collect();
+    let trials = moments
+        .iter()
+        .enumerate()
+        .map(|(i, m)| crash_trial(*m, 100 + i as u64));
+    futures::future::join_all(trials).await;
+}
+
+/// SIGTERM: the daemon stops taking work, checkpoints, makes its message visible
+/// again at once and exits well within the grace period; another instance then
+/// resumes the job without waiting for the lease to lapse.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_and_hands_the_job_over_promptly() {
+    let env = TestEnv::new("[engine]\nmin_poll_ms = 100\nidle_poll_ms = 100\nlease_seconds = 60\ncheckpoint_seconds = 1\n[service]\nshutdown_grace_seconds = 5\n");
+    let env_toml = env.toml.clone();
+    let direct = env.control().await;
+    let proxy = Proxy::start(ProxyConfig {
+        hold_copies: Some(Duration::from_secs(4)),
+        ..ProxyConfig::transparent(BLOB)
+    })
+    .await
+    .unwrap();
+    let source = env.source_url("term.vhd");
+    upload_sample(&direct, &source, 2, 1, 9).await;
+    let config = env.dir.path().join("proxied.toml");
+    std::fs::write(
+        &config,
+        env_toml.replace(
+            &format!("blob_endpoint = \"{BLOB}"),
+            &format!("blob_endpoint = \"{}", proxy.url()),
+        ),
+    )
+    .unwrap();
+    let id = format!("term-{}", env.id);
+    direct
+        .intake
+        .send(&env.job_json(&id, &source.replace(BLOB, &proxy.url()), "linux", 80))
+        .await
+        .unwrap();
+    let mut first = Daemon::start(&config, env.dir.path().join("first.log"), &[]);
+    // Wait for copies to be under way.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some((d, _)) = direct.state.load(&id).await.unwrap() {
+            if d.replicas.iter().any(|r| r.state == ReplicaState::Copying) {
+                break;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no copy started:\n{}",
+            first.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    first.signal("-TERM");
+    let took = first
+        .wait_exit(Duration::from_secs(8))
+        .unwrap_or_else(|| panic!("no exit within the grace period:\n{}", first.log()));
+    assert!(took < Duration::from_secs(5), "exit took {took:?}");
+    let (d, _) = direct.state.load(&id).await.unwrap().unwrap();
+    assert_eq!(d.state, JobState::Running, "left resumable");
+    assert!(d.owner.is_none(), "the claim was released");
+    let released = tokio::time::Instant::now();
+    let second = Daemon::start(&config, env.dir.path().join("second.log"), &[]);
+    let doc = wait_for_end(&direct, &id, Duration::from_secs(40)).await;
+    assert_eq!(
+        doc.state,
+        JobState::Completed,
+        "{:?}\n{}",
+        doc.error,
+        second.log()
+    );
+    assert!(
+        released.elapsed() < Duration::from_secs(30),
+        "resumed without waiting out the 60 s lease ({:?})",
+        released.elapsed()
+    );
+    let log = first.log();
+    assert!(log.contains("stopping"), "{log}");
+}
+
+/// Two daemons share the queue and the state: several jobs complete with every
+/// replica copied once; killing one mid-job leaves its work to the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_split_the_work_and_survive_one_dying() {
+    let env = TestEnv::new(FAST);
+    let direct = env.control().await;
+    let proxy = Proxy::start(ProxyConfig {
+        hold_copies: Some(Duration::from_secs(2)),
+        ..ProxyConfig::transparent(BLOB)
+    })
+    .await
+    .unwrap();
+    let config = env.dir.path().join("proxied.toml");
+    std::fs::write(
+        &config,
+        env.toml.replace(
+            &format!("blob_endpoint = \"{BLOB}"),
+            &format!("blob_endpoint = \"{}", proxy.url()),
+        ),
+    )
+    .unwrap();
+    let mut ids = Vec::new();
+    for i in 0..4u8 {
+        let source = env.source_url(&format!("two-{i}.vhd"));
+        upload_sample(&direct, &source, 2, 1, 30 + i).await;
+        let id = format!("two-{i}-{}", env.id);
+        direct
+            .intake
+            .send(&env.job_json(&id, &source.replace(BLOB, &proxy.url()), "windows", 60))
+            .await
+            .unwrap();
+        ids.push(id);
+    }
+    let a = Daemon::start(&config, env.dir.path().join("a.log"), &[]);
+    let b = Daemon::start(&config, env.dir.path().join("b.log"), &[]);
+    // Let both take work, then kill one mid-job.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    a.kill9();
+    for id in &ids {
+        let doc = wait_for_end(&direct, id, Duration::from_secs(90)).await;
+        assert_eq!(
+            doc.state,
+            JobState::Completed,
+            "{id}: {:?}\n{}",
+            doc.error,
+            b.log()
+        );
+        assert_eq!(doc.replicas.len(), 3);
+        let mut names = BTreeSet::new();
+        for r in &doc.replicas {
+            assert!(names.insert(r.blob.clone()));
+        }
+    }
+    // Every job's replicas, and nothing else.
+    let mut expected = BTreeSet::new();
+    for id in &ids {
+        let (d, _) = direct.state.load(id).await.unwrap().unwrap();
+        expected.extend(
+            d.replicas
+                .iter()
+                .map(|r| format!("{}/{}", r.account, r.blob.name)),
+        );
+    }
+    let mut found = BTreeSet::new();
+    for account in ["dst1", "dst2", "dst3"] {
+        for name in direct
+            .store
+            .list(account, &env.container(), "")
+            .await
+            .unwrap()
+        {
+            found.insert(format!("{account}/{name}"));
+        }
+    }
+    assert_eq!(found, expected);
+    // No double copying: exactly one Start Copy reached storage per replica.
+    let starts = proxy.copy_starts();
+    assert_eq!(starts.len(), expected.len(), "{starts:?}");
+    assert!(
+        starts.values().all(|n| *n == 1),
+        "a replica was copied twice: {starts:?}"
+    );
+    let handoffs = drain(direct.handoff.as_ref()).await;
+    let handed: BTreeSet<String> = handoffs
+        .iter()
+        .map(|h| {
+            serde_json::from_str::<serde_json::Value>(h).unwrap()["job_id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(handed, ids.iter().cloned().collect::<BTreeSet<_>>());
+}
+
+/// A job run with logs at trace level leaves no account key and no SAS signature
+/// in the logs, the state documents, the hand-off or the metrics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_in_anything_the_daemon_writes() {
+    let env = TestEnv::new(FAST);
+    let direct = env.control().await;
+    let config = env.config_file();
+    let source = env.source_url("secret.vhd");
+    upload_sample(&direct, &source, 2, 1, 40).await;
+    let id = format!("secret-{}", env.id);
+    direct
+        .submit(parse_job_json(&env.job_json(&id, &source, "windows", 60)).unwrap())
+        .await
+        .unwrap();
+    let daemon = Daemon::start(
+        &config,
+        env.dir.path().join("trace.log"),
+        &[("RUST_LOG", "trace")],
+    );
+    let doc = wait_for_end(&direct, &id, Duration::from_secs(60)).await;
+    assert_eq!(doc.state, JobState::Completed, "{:?}", doc.error);
+    let log = daemon.log();
+    assert!(
+        log.len() > 10_000,
+        "trace logging was on ({} bytes)",
+        log.len()
+    );
+    assert!(
+        log.contains("x-ms-copy-source") || log.contains("start_copy") || log.contains("Copy"),
+        "the copies were logged"
+    );
+    let (state_doc, _) = direct
+        .store
+        .read(
+            &vhd_replicator::storage::BlobPath::new(
+                "ops",
+                &direct.settings.control.state_container,
+                &format!("jobs/{id}.json"),
+            ),
+            None,
+        )
+        .await
+        .unwrap();
+    let handoff = drain(direct.handoff.as_ref()).await.join("\n");
+    let everything = [
+        log,
+        String::from_utf8_lossy(&state_doc).into_owned(),
+        handoff,
+        direct.metrics.render(),
+    ];
+    for (what, text) in ["log", "state document", "hand-off", "metrics"]
+        .iter()
+        .zip(&everything)
+    {
+        assert!(!text.contains("sig="), "{what} contains a SAS signature");
+        for (name, key) in keys().iter().filter(|(k, _)| k.starts_with("VHDREP_KEY_")) {
+            assert!(!text.contains(key.as_str()), "{what} contains {name}");
+        }
+    }
+}
