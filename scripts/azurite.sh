@@ -28,9 +28,50 @@ install() {
   fi
 }
 
+# A second Azurite over HTTPS with OAuth (--oauth basic) for the Entra ID tests,
+# with a local CA and a certificate for 127.0.0.1 made with openssl.
+secure_blob=${AZURITE_SECURE_BLOB_PORT:-10100}
+secure_queue=${AZURITE_SECURE_QUEUE_PORT:-10101}
+certificates() {
+  if [ -f "$state/ca.pem" ] && [ -f "$state/tls.pem" ] && [ -f "$state/tls.key" ]; then return 0; fi
+  command -v openssl >/dev/null || { echo "openssl is needed for the HTTPS Azurite" >&2; exit 1; }
+  openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=vhd-replicator test CA" \
+    -keyout "$state/ca.key" -out "$state/ca.pem" >/dev/null 2>&1
+  openssl req -newkey rsa:2048 -nodes -subj "/CN=127.0.0.1" \
+    -keyout "$state/tls.key" -out "$state/tls.csr" >/dev/null 2>&1
+  printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' >"$state/tls.ext"
+  openssl x509 -req -in "$state/tls.csr" -CA "$state/ca.pem" -CAkey "$state/ca.key" -CAcreateserial \
+    -days 3650 -extfile "$state/tls.ext" -out "$state/tls.pem" >/dev/null 2>&1
+}
+
+start_secure() {
+  if listening "$secure_blob" && listening "$secure_queue"; then return 0; fi
+  certificates
+  # NODE_EXTRA_CA_CERTS: Azurite fetches copy sources over HTTPS from itself.
+  NODE_EXTRA_CA_CERTS="$state/ca.pem" nohup node_modules/.bin/azurite \
+    --blobHost 127.0.0.1 --blobPort "$secure_blob" \
+    --queueHost 127.0.0.1 --queuePort "$secure_queue" \
+    --tableHost 127.0.0.1 --tablePort "${AZURITE_SECURE_TABLE_PORT:-10102}" \
+    --cert "$state/tls.pem" --key "$state/tls.key" --oauth basic \
+    --inMemoryPersistence --skipApiVersionCheck --disableProductStyleUrl --disableTelemetry --silent \
+    >"$state/azurite-secure.log" 2>&1 &
+  echo $! >"$state/azurite-secure.pid"
+  for _ in $(seq 1 100); do
+    if listening "$secure_blob" && listening "$secure_queue"; then
+      echo "HTTPS Azurite (OAuth) is up on 127.0.0.1:$secure_blob/$secure_queue" >&2
+      return 0
+    fi
+    sleep 0.2
+  done
+  echo "the HTTPS Azurite did not start; see $state/azurite-secure.log" >&2
+  exit 1
+}
+
 start() {
   if listening "$AZURITE_BLOB_PORT" && listening "$AZURITE_QUEUE_PORT"; then
     echo "Azurite already listening on 127.0.0.1:$AZURITE_BLOB_PORT/$AZURITE_QUEUE_PORT" >&2
+    install
+    start_secure
     return 0
   fi
   install
@@ -46,6 +87,7 @@ start() {
   for _ in $(seq 1 100); do
     if listening "$AZURITE_BLOB_PORT" && listening "$AZURITE_QUEUE_PORT"; then
       echo "Azurite is up (pid $(cat "$pidfile"))" >&2
+      start_secure
       return 0
     fi
     if ! kill -0 "$(cat "$pidfile")" 2>/dev/null; then
@@ -60,6 +102,12 @@ start() {
 }
 
 stop() {
+  for f in "$state/azurite-secure.pid"; do
+    if [ -f "$f" ]; then
+      kill "$(cat "$f")" 2>/dev/null || true
+      rm -f "$f"
+    fi
+  done
   if [ -f "$pidfile" ]; then
     pid="$(cat "$pidfile")"
     if kill -0 "$pid" 2>/dev/null; then
@@ -75,6 +123,7 @@ stop() {
 case "${1:-}" in
   start) start ;;
   stop) stop ;;
-  status) if listening "$AZURITE_BLOB_PORT"; then echo "running"; else echo "stopped"; exit 1; fi ;;
+  status)
+    if listening "$AZURITE_BLOB_PORT" && listening "$secure_blob"; then echo "running"; else echo "stopped"; exit 1; fi ;;
   *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
 esac

@@ -65,7 +65,7 @@ pub struct Submitted {
 impl Control {
     /// Azure (or Azurite) clients for every account.
     pub fn azure(settings: Arc<ValidatedSettings>, metrics: Metrics) -> Result<Self, StorageError> {
-        let transport = shared_transport();
+        let transport = shared_transport(&settings.accounts)?;
         let raw: Arc<dyn BlobStore> = Arc::new(AzureStore::new(&settings.accounts, &transport));
         let control = settings
             .account(&settings.control.account)

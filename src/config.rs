@@ -222,6 +222,10 @@ pub struct AccountSettings {
     /// Storage service version to send, for emulators that lag behind the SDK.
     #[serde(default)]
     pub api_version: Option<String>,
+    /// A PEM file of CA certificates to trust for this account's endpoints (private
+    /// CAs, TLS-intercepting proxies, emulators), besides the system's.
+    #[serde(default)]
+    pub ca_file: Option<String>,
 }
 
 fn default_true() -> bool {
@@ -271,6 +275,8 @@ pub struct AccountConfig {
     pub max_concurrent_copies: u32,
     /// Service version override.
     pub api_version: Option<String>,
+    /// Extra CA certificates (PEM) to trust.
+    pub ca_pem: Option<Vec<u8>>,
 }
 
 /// Settings that passed validation.
@@ -552,8 +558,19 @@ impl Settings {
                 .map_err(|m| problem(&k("queue_endpoint"), m));
             let credential =
                 resolve_credential(a, secrets).map_err(|(field, m)| problem(&k(field), m));
-            if let (Ok(blob_endpoint), Ok(queue_endpoint), Ok(credential)) =
-                (blob, queue, credential)
+            let ca_pem = match &a.ca_file {
+                None => Ok(None),
+                Some(path) => match secrets.file(path) {
+                    Ok(text) if text.contains("-----BEGIN CERTIFICATE-----") => {
+                        Ok(Some(text.into_bytes()))
+                    }
+                    Ok(_) => Err(format!("{path} holds no PEM certificate")),
+                    Err(e) => Err(format!("cannot read {path}: {e}")),
+                }
+                .map_err(|m| problem(&k("ca_file"), m)),
+            };
+            if let (Ok(blob_endpoint), Ok(queue_endpoint), Ok(credential), Ok(ca_pem)) =
+                (blob, queue, credential, ca_pem)
             {
                 accounts.push(AccountConfig {
                     name: a.name.clone(),
@@ -564,6 +581,7 @@ impl Settings {
                     max_requests_per_second: a.max_requests_per_second,
                     max_concurrent_copies: a.max_concurrent_copies,
                     api_version: a.api_version.clone(),
+                    ca_pem,
                 });
             }
         }

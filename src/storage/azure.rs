@@ -28,7 +28,10 @@ use azure_storage_blob::{
         HttpRange,
     },
     BlobClient, BlobClientOptions, BlobContainerClient, BlobContainerClientOptions,
+    BlobServiceClient, BlobServiceClientOptions,
 };
+use azure_storage_common::models::UserDelegationKey;
+use azure_storage_sas::{SasBuilder, SasProtocol};
 use bytes::Bytes;
 use futures::TryStreamExt;
 use std::{collections::HashMap, sync::Arc, time::Duration};
@@ -47,7 +50,13 @@ struct Account {
     token: Option<Arc<dyn TokenCredential>>,
     blob_options: BlobClientOptions,
     container_options: BlobContainerClientOptions,
+    service_options: BlobServiceClientOptions,
+    /// The user delegation key (Entra accounts), reused until near its expiry.
+    delegation_key: tokio::sync::Mutex<Option<UserDelegationKey>>,
 }
+
+/// Longest validity of a user delegation key.
+const MAX_DELEGATION: time::Duration = time::Duration::days(7);
 
 impl std::fmt::Debug for Account {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -85,11 +94,37 @@ pub(crate) fn client_options(
 }
 
 /// The HTTP transport every client shares (no automatic decompression, as the
-/// storage crates require).
-pub(crate) fn shared_transport() -> Transport {
-    Transport::new(new_http_client(Some(HttpClientOptions {
-        automatic_decompression: false,
-    })))
+/// storage crates require), trusting the accounts' extra CA certificates.
+pub(crate) fn shared_transport(accounts: &[AccountConfig]) -> Result<Transport, StorageError> {
+    let extra: Vec<&Vec<u8>> = accounts.iter().filter_map(|a| a.ca_pem.as_ref()).collect();
+    if extra.is_empty() {
+        return Ok(Transport::new(new_http_client(Some(HttpClientOptions {
+            automatic_decompression: false,
+        }))));
+    }
+    let mut builder = reqwest::Client::builder().no_gzip().no_deflate();
+    for pem in extra {
+        let certs = reqwest::Certificate::from_pem_bundle(pem).map_err(|e| {
+            StorageError::other(
+                "tls",
+                "ca_file",
+                ErrorClass::Invalid,
+                format!("bad PEM: {e}"),
+            )
+        })?;
+        for cert in certs {
+            builder = builder.add_root_certificate(cert);
+        }
+    }
+    let client = builder.build().map_err(|e| {
+        StorageError::other(
+            "tls",
+            "ca_file",
+            ErrorClass::Invalid,
+            format!("cannot build the HTTP client: {e}"),
+        )
+    })?;
+    Ok(Transport::new(Arc::new(client)))
 }
 
 /// The SDK's service version, or the override for emulators that lag behind.
@@ -109,12 +144,17 @@ impl AzureStore {
                     ..Default::default()
                 };
                 let mut container_options = BlobContainerClientOptions {
+                    client_options: client_options.clone(),
+                    ..Default::default()
+                };
+                let mut service_options = BlobServiceClientOptions {
                     client_options,
                     ..Default::default()
                 };
                 if let Some(v) = service_version(a) {
                     blob_options.version = v.clone();
-                    container_options.version = v;
+                    container_options.version = v.clone();
+                    service_options.version = v;
                 }
                 let (key, token) = match &a.credential {
                     AccountCredential::SharedKey(k) => (Some(k.clone()), None),
@@ -128,6 +168,8 @@ impl AzureStore {
                         token,
                         blob_options,
                         container_options,
+                        service_options,
+                        delegation_key: tokio::sync::Mutex::new(None),
                     },
                 )
             })
@@ -174,6 +216,45 @@ impl AzureStore {
             Some(account.blob_options.clone()),
         )
         .map_err(|e| map_error(op, blob, e))
+    }
+
+    /// The account's user delegation key, fetched again when it would lapse
+    /// before `until`.
+    async fn delegation_key(
+        &self,
+        account: &Account,
+        name: &str,
+        until: OffsetDateTime,
+    ) -> StorageResult<UserDelegationKey> {
+        const OP: &str = "get_user_delegation_key";
+        let mut cached = account.delegation_key.lock().await;
+        if let Some(key) = cached.as_ref() {
+            if key.signed_expiry.is_some_and(|e| e >= until) {
+                return Ok(key.clone());
+            }
+        }
+        let now = OffsetDateTime::now_utc();
+        let service = BlobServiceClient::new(
+            account.endpoint.clone(),
+            account.token.clone(),
+            Some(account.service_options.clone()),
+        )
+        .map_err(|e| map_error(OP, name, e))?;
+        let info = azure_storage_blob::models::KeyInfo {
+            start: Some(now - SAS_START_SKEW),
+            expiry: Some(
+                (now + MAX_DELEGATION - time::Duration::minutes(1))
+                    .min(until + time::Duration::hours(1)),
+            ),
+            ..Default::default()
+        };
+        let rsp = service
+            .get_user_delegation_key(info.try_into().map_err(|e| map_error(OP, name, e))?, None)
+            .await
+            .map_err(|e| map_error(OP, name, e))?;
+        let key: UserDelegationKey = rsp.into_model().map_err(|e| map_error(OP, name, e))?;
+        *cached = Some(key.clone());
+        Ok(key)
     }
 
     fn container_client(
@@ -263,8 +344,12 @@ impl BlobStore for AzureStore {
         const OP: &str = "copy_source_url";
         let account = self.account(&source.account, OP)?;
         let url = Self::url_of(account, source);
+        // Inside one account the destination's own authorization (Shared Key or
+        // Entra ID) covers reading the source: no SAS.
+        if source.account == dest_account {
+            return Ok(url.to_string());
+        }
         match &account.key {
-            Some(_) if source.account == dest_account => Ok(url.to_string()),
             Some(key) => {
                 let now = OffsetDateTime::now_utc();
                 let protocol = if url.scheme() == "https" {
@@ -287,12 +372,31 @@ impl BlobStore for AzureStore {
                 let sep = if url.query().is_some() { '&' } else { '?' };
                 Ok(format!("{url}{sep}{sas}"))
             }
-            None => Err(StorageError::other(
-                OP,
-                source,
-                ErrorClass::Invalid,
-                "copies from an account with auth = \"entra\" need a user delegation SAS, which this version does not create yet; give the source account a key (key_env or key_file)",
-            )),
+            None => {
+                // Entra ID: a user delegation SAS, read-only, scoped to the blob or snapshot.
+                let now = OffsetDateTime::now_utc();
+                let key = self
+                    .delegation_key(account, &source.account, expiry)
+                    .await?;
+                let key_expiry = key.signed_expiry.unwrap_or(expiry);
+                let mut builder =
+                    SasBuilder::new(source.account.as_str(), &key, expiry.min(key_expiry))
+                        .map_err(|e| map_error(OP, source, e))?
+                        .blob(source.container.as_str(), source.name.as_str())
+                        .read()
+                        .start(now - SAS_START_SKEW)
+                        .protocol(if url.scheme() == "https" {
+                            SasProtocol::Https
+                        } else {
+                            SasProtocol::HttpsAndHttp
+                        });
+                if let Some(s) = &source.snapshot {
+                    builder = builder.snapshot(s.as_str());
+                }
+                let sas = builder.build();
+                let sep = if url.query().is_some() { '&' } else { '?' };
+                Ok(format!("{url}{sep}{sas}"))
+            }
         }
     }
 

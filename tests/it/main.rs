@@ -6,6 +6,7 @@ mod bad_input;
 mod cli;
 mod conformance;
 mod crash;
+mod entra;
 mod helpers;
 mod poison;
 mod proxy;
