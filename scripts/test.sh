@@ -6,6 +6,7 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 
+scripts/tools.sh
 started=0
 if ! scripts/azurite.sh status >/dev/null 2>&1; then
   scripts/azurite.sh start
