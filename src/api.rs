@@ -210,6 +210,22 @@ async fn readyz(State(state): State<AppState>) -> Response {
     }
 }
 
+/// Bytes in binary units, for people.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
 fn escape(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
@@ -236,12 +252,14 @@ async fn status_page(State(state): State<AppState>) -> Response {
             escape(d.job_id.as_str()),
             d.state.as_str(),
             escape(&d.spec.pool.id),
-            d.phase.map(|p| format!("{p:?}")).unwrap_or_default(),
+            d.phase.map(|p| format!("{p:?}").to_lowercase()).unwrap_or_default(),
         ));
         if let Some(e) = &d.error {
             rows.push_str(&format!("<p class=\"error\">{}</p>", escape(e)));
         }
-        rows.push_str("<table><tr><th>#</th><th>account</th><th>state</th><th>progress</th></tr>");
+        rows.push_str(
+            "<table><tr><th>#</th><th>account</th><th>state</th><th>progress</th><th></th></tr>",
+        );
         for r in &d.replicas {
             let p = if r.bytes_total == 0 {
                 0.0
@@ -249,10 +267,12 @@ async fn status_page(State(state): State<AppState>) -> Response {
                 r.bytes_copied as f64 * 100.0 / r.bytes_total as f64
             };
             rows.push_str(&format!(
-                "<tr><td>{}</td><td>{}</td><td>{:?}</td><td><progress max=\"100\" value=\"{p:.0}\"></progress></td></tr>",
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td><progress max=\"100\" value=\"{p:.0}\"></progress></td><td>{p:.0}% of {}{}</td></tr>",
                 r.index,
                 escape(&r.account),
-                r.state
+                format!("{:?}", r.state).to_lowercase(),
+                human_bytes(r.bytes_total),
+                r.error.as_ref().map(|e| format!(" <span class=\"error\">{}</span>", escape(e))).unwrap_or_default(),
             ));
         }
         rows.push_str("</table></section>");

@@ -56,9 +56,12 @@ enum Command {
         /// Job id (idempotency key); generated when absent.
         #[arg(long, conflicts_with = "file")]
         job_id: Option<String>,
-        /// Follow the job; exit 0 only if it completes.
+        /// Follow the job (progress bars on a terminal); exit 0 only if it completes.
         #[arg(long)]
         wait: bool,
+        /// With --wait: print a JSON job view per change instead of bars.
+        #[arg(long, requires = "wait")]
+        json: bool,
     },
     /// Show jobs, or one job.
     Status {
@@ -66,7 +69,8 @@ enum Command {
         config: ConfigArg,
         /// The job to show; all jobs when absent.
         job_id: Option<String>,
-        /// Refresh until the job ends.
+        /// Follow the job until it ends: progress bars per job and replica on a
+        /// terminal, one line per change otherwise (JSON lines with --json).
         #[arg(long)]
         watch: bool,
         /// Print JSON.
@@ -270,6 +274,7 @@ async fn dispatch(command: Command) -> ExitCode {
             pool_id,
             job_id,
             wait,
+            json,
         } => {
             crate::telemetry::init(false);
             let settings = match load(&config.config) {
@@ -309,7 +314,7 @@ async fn dispatch(command: Command) -> ExitCode {
                 );
             }
             if wait {
-                follow(&control, &submitted.job_id).await
+                follow(&control, &submitted.job_id, Display::pick(json)).await
             } else {
                 ExitCode::SUCCESS
             }
@@ -329,7 +334,7 @@ async fn dispatch(command: Command) -> ExitCode {
                 Err(code) => return code,
             };
             match job_id {
-                Some(id) if watch => follow(&control, &id).await,
+                Some(id) if watch => follow(&control, &id, Display::pick(json)).await,
                 Some(id) => match control.state.load(&id).await {
                     Ok(Some((d, _))) => {
                         print_job(&d, json);
@@ -515,18 +520,133 @@ fn print_job(d: &JobDocument, json: bool) {
     }
 }
 
-/// Prints progress until the job ends; exit 0 only if it completed.
-async fn follow(control: &Control, id: &str) -> ExitCode {
+/// How `follow` shows a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Display {
+    /// Progress bars on a terminal (stderr).
+    Bars,
+    /// One summary line per change (pipes, logs).
+    Lines,
+    /// One JSON job view per change (scripts).
+    Json,
+}
+
+impl Display {
+    fn pick(json: bool) -> Self {
+        use std::io::IsTerminal;
+        if json {
+            Display::Json
+        } else if std::io::stderr().is_terminal() {
+            Display::Bars
+        } else {
+            Display::Lines
+        }
+    }
+}
+
+/// Live progress bars: one for the job, one per replica.
+struct Bars {
+    multi: indicatif::MultiProgress,
+    job: indicatif::ProgressBar,
+    replicas: Vec<indicatif::ProgressBar>,
+}
+
+impl Bars {
+    fn new() -> Self {
+        let multi = indicatif::MultiProgress::new();
+        let job = multi.add(indicatif::ProgressBar::new(1));
+        job.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{prefix:.bold} {bar:40.cyan/blue} {percent:>3}% {bytes}/{total_bytes} {msg}",
+            )
+            .expect("static template"),
+        );
+        Self {
+            multi,
+            job,
+            replicas: Vec::new(),
+        }
+    }
+
+    fn update(&mut self, d: &JobDocument) {
+        let total: u64 = d.replicas.iter().map(|r| r.bytes_total).sum();
+        let done: u64 = d
+            .replicas
+            .iter()
+            .map(|r| r.bytes_copied.min(r.bytes_total))
+            .sum();
+        self.job.set_prefix("job");
+        self.job.set_length(total.max(1));
+        self.job.set_position(done);
+        self.job.set_message(format!(
+            "{}{}",
+            d.state.as_str(),
+            d.phase
+                .map(|p| format!(" / {}", format!("{p:?}").to_lowercase()))
+                .unwrap_or_default()
+        ));
+        while self.replicas.len() < d.replicas.len() {
+            let bar = self.multi.add(indicatif::ProgressBar::new(1));
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "  {prefix:>14} {bar:30.green/white} {percent:>3}% {msg}",
+                )
+                .expect("static template"),
+            );
+            self.replicas.push(bar);
+        }
+        for (bar, r) in self.replicas.iter().zip(&d.replicas) {
+            bar.set_prefix(format!("[{}] {}", r.index, r.account));
+            bar.set_length(r.bytes_total.max(1));
+            bar.set_position(r.bytes_copied.min(r.bytes_total));
+            bar.set_message(format!(
+                "{}{}",
+                format!("{:?}", r.state).to_lowercase(),
+                r.error
+                    .as_ref()
+                    .map(|e| format!(": {e}"))
+                    .unwrap_or_default()
+            ));
+        }
+    }
+
+    fn finish(&self) {
+        for bar in &self.replicas {
+            bar.finish();
+        }
+        self.job.finish();
+    }
+}
+
+/// Shows progress until the job ends; exit 0 only if it completed.
+async fn follow(control: &Control, id: &str, display: Display) -> ExitCode {
     let mut last = String::new();
+    let mut bars = (display == Display::Bars).then(Bars::new);
     loop {
         match control.state.load(id).await {
             Ok(Some((d, _))) => {
-                let line = summary_line(&d);
-                if line != last {
-                    println!("{line}");
-                    last = line;
+                match (&mut bars, display) {
+                    (Some(b), _) => b.update(&d),
+                    (None, Display::Json) => {
+                        let line = serde_json::to_string(&job_view(&d)).expect("views serialise");
+                        if line != last {
+                            println!("{line}");
+                            last = line;
+                        }
+                    }
+                    (None, _) => {
+                        let line = summary_line(&d);
+                        if line != last {
+                            println!("{line}");
+                            last = line;
+                        }
+                    }
                 }
                 if d.state.is_terminal() {
+                    if let Some(b) = &bars {
+                        b.finish();
+                        println!("{}", summary_line(&d));
+                    }
                     return if d.state == JobState::Completed {
                         ExitCode::SUCCESS
                     } else {

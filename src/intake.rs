@@ -15,6 +15,9 @@ use time::OffsetDateTime;
 use tokio::{sync::Mutex, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 
+/// How often the queued-jobs gauge is refreshed.
+const QUEUED_GAUGE_EVERY: Duration = Duration::from_secs(15);
+
 /// What goes to the poison queue: the original text and why it was refused.
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct PoisonMessage {
@@ -145,8 +148,13 @@ impl Worker {
         let lease = Duration::from_secs(e.lease_seconds as u64);
         let idle = Duration::from_millis(e.idle_poll_ms);
         let mut jobs: JoinSet<()> = JoinSet::new();
+        let mut gauge_at = tokio::time::Instant::now();
         while !stop.is_cancelled() {
             while jobs.try_join_next().is_some() {}
+            if gauge_at.elapsed() >= QUEUED_GAUGE_EVERY {
+                gauge_at = tokio::time::Instant::now();
+                self.update_queued_gauge().await;
+            }
             let free = (e.max_parallel_jobs as usize).saturating_sub(jobs.len());
             let mut took = 0;
             if free > 0 {
@@ -183,6 +191,22 @@ impl Worker {
         if drained.is_err() {
             tracing::warn!("grace period over; leaving the remaining jobs to be resumed");
             jobs.abort_all();
+        }
+    }
+
+    /// `vhdrep_jobs{state="queued"}`: messages on the intake queue that no job of
+    /// this instance holds (an approximation: the queue counts taken messages too,
+    /// including those other instances run).
+    async fn update_queued_gauge(&self) {
+        match self.intake.approximate_count().await {
+            Ok(n) => {
+                let running = self.engine.live().lock().expect("live lock").len() as u64;
+                self.metrics
+                    .jobs
+                    .with_label_values(&["queued"])
+                    .set(n.saturating_sub(running) as i64);
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot count the intake queue"),
         }
     }
 

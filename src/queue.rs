@@ -50,6 +50,8 @@ pub trait MessageQueue: Send + Sync + fmt::Debug {
     ) -> StorageResult<String>;
     /// Deletes a taken message.
     async fn delete(&self, id: &str, pop_receipt: &str) -> StorageResult<()>;
+    /// Approximately how many messages the queue holds, taken ones included.
+    async fn approximate_count(&self) -> StorageResult<u64>;
 }
 
 /// An Azure Storage queue.
@@ -209,6 +211,21 @@ impl MessageQueue for AzureQueue {
             .map(|_| ())
             .map_err(|e| map_error("delete_message", &self.name, e))
     }
+
+    async fn approximate_count(&self) -> StorageResult<u64> {
+        use azure_storage_queue::models::QueueClientGetPropertiesResultHeaders;
+        const OP: &str = "get_queue_properties";
+        let rsp = self
+            .client
+            .get_properties(None)
+            .await
+            .map_err(|e| map_error(OP, &self.name, e))?;
+        Ok(rsp
+            .approximate_messages_count()
+            .map_err(|e| map_error(OP, &self.name, e))?
+            .unwrap_or(0)
+            .max(0) as u64)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -309,6 +326,10 @@ impl MessageQueue for MemoryQueue {
         m.pop_receipt = uuid::Uuid::new_v4().to_string();
         m.visible_at = tokio::time::Instant::now() + visibility;
         Ok(m.pop_receipt.clone())
+    }
+
+    async fn approximate_count(&self) -> StorageResult<u64> {
+        Ok(self.messages.lock().unwrap().len() as u64)
     }
 
     async fn delete(&self, id: &str, pop_receipt: &str) -> StorageResult<()> {

@@ -607,6 +607,7 @@ impl Engine {
 
         let token = CancellationToken::new();
         let ctx = CopyContext {
+            transition: &checkpoint.transition,
             job,
             live,
             snapshot,
@@ -876,6 +877,9 @@ impl Engine {
             r.bytes_total = ctx.source_len;
             r.error = None;
         });
+        // The copy id must reach the document soon: cancel and resume use it.
+        ctx.transition
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         tracing::debug!(replica = rec.index, account = %dest.account, copy_id = %started.copy_id, "copy started");
         Ok(started.copy_id)
     }
@@ -1044,6 +1048,8 @@ impl Engine {
 }
 
 struct CopyContext<'a> {
+    /// Set when a replica changes state, so the next tick writes the document.
+    transition: &'a std::sync::atomic::AtomicBool,
     job: &'a ValidatedJob,
     live: &'a Arc<Mutex<JobDocument>>,
     snapshot: &'a str,

@@ -203,6 +203,19 @@ async fn plan_submit_wait_and_status_through_the_binary() {
 
     let out = run(&key_env(), &["status", "--config", &config]);
     assert!(String::from_utf8_lossy(&out.stdout).contains(&job_id));
+    // --watch on a pipe prints JSON lines with --json, and exits 0 on a completed job.
+    let out = run(
+        &key_env(),
+        &["status", "--config", &config, &job_id, "--watch", "--json"],
+    );
+    assert_eq!(out.status.code(), Some(0));
+    let last = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .unwrap()
+        .to_owned();
+    let view: serde_json::Value = serde_json::from_str(&last).unwrap();
+    assert_eq!(view["state"], "completed");
     let out = run(&key_env(), &["status", "--config", &config, "no-such-job"]);
     assert_eq!(out.status.code(), Some(1));
     let out = run(&key_env(), &["cancel", "--config", &config, &job_id]);

@@ -200,6 +200,7 @@ async fn queue_suite(q: Arc<dyn MessageQueue>) {
     q.delete(&got[0].id, &renewed).await.unwrap();
     // A message released with visibility 0 comes back with a higher count.
     q.send("again").await.unwrap();
+    assert_eq!(q.approximate_count().await.unwrap(), 1);
     let m = q
         .receive(1, Duration::from_secs(30))
         .await

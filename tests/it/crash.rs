@@ -415,3 +415,78 @@ async fn no_secret_in_anything_the_daemon_writes() {
         }
     }
 }
+
+/// `log_format = "json"`: every line the daemon logs is a JSON object; the job's
+/// lines carry its id from the span; one line per state change, not one per poll.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_carry_the_job_id_and_stay_quiet_while_polling() {
+    let env = TestEnv::new(FAST);
+    let direct = env.control().await;
+    let proxy = Proxy::start(ProxyConfig {
+        hold_copies: Some(Duration::from_secs(2)),
+        ..ProxyConfig::transparent(BLOB)
+    })
+    .await
+    .unwrap();
+    let config = env.dir.path().join("proxied.toml");
+    std::fs::write(
+        &config,
+        env.toml.replace(
+            &format!("blob_endpoint = \"{BLOB}"),
+            &format!("blob_endpoint = \"{}", proxy.url()),
+        ),
+    )
+    .unwrap();
+    let source = env.source_url("logs.vhd");
+    upload_sample(&direct, &source, 2, 1, 41).await;
+    let id = format!("logs-{}", env.id);
+    direct
+        .intake
+        .send(&env.job_json(&id, &source.replace(BLOB, &proxy.url()), "windows", 60))
+        .await
+        .unwrap();
+    let daemon = Daemon::start(
+        &config,
+        env.dir.path().join("json.log"),
+        &[("VHDREP__SERVICE__LOG_FORMAT", "json")],
+    );
+    let doc = wait_for_end(&direct, &id, Duration::from_secs(60)).await;
+    assert_eq!(doc.state, JobState::Completed);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let log = daemon.log();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let of_job: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|l| l["span"]["job_id"] == id.as_str())
+        .collect();
+    let messages: Vec<&str> = of_job
+        .iter()
+        .filter_map(|l| l["message"].as_str())
+        .collect();
+    assert!(
+        messages.contains(&"job running") && messages.contains(&"job completed"),
+        "{messages:?}"
+    );
+    assert_eq!(
+        messages
+            .iter()
+            .filter(|m| **m == "replica verified")
+            .count(),
+        3,
+        "{messages:?}"
+    );
+    let polls: u32 = doc.replicas.iter().map(|r| r.status_requests).sum();
+    assert!(
+        polls as usize > of_job.len() / 2,
+        "polled {polls} times, logged {} lines",
+        of_job.len()
+    );
+    assert!(
+        of_job.len() <= 10,
+        "one line per state change: {messages:?}"
+    );
+}

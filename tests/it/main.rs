@@ -8,6 +8,7 @@ mod conformance;
 mod crash;
 mod entra;
 mod helpers;
+mod observe;
 mod poison;
 mod proxy;
 mod replicate;

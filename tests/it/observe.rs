@@ -1,0 +1,278 @@
+//! Observability against a running job: the live /metrics pass `promtool check
+//! metrics`, a real Prometheus server scrapes the daemon and answers queries for
+//! job progress and copy bytes, and the status page shows the job in headless
+//! Chromium.
+
+use crate::helpers::*;
+use std::{
+    io::Write,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+use vhd_replicator::{
+    job::parse_job_json,
+    proxy::{Proxy, ProxyConfig},
+    state::JobState,
+};
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A job whose copies the proxy holds pending for `hold`, on a running daemon.
+async fn running_job(env: &TestEnv, hold: Duration, seed: u8) -> (TestApp, Proxy, String) {
+    let direct = env.control().await;
+    let proxy = Proxy::start(ProxyConfig {
+        hold_copies: Some(hold),
+        ..ProxyConfig::transparent(BLOB)
+    })
+    .await
+    .unwrap();
+    let source = env.source_url("observe.vhd");
+    upload_sample(&direct, &source, 2, 1, seed).await;
+    let app = TestApp::spawn_with(env.proxied(&proxy.url(), "")).await;
+    let id = format!("observe-{}", env.id);
+    app.control
+        .submit(
+            parse_job_json(&env.job_json(&id, &source.replace(BLOB, &proxy.url()), "windows", 60))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    (app, proxy, id)
+}
+
+async fn query(prometheus: &str, q: &str) -> Vec<serde_json::Value> {
+    let mut url = url::Url::parse(&format!("{prometheus}/api/v1/query")).unwrap();
+    url.query_pairs_mut().append_pair("query", q);
+    let Ok(rsp) = reqwest::Client::new().get(url).send().await else {
+        return Vec::new(); // not up yet
+    };
+    let rsp: serde_json::Value = rsp.json().await.unwrap_or_default();
+    rsp["data"]["result"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// promtool accepts the live exposition (mid-job, per-job gauge included), and a
+/// real Prometheus scraping the daemon answers for job progress and copy bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_scrapes_progress_and_bytes_and_promtool_agrees() {
+    let env = TestEnv::new("[engine]\ncheckpoint_seconds = 1\n");
+    let (app, _proxy, id) = running_job(&env, Duration::from_secs(4), 80).await;
+    let port = free_port();
+    let dir = env.dir.path();
+    std::fs::write(
+        dir.join("prometheus.yml"),
+        format!("global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: vhd-replicator\n    static_configs:\n      - targets: [\"{}\"]\n", app.addr),
+    )
+    .unwrap();
+    let prometheus = Killed(
+        Command::new("prometheus")
+            .arg(format!(
+                "--config.file={}",
+                dir.join("prometheus.yml").display()
+            ))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("tsdb").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("prometheus runs (scripts/test.sh installs it)"),
+    );
+    let base = format!("http://127.0.0.1:{port}");
+    let ready = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !reqwest::get(format!("{base}/-/ready"))
+        .await
+        .is_ok_and(|r| r.status().is_success())
+    {
+        assert!(
+            tokio::time::Instant::now() < ready,
+            "Prometheus did not become ready"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Mid-job: progress is exported per job, and promtool accepts the exposition.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut seen_progress = false;
+    let mut checked = false;
+    while tokio::time::Instant::now() < deadline && !(seen_progress && checked) {
+        let text = reqwest::get(app.url("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if !checked && text.contains(&format!("vhdrep_job_progress_ratio{{job_id=\"{id}\"}}")) {
+            let mut promtool = Command::new("promtool")
+                .args(["check", "metrics"])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            promtool
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(text.as_bytes())
+                .unwrap();
+            let out = promtool.wait_with_output().unwrap();
+            assert!(
+                out.status.success(),
+                "promtool: {}{}\n{text}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            checked = true;
+        }
+        if !seen_progress {
+            let r = query(
+                &base,
+                &format!("vhdrep_job_progress_ratio{{job_id=\"{id}\"}}"),
+            )
+            .await;
+            seen_progress = !r.is_empty();
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(checked, "the per-job gauge never showed on /metrics");
+    assert!(
+        seen_progress,
+        "Prometheus never answered for the job's progress"
+    );
+
+    let doc = wait_for_end(&app.control, &id, Duration::from_secs(60)).await;
+    assert_eq!(doc.state, JobState::Completed);
+    let expected: f64 = doc.replicas.iter().map(|r| r.bytes_total as f64).sum();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = query(&base, "sum(vhdrep_copy_bytes_total)").await;
+        let got: f64 = r
+            .first()
+            .and_then(|v| v["value"][1].as_str()?.parse().ok())
+            .unwrap_or(0.0);
+        if got == expected {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "copy bytes in Prometheus: {got}, expected {expected}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let finished = query(&base, "vhdrep_jobs_finished_total{outcome=\"completed\"}").await;
+    assert_eq!(
+        finished.first().and_then(|v| v["value"][1].as_str()),
+        Some("1")
+    );
+    drop(prometheus);
+    app.shutdown().await;
+}
+
+/// The status page, loaded in headless Chromium during a job, shows the job, its
+/// state and a progress bar per replica with its account.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_page_shows_the_running_job_in_chromium() {
+    let env = TestEnv::new("[engine]\ncheckpoint_seconds = 1\n");
+    let (app, _proxy, id) = running_job(&env, Duration::from_secs(8), 81).await;
+    // Wait until copies are under way.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !app
+        .control
+        .state
+        .load(&id)
+        .await
+        .unwrap()
+        .is_some_and(|(d, _)| d.replicas.iter().any(|r| r.copy_id.is_some()))
+    {
+        assert!(tokio::time::Instant::now() < deadline, "no copy started");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let profile = env.dir.path().join("chromium");
+    let screenshot = env.dir.path().join("status.png");
+    let url = app.url("/");
+    let (dom, shot) = tokio::task::spawn_blocking(move || {
+        let common = |c: &mut Command| {
+            c.args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ])
+            .arg(format!("--user-data-dir={}", profile.display()));
+        };
+        let mut dump = Command::new("chromium");
+        common(&mut dump);
+        let dom = dump
+            .args(["--dump-dom", &url])
+            .output()
+            .expect("chromium runs (scripts/test.sh installs it)");
+        let mut shot = Command::new("chromium");
+        common(&mut shot);
+        let shot = shot
+            .arg(format!("--screenshot={}", screenshot.display()))
+            .args(["--window-size=1200,800", &url])
+            .output()
+            .unwrap();
+        (
+            String::from_utf8_lossy(&dom.stdout).into_owned(),
+            (shot.status.success(), screenshot),
+        )
+    })
+    .await
+    .unwrap();
+    assert!(dom.contains("<h1>vhd-replicator</h1>"), "{dom}");
+    assert!(dom.contains(&id), "the job is listed: {dom}");
+    assert!(dom.contains("running"), "its state is shown: {dom}");
+    assert_eq!(
+        dom.matches("<progress").count(),
+        1 + 3,
+        "a bar for the job and one per replica: {dom}"
+    );
+    for account in ["dst1", "dst2", "dst3"] {
+        assert!(dom.contains(account), "replica account {account} shown");
+    }
+    assert!(
+        dom.contains("http-equiv=\"refresh\""),
+        "the page refreshes itself"
+    );
+    assert!(
+        !dom.contains("<script src") && !dom.contains("<link"),
+        "no external assets"
+    );
+    assert!(
+        shot.0
+            && std::fs::metadata(&shot.1)
+                .map(|m| m.len() > 1000)
+                .unwrap_or(false),
+        "a screenshot was taken"
+    );
+    if let Ok(dir) = std::env::var("VHDREP_SCREENSHOT_DIR") {
+        std::fs::copy(&shot.1, std::path::Path::new(&dir).join("status-page.png")).unwrap();
+    }
+    wait_for_end(&app.control, &id, Duration::from_secs(60)).await;
+    app.shutdown().await;
+}
