@@ -58,6 +58,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/jobs", post(submit).get(list_jobs))
         .route("/v1/jobs/{id}", get(get_job))
         .route("/v1/jobs/{id}/cancel", post(cancel_job))
+        .route("/v1/pools/{id}", get(get_pool))
         .with_state(state)
 }
 
@@ -99,6 +100,7 @@ pub fn job_view(d: &JobDocument) -> Value {
         "created_at": d.created_at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
         "updated_at": d.updated_at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
         "cancel_requested": d.cancel_requested,
+        "image_set": d.image_set,
         "progress": d.progress(),
         "replicas": d.replicas.iter().map(|r| json!({
             "uri": r.uri,
@@ -179,6 +181,34 @@ async fn cancel_job(
     match state.control.cancel(&id).await {
         Ok(d) => (StatusCode::ACCEPTED, Json(json!({ "job_id": d.job_id, "state": d.state, "cancel_requested": d.cancel_requested }))).into_response(),
         Err(StateError::NotFound(_)) => error(StatusCode::NOT_FOUND, format!("no job {id}")),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+/// The JSON view of a pool's image sets (CONTRACT.md `GET /v1/pools/{id}`).
+pub fn pool_view(r: &crate::state::PoolRecord) -> Value {
+    let current = r.sets.last();
+    json!({
+        "pool_id": r.pool_id,
+        "source": current.map(|s| s.source.clone()),
+        "snapshot": current.map(|s| s.source_snapshot.clone()),
+        "replicas": current.map(|s| s.replicas.iter().map(|x| json!({"uri": x.uri, "account": x.account, "job_id": x.job_id, "state": "verified"})).collect::<Vec<_>>()).unwrap_or_default(),
+        "image_sets": r.sets.iter().map(|s| json!({
+            "source": s.source,
+            "snapshot": s.source_snapshot,
+            "source_etag": s.source_etag,
+            "bytes": s.source_bytes,
+            "created_at": s.created_at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
+            "updated_at": s.updated_at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
+            "replicas": s.replicas.iter().map(|x| json!({"uri": x.uri, "account": x.account, "job_id": x.job_id})).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+async fn get_pool(State(state): State<AppState>, Path(id): Path<String>) -> Response {
+    match state.control.state.load_pool(&id).await {
+        Ok(Some((r, _))) => Json(pool_view(&r)).into_response(),
+        Ok(None) => error(StatusCode::NOT_FOUND, format!("no image set for pool {id}")),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
 }

@@ -90,6 +90,28 @@ impl Control {
         poison: Arc<dyn MessageQueue>,
         handoff: Arc<dyn MessageQueue>,
     ) -> Self {
+        Self::with_retry(
+            settings,
+            metrics,
+            raw_store,
+            intake,
+            poison,
+            handoff,
+            RetryPolicy::default(),
+        )
+    }
+
+    /// Like [`Control::from_parts`] with a chosen request retry policy (a seeded
+    /// jitter makes simulations repeatable).
+    pub fn with_retry(
+        settings: Arc<ValidatedSettings>,
+        metrics: Metrics,
+        raw_store: Arc<dyn BlobStore>,
+        intake: Arc<dyn MessageQueue>,
+        poison: Arc<dyn MessageQueue>,
+        handoff: Arc<dyn MessageQueue>,
+        retry: RetryPolicy,
+    ) -> Self {
         let limits = Arc::new(AccountLimits::new(settings.accounts.iter().map(|a| {
             (
                 a.name.clone(),
@@ -101,7 +123,7 @@ impl Control {
             raw_store,
             limits.clone(),
             metrics.clone(),
-            RetryPolicy::default(),
+            retry,
         ));
         let state = StateStore::new(
             store.clone(),

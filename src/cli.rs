@@ -76,6 +76,9 @@ enum Command {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// Show a pool's image set instead of jobs.
+        #[arg(long, conflicts_with_all = ["job_id", "watch"])]
+        pool: Option<String>,
     },
     /// Ask for a job to be cancelled (its copies are aborted).
     Cancel {
@@ -324,6 +327,7 @@ async fn dispatch(command: Command) -> ExitCode {
             job_id,
             watch,
             json,
+            pool,
         } => {
             let settings = match load(&config.config) {
                 Ok(s) => s,
@@ -333,6 +337,39 @@ async fn dispatch(command: Command) -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
+            if let Some(pool) = pool {
+                return match control.state.load_pool(&pool).await {
+                    Ok(Some((r, _))) => {
+                        if json {
+                            println!(
+                                "{}",
+                                serde_json::to_string_pretty(&crate::api::pool_view(&r)).unwrap()
+                            );
+                        } else {
+                            for (i, set) in r.sets.iter().enumerate() {
+                                let current = if i + 1 == r.sets.len() {
+                                    " (current)"
+                                } else {
+                                    ""
+                                };
+                                println!(
+                                    "image set {i}{current}: {} @ {}, {} replicas, created {}",
+                                    set.source,
+                                    set.source_snapshot,
+                                    set.replicas.len(),
+                                    set.created_at.date()
+                                );
+                                for x in &set.replicas {
+                                    println!("  {:<12} {}", x.account, x.uri);
+                                }
+                            }
+                        }
+                        ExitCode::SUCCESS
+                    }
+                    Ok(None) => failed(format!("no image set for pool {pool}")),
+                    Err(e) => failed(e),
+                };
+            }
             match job_id {
                 Some(id) if watch => follow(&control, &id, Display::pick(json)).await,
                 Some(id) => match control.state.load(&id).await {

@@ -226,6 +226,9 @@ pub struct AccountSettings {
     /// CAs, TLS-intercepting proxies, emulators), besides the system's.
     #[serde(default)]
     pub ca_file: Option<String>,
+    /// Most replicas (of all pools) this account may hold; unlimited when unset.
+    #[serde(default)]
+    pub max_replicas: Option<u32>,
 }
 
 fn default_true() -> bool {
@@ -277,6 +280,8 @@ pub struct AccountConfig {
     pub api_version: Option<String>,
     /// Extra CA certificates (PEM) to trust.
     pub ca_pem: Option<Vec<u8>>,
+    /// Most replicas this account may hold.
+    pub max_replicas: Option<u32>,
 }
 
 /// Settings that passed validation.
@@ -537,6 +542,12 @@ impl Settings {
             if a.max_requests_per_second == 0 {
                 problem(&k("max_requests_per_second"), "must be at least 1".into());
             }
+            if a.max_replicas == Some(0) {
+                problem(
+                    &k("max_replicas"),
+                    "must be at least 1; remove it for no limit, or set destination = false".into(),
+                );
+            }
             if a.max_concurrent_copies == 0 {
                 problem(&k("max_concurrent_copies"), "must be at least 1".into());
             }
@@ -582,6 +593,7 @@ impl Settings {
                     max_concurrent_copies: a.max_concurrent_copies,
                     api_version: a.api_version.clone(),
                     ca_pem,
+                    max_replicas: a.max_replicas,
                 });
             }
         }

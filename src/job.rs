@@ -411,6 +411,12 @@ impl JobSpec {
                 out
             }
         };
+        let capacity: std::collections::BTreeMap<String, Option<u32>> = accounts
+            .iter()
+            .map(|a| (a.clone(), settings.account(a).and_then(|c| c.max_replicas)))
+            .collect();
+        crate::plan::place_more(replicas, &accounts, &Default::default(), &capacity)
+            .map_err(|e| JobError::new("replicas", e.to_string()))?;
         let container = self
             .container
             .clone()

@@ -50,6 +50,72 @@ pub fn place(count: u32, accounts: &[String]) -> Vec<String> {
         .collect()
 }
 
+/// The configured accounts cannot hold the replicas.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the accounts {accounts:?} hold at most {capacity} more replicas but {wanted} are needed; add {accounts_needed} more destination account(s) of the same capacity, or raise max_replicas")]
+pub struct CapacityError {
+    /// Accounts considered.
+    pub accounts: Vec<String>,
+    /// Replicas they can still take.
+    pub capacity: u64,
+    /// Replicas wanted.
+    pub wanted: u32,
+    /// How many more accounts like the largest would be needed.
+    pub accounts_needed: u64,
+}
+
+/// Places `count` more replicas over `accounts`, each time into the account holding
+/// the fewest (`held` counts what each holds already), never beyond an account's
+/// capacity (`None`: unlimited). Ties go to the earlier account.
+pub fn place_more(
+    count: u32,
+    accounts: &[String],
+    held: &BTreeMap<String, u32>,
+    capacity: &BTreeMap<String, Option<u32>>,
+) -> Result<Vec<String>, CapacityError> {
+    let mut counts: Vec<(String, u32, Option<u32>)> = accounts
+        .iter()
+        .map(|a| {
+            (
+                a.clone(),
+                held.get(a).copied().unwrap_or(0),
+                capacity.get(a).copied().flatten(),
+            )
+        })
+        .collect();
+    let room: Option<u64> = counts.iter().try_fold(0u64, |sum, (_, n, cap)| {
+        cap.map(|c| sum + u64::from(c.saturating_sub(*n)))
+    });
+    if let Some(room) = room {
+        if room < u64::from(count) {
+            let largest = counts
+                .iter()
+                .filter_map(|(_, _, c)| *c)
+                .max()
+                .unwrap_or(1)
+                .max(1);
+            let missing = u64::from(count) - room;
+            return Err(CapacityError {
+                accounts: accounts.to_vec(),
+                capacity: room,
+                wanted: count,
+                accounts_needed: missing.div_ceil(u64::from(largest)),
+            });
+        }
+    }
+    let mut out = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        let pick = counts
+            .iter_mut()
+            .filter(|(_, n, cap)| cap.is_none_or(|c| *n < c))
+            .min_by_key(|(_, n, _)| *n)
+            .expect("room was checked");
+        pick.1 += 1;
+        out.push(pick.0.clone());
+    }
+    Ok(out)
+}
+
 /// The deterministic name of replica `index` of a job, so a re-run finds its own
 /// blobs: `<pool>/<job>/<source stem>-<index>.vhd`.
 pub fn replica_name(pool_id: &str, job_id: &str, source_name: &str, index: u32) -> String {
@@ -112,6 +178,34 @@ mod tests {
     fn five_over_three_is_two_two_one() {
         let p = place(5, &names(3));
         assert_eq!(p, vec!["dst0", "dst1", "dst2", "dst0", "dst1"]);
+    }
+
+    #[test]
+    fn top_ups_fill_the_emptiest_accounts_within_capacity() {
+        let accounts = names(3);
+        let held = BTreeMap::from([
+            ("dst0".to_owned(), 4),
+            ("dst1".to_owned(), 3),
+            ("dst2".to_owned(), 3),
+        ]);
+        let cap = BTreeMap::from([("dst2".to_owned(), Some(4))]);
+        let placed = place_more(5, &accounts, &held, &cap).unwrap();
+        let mut per = BTreeMap::new();
+        for a in &placed {
+            *per.entry(a.as_str()).or_insert(0) += 1;
+        }
+        assert_eq!(per, BTreeMap::from([("dst0", 2), ("dst1", 2), ("dst2", 1)]));
+        let all_capped = BTreeMap::from([
+            ("dst0".to_owned(), Some(5)),
+            ("dst1".to_owned(), Some(5)),
+            ("dst2".to_owned(), Some(5)),
+        ]);
+        let e = place_more(10, &accounts, &held, &all_capped).unwrap_err();
+        assert_eq!((e.capacity, e.accounts_needed), (5, 1));
+        assert!(
+            e.to_string().contains("add 1 more destination account"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -156,13 +156,17 @@ pub async fn run(scenario: &Scenario) -> Report {
         scenario.vhd_bytes + 512,
         Bytes::copy_from_slice(&footer),
     );
-    let control = Control::from_parts(
+    let control = Control::with_retry(
         Arc::new(settings),
         Metrics::new(),
         store.clone(),
         Arc::new(MemoryQueue::new("intake")),
         Arc::new(MemoryQueue::new("poison")),
         Arc::new(MemoryQueue::new("handoff")),
+        crate::storage::retry::RetryPolicy {
+            jitter_seed: Some(scenario.sim.seed),
+            ..Default::default()
+        },
     );
     let started = tokio::time::Instant::now();
     // The control plane sees the same faults as the destinations: keep trying.

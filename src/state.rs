@@ -107,6 +107,9 @@ pub struct ReplicaRecord {
     /// Why it failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Made by an earlier job of the pool's image set and reused by this one.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub inherited: bool,
 }
 
 /// The durable record of a job.
@@ -139,12 +142,18 @@ pub struct JobDocument {
     /// Length of the source in bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_bytes: Option<u64>,
+    /// The source's ETag when it was snapshotted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_etag: Option<String>,
     /// Replicas, by index.
     #[serde(default)]
     pub replicas: Vec<ReplicaRecord>,
     /// The hand-off as sent (recorded before it is sent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub handoff: Option<serde_json::Value>,
+    /// How the job relates to the pool's image set (top-up, new set and why).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_set: Option<String>,
     /// The instance running the job and until when its claim holds (renewed by
     /// every checkpoint; cleared when the instance stops).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -176,8 +185,10 @@ impl JobDocument {
             cancel_requested: false,
             source_snapshot: None,
             source_bytes: None,
+            source_etag: None,
             replicas: Vec::new(),
             handoff: None,
+            image_set: None,
             owner: None,
         }
     }
@@ -369,6 +380,117 @@ impl StateStore {
                 .then(b.job_id.cmp(&a.job_id))
         });
         Ok(docs)
+    }
+}
+
+/// One replica of a pool's image set.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetReplica {
+    /// Account.
+    pub account: String,
+    /// Blob URL (no SAS).
+    pub uri: String,
+    /// The blob.
+    pub blob: BlobPath,
+    /// The job that made it.
+    pub job_id: String,
+}
+
+/// The identical replicas a pool's nodes boot from, all copies of one snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageSet {
+    /// Source URL as submitted.
+    pub source: String,
+    /// The source blob.
+    pub source_blob: BlobPath,
+    /// The snapshot every replica holds.
+    pub source_snapshot: String,
+    /// The source's ETag when the snapshot was taken.
+    pub source_etag: String,
+    /// Length of the VHD.
+    pub source_bytes: u64,
+    /// The replicas, in hand-off order.
+    pub replicas: Vec<SetReplica>,
+    /// When the set was started.
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    /// Last change.
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+}
+
+/// Everything the daemon made for one pool: its image sets, newest last.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolRecord {
+    /// Batch pool id.
+    pub pool_id: String,
+    /// Image sets, oldest first; the last is the current one.
+    pub sets: Vec<ImageSet>,
+}
+
+impl StateStore {
+    fn pool_path(&self, pool_id: &str) -> BlobPath {
+        BlobPath::new(
+            &self.account,
+            &self.container,
+            &format!("pools/{pool_id}.json"),
+        )
+    }
+
+    /// A pool's record and its ETag.
+    pub async fn load_pool(
+        &self,
+        pool_id: &str,
+    ) -> Result<Option<(PoolRecord, String)>, StateError> {
+        match self.store.read(&self.pool_path(pool_id), None).await {
+            Ok((bytes, etag)) => serde_json::from_slice(&bytes)
+                .map(|r| Some((r, etag)))
+                .map_err(|e| StateError::Corrupt(format!("pools/{pool_id}"), e.to_string())),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Changes a pool's record (creating it), again from the start whenever another
+    /// writer got there first.
+    pub async fn update_pool(
+        &self,
+        pool_id: &str,
+        mut change: impl FnMut(&mut PoolRecord),
+    ) -> Result<PoolRecord, StateError> {
+        loop {
+            let (mut record, condition) = match self.load_pool(pool_id).await? {
+                Some((r, etag)) => (r, Condition::IfMatch(etag)),
+                None => (
+                    PoolRecord {
+                        pool_id: pool_id.to_owned(),
+                        sets: Vec::new(),
+                    },
+                    Condition::IfAbsent,
+                ),
+            };
+            change(&mut record);
+            let bytes =
+                Bytes::from(serde_json::to_vec_pretty(&record).expect("pool records serialise"));
+            match self
+                .store
+                .put_block_blob(&self.pool_path(pool_id), bytes, condition)
+                .await
+            {
+                Ok(_) => return Ok(record),
+                Err(e)
+                    if matches!(
+                        e.class,
+                        ErrorClass::PreconditionFailed
+                            | ErrorClass::Conflict
+                            | ErrorClass::NotFound
+                    ) =>
+                {
+                    continue
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 }
 

@@ -436,6 +436,78 @@ impl Engine {
         vhd::check_footer(&footer, props.len)
             .map_err(|e| Failure::Fatal(format!("source {source_url}: {e}")))?;
 
+        // The pool's image set: a job for a pool that already has replicas of this
+        // unchanged source tops the set up instead of copying it all again.
+        let pool_id = job.spec.pool.id.clone();
+        let fresh = live
+            .lock()
+            .expect("live doc lock")
+            .source_snapshot
+            .is_none();
+        let mut inherited: Vec<crate::state::SetReplica> = Vec::new();
+        if fresh {
+            let record = self
+                .state
+                .load_pool(&pool_id)
+                .await
+                .map_err(Failure::from_state)?
+                .map(|(r, _)| r);
+            if let Some(set) = record.as_ref().and_then(|r| r.sets.last()) {
+                let same_source = set.source == job.spec.source;
+                let snapshot_there = same_source
+                    && set.source_etag == props.etag
+                    && match self
+                        .store
+                        .properties(&job.source.at_snapshot(&set.source_snapshot))
+                        .await
+                    {
+                        Ok(_) => true,
+                        Err(e) if e.is_not_found() => false,
+                        Err(e) => return Err(Failure::from_storage("image set snapshot", &e)),
+                    };
+                let note = if snapshot_there {
+                    for r in &set.replicas {
+                        match self.store.properties(&r.blob).await {
+                            Ok(p)
+                                if p.kind == BlobKind::Page
+                                    && p.len == set.source_bytes
+                                    && p.metadata.get(plan::META_POOL) == Some(&pool_id)
+                                    && p.metadata.get(plan::META_SNAPSHOT)
+                                        == Some(&set.source_snapshot) =>
+                            {
+                                inherited.push(r.clone())
+                            }
+                            Ok(_) => {}
+                            Err(e) if e.is_not_found() => {}
+                            Err(e) => return Err(Failure::from_storage("image set replica", &e)),
+                        }
+                    }
+                    let mut doc = live.lock().expect("live doc lock");
+                    doc.source_snapshot = Some(set.source_snapshot.clone());
+                    doc.source_bytes = Some(set.source_bytes);
+                    format!(
+                        "top-up of the pool's image set of {}: {} of its {} replicas reused",
+                        set.created_at.date(),
+                        inherited.len().min(job.replicas as usize),
+                        set.replicas.len()
+                    )
+                } else if same_source {
+                    format!(
+                        "new image set: the source changed since the pool's image set of {} (which stays until the pool is retired)",
+                        set.created_at.date()
+                    )
+                } else {
+                    format!(
+                        "new image set: the pool's image set of {} is of another source, {} (it stays until the pool is retired)",
+                        set.created_at.date(),
+                        set.source
+                    )
+                };
+                tracing::info!(pool = %pool_id, "{note}");
+                live.lock().expect("live doc lock").image_set = Some(note);
+            }
+        }
+
         // Freeze the source: every replica comes from one snapshot.
         let existing_snapshot = live.lock().expect("live doc lock").source_snapshot.clone();
         let snapshot = match existing_snapshot {
@@ -460,6 +532,7 @@ impl Engine {
                     let mut doc = live.lock().expect("live doc lock");
                     doc.source_snapshot = Some(s.clone());
                     doc.source_bytes = Some(props.len);
+                    doc.source_etag = Some(props.etag.clone());
                 }
                 checkpoint.save(live).await.map_err(save)?;
                 tracing::info!(snapshot = %s, bytes = props.len, "source frozen in a snapshot");
@@ -472,30 +545,84 @@ impl Engine {
             .source_bytes
             .unwrap_or(props.len);
 
-        // The plan, recorded once so a resume keeps the same names and places.
-        let plan = plan::plan(job);
-        {
-            let mut doc = live.lock().expect("live doc lock");
-            if doc.replicas.is_empty() {
-                for r in &plan.replicas {
-                    let uri = self
-                        .store
-                        .blob_url(&r.blob)
-                        .map(|u| u.to_string())
-                        .unwrap_or_default();
-                    doc.replicas.push(ReplicaRecord {
-                        index: r.index,
-                        account: r.blob.account.clone(),
-                        uri,
-                        blob: r.blob.clone(),
-                        state: ReplicaState::Pending,
-                        copy_id: None,
-                        bytes_copied: 0,
-                        bytes_total: source_len,
-                        attempts: 0,
-                        status_requests: 0,
-                        error: None,
-                    });
+        // The plan, recorded once so a resume keeps the same names and places:
+        // replicas kept from the image set first, then new ones where fewest are.
+        if live.lock().expect("live doc lock").replicas.is_empty() {
+            let keep = inherited.len().min(job.replicas as usize);
+            let (kept, surplus) = inherited.split_at(keep);
+            let mut held: std::collections::BTreeMap<String, u32> = Default::default();
+            for r in kept {
+                *held.entry(r.account.clone()).or_default() += 1;
+            }
+            let capacity = job
+                .accounts
+                .iter()
+                .map(|a| {
+                    (
+                        a.clone(),
+                        self.settings.account(a).and_then(|c| c.max_replicas),
+                    )
+                })
+                .collect();
+            let places =
+                plan::place_more(job.replicas - keep as u32, &job.accounts, &held, &capacity)
+                    .map_err(|e| Failure::Fatal(e.to_string()))?;
+            let mut records = Vec::with_capacity(job.replicas as usize);
+            for (i, r) in kept.iter().enumerate() {
+                records.push(ReplicaRecord {
+                    index: i as u32,
+                    account: r.account.clone(),
+                    uri: r.uri.clone(),
+                    blob: r.blob.clone(),
+                    state: ReplicaState::Verified,
+                    copy_id: None,
+                    bytes_copied: source_len,
+                    bytes_total: source_len,
+                    attempts: 0,
+                    status_requests: 0,
+                    error: None,
+                    inherited: true,
+                });
+            }
+            for (i, account) in places.into_iter().enumerate() {
+                let index = (keep + i) as u32;
+                let blob = BlobPath::new(
+                    &account,
+                    &job.container,
+                    &plan::replica_name(&pool_id, job.id.as_str(), &job.source.name, index),
+                );
+                let uri = self
+                    .store
+                    .blob_url(&blob)
+                    .map(|u| u.to_string())
+                    .unwrap_or_default();
+                records.push(ReplicaRecord {
+                    index,
+                    account,
+                    uri,
+                    blob,
+                    state: ReplicaState::Pending,
+                    copy_id: None,
+                    bytes_copied: 0,
+                    bytes_total: source_len,
+                    attempts: 0,
+                    status_requests: 0,
+                    error: None,
+                    inherited: false,
+                });
+            }
+            live.lock().expect("live doc lock").replicas = records;
+            checkpoint.save(live).await.map_err(save)?;
+            // A smaller pool: the set's surplus replicas go.
+            for r in surplus {
+                match self.store.delete(&r.blob).await {
+                    Ok(()) => {
+                        tracing::info!(blob = %r.blob, "surplus replica of a smaller pool deleted")
+                    }
+                    Err(e) if e.is_not_found() => {}
+                    Err(e) => {
+                        tracing::warn!(blob = %r.blob, error = %e, "could not delete a surplus replica")
+                    }
                 }
             }
         }
@@ -512,8 +639,12 @@ impl Engine {
         self.copy_all(job, live, checkpoint, stop, &snapshot, source_len)
             .await?;
 
-        // Hand-off: recorded before it is sent, so a repeat sends the same thing.
+        // The pool's image set now holds exactly this job's replicas.
         set_phase(live, Phase::HandingOff);
+        self.record_image_set(job, live, &snapshot, source_len)
+            .await?;
+
+        // Hand-off: recorded before it is sent, so a repeat sends the same thing.
         let recorded = live.lock().expect("live doc lock").handoff.clone();
         let handoff: HandOff = match recorded.and_then(|v| serde_json::from_value(v).ok()) {
             Some(h) => h,
@@ -545,6 +676,70 @@ impl Engine {
         Ok(())
     }
 
+    /// Writes the pool's image set: the current set (same snapshot) takes this job's
+    /// replicas, or a new set starts.
+    async fn record_image_set(
+        &self,
+        job: &ValidatedJob,
+        live: &Mutex<JobDocument>,
+        snapshot: &str,
+        source_len: u64,
+    ) -> Result<(), Failure> {
+        let (mut records, etag) = {
+            let doc = live.lock().expect("live doc lock");
+            (doc.replicas.clone(), doc.source_etag.clone())
+        };
+        records.sort_by_key(|r| r.index);
+        let now = OffsetDateTime::now_utc();
+        self.state
+            .update_pool(&job.spec.pool.id, |record| {
+                let previous: HashMap<BlobPath, String> = record
+                    .sets
+                    .iter()
+                    .flat_map(|s| {
+                        s.replicas
+                            .iter()
+                            .map(|r| (r.blob.clone(), r.job_id.clone()))
+                    })
+                    .collect();
+                let replicas = records
+                    .iter()
+                    .map(|r| crate::state::SetReplica {
+                        account: r.account.clone(),
+                        uri: r.uri.clone(),
+                        blob: r.blob.clone(),
+                        job_id: previous
+                            .get(&r.blob)
+                            .cloned()
+                            .unwrap_or_else(|| job.id.to_string()),
+                    })
+                    .collect();
+                match record
+                    .sets
+                    .iter_mut()
+                    .find(|s| s.source_snapshot == snapshot)
+                {
+                    Some(set) => {
+                        set.replicas = replicas;
+                        set.updated_at = now;
+                    }
+                    None => record.sets.push(crate::state::ImageSet {
+                        source: job.spec.source.clone(),
+                        source_blob: job.source.clone(),
+                        source_snapshot: snapshot.to_owned(),
+                        source_etag: etag.clone().unwrap_or_default(),
+                        source_bytes: source_len,
+                        replicas,
+                        created_at: now,
+                        updated_at: now,
+                    }),
+                }
+            })
+            .await
+            .map_err(Failure::from_state)?;
+        Ok(())
+    }
+
     /// Runs every copy of the job under the scheduler, the account gates and the
     /// per-source read cap, checkpointing and watching for a cancel request.
     async fn copy_all(
@@ -564,6 +759,12 @@ impl Engine {
         for r in &records {
             let still_there = r.state == ReplicaState::Verified
                 && match self.store.properties(&r.blob).await {
+                    Ok(p) if r.inherited => {
+                        p.metadata.get(plan::META_POOL) == Some(&job.spec.pool.id)
+                            && p.metadata.get(plan::META_SNAPSHOT).map(String::as_str)
+                                == Some(snapshot)
+                            && p.len == source_len
+                    }
                     Ok(p) => {
                         is_our_replica(&p.metadata, job, r.index, snapshot) && p.len == source_len
                     }

@@ -18,6 +18,8 @@ pub struct RetryPolicy {
     pub max_delay: Duration,
     /// No retry starts after this much time since the first attempt.
     pub max_elapsed: Duration,
+    /// Seed for the jitter (simulations and tests); `None` draws from the thread RNG.
+    pub jitter_seed: Option<u64>,
 }
 
 impl Default for RetryPolicy {
@@ -27,6 +29,7 @@ impl Default for RetryPolicy {
             base_delay: Duration::from_millis(200),
             max_delay: Duration::from_secs(30),
             max_elapsed: Duration::from_secs(120),
+            jitter_seed: None,
         }
     }
 }
@@ -65,7 +68,14 @@ where
             Ok(v) => return Ok(v),
             Err(e) if !e.class.is_retryable() || tries >= policy.max_attempts => return Err(e),
             Err(e) => {
-                let fraction: f64 = rand::rng().random();
+                let fraction: f64 = match policy.jitter_seed {
+                    Some(seed) => {
+                        use rand::SeedableRng;
+                        rand::rngs::StdRng::seed_from_u64(seed.wrapping_add(u64::from(tries)))
+                            .random()
+                    }
+                    None => rand::rng().random(),
+                };
                 let delay = policy.backoff(tries, fraction, e.retry_after);
                 if started.elapsed() + delay > policy.max_elapsed {
                     return Err(e);

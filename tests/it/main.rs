@@ -10,5 +10,6 @@ mod entra;
 mod helpers;
 mod observe;
 mod poison;
+mod pools;
 mod proxy;
 mod replicate;

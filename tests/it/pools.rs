@@ -1,0 +1,186 @@
+//! Pools grow: a job for a pool that already has an image set of the unchanged
+//! source adds only the missing replicas, copied from the ones it has; a changed
+//! source starts a new set; accounts' capacity is respected.
+
+use crate::helpers::*;
+use std::{collections::BTreeSet, time::Duration};
+use vhd_replicator::{job::parse_job_json, state::JobState};
+
+fn job(env: &TestEnv, id: &str, source: &str, nodes: u32) -> String {
+    serde_json::json!({
+        "job_id": id, "source": source,
+        "pool": {"id": format!("pool-{}", env.id), "os": "windows", "nodes": nodes},
+        "container": env.container(),
+    })
+    .to_string()
+}
+
+/// 200 -> 600 Windows nodes adds exactly 20 replicas, each copied from a replica
+/// the pool already had, and the hand-off lists all 30; a changed source then
+/// starts a new image set.
+#[tokio::test]
+async fn growing_a_pool_tops_up_from_existing_replicas() {
+    let env = TestEnv::new("");
+    let app = TestApp::spawn(&env).await;
+    let source = env.source_url("grow.vhd");
+    upload_sample(&app.control, &source, 2, 1, 90).await;
+    let first = format!("grow-1-{}", env.id);
+    app.control
+        .submit(parse_job_json(&job(&env, &first, &source, 200)).unwrap())
+        .await
+        .unwrap();
+    let d1 = wait_for_end(&app.control, &first, Duration::from_secs(60)).await;
+    assert_eq!(d1.state, JobState::Completed, "{:?}", d1.error);
+    assert_eq!(d1.replicas.len(), 10);
+    drain(app.control.handoff.as_ref()).await;
+
+    let second = format!("grow-2-{}", env.id);
+    app.control
+        .submit(parse_job_json(&job(&env, &second, &source, 600)).unwrap())
+        .await
+        .unwrap();
+    let d2 = wait_for_end(&app.control, &second, Duration::from_secs(60)).await;
+    assert_eq!(d2.state, JobState::Completed, "{:?}", d2.error);
+    assert_eq!(d2.replicas.len(), 30);
+    assert_eq!(
+        d2.source_snapshot, d1.source_snapshot,
+        "the same snapshot: identical replicas"
+    );
+    assert!(
+        d2.image_set.as_deref().unwrap().starts_with("top-up"),
+        "{:?}",
+        d2.image_set
+    );
+    let old: BTreeSet<_> = d1.replicas.iter().map(|r| r.blob.clone()).collect();
+    let kept: BTreeSet<_> = d2
+        .replicas
+        .iter()
+        .filter(|r| r.inherited)
+        .map(|r| r.blob.clone())
+        .collect();
+    assert_eq!(kept, old, "the 10 existing replicas are kept");
+    let new: Vec<_> = d2.replicas.iter().filter(|r| !r.inherited).collect();
+    assert_eq!(new.len(), 20, "exactly 20 new copies");
+    for r in &new {
+        let from = app
+            .control
+            .store
+            .properties(&r.blob)
+            .await
+            .unwrap()
+            .copy
+            .unwrap()
+            .source
+            .unwrap();
+        assert!(
+            !from.contains("/src/"),
+            "replica {} was copied from the source, not an existing replica: {from}",
+            r.index
+        );
+        assert!(
+            from.contains(&format!("/{}/", r.account)),
+            "same-account copy first: {from}"
+        );
+    }
+    let mut per_account = std::collections::BTreeMap::new();
+    for r in &d2.replicas {
+        *per_account.entry(r.account.clone()).or_insert(0) += 1;
+    }
+    assert_eq!(
+        per_account.values().copied().collect::<Vec<_>>(),
+        vec![10, 10, 10]
+    );
+    let handoff: serde_json::Value =
+        serde_json::from_str(&drain(app.control.handoff.as_ref()).await[0]).unwrap();
+    let uris: BTreeSet<String> = handoff["image_uris"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u.as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(uris.len(), 30);
+    assert_eq!(handoff["add_pool"]["targetDedicatedNodes"], 600);
+    let mut listed = 0;
+    for account in ["dst1", "dst2", "dst3"] {
+        listed += app
+            .control
+            .store
+            .list(account, &env.container(), "")
+            .await
+            .unwrap()
+            .len();
+    }
+    assert_eq!(listed, 30, "nothing else in the destination containers");
+    let pool: serde_json::Value = reqwest::get(app.url(&format!("/v1/pools/pool-{}", env.id)))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(pool["replicas"].as_array().unwrap().len(), 30);
+    assert_eq!(pool["image_sets"].as_array().unwrap().len(), 1);
+
+    // The source changes: a new image set, copied from the new snapshot.
+    upload_sample(&app.control, &source, 2, 1, 91).await;
+    let third = format!("grow-3-{}", env.id);
+    app.control
+        .submit(parse_job_json(&job(&env, &third, &source, 100)).unwrap())
+        .await
+        .unwrap();
+    let d3 = wait_for_end(&app.control, &third, Duration::from_secs(60)).await;
+    assert_eq!(d3.state, JobState::Completed, "{:?}", d3.error);
+    assert!(
+        d3.image_set.as_deref().unwrap().contains("source changed"),
+        "{:?}",
+        d3.image_set
+    );
+    assert_ne!(d3.source_snapshot, d1.source_snapshot);
+    assert!(d3.replicas.iter().all(|r| !r.inherited));
+    let pool: serde_json::Value = reqwest::get(app.url(&format!("/v1/pools/pool-{}", env.id)))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        pool["image_sets"].as_array().unwrap().len(),
+        2,
+        "the old set stays until retired"
+    );
+    assert_eq!(pool["replicas"].as_array().unwrap().len(), 5);
+    assert_eq!(
+        reqwest::get(app.url("/v1/pools/no-such-pool"))
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+    app.shutdown().await;
+}
+
+/// Accounts with `max_replicas` take no more; a pool that does not fit is refused
+/// with the number of accounts still needed.
+#[tokio::test]
+async fn capacity_is_respected_and_shortfalls_are_named() {
+    let env = TestEnv::new("");
+    let toml = env.toml.replace(
+        "destination = true\n",
+        "destination = true\nmax_replicas = 2\n",
+    );
+    let settings = vhd_replicator::config::Settings::from_toml(&toml)
+        .unwrap()
+        .validate(&Keys(keys()))
+        .unwrap();
+    let spec = parse_job_json(&job(&env, "too-big", &env.source_url("x.vhd"), 200)).unwrap();
+    let e = spec.validate(&settings).unwrap_err();
+    assert_eq!(e.field, "replicas");
+    assert!(
+        e.message.contains(
+            "hold at most 6 more replicas but 10 are needed; add 2 more destination account"
+        ),
+        "{}",
+        e.message
+    );
+    let fits = parse_job_json(&job(&env, "fits", &env.source_url("x.vhd"), 120)).unwrap();
+    assert_eq!(fits.validate(&settings).unwrap().replicas, 6);
+}
