@@ -58,7 +58,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/jobs", post(submit).get(list_jobs))
         .route("/v1/jobs/{id}", get(get_job))
         .route("/v1/jobs/{id}/cancel", post(cancel_job))
-        .route("/v1/pools/{id}", get(get_pool))
+        .route("/v1/pools/{id}", get(get_pool).delete(retire_pool))
         .with_state(state)
 }
 
@@ -209,6 +209,26 @@ async fn get_pool(State(state): State<AppState>, Path(id): Path<String>) -> Resp
     match state.control.state.load_pool(&id).await {
         Ok(Some((r, _))) => Json(pool_view(&r)).into_response(),
         Ok(None) => error(StatusCode::NOT_FOUND, format!("no image set for pool {id}")),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+async fn retire_pool(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    if let Err(r) = authorised(&state, &headers) {
+        return *r;
+    }
+    match state.control.state.load_pool(&id).await {
+        Ok(None) => return error(StatusCode::NOT_FOUND, format!("no image set for pool {id}")),
+        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        Ok(Some(_)) => {}
+    }
+    match state.control.submit_retire(&id, None).await {
+        Ok(s) => (StatusCode::ACCEPTED, Json(json!({ "job_id": s.job_id }))).into_response(),
+        Err(SubmitError::Invalid(e)) => error(StatusCode::BAD_REQUEST, e.to_string()),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
 }

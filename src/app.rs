@@ -178,6 +178,41 @@ impl Control {
         })
     }
 
+    /// Queues the retirement of a pool's image sets (a job like any other).
+    pub async fn submit_retire(
+        &self,
+        pool: &str,
+        job_id: Option<String>,
+    ) -> Result<Submitted, SubmitError> {
+        let spec = crate::job::RetireSpec {
+            job_id,
+            retire_pool: pool.to_owned(),
+        };
+        let (id, pool) = spec.validate()?;
+        if self.state.load(id.as_str()).await?.is_some() {
+            return Ok(Submitted {
+                job_id: id.to_string(),
+                created: false,
+            });
+        }
+        let text = serde_json::to_string(&crate::job::RetireSpec {
+            job_id: Some(id.to_string()),
+            retire_pool: pool.clone(),
+        })
+        .expect("retire spec serialises");
+        self.intake.send(&text).await?;
+        let mut doc = JobDocument::queued(id.clone(), crate::engine::retire_placeholder(&pool));
+        doc.retire_pool = Some(pool);
+        match self.state.create(&doc).await {
+            Ok(_) | Err(StateError::Exists(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        Ok(Submitted {
+            job_id: id.to_string(),
+            created: true,
+        })
+    }
+
     /// Asks for a job to be cancelled; the instance running it aborts its copies.
     pub async fn cancel(&self, id: &str) -> Result<JobDocument, StateError> {
         self.state

@@ -100,6 +100,20 @@ enum Command {
         #[arg(long, default_value = "dry-run")]
         job_id: String,
     },
+    /// Delete a pool's image sets (replicas and snapshots made for it, nothing else).
+    Retire {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The pool.
+        #[arg(long)]
+        pool: String,
+        /// List what would be deleted; delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Follow the retire job until it ends.
+        #[arg(long)]
+        wait: bool,
+    },
     /// Upload a small fixed VHD test image (patterned data, then zeroes, then a
     /// valid footer) as a page blob, to try a deployment end to end.
     SampleVhd {
@@ -204,6 +218,55 @@ fn connect(settings: ValidatedSettings) -> Result<Control, ExitCode> {
 async fn dispatch(command: Command) -> ExitCode {
     match command {
         Command::Validate { config, online } => validate(&config.config, online).await,
+        Command::Retire {
+            config,
+            pool,
+            dry_run,
+            wait,
+        } => {
+            let settings = match load(&config.config) {
+                Ok(s) => s,
+                Err(e) => return usage_error(e),
+            };
+            let control = match connect(settings) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            if dry_run {
+                return match crate::engine::retire_plan(
+                    control.store.as_ref(),
+                    &control.state,
+                    &pool,
+                )
+                .await
+                {
+                    Ok(plan) if plan.is_empty() => {
+                        println!("pool {pool}: nothing to retire");
+                        ExitCode::SUCCESS
+                    }
+                    Ok(plan) => {
+                        println!("pool {pool}: retiring would delete {} blobs:", plan.len());
+                        for b in plan {
+                            println!("  {b}");
+                        }
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => failed(e),
+                };
+            }
+            match control.submit_retire(&pool, None).await {
+                Ok(s) => {
+                    println!("{}", s.job_id);
+                    if wait {
+                        follow(&control, &s.job_id, Display::Lines).await
+                    } else {
+                        ExitCode::SUCCESS
+                    }
+                }
+                Err(crate::app::SubmitError::Invalid(e)) => usage_error(e),
+                Err(e) => failed(e),
+            }
+        }
         Command::SampleVhd {
             config,
             url,

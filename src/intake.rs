@@ -217,7 +217,7 @@ impl Worker {
         m: ReceivedMessage,
         lease: Duration,
         stop: CancellationToken,
-    ) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
+    ) -> Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>> {
         let max = self.settings.engine.max_dequeue_count;
         let spec = parse_message(&m.text);
         let job_id = job_id_of(&m.text).map(|id| id.to_string());
@@ -241,6 +241,25 @@ impl Worker {
             self.poison(&m, reason, job_id).await;
             return None;
         }
+        if let Some(retire) = crate::job::parse_retire(&m.text) {
+            let (id, pool) = match retire.and_then(|r| r.validate()) {
+                Ok(x) => x,
+                Err(JobError { field, message }) => {
+                    self.poison(&m, format!("{field}: {message}"), job_id).await;
+                    return None;
+                }
+            };
+            let engine = self.engine.clone();
+            let queue = self.intake.clone();
+            return Some(Box::pin(async move {
+                let lease = Lease::start(queue, &m, lease, stop.child_token());
+                match engine.retire(&id, &pool).await {
+                    Outcome::Retry(_) => lease.release(Duration::from_secs(30)).await,
+                    _ => lease.delete().await,
+                }
+            })
+                as std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>);
+        }
         let job = match spec.and_then(|s| s.validate(&self.settings)) {
             Ok(job) => job,
             Err(JobError { field, message }) => {
@@ -261,7 +280,7 @@ impl Worker {
         }
         let engine = self.engine.clone();
         let queue = self.intake.clone();
-        Some(async move {
+        Some(Box::pin(async move {
             let job_stop = stop.child_token();
             let lease = Lease::start(queue, &m, lease, job_stop.clone());
             let outcome = engine.run(&job, job_stop).await;
@@ -281,7 +300,7 @@ impl Worker {
                     lease.release(backoff).await
                 }
             }
-        })
+        }))
     }
 
     async fn poison(&self, m: &ReceivedMessage, reason: String, job_id: Option<String>) {

@@ -218,6 +218,53 @@ pub fn parse_job_json(json: &str) -> Result<JobSpec, JobError> {
     })
 }
 
+/// A request to retire a pool's image sets: delete its replicas and snapshots.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetireSpec {
+    /// Idempotency key; generated when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_id: Option<String>,
+    /// The pool whose image sets go.
+    pub retire_pool: String,
+}
+
+impl RetireSpec {
+    /// Checks the ids and fills in a job id.
+    pub fn validate(&self) -> Result<(JobId, String), JobError> {
+        let id = match &self.job_id {
+            Some(id) => JobId::parse(id).map_err(|m| JobError::new("job_id", m))?,
+            None => JobId::generate(),
+        };
+        let pool = &self.retire_pool;
+        if pool.is_empty()
+            || pool.len() > 64
+            || !pool
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(JobError::new(
+                "retire_pool",
+                format!("{pool:?} is not a Batch pool id"),
+            ));
+        }
+        Ok((id, pool.clone()))
+    }
+}
+
+/// A retire request, if the message is one (it has a `retire_pool` field).
+pub fn parse_retire(text: &str) -> Option<Result<RetireSpec, JobError>> {
+    let value = message_value(text)?;
+    value.get("retire_pool")?;
+    Some(serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        JobError::new(
+            if path == "." { "job" } else { &path },
+            e.into_inner().to_string(),
+        )
+    }))
+}
+
 /// The job id of a message whose job may be invalid, if it has a valid one.
 pub fn job_id_of(text: &str) -> Option<JobId> {
     let value = message_value(text)?;

@@ -151,6 +151,9 @@ pub struct JobDocument {
     /// The hand-off as sent (recorded before it is sent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub handoff: Option<serde_json::Value>,
+    /// For a retire job: the pool whose image sets it deletes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retire_pool: Option<String>,
     /// How the job relates to the pool's image set (top-up, new set and why).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_set: Option<String>,
@@ -188,6 +191,7 @@ impl JobDocument {
             source_etag: None,
             replicas: Vec::new(),
             handoff: None,
+            retire_pool: None,
             image_set: None,
             owner: None,
         }
@@ -447,6 +451,15 @@ impl StateStore {
                 .map(|r| Some((r, etag)))
                 .map_err(|e| StateError::Corrupt(format!("pools/{pool_id}"), e.to_string())),
             Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Deletes a pool's record (gone already is fine).
+    pub async fn delete_pool(&self, pool_id: &str) -> Result<(), StateError> {
+        match self.store.delete(&self.pool_path(pool_id)).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.is_not_found() => Ok(()),
             Err(e) => Err(e.into()),
         }
     }

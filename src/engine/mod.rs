@@ -676,6 +676,94 @@ impl Engine {
         Ok(())
     }
 
+    /// Runs a retire job: deletes every replica of the pool's image sets (only
+    /// blobs whose metadata names the pool) and the sets' snapshots, then the
+    /// pool's record. Idempotent, so a resumed retire finishes the work.
+    #[tracing::instrument(skip_all, fields(job_id = %id, pool = %pool))]
+    pub async fn retire(&self, id: &crate::job::JobId, pool: &str) -> Outcome {
+        let doc = match self.state.load(id.as_str()).await {
+            Ok(Some((d, _))) => d,
+            Ok(None) => {
+                let mut d = JobDocument::queued(id.clone(), retire_placeholder(pool));
+                d.retire_pool = Some(pool.to_owned());
+                match self.state.create(&d).await {
+                    Ok(_) | Err(StateError::Exists(_)) => d,
+                    Err(e) => return Outcome::Retry(format!("job state: {e}")),
+                }
+            }
+            Err(e) => return Outcome::Retry(format!("job state: {e}")),
+        };
+        if doc.state.is_terminal() {
+            return Outcome::AlreadyEnded(doc.state);
+        }
+        let mark = |state: JobState, error: Option<String>, note: Option<String>| {
+            move |d: &mut JobDocument| {
+                d.state = state;
+                d.phase = None;
+                d.error = error.clone();
+                if note.is_some() {
+                    d.image_set = note.clone();
+                }
+                true
+            }
+        };
+        if let Err(e) = self
+            .state
+            .update(id.as_str(), mark(JobState::Running, None, None))
+            .await
+        {
+            return Outcome::Retry(format!("job state: {e}"));
+        }
+        tracing::info!("retiring the pool's image sets");
+        let plan = match retire_plan(self.store.as_ref(), &self.state, pool).await {
+            Ok(p) => p,
+            Err(e) => return Outcome::Retry(e),
+        };
+        let mut deleted = 0;
+        for blob in &plan {
+            match self.store.delete(blob).await {
+                Ok(()) => deleted += 1,
+                Err(e) if e.is_not_found() => {}
+                Err(e) if e.class.is_retryable() => return Outcome::Retry(e.to_string()),
+                Err(e) => {
+                    let reason = format!("could not delete {blob}: {e}");
+                    let _ = self
+                        .state
+                        .update(
+                            id.as_str(),
+                            mark(JobState::Failed, Some(reason.clone()), None),
+                        )
+                        .await;
+                    self.metrics
+                        .jobs_finished
+                        .with_label_values(&["failed"])
+                        .inc();
+                    return Outcome::Failed(reason);
+                }
+            }
+        }
+        if let Err(e) = self.state.delete_pool(pool).await {
+            return Outcome::Retry(format!("pool record: {e}"));
+        }
+        let note = format!(
+            "retired pool {pool}: deleted {deleted} of {} blobs (replicas and snapshots)",
+            plan.len()
+        );
+        tracing::info!("{note}");
+        if let Err(e) = self
+            .state
+            .update(id.as_str(), mark(JobState::Completed, None, Some(note)))
+            .await
+        {
+            return Outcome::Retry(format!("job state: {e}"));
+        }
+        self.metrics
+            .jobs_finished
+            .with_label_values(&["completed"])
+            .inc();
+        Outcome::Completed
+    }
+
     /// Writes the pool's image set: the current set (same snapshot) takes this job's
     /// replicas, or a new set starts.
     async fn record_image_set(
@@ -1288,4 +1376,58 @@ fn instance_id() -> String {
         std::process::id(),
         &uuid::Uuid::new_v4().simple().to_string()[..8]
     )
+}
+
+/// What retiring `pool` deletes: every replica of its image sets whose metadata
+/// says this daemon made it for that pool (never anything else), then the sets'
+/// source snapshots.
+pub async fn retire_plan(
+    store: &dyn BlobStore,
+    state: &StateStore,
+    pool: &str,
+) -> Result<Vec<BlobPath>, String> {
+    let Some((record, _)) = state.load_pool(pool).await.map_err(|e| e.to_string())? else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for set in &record.sets {
+        for r in &set.replicas {
+            match store.properties(&r.blob).await {
+                Ok(p) if p.metadata.get(plan::META_POOL).map(String::as_str) == Some(pool) => {
+                    out.push(r.blob.clone())
+                }
+                Ok(_) => {
+                    tracing::warn!(blob = %r.blob, "not retiring a blob whose metadata names another pool")
+                }
+                Err(e) if e.is_not_found() => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        let snapshot = set.source_blob.at_snapshot(&set.source_snapshot);
+        match store.properties(&snapshot).await {
+            Ok(_) => out.push(snapshot),
+            Err(e) if e.is_not_found() => {}
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    Ok(out)
+}
+
+/// The spec recorded for a retire job (it copies nothing).
+pub fn retire_placeholder(pool: &str) -> crate::job::JobSpec {
+    crate::job::JobSpec {
+        job_id: None,
+        source: String::new(),
+        pool: crate::job::PoolSpec {
+            id: pool.to_owned(),
+            os: crate::job::Os::Windows,
+            nodes: 0,
+            vm_size: None,
+            node_agent_sku_id: None,
+            caching: None,
+        },
+        replicas: None,
+        accounts: None,
+        container: None,
+    }
 }

@@ -184,3 +184,155 @@ async fn capacity_is_respected_and_shortfalls_are_named() {
     let fits = parse_job_json(&job(&env, "fits", &env.source_url("x.vhd"), 120)).unwrap();
     assert_eq!(fits.validate(&settings).unwrap().replicas, 6);
 }
+
+/// Retiring a pool deletes exactly its replicas and snapshot, nothing else in the
+/// same containers: not another pool's replicas, not a foreign blob. The dry run
+/// lists what would go and deletes nothing.
+#[tokio::test]
+async fn retire_removes_exactly_the_pools_blobs() {
+    let env = TestEnv::new("");
+    let app = TestApp::spawn(&env).await;
+    let source = env.source_url("retire.vhd");
+    upload_sample(&app.control, &source, 2, 1, 92).await;
+    let mut ids = Vec::new();
+    for (i, pool) in ["keep", "gone"].iter().enumerate() {
+        let id = format!("ret-{i}-{}", env.id);
+        let job = serde_json::json!({"job_id": id, "source": source, "pool": {"id": format!("{pool}-{}", env.id), "os": "linux", "nodes": 120}, "container": env.container()});
+        app.control
+            .submit(parse_job_json(&job.to_string()).unwrap())
+            .await
+            .unwrap();
+        let d = wait_for_end(&app.control, &id, Duration::from_secs(60)).await;
+        assert_eq!(d.state, JobState::Completed, "{:?}", d.error);
+        ids.push(d);
+    }
+    let foreign =
+        vhd_replicator::storage::BlobPath::new("dst1", &env.container(), "someone-elses.vhd");
+    app.control
+        .store
+        .put_page_blob(&foreign, bytes::Bytes::from(vec![0u8; 1024]))
+        .await
+        .unwrap();
+    let gone_pool = format!("gone-{}", env.id);
+
+    // Dry run through the binary: lists the 3 replicas and the snapshot, deletes nothing.
+    let config = env.config_file();
+    let vars: Vec<(String, String)> = keys()
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("VHDREP_KEY_"))
+        .collect();
+    let out = std::process::Command::new(binary())
+        .args([
+            "retire",
+            "--config",
+            config.to_str().unwrap(),
+            "--pool",
+            &gone_pool,
+            "--dry-run",
+        ])
+        .envs(vars)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(listed.contains("would delete 4 blobs"), "{listed}");
+    for r in &ids[1].replicas {
+        assert!(listed.contains(&r.blob.name), "{listed}");
+    }
+    assert!(
+        !listed.contains(&ids[0].replicas[0].blob.name),
+        "another pool's replica is not listed"
+    );
+    let before = all_blobs(&app, &env).await;
+    assert_eq!(before.len(), 3 + 3 + 1);
+
+    // The real thing, through the HTTP API: a job like any other.
+    let r = reqwest::Client::new()
+        .delete(app.url(&format!("/v1/pools/{gone_pool}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let job_id = r.json::<serde_json::Value>().await.unwrap()["job_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let d = wait_for_end(&app.control, &job_id, Duration::from_secs(60)).await;
+    assert_eq!(d.state, JobState::Completed, "{:?}", d.error);
+    assert!(
+        d.image_set
+            .as_deref()
+            .unwrap()
+            .contains("deleted 4 of 4 blobs"),
+        "{:?}",
+        d.image_set
+    );
+    let after = all_blobs(&app, &env).await;
+    let expected: BTreeSet<String> = ids[0]
+        .replicas
+        .iter()
+        .map(|r| format!("{}/{}", r.account, r.blob.name))
+        .chain(["dst1/someone-elses.vhd".to_owned()])
+        .collect();
+    assert_eq!(after, expected, "exactly the pool's blobs went");
+    let snapshot = ids[1].source_snapshot.clone().unwrap();
+    let src = vhd_replicator::job::locate_source(&source, &app.control.settings).unwrap();
+    assert!(
+        app.control
+            .store
+            .properties(&src.at_snapshot(&snapshot))
+            .await
+            .unwrap_err()
+            .is_not_found(),
+        "its snapshot went"
+    );
+    let kept_snapshot = ids[0].source_snapshot.clone().unwrap();
+    app.control
+        .store
+        .properties(&src.at_snapshot(&kept_snapshot))
+        .await
+        .expect("the other pool's snapshot stays");
+    assert_eq!(
+        reqwest::get(app.url(&format!("/v1/pools/{gone_pool}")))
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+    assert_eq!(
+        reqwest::Client::new()
+            .delete(app.url(&format!("/v1/pools/{gone_pool}")))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+    let metrics = app.control.metrics.render();
+    assert!(
+        metrics.contains("vhdrep_jobs_finished_total{outcome=\"completed\"} 3"),
+        "{metrics}"
+    );
+    app.shutdown().await;
+}
+
+async fn all_blobs(app: &TestApp, env: &TestEnv) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for account in ["dst1", "dst2", "dst3"] {
+        for name in app
+            .control
+            .store
+            .list(account, &env.container(), "")
+            .await
+            .unwrap()
+        {
+            out.insert(format!("{account}/{name}"));
+        }
+    }
+    out
+}
