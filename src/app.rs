@@ -264,6 +264,30 @@ pub async fn run_daemon(
                 .await
         })
     };
+    if control.settings.gc.interval_minutes > 0 {
+        let gc_control = control.clone();
+        let gc_stop = stop.clone();
+        tokio::spawn(async move {
+            let every =
+                std::time::Duration::from_secs(gc_control.settings.gc.interval_minutes * 60);
+            let min_age = time::Duration::hours(gc_control.settings.gc.min_age_hours as i64);
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(every) => {}
+                    _ = gc_stop.cancelled() => return,
+                }
+                match crate::gc::collect(&gc_control, min_age, false).await {
+                    Ok(r) => tracing::info!(
+                        removed = r.orphans.len(),
+                        young = r.young.len(),
+                        needed = r.needed,
+                        "garbage collection done"
+                    ),
+                    Err(e) => tracing::warn!(error = %e, "garbage collection failed"),
+                }
+            }
+        });
+    }
     let worker = Worker::new(
         engine,
         control.intake.clone(),

@@ -114,6 +114,19 @@ enum Command {
         #[arg(long)]
         wait: bool,
     },
+    /// Remove replicas and snapshots this daemon made that nothing needs any more
+    /// (their job failed, was cancelled or is gone, and no pool's image set holds
+    /// them) and that are older than the minimum age.
+    Gc {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// List the orphans; delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Keep orphans younger than this (default: gc.min_age_hours).
+        #[arg(long)]
+        min_age_hours: Option<u64>,
+    },
     /// Upload a small fixed VHD test image (patterned data, then zeroes, then a
     /// valid footer) as a page blob, to try a deployment end to end.
     SampleVhd {
@@ -218,6 +231,39 @@ fn connect(settings: ValidatedSettings) -> Result<Control, ExitCode> {
 async fn dispatch(command: Command) -> ExitCode {
     match command {
         Command::Validate { config, online } => validate(&config.config, online).await,
+        Command::Gc {
+            config,
+            dry_run,
+            min_age_hours,
+        } => {
+            let settings = match load(&config.config) {
+                Ok(s) => s,
+                Err(e) => return usage_error(e),
+            };
+            let min_age =
+                time::Duration::hours(min_age_hours.unwrap_or(settings.gc.min_age_hours) as i64);
+            let control = match connect(settings) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match crate::gc::collect(&control, min_age, dry_run).await {
+                Ok(r) => {
+                    let verb = if dry_run { "would remove" } else { "removed" };
+                    println!(
+                        "{verb} {} orphans; kept {} younger than {} h; {} blobs still needed",
+                        r.orphans.len(),
+                        r.young.len(),
+                        min_age.whole_hours(),
+                        r.needed
+                    );
+                    for b in &r.orphans {
+                        println!("  {b}");
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => failed(e),
+            }
+        }
         Command::Retire {
             config,
             pool,
@@ -237,6 +283,7 @@ async fn dispatch(command: Command) -> ExitCode {
                     control.store.as_ref(),
                     &control.state,
                     &pool,
+                    &crate::plan::owner_tag(&control.settings),
                 )
                 .await
                 {

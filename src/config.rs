@@ -32,6 +32,9 @@ pub struct Settings {
     /// `[engine]`
     #[serde(default)]
     pub engine: EngineSettings,
+    /// `[gc]`
+    #[serde(default)]
+    pub gc: GcSettings,
     /// `[[accounts]]`
     #[serde(default)]
     pub accounts: Vec<AccountSettings>,
@@ -180,6 +183,25 @@ impl Default for EngineSettings {
     }
 }
 
+/// `[gc]`: garbage collection of orphaned replicas and snapshots.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GcSettings {
+    /// Minutes between collections in the daemon; 0 (default) turns it off.
+    pub interval_minutes: u64,
+    /// Orphans younger than this are kept (a crash may be resumed).
+    pub min_age_hours: u64,
+}
+
+impl Default for GcSettings {
+    fn default() -> Self {
+        Self {
+            interval_minutes: 0,
+            min_age_hours: 24,
+        }
+    }
+}
+
 /// One `[[accounts]]` entry.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -307,6 +329,8 @@ pub struct ValidatedSettings {
     pub limits: LimitSettings,
     /// `[engine]`
     pub engine: EngineSettings,
+    /// `[gc]`
+    pub gc: GcSettings,
     /// All accounts, in configuration order.
     pub accounts: Vec<AccountConfig>,
 }
@@ -636,6 +660,7 @@ impl Settings {
             handoff_webhook,
             limits: self.limits.clone(),
             engine: self.engine.clone(),
+            gc: self.gc.clone(),
             accounts,
         })
     }

@@ -17,6 +17,7 @@
 //! - [`queue`]: the `MessageQueue` trait; Azure and in-memory queues.
 //! - [`intake`]: the queue consumer: leases, poison queue.
 //! - [`state`]: job documents with ETag concurrency.
+//! - [`gc`]: orphaned replicas and snapshots, found and removed.
 //! - [`handoff`]: the pool-creation hand-off and its sinks.
 //! - [`api`]: HTTP routes, status page, metrics, health.
 //! - [`metrics`]: every metric in one place.
@@ -32,6 +33,7 @@ pub mod app;
 pub mod cli;
 pub mod config;
 pub mod engine;
+pub mod gc;
 pub mod handoff;
 pub mod intake;
 pub mod job;

@@ -13,6 +13,17 @@ pub const META_POOL: &str = "vhdrep_pool_id";
 pub const META_REPLICA: &str = "vhdrep_replica";
 /// Metadata key: the source snapshot the replica holds.
 pub const META_SNAPSHOT: &str = "vhdrep_source_snapshot";
+/// Metadata key: the deployment that made a blob (`<control account>/<state
+/// container>`), so garbage collection never touches another deployment's blobs.
+pub const META_OWNER: &str = "vhdrep_owner";
+
+/// The owner tag of a deployment.
+pub fn owner_tag(settings: &crate::config::ValidatedSettings) -> String {
+    format!(
+        "{}/{}",
+        settings.control.account, settings.control.state_container
+    )
+}
 
 /// One replica to make.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -148,9 +159,10 @@ pub fn plan(job: &ValidatedJob) -> Plan {
     Plan { replicas }
 }
 
-/// Metadata that marks a replica as made by this daemon for this job.
-pub fn replica_metadata(job: &ValidatedJob, index: u32, snapshot: &str) -> Metadata {
+/// Metadata that marks a replica as made by this deployment for this job.
+pub fn replica_metadata(job: &ValidatedJob, index: u32, snapshot: &str, owner: &str) -> Metadata {
     Metadata::from([
+        (META_OWNER.to_owned(), owner.to_owned()),
         (META_JOB.to_owned(), job.id.to_string()),
         (META_POOL.to_owned(), job.spec.pool.id.clone()),
         (META_REPLICA.to_owned(), index.to_string()),

@@ -455,6 +455,22 @@ impl StateStore {
         }
     }
 
+    /// Every pool's record.
+    pub async fn list_pools(&self) -> Result<Vec<PoolRecord>, StateError> {
+        let names = self
+            .store
+            .list(&self.account, &self.container, "pools/")
+            .await?;
+        let mut out = Vec::with_capacity(names.len());
+        for name in names {
+            let id = name.trim_start_matches("pools/").trim_end_matches(".json");
+            if let Some((r, _)) = self.load_pool(id).await? {
+                out.push(r);
+            }
+        }
+        Ok(out)
+    }
+
     /// Deletes a pool's record (gone already is fine).
     pub async fn delete_pool(&self, pool_id: &str) -> Result<(), StateError> {
         match self.store.delete(&self.pool_path(pool_id)).await {

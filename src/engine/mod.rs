@@ -525,7 +525,14 @@ impl Engine {
             None => {
                 let s = self
                     .store
-                    .snapshot(&job.source)
+                    .snapshot(
+                        &job.source,
+                        &crate::storage::Metadata::from([
+                            (plan::META_OWNER.to_owned(), plan::owner_tag(&self.settings)),
+                            (plan::META_JOB.to_owned(), job.id.to_string()),
+                            (plan::META_POOL.to_owned(), job.spec.pool.id.clone()),
+                        ]),
+                    )
                     .await
                     .map_err(|e| Failure::from_storage("source snapshot", &e))?;
                 {
@@ -715,7 +722,8 @@ impl Engine {
             return Outcome::Retry(format!("job state: {e}"));
         }
         tracing::info!("retiring the pool's image sets");
-        let plan = match retire_plan(self.store.as_ref(), &self.state, pool).await {
+        let owner = plan::owner_tag(&self.settings);
+        let plan = match retire_plan(self.store.as_ref(), &self.state, pool, &owner).await {
             Ok(p) => p,
             Err(e) => return Outcome::Retry(e),
         };
@@ -1133,7 +1141,12 @@ impl Engine {
             .copy_source_url(source, &dest.account, expiry)
             .await
             .map_err(|e| CopyError::Stop(Failure::from_storage("copy source", &e)))?;
-        let metadata = replica_metadata(ctx.job, rec.index, ctx.snapshot);
+        let metadata = replica_metadata(
+            ctx.job,
+            rec.index,
+            ctx.snapshot,
+            &plan::owner_tag(&self.settings),
+        );
         let started = match self.store.start_copy(dest, &url, &metadata).await {
             Ok(s) => s,
             Err(e) if e.class == ErrorClass::Conflict => {
@@ -1379,12 +1392,13 @@ fn instance_id() -> String {
 }
 
 /// What retiring `pool` deletes: every replica of its image sets whose metadata
-/// says this daemon made it for that pool (never anything else), then the sets'
-/// source snapshots.
+/// says this deployment (`owner`) made it for that pool (never anything else), then
+/// the sets' source snapshots.
 pub async fn retire_plan(
     store: &dyn BlobStore,
     state: &StateStore,
     pool: &str,
+    owner: &str,
 ) -> Result<Vec<BlobPath>, String> {
     let Some((record, _)) = state.load_pool(pool).await.map_err(|e| e.to_string())? else {
         return Ok(Vec::new());
@@ -1393,7 +1407,10 @@ pub async fn retire_plan(
     for set in &record.sets {
         for r in &set.replicas {
             match store.properties(&r.blob).await {
-                Ok(p) if p.metadata.get(plan::META_POOL).map(String::as_str) == Some(pool) => {
+                Ok(p)
+                    if p.metadata.get(plan::META_POOL).map(String::as_str) == Some(pool)
+                        && p.metadata.get(plan::META_OWNER).map(String::as_str) == Some(owner) =>
+                {
                     out.push(r.blob.clone())
                 }
                 Ok(_) => {

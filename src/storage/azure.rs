@@ -474,11 +474,15 @@ impl BlobStore for AzureStore {
         })
     }
 
-    async fn snapshot(&self, blob: &BlobPath) -> StorageResult<String> {
+    async fn snapshot(&self, blob: &BlobPath, metadata: &Metadata) -> StorageResult<String> {
         const OP: &str = "create_snapshot";
         let client = self.blob_client(blob, OP)?;
+        let options = azure_storage_blob::models::BlobClientCreateSnapshotOptions {
+            metadata: Some(metadata.clone().into_iter().collect()),
+            ..Default::default()
+        };
         let rsp = client
-            .create_snapshot(None)
+            .create_snapshot(Some(options))
             .await
             .map_err(|e| map_error(OP, blob, e))?;
         rsp.snapshot()
@@ -679,24 +683,72 @@ impl BlobStore for AzureStore {
         container: &str,
         prefix: &str,
     ) -> StorageResult<Vec<String>> {
+        Ok(self
+            .list_items(account, container, prefix, None)
+            .await?
+            .into_iter()
+            .filter_map(|i| i.name)
+            .collect())
+    }
+
+    async fn list_detailed(
+        &self,
+        account: &str,
+        container: &str,
+        prefix: &str,
+        snapshots: bool,
+    ) -> StorageResult<Vec<super::ListedBlob>> {
+        use azure_storage_blob::models::ListBlobsIncludeItem as I;
+        let include = if snapshots {
+            vec![I::Metadata, I::Snapshots]
+        } else {
+            vec![I::Metadata]
+        };
+        Ok(self
+            .list_items(account, container, prefix, Some(include))
+            .await?
+            .into_iter()
+            .filter_map(|i| {
+                Some(super::ListedBlob {
+                    name: i.name?,
+                    snapshot: i.snapshot.filter(|s| !s.is_empty()),
+                    metadata: i
+                        .metadata
+                        .and_then(|m| m.values)
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|(k, v)| (k.to_ascii_lowercase(), v))
+                        .collect(),
+                    last_modified: i.properties.and_then(|p| p.last_modified),
+                })
+            })
+            .collect())
+    }
+}
+
+impl AzureStore {
+    async fn list_items(
+        &self,
+        account: &str,
+        container: &str,
+        prefix: &str,
+        include: Option<Vec<azure_storage_blob::models::ListBlobsIncludeItem>>,
+    ) -> StorageResult<Vec<azure_storage_blob::models::BlobItem>> {
         const OP: &str = "list_blobs";
         let target = format!("{account}/{container}");
         let client = self.container_client(account, container, OP)?;
         let options = BlobContainerClientListBlobsOptions {
             prefix: (!prefix.is_empty()).then(|| prefix.to_owned()),
+            include,
             ..Default::default()
         };
         let mut pager = client
             .list_blobs(Some(options))
             .map_err(|e| map_error(OP, &target, e))?;
-        let mut names = Vec::new();
+        let mut items = Vec::new();
         loop {
             match pager.try_next().await {
-                Ok(Some(item)) => {
-                    if let Some(name) = item.name {
-                        names.push(name);
-                    }
-                }
+                Ok(Some(item)) => items.push(item),
                 Ok(None) => break,
                 Err(e) => {
                     let err = map_error(OP, &target, e);
@@ -707,7 +759,7 @@ impl BlobStore for AzureStore {
                 }
             }
         }
-        Ok(names)
+        Ok(items)
     }
 }
 

@@ -118,9 +118,9 @@ impl BlobStore for Instrumented {
         .await
     }
 
-    async fn snapshot(&self, blob: &BlobPath) -> StorageResult<String> {
+    async fn snapshot(&self, blob: &BlobPath, metadata: &Metadata) -> StorageResult<String> {
         self.call(&blob.account, "create_snapshot", || {
-            self.inner.snapshot(blob)
+            self.inner.snapshot(blob, metadata)
         })
         .await
     }
@@ -195,6 +195,20 @@ impl BlobStore for Instrumented {
     ) -> StorageResult<Vec<String>> {
         self.call(account, "list_blobs", || {
             self.inner.list(account, container, prefix)
+        })
+        .await
+    }
+
+    async fn list_detailed(
+        &self,
+        account: &str,
+        container: &str,
+        prefix: &str,
+        snapshots: bool,
+    ) -> StorageResult<Vec<super::ListedBlob>> {
+        self.call(account, "list_blobs", || {
+            self.inner
+                .list_detailed(account, container, prefix, snapshots)
         })
         .await
     }

@@ -21,6 +21,7 @@ struct Blob {
     etag: u64,
     metadata: Metadata,
     copy: Option<CopyInfo>,
+    modified: OffsetDateTime,
 }
 
 #[derive(Debug, Default)]
@@ -155,7 +156,7 @@ impl BlobStore for MemoryStore {
         })
     }
 
-    async fn snapshot(&self, blob: &BlobPath) -> StorageResult<String> {
+    async fn snapshot(&self, blob: &BlobPath, metadata: &Metadata) -> StorageResult<String> {
         let mut inner = self.lock();
         let b = inner
             .blobs
@@ -167,7 +168,13 @@ impl BlobStore for MemoryStore {
             "2026-01-01T00:00:00.{:07}Z",
             inner.next_snapshot % 10_000_000
         );
-        inner.blobs.insert(blob.at_snapshot(&stamp), b);
+        let snap = Blob {
+            metadata: metadata.clone(),
+            copy: None,
+            modified: OffsetDateTime::now_utc(),
+            ..b
+        };
+        inner.blobs.insert(blob.at_snapshot(&stamp), snap);
         Ok(stamp)
     }
 
@@ -232,6 +239,7 @@ impl BlobStore for MemoryStore {
                 description: None,
                 source: Some(super::auth::redact_sas(source_url)),
             }),
+            modified: OffsetDateTime::now_utc(),
         };
         inner.blobs.insert(dest.clone(), blob);
         Ok(CopyStarted {
@@ -315,6 +323,7 @@ impl BlobStore for MemoryStore {
                 etag,
                 metadata: Metadata::new(),
                 copy: None,
+                modified: OffsetDateTime::now_utc(),
             },
         );
         Ok(format!("\"0x{etag:X}\""))
@@ -343,6 +352,7 @@ impl BlobStore for MemoryStore {
                 etag,
                 metadata: Metadata::new(),
                 copy: None,
+                modified: OffsetDateTime::now_utc(),
             },
         );
         Ok(())
@@ -386,6 +396,32 @@ impl BlobStore for MemoryStore {
                     && k.name.starts_with(prefix)
             })
             .map(|k| k.name.clone())
+            .collect())
+    }
+
+    async fn list_detailed(
+        &self,
+        account: &str,
+        container: &str,
+        prefix: &str,
+        snapshots: bool,
+    ) -> StorageResult<Vec<super::ListedBlob>> {
+        Ok(self
+            .lock()
+            .blobs
+            .iter()
+            .filter(|(k, _)| {
+                k.account == account
+                    && k.container == container
+                    && (snapshots || k.snapshot.is_none())
+                    && k.name.starts_with(prefix)
+            })
+            .map(|(k, b)| super::ListedBlob {
+                name: k.name.clone(),
+                snapshot: k.snapshot.clone(),
+                metadata: b.metadata.clone(),
+                last_modified: Some(b.modified),
+            })
             .collect())
     }
 }

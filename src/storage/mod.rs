@@ -311,8 +311,8 @@ pub trait BlobStore: Send + Sync + fmt::Debug {
     /// Properties, metadata and copy status of a blob.
     async fn properties(&self, blob: &BlobPath) -> StorageResult<BlobProperties>;
 
-    /// Takes a snapshot and returns its time stamp.
-    async fn snapshot(&self, blob: &BlobPath) -> StorageResult<String>;
+    /// Takes a snapshot tagged with `metadata` and returns its time stamp.
+    async fn snapshot(&self, blob: &BlobPath, metadata: &Metadata) -> StorageResult<String>;
 
     /// Starts a server-side copy into `dest`, tagging it with `metadata`.
     async fn start_copy(
@@ -356,4 +356,26 @@ pub trait BlobStore: Send + Sync + fmt::Debug {
         container: &str,
         prefix: &str,
     ) -> StorageResult<Vec<String>>;
+
+    /// Blobs under a prefix with metadata and last change, snapshots too when asked.
+    async fn list_detailed(
+        &self,
+        account: &str,
+        container: &str,
+        prefix: &str,
+        snapshots: bool,
+    ) -> StorageResult<Vec<ListedBlob>>;
+}
+
+/// A blob as a detailed listing shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListedBlob {
+    /// Blob name.
+    pub name: String,
+    /// Snapshot time, for a snapshot.
+    pub snapshot: Option<String>,
+    /// User metadata (keys lower-cased).
+    pub metadata: Metadata,
+    /// Last change.
+    pub last_modified: Option<OffsetDateTime>,
 }

@@ -135,6 +135,7 @@ struct Blob {
     etag: u64,
     metadata: Metadata,
     copy: Option<CopyInfo>,
+    modified: OffsetDateTime,
 }
 
 #[derive(Debug)]
@@ -224,6 +225,7 @@ impl SimStore {
                 etag,
                 metadata: Metadata::new(),
                 copy: None,
+                modified: OffsetDateTime::now_utc(),
             },
         );
     }
@@ -407,7 +409,7 @@ impl BlobStore for SimStore {
         })
     }
 
-    async fn snapshot(&self, blob: &BlobPath) -> StorageResult<String> {
+    async fn snapshot(&self, blob: &BlobPath, metadata: &Metadata) -> StorageResult<String> {
         let mut s = self.admit("create_snapshot", &blob.account, blob).await?;
         let b = s
             .blobs
@@ -416,8 +418,13 @@ impl BlobStore for SimStore {
             .ok_or_else(|| not_found("create_snapshot", blob))?;
         s.next_snapshot += 1;
         let stamp = format!("2026-01-01T00:00:00.{:07}Z", s.next_snapshot % 10_000_000);
-        s.blobs
-            .insert(blob.at_snapshot(&stamp), Blob { copy: None, ..b });
+        let snap = Blob {
+            copy: None,
+            metadata: metadata.clone(),
+            modified: OffsetDateTime::now_utc(),
+            ..b
+        };
+        s.blobs.insert(blob.at_snapshot(&stamp), snap);
         Ok(stamp)
     }
 
@@ -494,6 +501,7 @@ impl BlobStore for SimStore {
                     description: None,
                     source: Some(super::auth::redact_sas(source_url)),
                 }),
+                modified: OffsetDateTime::now_utc(),
             },
         );
         s.flows.push(Flow {
@@ -602,6 +610,7 @@ impl BlobStore for SimStore {
                 etag,
                 metadata: Metadata::new(),
                 copy: None,
+                modified: OffsetDateTime::now_utc(),
             },
         );
         Ok(format!("\"0x{etag:X}\""))
@@ -621,6 +630,7 @@ impl BlobStore for SimStore {
                 etag,
                 metadata: Metadata::new(),
                 copy: None,
+                modified: OffsetDateTime::now_utc(),
             },
         );
         Ok(())
@@ -652,6 +662,31 @@ impl BlobStore for SimStore {
                     && k.name.starts_with(prefix)
             })
             .map(|k| k.name.clone())
+            .collect())
+    }
+
+    async fn list_detailed(
+        &self,
+        account: &str,
+        container: &str,
+        prefix: &str,
+        snapshots: bool,
+    ) -> StorageResult<Vec<super::ListedBlob>> {
+        let s = self.admit("list_blobs", account, &container).await?;
+        Ok(s.blobs
+            .iter()
+            .filter(|(k, _)| {
+                k.account == account
+                    && k.container == container
+                    && (snapshots || k.snapshot.is_none())
+                    && k.name.starts_with(prefix)
+            })
+            .map(|(k, b)| super::ListedBlob {
+                name: k.name.clone(),
+                snapshot: k.snapshot.clone(),
+                metadata: b.metadata.clone(),
+                last_modified: Some(b.modified),
+            })
             .collect())
     }
 }

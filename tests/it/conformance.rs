@@ -53,7 +53,8 @@ async fn blob_store_suite(store: Arc<dyn BlobStore>, id: &str, expect_sas: bool)
     vhd::check_footer(&footer, len).unwrap();
 
     // Snapshots are frozen copies.
-    let snap = store.snapshot(&src).await.unwrap();
+    let tag = Metadata::from([("vhdrep_job_id".to_owned(), "conf-snap".to_owned())]);
+    let snap = store.snapshot(&src, &tag).await.unwrap();
     let at = src.at_snapshot(&snap);
     assert_eq!(store.properties(&at).await.unwrap().len, len);
 
@@ -157,6 +158,29 @@ async fn blob_store_suite(store: Arc<dyn BlobStore>, id: &str, expect_sas: bool)
         .await
         .unwrap()
         .is_empty());
+
+    // A detailed listing shows metadata, times and (when asked) snapshots.
+    let detailed = store.list_detailed("src", &c, "dir/", true).await.unwrap();
+    assert!(
+        detailed
+            .iter()
+            .any(|b| b.snapshot.as_deref() == Some(snap.as_str())
+                && b.metadata.get("vhdrep_job_id").map(String::as_str) == Some("conf-snap")),
+        "the snapshot with its own metadata: {detailed:?}"
+    );
+    assert!(detailed
+        .iter()
+        .any(|b| b.snapshot.is_none() && b.name == "dir/disk.vhd" && b.last_modified.is_some()));
+    let bases = store.list_detailed("src", &c, "", false).await.unwrap();
+    assert!(bases.iter().all(|b| b.snapshot.is_none()));
+    assert_eq!(
+        bases
+            .iter()
+            .find(|b| b.name == "copy-same.vhd")
+            .and_then(|b| b.metadata.get("vhdrep_job_id"))
+            .map(String::as_str),
+        Some("conf")
+    );
 
     // Deleting a blob takes its snapshots along.
     store.delete(&src).await.unwrap();

@@ -336,3 +336,151 @@ async fn all_blobs(app: &TestApp, env: &TestEnv) -> BTreeSet<String> {
     }
     out
 }
+
+/// Garbage collection removes replicas and snapshots of jobs that no longer exist
+/// once they are older than the minimum age, and keeps everything else: the pools'
+/// image sets, younger orphans, blobs that are not ours.
+#[tokio::test]
+async fn gc_removes_old_orphans_and_keeps_the_rest() {
+    let env = TestEnv::new("");
+    let app = TestApp::spawn(&env).await;
+    let source = env.source_url("gc.vhd");
+    upload_sample(&app.control, &source, 2, 1, 93).await;
+    let id = format!("gc-{}", env.id);
+    app.control
+        .submit(parse_job_json(&job(&env, &id, &source, 60)).unwrap())
+        .await
+        .unwrap();
+    let done = wait_for_end(&app.control, &id, Duration::from_secs(60)).await;
+    assert_eq!(done.state, JobState::Completed);
+
+    // Leftovers of a job whose document is gone (a crash, a manual deletion).
+    let ghost = vhd_replicator::storage::Metadata::from([
+        (
+            "vhdrep_owner".to_owned(),
+            vhd_replicator::plan::owner_tag(&app.control.settings),
+        ),
+        ("vhdrep_job_id".to_owned(), "ghost-job".to_owned()),
+        ("vhdrep_pool_id".to_owned(), format!("pool-{}", env.id)),
+    ]);
+    let from = &done.replicas[0].blob;
+    let orphan = vhd_replicator::storage::BlobPath::new(
+        &from.account,
+        &env.container(),
+        "ghost/ghost-0000.vhd",
+    );
+    let url = app
+        .control
+        .store
+        .copy_source_url(
+            from,
+            &from.account,
+            time::OffsetDateTime::now_utc() + time::Duration::hours(1),
+        )
+        .await
+        .unwrap();
+    app.control
+        .store
+        .start_copy(&orphan, &url, &ghost)
+        .await
+        .unwrap();
+    let src = vhd_replicator::job::locate_source(&source, &app.control.settings).unwrap();
+    let orphan_snapshot = app.control.store.snapshot(&src, &ghost).await.unwrap();
+    let foreign = vhd_replicator::storage::BlobPath::new("dst2", &env.container(), "not-ours.vhd");
+    app.control
+        .store
+        .put_page_blob(&foreign, bytes::Bytes::from(vec![0u8; 512]))
+        .await
+        .unwrap();
+
+    // Young orphans are kept.
+    let r = vhd_replicator::gc::collect(&app.control, time::Duration::hours(1), false)
+        .await
+        .unwrap();
+    assert!(r.orphans.is_empty(), "{r:?}");
+    assert_eq!(r.young.len(), 2, "{r:?}");
+    assert!(
+        r.needed >= 4,
+        "the image set and its snapshot are needed: {r:?}"
+    );
+
+    // The binary's dry run lists them at age 0 and deletes nothing.
+    let config = env.config_file();
+    let vars: Vec<(String, String)> = keys()
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("VHDREP_KEY_"))
+        .collect();
+    let out = std::process::Command::new(binary())
+        .args([
+            "gc",
+            "--config",
+            config.to_str().unwrap(),
+            "--dry-run",
+            "--min-age-hours",
+            "0",
+        ])
+        .envs(vars.clone())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.starts_with("would remove 2 orphans"), "{text}");
+    assert!(text.contains("ghost/ghost-0000.vhd"), "{text}");
+    app.control
+        .store
+        .properties(&orphan)
+        .await
+        .expect("a dry run deletes nothing");
+
+    // Old enough: removed; everything else stays.
+    let r = vhd_replicator::gc::collect(&app.control, time::Duration::ZERO, false)
+        .await
+        .unwrap();
+    assert_eq!(r.orphans.len(), 2, "{r:?}");
+    assert!(app
+        .control
+        .store
+        .properties(&orphan)
+        .await
+        .unwrap_err()
+        .is_not_found());
+    assert!(app
+        .control
+        .store
+        .properties(&src.at_snapshot(&orphan_snapshot))
+        .await
+        .unwrap_err()
+        .is_not_found());
+    app.control
+        .store
+        .properties(&foreign)
+        .await
+        .expect("blobs that are not ours stay");
+    app.control
+        .store
+        .properties(&src.at_snapshot(done.source_snapshot.as_ref().unwrap()))
+        .await
+        .expect("the set's snapshot stays");
+    for r in &done.replicas {
+        app.control
+            .store
+            .properties(&r.blob)
+            .await
+            .expect("the image set stays");
+    }
+    app.control
+        .store
+        .properties(&src)
+        .await
+        .expect("the source stays");
+    let again = vhd_replicator::gc::collect(&app.control, time::Duration::ZERO, true)
+        .await
+        .unwrap();
+    assert!(again.orphans.is_empty(), "{again:?}");
+    app.shutdown().await;
+}

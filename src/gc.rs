@@ -1,0 +1,115 @@
+//! Garbage collection: replicas and source snapshots this daemon made (their
+//! metadata names a job) that nothing needs any more, because their job failed,
+//! was cancelled or is gone and no pool's image set holds them, and that are older
+//! than a minimum age. Blobs without this deployment's owner tag are never
+//! touched.
+
+use crate::app::Control;
+use crate::plan::{owner_tag, META_JOB, META_OWNER};
+use crate::state::JobState;
+use crate::storage::BlobPath;
+use std::collections::{BTreeSet, HashMap};
+use time::OffsetDateTime;
+
+/// What a collection found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GcReport {
+    /// Orphans deleted (or, in a dry run, that would be).
+    pub orphans: Vec<BlobPath>,
+    /// Orphans younger than the minimum age, kept for now.
+    pub young: Vec<BlobPath>,
+    /// Blobs of ours that are still needed.
+    pub needed: usize,
+}
+
+/// Finds orphans (and deletes them unless `dry_run`).
+pub async fn collect(
+    control: &Control,
+    min_age: time::Duration,
+    dry_run: bool,
+) -> Result<GcReport, String> {
+    let docs = control.state.list().await.map_err(|e| e.to_string())?;
+    let pools = control
+        .state
+        .list_pools()
+        .await
+        .map_err(|e| e.to_string())?;
+    let live: HashMap<String, JobState> = docs
+        .iter()
+        .map(|d| (d.job_id.to_string(), d.state))
+        .collect();
+    let mut protected: BTreeSet<BlobPath> = BTreeSet::new();
+    let mut scan: BTreeSet<(String, String)> = BTreeSet::new();
+    for p in &pools {
+        for set in &p.sets {
+            protected.insert(set.source_blob.at_snapshot(&set.source_snapshot));
+            scan.insert((
+                set.source_blob.account.clone(),
+                set.source_blob.container.clone(),
+            ));
+            for r in &set.replicas {
+                protected.insert(r.blob.clone());
+                scan.insert((r.blob.account.clone(), r.blob.container.clone()));
+            }
+        }
+    }
+    for d in &docs {
+        for r in &d.replicas {
+            scan.insert((r.blob.account.clone(), r.blob.container.clone()));
+        }
+        if let Ok(job) = d.spec.validate(&control.settings) {
+            scan.insert((job.source.account.clone(), job.source.container.clone()));
+            for a in &job.accounts {
+                scan.insert((a.clone(), job.container.clone()));
+            }
+        }
+    }
+    for a in control.settings.destination_accounts() {
+        scan.insert((a, crate::job::DEFAULT_CONTAINER.to_owned()));
+    }
+    let owner = owner_tag(&control.settings);
+    let now = OffsetDateTime::now_utc();
+    let mut report = GcReport::default();
+    for (account, container) in scan {
+        let listed = control
+            .store
+            .list_detailed(&account, &container, "", true)
+            .await
+            .map_err(|e| e.to_string())?;
+        for b in listed {
+            // Only blobs this deployment made: never another deployment's, never
+            // anything without our tags.
+            if b.metadata.get(META_OWNER) != Some(&owner) {
+                continue;
+            }
+            let Some(job) = b.metadata.get(META_JOB) else {
+                continue;
+            };
+            let path = BlobPath {
+                account: account.clone(),
+                container: container.clone(),
+                name: b.name.clone(),
+                snapshot: b.snapshot.clone(),
+            };
+            let in_progress = matches!(live.get(job), Some(JobState::Queued | JobState::Running));
+            if protected.contains(&path) || in_progress {
+                report.needed += 1;
+                continue;
+            }
+            let old = b.last_modified.is_some_and(|t| now - t >= min_age);
+            if !old {
+                report.young.push(path);
+                continue;
+            }
+            if !dry_run {
+                match control.store.delete(&path).await {
+                    Ok(()) => tracing::info!(blob = %path, job = %job, "garbage collected"),
+                    Err(e) if e.is_not_found() => {}
+                    Err(e) => return Err(e.to_string()),
+                }
+            }
+            report.orphans.push(path);
+        }
+    }
+    Ok(report)
+}
