@@ -120,6 +120,41 @@ async fn growing_a_pool_tops_up_from_existing_replicas() {
     assert_eq!(pool["replicas"].as_array().unwrap().len(), 30);
     assert_eq!(pool["image_sets"].as_array().unwrap().len(), 1);
 
+    // The pool shrinks to 100 nodes: 5 replicas handed off, the surplus 25 deleted.
+    let smaller = format!("grow-s-{}", env.id);
+    app.control
+        .submit(parse_job_json(&job(&env, &smaller, &source, 100)).unwrap())
+        .await
+        .unwrap();
+    let ds = wait_for_end(&app.control, &smaller, Duration::from_secs(60)).await;
+    assert_eq!(ds.state, JobState::Completed, "{:?}", ds.error);
+    assert_eq!(ds.replicas.len(), 5);
+    assert!(
+        ds.replicas.iter().all(|r| r.inherited),
+        "nothing copied to shrink"
+    );
+    let mut listed = 0;
+    for account in ["dst1", "dst2", "dst3"] {
+        listed += app
+            .control
+            .store
+            .list(account, &env.container(), "")
+            .await
+            .unwrap()
+            .len();
+    }
+    assert_eq!(listed, 5, "the surplus replicas were deleted");
+    let handoff: serde_json::Value =
+        serde_json::from_str(&drain(app.control.handoff.as_ref()).await[0]).unwrap();
+    assert_eq!(handoff["image_uris"].as_array().unwrap().len(), 5);
+    let pool: serde_json::Value = reqwest::get(app.url(&format!("/v1/pools/pool-{}", env.id)))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(pool["replicas"].as_array().unwrap().len(), 5);
+
     // The source changes: a new image set, copied from the new snapshot.
     upload_sample(&app.control, &source, 2, 1, 91).await;
     let third = format!("grow-3-{}", env.id);
