@@ -228,6 +228,11 @@ fn connect(settings: ValidatedSettings) -> Result<Control, ExitCode> {
     Control::azure(Arc::new(settings), Metrics::new()).map_err(failed)
 }
 
+/// Loads and validates the configuration, then builds the clients.
+fn control_for(path: &std::path::Path) -> Result<Control, ExitCode> {
+    connect(load(path).map_err(usage_error)?)
+}
+
 async fn dispatch(command: Command) -> ExitCode {
     match command {
         Command::Validate { config, online } => validate(&config.config, online).await,
@@ -270,11 +275,7 @@ async fn dispatch(command: Command) -> ExitCode {
             dry_run,
             wait,
         } => {
-            let settings = match load(&config.config) {
-                Ok(s) => s,
-                Err(e) => return usage_error(e),
-            };
-            let control = match connect(settings) {
+            let control = match control_for(&config.config) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
@@ -439,11 +440,7 @@ async fn dispatch(command: Command) -> ExitCode {
             json,
             pool,
         } => {
-            let settings = match load(&config.config) {
-                Ok(s) => s,
-                Err(e) => return usage_error(e),
-            };
-            let control = match connect(settings) {
+            let control = match control_for(&config.config) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
@@ -513,11 +510,7 @@ async fn dispatch(command: Command) -> ExitCode {
             }
         }
         Command::Cancel { config, job_id } => {
-            let settings = match load(&config.config) {
-                Ok(s) => s,
-                Err(e) => return usage_error(e),
-            };
-            let control = match connect(settings) {
+            let control = match control_for(&config.config) {
                 Ok(c) => c,
                 Err(code) => return code,
             };

@@ -61,6 +61,28 @@ impl MemoryStore {
     }
 }
 
+/// Applies a write condition as the service does: 412 for an existing blob under
+/// `IfAbsent` or another ETag under `IfMatch`, 404 for `IfMatch` on nothing.
+pub(crate) fn check_condition(
+    op: &'static str,
+    blob: &BlobPath,
+    condition: &Condition,
+    current_etag: Option<&str>,
+) -> StorageResult<()> {
+    match (condition, current_etag) {
+        (Condition::IfAbsent, Some(_)) => {
+            Err(StorageError::http(op, blob, 412, Some("BlobAlreadyExists")))
+        }
+        (Condition::IfMatch(_), None) => {
+            Err(StorageError::http(op, blob, 404, Some("BlobNotFound")))
+        }
+        (Condition::IfMatch(want), Some(have)) if want != have => {
+            Err(StorageError::http(op, blob, 412, Some("ConditionNotMet")))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Parses a URL made by [`url_of`] (query parameters such as a SAS ignored).
 pub(crate) fn parse_source(url: &str) -> Option<BlobPath> {
     let url = Url::parse(url).ok()?;
@@ -301,18 +323,7 @@ impl BlobStore for MemoryStore {
             return Err(StorageError::http(OP, blob, 404, Some("ContainerNotFound")));
         }
         let current = inner.blobs.get(blob).map(|b| format!("\"0x{:X}\"", b.etag));
-        match (&condition, &current) {
-            (Condition::IfAbsent, Some(_)) => {
-                return Err(StorageError::http(OP, blob, 412, Some("BlobAlreadyExists")))
-            }
-            (Condition::IfMatch(_), None) => {
-                return Err(StorageError::http(OP, blob, 404, Some("BlobNotFound")))
-            }
-            (Condition::IfMatch(want), Some(have)) if want != have => {
-                return Err(StorageError::http(OP, blob, 412, Some("ConditionNotMet")))
-            }
-            _ => {}
-        }
+        check_condition(OP, blob, &condition, current.as_deref())?;
         inner.next_etag += 1;
         let etag = inner.next_etag;
         inner.blobs.insert(

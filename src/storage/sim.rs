@@ -16,7 +16,7 @@
 //!   127 GiB VHD costs nothing.
 
 use super::{
-    memory::{parse_source, source_url_of, url_of},
+    memory::{check_condition, parse_source, source_url_of, url_of},
     AccountInfo, BlobKind, BlobPath, BlobProperties, BlobStore, Condition, CopyInfo, CopyStarted,
     CopyState, ErrorClass, Metadata, StorageError, StorageResult,
 };
@@ -588,18 +588,7 @@ impl BlobStore for SimStore {
             return Err(StorageError::http(OP, blob, 404, Some("ContainerNotFound")));
         }
         let current = s.blobs.get(blob).map(|b| format!("\"0x{:X}\"", b.etag));
-        match (&condition, &current) {
-            (Condition::IfAbsent, Some(_)) => {
-                return Err(StorageError::http(OP, blob, 412, Some("BlobAlreadyExists")))
-            }
-            (Condition::IfMatch(_), None) => {
-                return Err(StorageError::http(OP, blob, 404, Some("BlobNotFound")))
-            }
-            (Condition::IfMatch(want), Some(have)) if want != have => {
-                return Err(StorageError::http(OP, blob, 412, Some("ConditionNotMet")))
-            }
-            _ => {}
-        }
+        check_condition(OP, blob, &condition, current.as_deref())?;
         s.next_etag += 1;
         let etag = s.next_etag;
         s.blobs.insert(
