@@ -101,25 +101,19 @@ async fn job_routes_metrics_and_health() {
         404
     );
 
-    let metrics = http
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    for line in [
-        "vhdrep_jobs{state=\"running\"} 0",
-        "vhdrep_jobs_finished_total{outcome=\"completed\"} 1",
-        "vhdrep_copies_in_flight{account=\"dst1\"} 0",
-        "vhdrep_copy_bytes_total{account=\"dst1\"} 2097664",
-        "vhdrep_copy_bytes_total{account=\"dst2\"} 2097664",
-        "vhdrep_build_info{version=\"",
-        "vhdrep_storage_requests_total{account=\"dst1\",operation=\"start_copy\",status_class=\"2xx\"} 1",
-    ] {
-        assert!(metrics.contains(line), "missing {line} in\n{metrics}");
-    }
+    let metrics = metrics_showing(
+        &app,
+        &[
+            "vhdrep_jobs{state=\"running\"} 0",
+            "vhdrep_jobs_finished_total{outcome=\"completed\"} 1",
+            "vhdrep_copies_in_flight{account=\"dst1\"} 0",
+            "vhdrep_copy_bytes_total{account=\"dst1\"} 2097664",
+            "vhdrep_copy_bytes_total{account=\"dst2\"} 2097664",
+            "vhdrep_build_info{version=\"",
+            "vhdrep_storage_requests_total{account=\"dst1\",operation=\"start_copy\",status_class=\"2xx\"} 1",
+        ],
+    )
+    .await;
     assert!(
         !metrics.contains("vhdrep_job_progress_ratio{job_id"),
         "ended jobs leave the progress gauge"

@@ -357,3 +357,26 @@ pub async fn drain(queue: &dyn vhd_replicator::queue::MessageQueue) -> Vec<Strin
 pub fn binary() -> &'static str {
     env!("CARGO_BIN_EXE_vhd-replicator")
 }
+
+/// The daemon's /metrics once it shows every one of `lines` (counters move just
+/// after a job's last write, so a read right after a job ends may be early).
+pub async fn metrics_showing(app: &TestApp, lines: &[&str]) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = reqwest::get(app.url("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let missing: Vec<&&str> = lines.iter().filter(|l| !text.contains(**l)).collect();
+        if missing.is_empty() {
+            return text;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "missing {missing:?} in\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -179,11 +179,20 @@ async fn prometheus_scrapes_progress_and_bytes_and_promtool_agrees() {
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    let finished = query(&base, "vhdrep_jobs_finished_total{outcome=\"completed\"}").await;
-    assert_eq!(
-        finished.first().and_then(|v| v["value"][1].as_str()),
-        Some("1")
-    );
+    // The finished-jobs counter moves just after the job's last write: wait for a
+    // scrape that shows it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let finished = query(&base, "vhdrep_jobs_finished_total{outcome=\"completed\"}").await;
+        if finished.first().and_then(|v| v["value"][1].as_str()) == Some("1") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "completed jobs in Prometheus: {finished:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
     drop(prometheus);
     app.shutdown().await;
 }

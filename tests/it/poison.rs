@@ -65,16 +65,7 @@ async fn malformed_messages_are_poisoned_and_the_daemon_keeps_serving() {
 
     let health = reqwest::get(app.url("/healthz")).await.unwrap();
     assert_eq!(health.status(), 200);
-    let metrics = reqwest::get(app.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(
-        metrics.contains("vhdrep_queue_poisoned_total 4"),
-        "{metrics}"
-    );
+    metrics_showing(&app, &["vhdrep_queue_poisoned_total 4"]).await;
     app.shutdown().await;
 }
 

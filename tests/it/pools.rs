@@ -348,11 +348,11 @@ async fn retire_removes_exactly_the_pools_blobs() {
             .status(),
         404
     );
-    let metrics = app.control.metrics.render();
-    assert!(
-        metrics.contains("vhdrep_jobs_finished_total{outcome=\"completed\"} 3"),
-        "{metrics}"
-    );
+    metrics_showing(
+        &app,
+        &["vhdrep_jobs_finished_total{outcome=\"completed\"} 3"],
+    )
+    .await;
     app.shutdown().await;
 }
 
