@@ -530,7 +530,7 @@ fn to_bytes(doc: &JobDocument) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::storage::memory::MemoryStore;
+    use crate::storage::sim::{SimConfig, SimStore};
 
     fn spec() -> JobSpec {
         crate::job::parse_job_json(
@@ -541,7 +541,11 @@ mod tests {
 
     #[tokio::test]
     async fn create_is_idempotent_and_saves_are_fenced() {
-        let s = StateStore::new(Arc::new(MemoryStore::new()), "ops", "state");
+        let s = StateStore::new(
+            Arc::new(SimStore::new(SimConfig::instant())),
+            "ops",
+            "state",
+        );
         s.ensure().await.unwrap();
         let id = JobId::parse("j1").unwrap();
         let doc = JobDocument::queued(id.clone(), spec());
@@ -576,7 +580,11 @@ mod tests {
 
     #[tokio::test]
     async fn list_is_newest_first() {
-        let s = StateStore::new(Arc::new(MemoryStore::new()), "ops", "state");
+        let s = StateStore::new(
+            Arc::new(SimStore::new(SimConfig::instant())),
+            "ops",
+            "state",
+        );
         s.ensure().await.unwrap();
         for (i, id) in ["a", "b", "c"].iter().enumerate() {
             let mut d = JobDocument::queued(JobId::parse(id).unwrap(), spec());

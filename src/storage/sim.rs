@@ -16,7 +16,6 @@
 //!   127 GiB VHD costs nothing.
 
 use super::{
-    memory::{check_condition, parse_source, source_url_of, url_of},
     AccountInfo, BlobKind, BlobPath, BlobProperties, BlobStore, Condition, CopyInfo, CopyStarted,
     CopyState, ErrorClass, Metadata, StorageError, StorageResult,
 };
@@ -58,6 +57,19 @@ pub struct SimConfig {
     pub copy_failure_rate: f64,
     /// Time every request takes.
     pub latency: Duration,
+    /// Copies finish the moment they start (unit tests); the bandwidths are ignored.
+    pub instant_copies: bool,
+}
+
+impl SimConfig {
+    /// Storage in memory with no delays, limits or faults: every copy is done at once.
+    pub fn instant() -> Self {
+        Self {
+            latency: Duration::ZERO,
+            instant_copies: true,
+            ..Self::default()
+        }
+    }
 }
 
 impl Default for SimConfig {
@@ -73,6 +85,7 @@ impl Default for SimConfig {
             transient_failure_rate: 0.0,
             copy_failure_rate: 0.0,
             latency: Duration::from_millis(5),
+            instant_copies: false,
         }
     }
 }
@@ -504,7 +517,7 @@ impl BlobStore for SimStore {
                 modified: OffsetDateTime::now_utc(),
             },
         );
-        s.flows.push(Flow {
+        let flow = Flow {
             id: id.clone(),
             dest: dest.clone(),
             source,
@@ -514,10 +527,15 @@ impl BlobStore for SimStore {
             done: 0.0,
             same_account,
             fails_at,
-        });
-        // A tiny copy may be done at once.
-        let now = Instant::now();
-        advance(&self.cfg, &mut s, now);
+        };
+        if self.cfg.instant_copies {
+            finish(&mut s, flow);
+        } else {
+            s.flows.push(flow);
+            // A tiny copy may be done at once.
+            let now = Instant::now();
+            advance(&self.cfg, &mut s, now);
+        }
         let state = s
             .blobs
             .get(dest)
@@ -678,6 +696,86 @@ impl BlobStore for SimStore {
             })
             .collect())
     }
+}
+
+/// Applies a write condition as the service does: 412 for an existing blob under
+/// `IfAbsent` or another ETag under `IfMatch`, 404 for `IfMatch` on nothing.
+fn check_condition(
+    op: &'static str,
+    blob: &BlobPath,
+    condition: &Condition,
+    current_etag: Option<&str>,
+) -> StorageResult<()> {
+    match (condition, current_etag) {
+        (Condition::IfAbsent, Some(_)) => {
+            Err(StorageError::http(op, blob, 412, Some("BlobAlreadyExists")))
+        }
+        (Condition::IfMatch(_), None) => {
+            Err(StorageError::http(op, blob, 404, Some("BlobNotFound")))
+        }
+        (Condition::IfMatch(want), Some(have)) if want != have => {
+            Err(StorageError::http(op, blob, 412, Some("ConditionNotMet")))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Parses a URL made by [`url_of`] (query parameters such as a SAS ignored).
+fn parse_source(url: &str) -> Option<BlobPath> {
+    let url = Url::parse(url).ok()?;
+    let mut segments = url.path_segments()?;
+    let account = segments.next()?.to_owned();
+    let container = segments.next()?.to_owned();
+    let name = segments.collect::<Vec<_>>().join("/");
+    let name = percent_decode(&name);
+    let snapshot = url
+        .query_pairs()
+        .find(|(k, _)| k == "snapshot")
+        .map(|(_, v)| v.into_owned());
+    Some(BlobPath {
+        account,
+        container,
+        name,
+        snapshot,
+    })
+}
+
+/// A path-style URL of `blob` under `base` (for stores without real endpoints).
+fn url_of(base: &str, blob: &BlobPath) -> Url {
+    let mut url = Url::parse(base).expect("static base URL parses");
+    url.path_segments_mut()
+        .expect("base URL")
+        .push(&blob.account)
+        .push(&blob.container)
+        .extend(blob.name.split('/'));
+    if let Some(s) = &blob.snapshot {
+        url.query_pairs_mut().append_pair("snapshot", s);
+    }
+    url
+}
+
+/// A copy-source URL: plain inside one account, with a stand-in SAS across accounts.
+fn source_url_of(
+    base: &str,
+    source: &BlobPath,
+    dest_account: &str,
+    expiry: OffsetDateTime,
+) -> String {
+    let mut url = url_of(base, source);
+    if source.account != dest_account {
+        url.query_pairs_mut()
+            .append_pair("sp", "r")
+            .append_pair("se", &super::auth::sas_time(expiry))
+            .append_pair("sig", "simulated-signature");
+    }
+    url.to_string()
+}
+
+fn percent_decode(s: &str) -> String {
+    url::form_urlencoded::parse(format!("x={}", s.replace('+', "%2B")).as_bytes())
+        .next()
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
