@@ -721,6 +721,34 @@ impl Engine {
         {
             return Outcome::Retry(format!("job state: {e}"));
         }
+        // Never pull the replicas from under a job of the pool that is still to run.
+        let busy = match self.state.list().await {
+            Ok(docs) => docs.into_iter().find(|d| {
+                d.retire_pool.is_none()
+                    && d.spec.pool.id == pool
+                    && matches!(d.state, JobState::Queued | JobState::Running)
+            }),
+            Err(e) => return Outcome::Retry(format!("job state: {e}")),
+        };
+        if let Some(d) = busy {
+            let reason = format!(
+                "pool {pool} has job {} {}; retire the pool after that job ends (cancel it first to stop it)",
+                d.job_id,
+                d.state.as_str()
+            );
+            let _ = self
+                .state
+                .update(
+                    id.as_str(),
+                    mark(JobState::Failed, Some(reason.clone()), None),
+                )
+                .await;
+            self.metrics
+                .jobs_finished
+                .with_label_values(&["failed"])
+                .inc();
+            return Outcome::Failed(reason);
+        }
         tracing::info!("retiring the pool's image sets");
         let owner = plan::owner_tag(&self.settings);
         let plan = match retire_plan(self.store.as_ref(), &self.state, pool, &owner).await {
