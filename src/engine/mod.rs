@@ -736,18 +736,7 @@ impl Engine {
                 d.job_id,
                 d.state.as_str()
             );
-            let _ = self
-                .state
-                .update(
-                    id.as_str(),
-                    mark(JobState::Failed, Some(reason.clone()), None),
-                )
-                .await;
-            self.metrics
-                .jobs_finished
-                .with_label_values(&["failed"])
-                .inc();
-            return Outcome::Failed(reason);
+            return self.fail_retire(id, reason).await;
         }
         tracing::info!("retiring the pool's image sets");
         let owner = plan::owner_tag(&self.settings);
@@ -763,18 +752,7 @@ impl Engine {
                 Err(e) if e.class.is_retryable() => return Outcome::Retry(e.to_string()),
                 Err(e) => {
                     let reason = format!("could not delete {blob}: {e}");
-                    let _ = self
-                        .state
-                        .update(
-                            id.as_str(),
-                            mark(JobState::Failed, Some(reason.clone()), None),
-                        )
-                        .await;
-                    self.metrics
-                        .jobs_finished
-                        .with_label_values(&["failed"])
-                        .inc();
-                    return Outcome::Failed(reason);
+                    return self.fail_retire(id, reason).await;
                 }
             }
         }
@@ -798,6 +776,24 @@ impl Engine {
             .with_label_values(&["completed"])
             .inc();
         Outcome::Completed
+    }
+
+    /// Ends a retire job as failed with `reason`.
+    async fn fail_retire(&self, id: &crate::job::JobId, reason: String) -> Outcome {
+        let _ = self
+            .state
+            .update(id.as_str(), |d| {
+                d.state = JobState::Failed;
+                d.phase = None;
+                d.error = Some(reason.clone());
+                true
+            })
+            .await;
+        self.metrics
+            .jobs_finished
+            .with_label_values(&["failed"])
+            .inc();
+        Outcome::Failed(reason)
     }
 
     /// Writes the pool's image set: the current set (same snapshot) takes this job's

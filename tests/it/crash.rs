@@ -101,12 +101,7 @@ async fn crash_trial(kill_after: Duration, seed: u64) {
     .unwrap();
     let source = env.source_url("crash.vhd");
     upload_sample(&direct, &source, 2, 1, seed as u8).await;
-    let proxied = env.toml.replace(
-        &format!("blob_endpoint = \"{BLOB}"),
-        &format!("blob_endpoint = \"{}", proxy.url()),
-    );
-    let config = env.dir.path().join("proxied.toml");
-    std::fs::write(&config, proxied).unwrap();
+    let config = env.proxied_config_file(&proxy.url());
     let id = format!("crash-{}", env.id);
     let via_proxy = source.replace(BLOB, &proxy.url());
     direct
@@ -192,7 +187,6 @@ async fn sigkill_at_random_moments_then_resume() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_and_hands_the_job_over_promptly() {
     let env = TestEnv::new("[engine]\nmin_poll_ms = 100\nidle_poll_ms = 100\nlease_seconds = 60\ncheckpoint_seconds = 1\n[service]\nshutdown_grace_seconds = 5\n");
-    let env_toml = env.toml.clone();
     let direct = env.control().await;
     let proxy = Proxy::start(ProxyConfig {
         hold_copies: Some(Duration::from_secs(4)),
@@ -202,15 +196,7 @@ async fn sigterm_drains_and_hands_the_job_over_promptly() {
     .unwrap();
     let source = env.source_url("term.vhd");
     upload_sample(&direct, &source, 2, 1, 9).await;
-    let config = env.dir.path().join("proxied.toml");
-    std::fs::write(
-        &config,
-        env_toml.replace(
-            &format!("blob_endpoint = \"{BLOB}"),
-            &format!("blob_endpoint = \"{}", proxy.url()),
-        ),
-    )
-    .unwrap();
+    let config = env.proxied_config_file(&proxy.url());
     let id = format!("term-{}", env.id);
     direct
         .intake
@@ -272,15 +258,7 @@ async fn two_instances_split_the_work_and_survive_one_dying() {
     })
     .await
     .unwrap();
-    let config = env.dir.path().join("proxied.toml");
-    std::fs::write(
-        &config,
-        env.toml.replace(
-            &format!("blob_endpoint = \"{BLOB}"),
-            &format!("blob_endpoint = \"{}", proxy.url()),
-        ),
-    )
-    .unwrap();
+    let config = env.proxied_config_file(&proxy.url());
     let mut ids = Vec::new();
     for i in 0..4u8 {
         let source = env.source_url(&format!("two-{i}.vhd"));
@@ -428,15 +406,7 @@ async fn json_logs_carry_the_job_id_and_stay_quiet_while_polling() {
     })
     .await
     .unwrap();
-    let config = env.dir.path().join("proxied.toml");
-    std::fs::write(
-        &config,
-        env.toml.replace(
-            &format!("blob_endpoint = \"{BLOB}"),
-            &format!("blob_endpoint = \"{}", proxy.url()),
-        ),
-    )
-    .unwrap();
+    let config = env.proxied_config_file(&proxy.url());
     let source = env.source_url("logs.vhd");
     upload_sample(&direct, &source, 2, 1, 41).await;
     let id = format!("logs-{}", env.id);

@@ -124,14 +124,26 @@ lease_seconds = 30
 
     /// Settings whose blob endpoints go through a proxy at `base` (queues stay direct).
     pub fn proxied(&self, base: &str, extra: &str) -> ValidatedSettings {
-        let toml = self.toml.replace(
-            &format!("blob_endpoint = \"{BLOB}"),
-            &format!("blob_endpoint = \"{base}"),
-        ) + extra;
+        let toml = self.proxied_toml(base) + extra;
         Settings::from_toml(&toml)
             .expect("test config parses")
             .validate(&Keys(keys()))
             .expect("test config validates")
+    }
+
+    /// The config with blob endpoints through a proxy at `base` (queues stay direct).
+    pub fn proxied_toml(&self, base: &str) -> String {
+        self.toml.replace(
+            &format!("blob_endpoint = \"{BLOB}"),
+            &format!("blob_endpoint = \"{base}"),
+        )
+    }
+
+    /// [`TestEnv::proxied_toml`] written to a file, for the binary.
+    pub fn proxied_config_file(&self, base: &str) -> PathBuf {
+        let path = self.dir.path().join("proxied.toml");
+        std::fs::write(&path, self.proxied_toml(base)).expect("write config");
+        path
     }
 
     /// A control plane (no daemon).
