@@ -7,11 +7,11 @@ use crate::handoff::HandoffSinks;
 use crate::intake::Worker;
 use crate::job::{JobError, JobSpec};
 use crate::metrics::Metrics;
-use crate::queue::{AzureQueue, MessageQueue};
+use crate::queue::{AzureQueue, InstrumentedQueue, MessageQueue};
 use crate::state::{JobDocument, StateError, StateStore};
 use crate::storage::{
     azure::{shared_transport, AzureStore},
-    instrumented::Instrumented,
+    instrumented::{Instrumented, Outbound},
     retry::RetryPolicy,
     BlobStore, StorageError,
 };
@@ -31,6 +31,8 @@ pub struct Control {
     pub store: Arc<dyn BlobStore>,
     /// Job documents.
     pub state: StateStore,
+    /// The outbound call path (limits, timeouts, retries, metrics) of every call.
+    pub outbound: Outbound,
     /// Intake queue.
     pub intake: Arc<dyn MessageQueue>,
     /// Poison queue.
@@ -65,8 +67,12 @@ pub struct Submitted {
 impl Control {
     /// Azure (or Azurite) clients for every account.
     pub fn azure(settings: Arc<ValidatedSettings>, metrics: Metrics) -> Result<Self, StorageError> {
-        let transport = shared_transport(&settings.accounts)?;
-        let raw: Arc<dyn BlobStore> = Arc::new(AzureStore::new(&settings.accounts, &transport));
+        let transport = shared_transport(&settings.accounts, settings.connect_timeout())?;
+        let raw: Arc<dyn BlobStore> = Arc::new(AzureStore::new(
+            &settings.accounts,
+            &transport,
+            settings.retry_policy(),
+        ));
         let control = settings
             .account(&settings.control.account)
             .expect("validated: the control account is configured");
@@ -76,8 +82,9 @@ impl Control {
         let intake = q(&settings.control.intake_queue)?;
         let poison = q(&settings.control.poison_queue)?;
         let handoff = q(&settings.control.handoff_queue)?;
-        Ok(Self::from_parts(
-            settings, metrics, raw, intake, poison, handoff,
+        let retry = settings.retry_policy();
+        Ok(Self::with_retry(
+            settings, metrics, raw, intake, poison, handoff, retry,
         ))
     }
 
@@ -90,15 +97,8 @@ impl Control {
         poison: Arc<dyn MessageQueue>,
         handoff: Arc<dyn MessageQueue>,
     ) -> Self {
-        Self::with_retry(
-            settings,
-            metrics,
-            raw_store,
-            intake,
-            poison,
-            handoff,
-            RetryPolicy::default(),
-        )
+        let retry = settings.retry_policy();
+        Self::with_retry(settings, metrics, raw_store, intake, poison, handoff, retry)
     }
 
     /// Like [`Control::from_parts`] with a chosen request retry policy (a seeded
@@ -119,12 +119,13 @@ impl Control {
                 a.max_concurrent_copies,
             )
         })));
-        let store: Arc<dyn BlobStore> = Arc::new(Instrumented::new(
-            raw_store,
-            limits.clone(),
-            metrics.clone(),
-            retry,
-        ));
+        let outbound = Outbound::new(limits.clone(), metrics.clone(), retry);
+        let store: Arc<dyn BlobStore> = Arc::new(Instrumented::new(raw_store, outbound.clone()));
+        let control = &settings.control.account;
+        let wrap = |q: Arc<dyn MessageQueue>| -> Arc<dyn MessageQueue> {
+            Arc::new(InstrumentedQueue::new(q, control, outbound.clone()))
+        };
+        let (intake, poison, handoff) = (wrap(intake), wrap(poison), wrap(handoff));
         let state = StateStore::new(
             store.clone(),
             &settings.control.account,
@@ -136,6 +137,7 @@ impl Control {
             limits,
             store,
             state,
+            outbound,
             intake,
             poison,
             handoff,
@@ -232,7 +234,12 @@ impl Control {
             queue: self.handoff.clone(),
             dir: self.settings.handoff_dir.clone(),
             webhook: self.settings.handoff_webhook.clone(),
-            http: reqwest::Client::new(),
+            http: reqwest::Client::builder()
+                .connect_timeout(self.settings.connect_timeout())
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .expect("a plain HTTP client builds"),
+            retry: self.outbound.retry().clone(),
         };
         Engine::new(
             self.store.clone(),

@@ -164,6 +164,11 @@ pub struct EngineSettings {
     /// Seconds between writes of a running job's progress (state changes are
     /// written within 2 s); also bounds how late a cancel request is noticed.
     pub checkpoint_seconds: u64,
+    /// Seconds to wait for a connection to storage, a webhook or a token endpoint.
+    pub connect_timeout_seconds: u64,
+    /// Seconds one attempt of any outbound call may wait for its answer; then it
+    /// counts as a timeout and is retried under the retry policy.
+    pub request_timeout_seconds: u64,
 }
 
 impl Default for EngineSettings {
@@ -179,6 +184,8 @@ impl Default for EngineSettings {
             strategy: crate::engine::schedule::Strategy::Fanout,
             max_reads_per_source: 1,
             checkpoint_seconds: 10,
+            connect_timeout_seconds: 10,
+            request_timeout_seconds: 30,
         }
     }
 }
@@ -336,6 +343,18 @@ pub struct ValidatedSettings {
 }
 
 impl ValidatedSettings {
+    /// The retry policy of every outbound call, with the configured timeout.
+    pub fn retry_policy(&self) -> crate::storage::retry::RetryPolicy {
+        crate::storage::retry::RetryPolicy::with_timeout(Duration::from_secs(
+            self.engine.request_timeout_seconds,
+        ))
+    }
+
+    /// How long to wait for a connection.
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_secs(self.engine.connect_timeout_seconds)
+    }
+
     /// The account with this name.
     pub fn account(&self, name: &str) -> Option<&AccountConfig> {
         self.accounts.iter().find(|a| a.name == name)
@@ -503,6 +522,8 @@ impl Settings {
             ("engine.sas_hours", e.sas_hours as u64),
             ("engine.max_reads_per_source", e.max_reads_per_source as u64),
             ("engine.checkpoint_seconds", e.checkpoint_seconds),
+            ("engine.connect_timeout_seconds", e.connect_timeout_seconds),
+            ("engine.request_timeout_seconds", e.request_timeout_seconds),
         ] {
             if v == 0 {
                 problem(key, "must be at least 1".into());
@@ -518,6 +539,12 @@ impl Settings {
             problem(
                 "engine.lease_seconds",
                 "cannot exceed 7 days (604800), the queue's limit".into(),
+            );
+        }
+        if e.request_timeout_seconds > 600 {
+            problem(
+                "engine.request_timeout_seconds",
+                "must be at most 600; a storage request that has not answered in 10 minutes will not".into(),
             );
         }
         if e.min_poll_ms > e.max_poll_ms {

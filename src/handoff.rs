@@ -4,7 +4,7 @@
 
 use crate::job::{Caching, JobId, Os, ValidatedJob};
 use crate::queue::MessageQueue;
-use crate::storage::auth::redact_sas;
+use crate::storage::{auth::redact_sas, StorageError, TransportFailure};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use url::Url;
@@ -138,8 +138,10 @@ pub struct HandoffSinks {
     pub dir: Option<PathBuf>,
     /// Webhook URL.
     pub webhook: Option<Url>,
-    /// HTTP client for the webhook.
+    /// HTTP client for the webhook (with a connect timeout).
     pub http: reqwest::Client,
+    /// The retry policy every outbound call follows (attempt timeout included).
+    pub retry: crate::storage::retry::RetryPolicy,
 }
 
 impl HandoffSinks {
@@ -162,25 +164,56 @@ impl HandoffSinks {
             })?;
         }
         if let Some(url) = &self.webhook {
-            let shown = redact_query(url.as_str());
+            self.post_webhook(url, &text).await?;
+        }
+        Ok(())
+    }
+}
+
+impl HandoffSinks {
+    /// POSTs the hand-off under the retry policy: each attempt timed, 429 and 5xx
+    /// and broken connections retried (the stage dedupes by job id), other
+    /// answers final.
+    async fn post_webhook(&self, url: &Url, text: &str) -> Result<(), HandoffError> {
+        const OP: &str = "webhook";
+        let shown = redact_query(url.as_str());
+        let attempt = || async {
             let rsp = self
                 .http
                 .post(url.clone())
                 .header("content-type", "application/json")
-                .body(text)
+                .body(text.to_owned())
                 .send()
                 .await
-                .map_err(|e| HandoffError::Webhook {
-                    url: shown.clone(),
-                    error: redact_sas(&e.without_url().to_string()),
+                .map_err(|e| {
+                    let failure = if e.is_connect() {
+                        TransportFailure::Connect
+                    } else {
+                        TransportFailure::Broken
+                    };
+                    StorageError::transport(
+                        OP,
+                        &shown,
+                        failure,
+                        redact_sas(&e.without_url().to_string()),
+                    )
                 })?;
-            if !rsp.status().is_success() {
-                return Err(HandoffError::Webhook {
-                    url: shown,
-                    error: format!("answered HTTP {}", rsp.status()),
-                });
+            if rsp.status().is_success() {
+                Ok(())
+            } else {
+                Err(StorageError::http(OP, &shown, rsp.status().as_u16(), None))
             }
-        }
-        Ok(())
+        };
+        self.retry
+            .run(
+                crate::storage::retry::Idempotency::Idempotent,
+                |_| {},
+                || self.retry.timed(OP, &shown, attempt()),
+            )
+            .await
+            .map_err(|e| HandoffError::Webhook {
+                url: shown.clone(),
+                error: e.message,
+            })
     }
 }

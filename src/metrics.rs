@@ -32,6 +32,9 @@ pub struct Metrics {
     pub storage_retries: IntCounterVec,
     /// `vhdrep_queue_poisoned_total`.
     pub queue_poisoned: IntCounter,
+    /// `vhdrep_checkpoint_failures_total`: job document writes that failed while
+    /// copies went on.
+    pub checkpoint_failures: IntCounter,
     /// `vhdrep_build_info{version}`.
     pub build_info: GaugeVec,
 }
@@ -136,6 +139,11 @@ impl Metrics {
                 "Intake messages moved to the poison queue.",
             )
             .unwrap(),
+            checkpoint_failures: IntCounter::new(
+                "vhdrep_checkpoint_failures_total",
+                "Checkpoint writes of running jobs that failed (tried again at the next tick).",
+            )
+            .unwrap(),
             build_info: GaugeVec::new(
                 Opts::new("vhdrep_build_info", "Build information; always 1."),
                 &["version"],
@@ -154,6 +162,7 @@ impl Metrics {
             Box::new(m.storage_throttled.clone()),
             Box::new(m.storage_retries.clone()),
             Box::new(m.queue_poisoned.clone()),
+            Box::new(m.checkpoint_failures.clone()),
             Box::new(m.build_info.clone()),
         ] {
             registry.register(c).expect("metric names are unique");

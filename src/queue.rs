@@ -1,17 +1,22 @@
 //! Storage queues behind one narrow trait: the intake, poison and hand-off queues.
 //!
 //! [`AzureQueue`] uses the GA `azure_storage_queue` client; [`MemoryQueue`] keeps
-//! messages in memory with the same visibility and pop-receipt rules.
+//! messages in memory with the same visibility and pop-receipt rules;
+//! [`InstrumentedQueue`] wraps either in the outbound call path every storage call
+//! takes (rate limit, timeout, retries, metrics).
 
 use crate::config::{AccountConfig, AccountCredential};
-use crate::storage::{azure::map_error, ErrorClass, StorageError, StorageResult};
+use crate::storage::{
+    azure::map_error, instrumented::Outbound, retry::Idempotency, ErrorClass, StorageError,
+    StorageResult,
+};
 use async_trait::async_trait;
 use azure_core::http::{headers::HeaderName, Transport};
 use azure_storage_queue::{
     models::{QueueClientReceiveMessagesOptions, QueueMessage},
     QueueClient, QueueClientOptions,
 };
-use std::{collections::VecDeque, fmt, sync::Mutex, time::Duration};
+use std::{collections::VecDeque, fmt, sync::Arc, sync::Mutex, time::Duration};
 use time::OffsetDateTime;
 
 /// A message taken from a queue, invisible to others until its lease lapses.
@@ -225,6 +230,108 @@ impl MessageQueue for AzureQueue {
             .map_err(|e| map_error(OP, &self.name, e))?
             .unwrap_or(0)
             .max(0) as u64)
+    }
+}
+
+/// A queue whose every call takes the outbound path of its account: a request
+/// token, the attempt timeout, the metrics and the one retry policy.
+#[derive(Debug)]
+pub struct InstrumentedQueue {
+    inner: Arc<dyn MessageQueue>,
+    account: String,
+    out: Outbound,
+}
+
+impl InstrumentedQueue {
+    /// Wraps `inner`, a queue of `account`.
+    pub fn new(inner: Arc<dyn MessageQueue>, account: &str, out: Outbound) -> Self {
+        Self {
+            inner,
+            account: account.to_owned(),
+            out,
+        }
+    }
+}
+
+#[async_trait]
+impl MessageQueue for InstrumentedQueue {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    async fn ensure(&self) -> StorageResult<()> {
+        self.out
+            .call(
+                &self.account,
+                "create_queue",
+                Idempotency::Idempotent,
+                || self.inner.ensure(),
+            )
+            .await
+    }
+
+    /// Sent again after a lost answer: delivery is at least once, and every
+    /// reader dedupes (the intake by job id, the pool-creation stage by job id).
+    async fn send(&self, text: &str) -> StorageResult<()> {
+        self.out
+            .call(
+                &self.account,
+                "send_message",
+                Idempotency::Idempotent,
+                || self.inner.send(text),
+            )
+            .await
+    }
+
+    async fn receive(&self, max: u32, visibility: Duration) -> StorageResult<Vec<ReceivedMessage>> {
+        self.out
+            .call(
+                &self.account,
+                "receive_messages",
+                Idempotency::Idempotent,
+                || self.inner.receive(max, visibility),
+            )
+            .await
+    }
+
+    /// Not sent again after a lost answer: the service would have changed the
+    /// pop receipt, so a second try could only fail as "lost".
+    async fn renew(
+        &self,
+        id: &str,
+        pop_receipt: &str,
+        visibility: Duration,
+    ) -> StorageResult<String> {
+        self.out
+            .call(
+                &self.account,
+                "update_message",
+                Idempotency::NotIdempotent,
+                || self.inner.renew(id, pop_receipt, visibility),
+            )
+            .await
+    }
+
+    async fn delete(&self, id: &str, pop_receipt: &str) -> StorageResult<()> {
+        self.out
+            .call(
+                &self.account,
+                "delete_message",
+                Idempotency::Idempotent,
+                || self.inner.delete(id, pop_receipt),
+            )
+            .await
+    }
+
+    async fn approximate_count(&self) -> StorageResult<u64> {
+        self.out
+            .call(
+                &self.account,
+                "get_queue_properties",
+                Idempotency::Idempotent,
+                || self.inner.approximate_count(),
+            )
+            .await
     }
 }
 

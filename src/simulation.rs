@@ -39,6 +39,8 @@ pub struct Scenario {
     pub max_reads_per_source: u32,
     /// What Get Account Information answers for some accounts (default: standard, StorageV2).
     pub account_info: Vec<(String, crate::storage::AccountInfo)>,
+    /// Faults injected into the store's requests.
+    pub faults: Vec<crate::storage::sim::SimFault>,
 }
 
 impl Scenario {
@@ -54,6 +56,7 @@ impl Scenario {
             max_requests_per_second: 500,
             max_reads_per_source: 1,
             account_info: Vec::new(),
+            faults: Vec::new(),
         }
     }
 
@@ -87,6 +90,8 @@ pub struct Report {
     pub stats: SimStats,
     /// The error recorded on the job, if any.
     pub error: Option<String>,
+    /// The daemon's metrics at the end, in the text exposition.
+    pub metrics: String,
 }
 
 impl Report {
@@ -148,6 +153,9 @@ pub async fn run(scenario: &Scenario) -> Report {
     let store = Arc::new(SimStore::new(scenario.sim.clone()));
     for (account, info) in &scenario.account_info {
         store.set_account_info(account, info.clone());
+    }
+    for fault in &scenario.faults {
+        store.inject(fault.clone());
     }
     let source = BlobPath::new("src", "images", "disk.vhd");
     let footer = crate::vhd::fixed_footer(scenario.vhd_bytes, [7; 16]);
@@ -223,5 +231,6 @@ pub async fn run(scenario: &Scenario) -> Report {
         destination_blobs,
         stats: store.stats(),
         error: doc.error,
+        metrics: control.metrics.render(),
     }
 }

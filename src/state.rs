@@ -6,7 +6,7 @@ use crate::job::{JobId, JobSpec};
 use crate::storage::{BlobPath, BlobStore, Condition, ErrorClass, StorageError};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 use time::OffsetDateTime;
 
 /// Where a job stands.
@@ -241,6 +241,9 @@ pub enum StateError {
     /// The stored document is not valid JSON of a job.
     #[error("job document {0} is corrupt: {1}")]
     Corrupt(String, String),
+    /// Other writers won every one of this many read-change-write rounds.
+    #[error("{0} kept changing under {1} attempts to update it; try again later")]
+    Contended(String, u32),
     /// Storage failed.
     #[error(transparent)]
     Storage(#[from] StorageError),
@@ -255,6 +258,18 @@ pub struct StateStore {
 }
 
 const PREFIX: &str = "jobs/";
+
+/// Read-change-write rounds an update tries before it gives up as contended.
+pub const MAX_UPDATE_ROUNDS: u32 = 16;
+
+/// A short, growing, jittered pause between read-change-write rounds, so
+/// writers that collided do not collide again in lockstep.
+pub async fn contention_pause(round: u32) {
+    use rand::Rng;
+    let cap = Duration::from_millis(10u64 << round.min(6));
+    let wait = cap.mul_f64(rand::rng().random::<f64>());
+    tokio::time::sleep(wait).await;
+}
 
 impl StateStore {
     /// Documents in `container` of `account`.
@@ -346,7 +361,10 @@ impl StateStore {
         id: &str,
         mut change: impl FnMut(&mut JobDocument) -> bool,
     ) -> Result<JobDocument, StateError> {
-        loop {
+        for round in 0..MAX_UPDATE_ROUNDS {
+            if round > 0 {
+                contention_pause(round).await;
+            }
             let (mut doc, etag) = self
                 .load(id)
                 .await?
@@ -360,6 +378,10 @@ impl StateStore {
                 Err(e) => return Err(e),
             }
         }
+        Err(StateError::Contended(
+            format!("job {id}"),
+            MAX_UPDATE_ROUNDS,
+        ))
     }
 
     /// Every job, newest first.
@@ -487,7 +509,10 @@ impl StateStore {
         pool_id: &str,
         mut change: impl FnMut(&mut PoolRecord),
     ) -> Result<PoolRecord, StateError> {
-        loop {
+        for round in 0..MAX_UPDATE_ROUNDS {
+            if round > 0 {
+                contention_pause(round).await;
+            }
             let (mut record, condition) = match self.load_pool(pool_id).await? {
                 Some((r, etag)) => (r, Condition::IfMatch(etag)),
                 None => (
@@ -507,6 +532,9 @@ impl StateStore {
                 .await
             {
                 Ok(_) => return Ok(record),
+                // A missing container is no race: report it rather than retry.
+                Err(e) if e.code.as_deref() == Some("ContainerNotFound") => return Err(e.into()),
+                // Changed or deleted since it was read: read it again.
                 Err(e)
                     if matches!(
                         e.class,
@@ -520,6 +548,10 @@ impl StateStore {
                 Err(e) => return Err(e.into()),
             }
         }
+        Err(StateError::Contended(
+            format!("pool record {pool_id}"),
+            MAX_UPDATE_ROUNDS,
+        ))
     }
 }
 
@@ -599,5 +631,57 @@ mod tests {
             .map(|d| d.job_id.to_string())
             .collect();
         assert_eq!(ids, vec!["c", "b", "a"]);
+    }
+
+    /// An update against a missing container, or one that loses every round to
+    /// other writers, ends with an error instead of trying forever.
+    #[tokio::test(start_paused = true)]
+    async fn updates_are_bounded() {
+        use crate::storage::sim::{SimFault, SimFaultAction};
+        let sim = Arc::new(SimStore::new(SimConfig::instant()));
+        let s = StateStore::new(sim.clone(), "ops", "state");
+        let bounded = Duration::from_secs(600);
+        let r = tokio::time::timeout(bounded, s.update_pool("p", |r| r.sets.clear()))
+            .await
+            .expect("a missing container ends the update");
+        assert!(
+            matches!(r, Err(StateError::Storage(ref e)) if e.code.as_deref() == Some("ContainerNotFound")),
+            "{r:?}"
+        );
+
+        s.ensure().await.unwrap();
+        s.create(&JobDocument::queued(JobId::parse("j1").unwrap(), spec()))
+            .await
+            .unwrap();
+        s.update_pool("p", |_| {}).await.unwrap();
+        for target in ["jobs/j1", "pools/p"] {
+            sim.inject(SimFault {
+                operation: "put_blob",
+                target_contains: target.into(),
+                action: SimFaultAction::Fail(412, "ConditionNotMet"),
+                times: 1000,
+                from: Duration::ZERO,
+            });
+        }
+        let r = tokio::time::timeout(
+            bounded,
+            s.update("j1", |d| {
+                d.cancel_requested = true;
+                true
+            }),
+        )
+        .await
+        .expect("a contended update ends");
+        assert!(
+            matches!(r, Err(StateError::Contended(_, MAX_UPDATE_ROUNDS))),
+            "{r:?}"
+        );
+        let r = tokio::time::timeout(bounded, s.update_pool("p", |r| r.sets.clear()))
+            .await
+            .expect("a contended pool update ends");
+        assert!(
+            matches!(r, Err(StateError::Contended(_, MAX_UPDATE_ROUNDS))),
+            "{r:?}"
+        );
     }
 }

@@ -188,3 +188,52 @@ fn premium_and_block_blob_accounts_are_refused() {
         assert_eq!(report.stats.copies_started, 0);
     }
 }
+
+/// A job-document write that hangs while copies run (every attempt times out,
+/// for the whole retry budget) does not stall the copies: they go on being
+/// polled and started, the job ends as soon as without the hang, and the failed
+/// write is counted. (Before, the write was awaited in place of the copy loop,
+/// and its error dropped.)
+#[test]
+fn a_hung_checkpoint_write_does_not_stall_the_copies() {
+    use vhd_replicator::storage::sim::{SimFault, SimFaultAction};
+    let scenario = Scenario::new(2, 4, 4096 * MIB, Strategy::Fanout);
+    let clean = runtime().block_on(run(&scenario));
+    assert_eq!(clean.outcome, Outcome::Completed, "{:?}", clean.error);
+    let mut hung = scenario.clone();
+    hung.faults = vec![SimFault {
+        operation: "put_blob",
+        target_contains: "jobs/sim".into(),
+        action: SimFaultAction::Hang,
+        // Every attempt of one write: 30 s each, the fourth ends past the
+        // policy's 120 s budget.
+        times: 4,
+        // Early in the copies (one cross-account seed alone takes over a minute).
+        from: Duration::from_secs(5),
+    }];
+    let report = runtime().block_on(run(&hung));
+    assert_eq!(report.outcome, Outcome::Completed, "{:?}", report.error);
+    assert!(
+        report.makespan < clean.makespan + Duration::from_secs(10),
+        "hung write stalled the copies: {:?} vs {:?} without it",
+        report.makespan,
+        clean.makespan
+    );
+    assert!(
+        clean.makespan > Duration::from_secs(120),
+        "the copies outlast the hung write's retry budget: {:?}",
+        clean.makespan
+    );
+    assert!(
+        report
+            .metrics
+            .contains("vhdrep_checkpoint_failures_total 1"),
+        "the failed write is counted:\n{}",
+        report
+            .metrics
+            .lines()
+            .filter(|l| l.contains("checkpoint"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}

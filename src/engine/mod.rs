@@ -153,7 +153,10 @@ impl Checkpoint<'_> {
     async fn save(&self, live: &Mutex<JobDocument>) -> Result<(), StateError> {
         *self.last_saved.lock().expect("checkpoint lock") = Instant::now();
         let mut etag = self.etag.lock().await;
-        loop {
+        for round in 0..crate::state::MAX_UPDATE_ROUNDS {
+            if round > 0 {
+                crate::state::contention_pause(round).await;
+            }
             let mut doc = {
                 let mut live = live.lock().expect("live doc lock");
                 if !live.state.is_terminal() {
@@ -193,6 +196,10 @@ impl Checkpoint<'_> {
                 Err(e) => return Err(e),
             }
         }
+        Err(StateError::Contended(
+            format!("job {}", self.id),
+            crate::state::MAX_UPDATE_ROUNDS,
+        ))
     }
 }
 
@@ -261,7 +268,15 @@ impl Engine {
         };
         let (mut doc, mut etag) = loaded;
         // Claim the job: an ETag-fenced write; whoever loses the race backs off.
+        let mut round = 0;
         loop {
+            round += 1;
+            if round > crate::state::MAX_UPDATE_ROUNDS {
+                return Outcome::Retry(format!(
+                    "job {id} kept changing under {} attempts to claim it",
+                    crate::state::MAX_UPDATE_ROUNDS
+                ));
+            }
             if doc.state.is_terminal() {
                 return Outcome::AlreadyEnded(doc.state);
             }
@@ -523,18 +538,7 @@ impl Engine {
                 }
             }
             None => {
-                let s = self
-                    .store
-                    .snapshot(
-                        &job.source,
-                        &crate::storage::Metadata::from([
-                            (plan::META_OWNER.to_owned(), plan::owner_tag(&self.settings)),
-                            (plan::META_JOB.to_owned(), job.id.to_string()),
-                            (plan::META_POOL.to_owned(), job.spec.pool.id.clone()),
-                        ]),
-                    )
-                    .await
-                    .map_err(|e| Failure::from_storage("source snapshot", &e))?;
+                let s = self.take_snapshot(job).await?;
                 {
                     let mut doc = live.lock().expect("live doc lock");
                     doc.source_snapshot = Some(s.clone());
@@ -681,6 +685,40 @@ impl Engine {
             .with_label_values(&[job.id.as_str()])
             .set(1.0);
         Ok(())
+    }
+
+    /// Freezes the source in a snapshot tagged with the job. Create Snapshot is
+    /// not idempotent: when its answer was lost, the snapshot the request may have
+    /// made is looked up by its tag rather than a second one taken.
+    async fn take_snapshot(&self, job: &ValidatedJob) -> Result<String, Failure> {
+        let metadata = crate::storage::Metadata::from([
+            (plan::META_OWNER.to_owned(), plan::owner_tag(&self.settings)),
+            (plan::META_JOB.to_owned(), job.id.to_string()),
+            (plan::META_POOL.to_owned(), job.spec.pool.id.clone()),
+        ]);
+        let lost = match self.store.snapshot(&job.source, &metadata).await {
+            Ok(s) => return Ok(s),
+            Err(e) if e.outcome_unknown() => e,
+            Err(e) => return Err(Failure::from_storage("source snapshot", &e)),
+        };
+        let src = &job.source;
+        let listed = self
+            .store
+            .list_detailed(&src.account, &src.container, &src.name, true)
+            .await
+            .map_err(|e| Failure::from_storage("source snapshot", &e))?;
+        let made = listed.into_iter().find(|b| {
+            b.name == src.name
+                && b.snapshot.is_some()
+                && b.metadata.get(plan::META_JOB).map(String::as_str) == Some(job.id.as_str())
+        });
+        match made.and_then(|b| b.snapshot) {
+            Some(s) => {
+                tracing::info!(snapshot = %s, "the lost answer's snapshot was found by its tag");
+                Ok(s)
+            }
+            None => Err(Failure::from_storage("source snapshot", &lost)),
+        }
     }
 
     /// Runs a retire job: deletes every replica of the pool's image sets (only
@@ -947,6 +985,9 @@ impl Engine {
         // the claim alive.
         let progress_every =
             Duration::from_secs(self.settings.engine.checkpoint_seconds).min(self.lease() / 3);
+        // A checkpoint write in flight: polled beside the copies, never awaited in
+        // their place, so a slow write does not stall polling or starting copies.
+        let mut saving: Option<futures::future::BoxFuture<'_, Result<(), StateError>>> = None;
         loop {
             // Start whatever may start now.
             for account in sched.waiting_accounts() {
@@ -1044,13 +1085,17 @@ impl Engine {
                         }
                     }
                 },
+                written = in_flight(&mut saving), if saving.is_some() => {
+                    saving = None;
+                    if let Some(by) = self.checkpoint_written(written, checkpoint) {
+                        lost = Some(by);
+                        sched.clear();
+                        token.cancel();
+                    }
+                },
                 _ = ticker.tick() => {
-                    if checkpoint.due(progress_every) {
-                        if let Err(StateError::Lost(_, by)) = checkpoint.save(live).await {
-                            lost = Some(by);
-                            sched.clear();
-                            token.cancel();
-                        }
+                    if saving.is_none() && checkpoint.due(progress_every) {
+                        saving = Some(Box::pin(checkpoint.save(live)));
                     }
                     let (progress, cancel_requested) = {
                         let doc = live.lock().expect("live doc lock");
@@ -1071,6 +1116,10 @@ impl Engine {
                 _ = gates_freed, if copies.is_empty() => {},
             }
         }
+        // A write still in flight is dropped, not awaited: the job's next write
+        // carries the same state and more (a write dropped after it landed only
+        // costs that next write one ETag round).
+        drop(saving);
         if let Some(by) = lost {
             return Err(Failure::Lost(by));
         }
@@ -1078,7 +1127,10 @@ impl Engine {
             return Err(Failure::Cancelled);
         }
         if stop.is_cancelled() {
-            let _ = checkpoint.save(live).await;
+            let written = checkpoint.save(live).await;
+            if let Some(by) = self.checkpoint_written(written, checkpoint) {
+                return Err(Failure::Lost(by));
+            }
             return Err(Failure::Interrupted);
         }
         if !fatal.is_empty() {
@@ -1099,6 +1151,26 @@ impl Engine {
             )));
         }
         Ok(())
+    }
+
+    /// Handles the end of a checkpoint write during copying: returns the instance
+    /// that took the job over, if one did; a failed write is logged, counted and
+    /// tried again at the next tick (the copies go on meanwhile).
+    fn checkpoint_written(
+        &self,
+        written: Result<(), StateError>,
+        checkpoint: &Checkpoint<'_>,
+    ) -> Option<String> {
+        match written {
+            Ok(()) => None,
+            Err(StateError::Lost(_, by)) => Some(by),
+            Err(e) => {
+                self.metrics.checkpoint_failures.inc();
+                tracing::warn!(error = %e, "could not write a checkpoint; the copies go on and the next tick tries again");
+                checkpoint.note_transition();
+                None
+            }
+        }
     }
 
     fn replica_failed(&self, live: &Mutex<JobDocument>, index: u32, reason: &str) {
@@ -1145,17 +1217,24 @@ impl Engine {
                 return Ok(copied_now);
             }
             Some(c) if c.state == CopyState::Pending => c.id,
-            _ => self.start(ctx, rec, source).await?,
+            seen => {
+                let previous = seen.map(|c| c.id);
+                self.start(ctx, rec, source, previous.as_deref()).await?
+            }
         };
         self.poll_until_done(ctx, rec, &copy_id).await?;
         Ok(copied_now)
     }
 
+    /// Starts the copy into `rec`'s blob. `previous` is the copy id the
+    /// destination showed before (if any), so a copy this call started can be
+    /// told from an older one.
     async fn start(
         &self,
         ctx: &CopyContext<'_>,
         rec: &ReplicaRecord,
         source: &BlobPath,
+        previous: Option<&str>,
     ) -> Result<String, CopyError> {
         let dest = &rec.blob;
         let expiry = OffsetDateTime::now_utc()
@@ -1173,6 +1252,20 @@ impl Engine {
         );
         let started = match self.store.start_copy(dest, &url, &metadata).await {
             Ok(s) => s,
+            // The answer was lost (a timeout, a broken connection, a 500): the copy
+            // may be running. The destination says whether it started; only if it
+            // did not is it started again.
+            Err(e) if e.outcome_unknown() => match self.started_by_us(ctx, rec, previous).await? {
+                Some(s) => {
+                    tracing::info!(replica = rec.index, copy_id = %s.copy_id, "the copy of a lost Start Copy answer is running; adopting it");
+                    s
+                }
+                None => self
+                    .store
+                    .start_copy(dest, &url, &metadata)
+                    .await
+                    .map_err(|e| CopyError::from_storage(&e))?,
+            },
             Err(e) if e.class == ErrorClass::Conflict => {
                 // A copy is pending there: ours (a retried request) or someone else's.
                 let p = self
@@ -1208,6 +1301,32 @@ impl Engine {
             .store(true, std::sync::atomic::Ordering::Relaxed);
         tracing::debug!(replica = rec.index, account = %dest.account, copy_id = %started.copy_id, "copy started");
         Ok(started.copy_id)
+    }
+
+    /// A copy into `rec`'s blob that carries this job's tags for this replica and
+    /// is not the one the destination showed before `previous`: the copy a Start
+    /// Copy whose answer was lost started.
+    async fn started_by_us(
+        &self,
+        ctx: &CopyContext<'_>,
+        rec: &ReplicaRecord,
+        previous: Option<&str>,
+    ) -> Result<Option<crate::storage::CopyStarted>, CopyError> {
+        let p = match self.store.properties(&rec.blob).await {
+            Ok(p) => p,
+            Err(e) if e.is_not_found() => return Ok(None),
+            Err(e) => return Err(CopyError::from_storage(&e)),
+        };
+        if !is_our_replica(&p.metadata, ctx.job, rec.index, ctx.snapshot) {
+            return Ok(None);
+        }
+        Ok(p.copy
+            .filter(|c| matches!(c.state, CopyState::Pending | CopyState::Success))
+            .filter(|c| Some(c.id.as_str()) != previous)
+            .map(|c| crate::storage::CopyStarted {
+                copy_id: c.id,
+                state: c.state,
+            }))
     }
 
     async fn poll_until_done(
@@ -1397,6 +1516,15 @@ impl CopyError {
             }
             _ => CopyError::Retry(e.to_string()),
         }
+    }
+}
+
+/// Waits for the future in `slot`, or forever when there is none (a
+/// `select!` branch guarded by `slot.is_some()`).
+async fn in_flight<F: std::future::Future + Unpin>(slot: &mut Option<F>) -> F::Output {
+    match slot {
+        Some(f) => f.await,
+        None => std::future::pending().await,
     }
 }
 

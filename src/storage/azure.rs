@@ -6,18 +6,16 @@
 
 use super::{
     auth::{self, BlobSasRequest, SharedKey, SharedKeyPolicy},
+    retry::{Idempotency, RetryPolicy},
     AccountInfo, BlobKind, BlobPath, BlobProperties, BlobStore, Condition, CopyInfo, CopyStarted,
-    CopyState, ErrorClass, Metadata, StorageError, StorageResult,
+    CopyState, ErrorClass, Metadata, StorageError, StorageResult, TransportFailure,
 };
 use crate::config::{AccountConfig, AccountCredential};
 use async_trait::async_trait;
 use azure_core::{
     credentials::TokenCredential,
     error::ErrorKind,
-    http::{
-        headers::HeaderName, new_http_client, Etag, HttpClientOptions, RequestContent,
-        RetryOptions, Transport,
-    },
+    http::{headers::HeaderName, Etag, RequestContent, RetryOptions, Transport},
 };
 use azure_storage_blob::{
     models::{
@@ -52,7 +50,9 @@ struct Account {
     container_options: BlobContainerClientOptions,
     service_options: BlobServiceClientOptions,
     /// The user delegation key (Entra accounts), reused until near its expiry.
-    delegation_key: tokio::sync::Mutex<Option<UserDelegationKey>>,
+    /// Never held across a request: two callers that miss at once both fetch
+    /// one, which is harmless.
+    delegation_key: std::sync::Mutex<Option<UserDelegationKey>>,
 }
 
 /// Longest validity of a user delegation key.
@@ -72,6 +72,9 @@ impl std::fmt::Debug for Account {
 #[derive(Debug)]
 pub struct AzureStore {
     accounts: HashMap<String, Account>,
+    /// For the one call this store makes on its own (the user delegation key);
+    /// every other call is retried by the [`super::instrumented`] wrapper.
+    retry: RetryPolicy,
 }
 
 /// Client options shared by blob and queue clients of one account: one HTTP
@@ -93,17 +96,20 @@ pub(crate) fn client_options(
     options
 }
 
-/// The HTTP transport every client shares (no automatic decompression, as the
-/// storage crates require), trusting the accounts' extra CA certificates.
-pub(crate) fn shared_transport(accounts: &[AccountConfig]) -> Result<Transport, StorageError> {
-    let extra: Vec<&Vec<u8>> = accounts.iter().filter_map(|a| a.ca_pem.as_ref()).collect();
-    if extra.is_empty() {
-        return Ok(Transport::new(new_http_client(Some(HttpClientOptions {
-            automatic_decompression: false,
-        }))));
-    }
-    let mut builder = reqwest::Client::builder().no_gzip().no_deflate();
-    for pem in extra {
+/// The HTTP transport every client shares: no automatic decompression (as the
+/// storage crates require), no redirects, a connect timeout, and the accounts'
+/// extra CA certificates trusted. The answer timeout of each attempt is the
+/// retry policy's ([`RetryPolicy::timed`]), which also covers token requests.
+pub(crate) fn shared_transport(
+    accounts: &[AccountConfig],
+    connect_timeout: Duration,
+) -> Result<Transport, StorageError> {
+    let mut builder = reqwest::Client::builder()
+        .no_gzip()
+        .no_deflate()
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(connect_timeout);
+    for pem in accounts.iter().filter_map(|a| a.ca_pem.as_ref()) {
         let certs = reqwest::Certificate::from_pem_bundle(pem).map_err(|e| {
             StorageError::other(
                 "tls",
@@ -134,7 +140,7 @@ pub(crate) fn service_version(account: &AccountConfig) -> Option<String> {
 
 impl AzureStore {
     /// A store for these accounts, sharing one HTTP transport.
-    pub fn new(accounts: &[AccountConfig], transport: &Transport) -> Self {
+    pub fn new(accounts: &[AccountConfig], transport: &Transport, retry: RetryPolicy) -> Self {
         let accounts = accounts
             .iter()
             .map(|a| {
@@ -169,12 +175,12 @@ impl AzureStore {
                         blob_options,
                         container_options,
                         service_options,
-                        delegation_key: tokio::sync::Mutex::new(None),
+                        delegation_key: std::sync::Mutex::new(None),
                     },
                 )
             })
             .collect();
-        Self { accounts }
+        Self { accounts, retry }
     }
 
     fn account(&self, name: &str, operation: &'static str) -> StorageResult<&Account> {
@@ -219,7 +225,7 @@ impl AzureStore {
     }
 
     /// The account's user delegation key, fetched again when it would lapse
-    /// before `until`.
+    /// before `until`, under the retry policy (each attempt timed).
     async fn delegation_key(
         &self,
         account: &Account,
@@ -227,33 +233,46 @@ impl AzureStore {
         until: OffsetDateTime,
     ) -> StorageResult<UserDelegationKey> {
         const OP: &str = "get_user_delegation_key";
-        let mut cached = account.delegation_key.lock().await;
-        if let Some(key) = cached.as_ref() {
-            if key.signed_expiry.is_some_and(|e| e >= until) {
-                return Ok(key.clone());
-            }
+        let cached = account
+            .delegation_key
+            .lock()
+            .expect("delegation key lock")
+            .clone();
+        if let Some(key) = cached.filter(|k| k.signed_expiry.is_some_and(|e| e >= until)) {
+            return Ok(key);
         }
-        let now = OffsetDateTime::now_utc();
         let service = BlobServiceClient::new(
             account.endpoint.clone(),
             account.token.clone(),
             Some(account.service_options.clone()),
         )
         .map_err(|e| map_error(OP, name, e))?;
-        let info = azure_storage_blob::models::KeyInfo {
-            start: Some(now - SAS_START_SKEW),
-            expiry: Some(
-                (now + MAX_DELEGATION - time::Duration::minutes(1))
-                    .min(until + time::Duration::hours(1)),
-            ),
-            ..Default::default()
+        let fetch = || async {
+            let now = OffsetDateTime::now_utc();
+            let info = azure_storage_blob::models::KeyInfo {
+                start: Some(now - SAS_START_SKEW),
+                expiry: Some(
+                    (now + MAX_DELEGATION - time::Duration::minutes(1))
+                        .min(until + time::Duration::hours(1)),
+                ),
+                ..Default::default()
+            };
+            let request = info.try_into().map_err(|e| map_error(OP, name, e))?;
+            let rsp = service
+                .get_user_delegation_key(request, None)
+                .await
+                .map_err(|e| map_error(OP, name, e))?;
+            rsp.into_model().map_err(|e| map_error(OP, name, e))
         };
-        let rsp = service
-            .get_user_delegation_key(info.try_into().map_err(|e| map_error(OP, name, e))?, None)
-            .await
-            .map_err(|e| map_error(OP, name, e))?;
-        let key: UserDelegationKey = rsp.into_model().map_err(|e| map_error(OP, name, e))?;
-        *cached = Some(key.clone());
+        let key: UserDelegationKey = self
+            .retry
+            .run(
+                Idempotency::Idempotent,
+                |_| {},
+                || self.retry.timed(OP, name, fetch()),
+            )
+            .await?;
+        *account.delegation_key.lock().expect("delegation key lock") = Some(key.clone());
         Ok(key)
     }
 
@@ -296,10 +315,19 @@ pub(crate) fn map_error(
             });
             err
         }
-        ErrorKind::Connection | ErrorKind::Io => {
-            StorageError::other(operation, target, ErrorClass::Transient, e)
+        ErrorKind::Connection => {
+            StorageError::transport(operation, target, TransportFailure::Connect, e)
         }
-        ErrorKind::Credential => StorageError::other(operation, target, ErrorClass::Denied, e),
+        ErrorKind::Io => StorageError::transport(operation, target, TransportFailure::Broken, e),
+        // No token this time (IMDS or Entra ID briefly unavailable): the request
+        // never left, so it is safe to retry; a credential that never works ends
+        // as a job failure with this message after the retries.
+        ErrorKind::Credential => StorageError::transport(
+            operation,
+            target,
+            TransportFailure::Connect,
+            format!("cannot get an Entra ID token: {e}"),
+        ),
         ErrorKind::DataConversion => StorageError::other(operation, target, ErrorClass::Invalid, e),
         _ => StorageError::other(operation, target, ErrorClass::Transient, e),
     }
@@ -393,9 +421,16 @@ impl BlobStore for AzureStore {
                 if let Some(s) = &source.snapshot {
                     builder = builder.snapshot(s.as_str());
                 }
-                let sas = builder.build();
-                let sep = if url.query().is_some() { '&' } else { '?' };
-                Ok(format!("{url}{sep}{sas}"))
+                // The token carries `snapshot=` itself: it goes on the base blob's
+                // URL, or the service sees the parameter twice and refuses the copy.
+                let base = Self::url_of(
+                    account,
+                    &BlobPath {
+                        snapshot: None,
+                        ..source.clone()
+                    },
+                );
+                Ok(format!("{base}?{}", builder.build()))
             }
         }
     }

@@ -1,12 +1,14 @@
 //! A [`BlobStore`] wrapper that is itself a store: every attempt takes a token from
-//! the account's request-rate limiter (governor), is counted in the metrics, tells
-//! the account's adaptive copy gate whether it was throttled, and retryable
-//! failures are retried with backoff.
+//! the account's request-rate limiter (governor), runs under the attempt timeout,
+//! is counted in the metrics, tells the account's adaptive copy gate whether it
+//! was throttled, and retryable failures are retried under the one
+//! [`RetryPolicy`]. [`Outbound`] is that call path; the queue wrapper in
+//! [`crate::queue`] uses it too.
 
 use super::{
-    retry::{with_retries, RetryPolicy},
+    retry::{Idempotency, RetryPolicy},
     AccountInfo, BlobPath, BlobProperties, BlobStore, Condition, CopyStarted, ErrorClass, Metadata,
-    StorageResult,
+    StorageError, StorageResult, TransportFailure,
 };
 use crate::engine::limits::AccountLimits;
 use crate::metrics::Metrics;
@@ -16,29 +18,100 @@ use std::{future::Future, sync::Arc};
 use time::OffsetDateTime;
 use url::Url;
 
-/// Rate-limited, retried, counted storage.
-#[derive(Debug)]
-pub struct Instrumented {
-    inner: Arc<dyn BlobStore>,
+/// The one way out to storage: rate limit, timeout, metrics, throttling
+/// feedback and retries for each call.
+#[derive(Debug, Clone)]
+pub struct Outbound {
     limits: Arc<AccountLimits>,
     metrics: Metrics,
     retry: RetryPolicy,
 }
 
-impl Instrumented {
-    /// Wraps `inner` under the accounts' limits.
-    pub fn new(
-        inner: Arc<dyn BlobStore>,
-        limits: Arc<AccountLimits>,
-        metrics: Metrics,
-        retry: RetryPolicy,
-    ) -> Self {
+impl Outbound {
+    /// Calls under these limits, metrics and retry policy.
+    pub fn new(limits: Arc<AccountLimits>, metrics: Metrics, retry: RetryPolicy) -> Self {
         Self {
-            inner,
             limits,
             metrics,
             retry,
         }
+    }
+
+    /// The retry policy.
+    pub fn retry(&self) -> &RetryPolicy {
+        &self.retry
+    }
+
+    /// Runs one call to `account`: every attempt waits for a request token, then
+    /// gets [`RetryPolicy::attempt_timeout`] to answer.
+    pub async fn call<T, F, Fut>(
+        &self,
+        account: &str,
+        operation: &'static str,
+        idempotency: Idempotency,
+        f: F,
+    ) -> StorageResult<T>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = StorageResult<T>>,
+    {
+        let limits = &self.limits;
+        let metrics = &self.metrics;
+        let retry = &self.retry;
+        retry
+            .run(
+                idempotency,
+                |e| {
+                    metrics
+                        .storage_retries
+                        .with_label_values(&[account, retry_reason(e)])
+                        .inc();
+                },
+                || {
+                    let fut = f();
+                    async move {
+                        limits.request(account).await;
+                        let r = retry.timed(operation, account, fut).await;
+                        let status = match &r {
+                            Ok(_) => Some(200),
+                            Err(e) => e.status,
+                        };
+                        metrics.storage_request(account, operation, status);
+                        limits.feedback(
+                            account,
+                            matches!(&r, Err(e) if e.class == ErrorClass::Throttled),
+                        );
+                        r
+                    }
+                },
+            )
+            .await
+    }
+}
+
+/// The `reason` label of `vhdrep_storage_retries_total` for a retried failure.
+pub fn retry_reason(e: &StorageError) -> &'static str {
+    match (e.class, e.transport) {
+        (ErrorClass::Throttled, _) => "throttled",
+        (_, Some(TransportFailure::Timeout)) => "timeout",
+        _ => "transient",
+    }
+}
+
+/// Every value of the `reason` label, so it can be exported at zero.
+pub const RETRY_REASONS: [&str; 3] = ["throttled", "timeout", "transient"];
+
+/// Rate-limited, timed, retried, counted storage.
+#[derive(Debug)]
+pub struct Instrumented {
+    inner: Arc<dyn BlobStore>,
+    out: Outbound,
+}
+
+impl Instrumented {
+    /// Wraps `inner` in the outbound call path.
+    pub fn new(inner: Arc<dyn BlobStore>, out: Outbound) -> Self {
+        Self { inner, out }
     }
 
     async fn call<T, F, Fut>(
@@ -51,39 +124,9 @@ impl Instrumented {
         F: Fn() -> Fut,
         Fut: Future<Output = StorageResult<T>>,
     {
-        let limits = &self.limits;
-        let metrics = &self.metrics;
-        with_retries(
-            &self.retry,
-            |e| {
-                let reason = match e.class {
-                    ErrorClass::Throttled => "throttled",
-                    _ => "transient",
-                };
-                metrics
-                    .storage_retries
-                    .with_label_values(&[account, reason])
-                    .inc();
-            },
-            || {
-                let fut = f();
-                async move {
-                    limits.request(account).await;
-                    let r = fut.await;
-                    let status = match &r {
-                        Ok(_) => Some(200),
-                        Err(e) => e.status,
-                    };
-                    metrics.storage_request(account, operation, status);
-                    limits.feedback(
-                        account,
-                        matches!(&r, Err(e) if e.class == ErrorClass::Throttled),
-                    );
-                    r
-                }
-            },
-        )
-        .await
+        self.out
+            .call(account, operation, Idempotency::Idempotent, f)
+            .await
     }
 }
 
@@ -119,10 +162,14 @@ impl BlobStore for Instrumented {
     }
 
     async fn snapshot(&self, blob: &BlobPath, metadata: &Metadata) -> StorageResult<String> {
-        self.call(&blob.account, "create_snapshot", || {
-            self.inner.snapshot(blob, metadata)
-        })
-        .await
+        self.out
+            .call(
+                &blob.account,
+                "create_snapshot",
+                Idempotency::NotIdempotent,
+                || self.inner.snapshot(blob, metadata),
+            )
+            .await
     }
 
     async fn start_copy(
@@ -131,10 +178,14 @@ impl BlobStore for Instrumented {
         source_url: &str,
         metadata: &Metadata,
     ) -> StorageResult<CopyStarted> {
-        self.call(&dest.account, "start_copy", || {
-            self.inner.start_copy(dest, source_url, metadata)
-        })
-        .await
+        self.out
+            .call(
+                &dest.account,
+                "start_copy",
+                Idempotency::NotIdempotent,
+                || self.inner.start_copy(dest, source_url, metadata),
+            )
+            .await
     }
 
     async fn abort_copy(&self, dest: &BlobPath, copy_id: &str) -> StorageResult<()> {

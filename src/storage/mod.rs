@@ -208,12 +208,25 @@ impl ErrorClass {
             (400, Some("PopReceiptMismatch")) => ErrorClass::Conflict,
             (412, _) => ErrorClass::PreconditionFailed,
             (429, _) | (503, _) => ErrorClass::Throttled,
-            (500, Some("CannotVerifyCopySource")) => ErrorClass::Denied,
+            // A 500 CannotVerifyCopySource is documented as a verification that did
+            // not finish in time (retry it, with a fresh SAS); the 403 of the same
+            // name is a bad or expired SAS and stays `Denied`.
             (408, _) | (500, _) | (502, _) | (504, _) => ErrorClass::Transient,
             (401, _) | (403, _) => ErrorClass::Denied,
             _ => ErrorClass::Invalid,
         }
     }
+}
+
+/// How a request failed before any answer came back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransportFailure {
+    /// The connection could not be made: the request never left.
+    Connect,
+    /// No answer within the attempt timeout: it may or may not have been acted on.
+    Timeout,
+    /// The connection broke (reset, closed) after the request may have left.
+    Broken,
 }
 
 /// A failed storage operation, with what was being done to what.
@@ -234,6 +247,8 @@ pub struct StorageError {
     pub message: String,
     /// Retry-After the service asked for.
     pub retry_after: Option<Duration>,
+    /// For a failure without an answer: how it failed.
+    pub transport: Option<TransportFailure>,
 }
 
 impl StorageError {
@@ -256,6 +271,7 @@ impl StorageError {
                 None => format!("HTTP {status}"),
             },
             retry_after: None,
+            transport: None,
         }
     }
 
@@ -274,6 +290,47 @@ impl StorageError {
             code: None,
             message: auth::redact_sas(&message.to_string()),
             retry_after: None,
+            transport: None,
+        }
+    }
+
+    /// A request that failed without an answer.
+    pub fn transport(
+        operation: &'static str,
+        target: impl fmt::Display,
+        failure: TransportFailure,
+        message: impl fmt::Display,
+    ) -> Self {
+        Self {
+            transport: Some(failure),
+            ..Self::other(operation, target, ErrorClass::Transient, message)
+        }
+    }
+
+    /// An attempt that got no answer within `after`.
+    pub fn timed_out(operation: &'static str, target: impl fmt::Display, after: Duration) -> Self {
+        Self::transport(
+            operation,
+            target,
+            TransportFailure::Timeout,
+            format!("no answer within {} s", after.as_secs_f64()),
+        )
+    }
+
+    /// Whether the service may have carried the request out although it failed:
+    /// no answer came back (a timeout, a broken connection) or the service said
+    /// it ran out of time (500, 502, 504, 408). Throttling (429, 503) and a
+    /// connection that was never made are definite: nothing happened. A request
+    /// that is not idempotent is not sent again blindly after such a failure; its
+    /// caller reconciles from what storage says.
+    pub fn outcome_unknown(&self) -> bool {
+        if self.class != ErrorClass::Transient {
+            return false;
+        }
+        match (self.status, self.transport) {
+            (None, Some(TransportFailure::Connect)) => false,
+            (None, _) => true,
+            (Some(_), _) => self.code.as_deref() != Some("CannotVerifyCopySource"),
         }
     }
 

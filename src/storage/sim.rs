@@ -90,6 +90,33 @@ impl Default for SimConfig {
     }
 }
 
+/// A fault the simulated store injects into requests that match it, for unit
+/// tests of the slow and failing paths.
+#[derive(Debug, Clone)]
+pub struct SimFault {
+    /// Operation name, e.g. `put_blob`, `get_properties`, `start_copy`.
+    pub operation: &'static str,
+    /// Only requests whose target (account/container/blob) contains this.
+    pub target_contains: String,
+    /// What happens to them.
+    pub action: SimFaultAction,
+    /// How many requests it hits; then it is spent.
+    pub times: u32,
+    /// Requests earlier than this (virtual time since the store was made) pass.
+    pub from: Duration,
+}
+
+/// What an injected fault does.
+#[derive(Debug, Clone, Copy)]
+pub enum SimFaultAction {
+    /// Answer with this HTTP status and service error code instead.
+    Fail(u16, &'static str),
+    /// Take this long before the request is handled.
+    Delay(Duration),
+    /// Never answer (the caller's timeout must end it).
+    Hang,
+}
+
 /// What the simulation counted.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SimStats {
@@ -183,6 +210,7 @@ struct State {
 pub struct SimStore {
     cfg: SimConfig,
     state: Mutex<State>,
+    faults: Mutex<Vec<SimFault>>,
     epoch: Instant,
 }
 
@@ -205,7 +233,27 @@ impl SimStore {
             }),
             cfg,
             epoch: now,
+            faults: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Injects `fault` into the requests that match it.
+    pub fn inject(&self, fault: SimFault) {
+        self.faults.lock().expect("faults lock").push(fault);
+    }
+
+    /// The action of the first live fault matching this request, spending one hit.
+    fn fault_for(&self, operation: &str, target: &str) -> Option<SimFaultAction> {
+        let now = Instant::now().saturating_duration_since(self.epoch);
+        let mut faults = self.faults.lock().expect("faults lock");
+        let f = faults.iter_mut().find(|f| {
+            f.times > 0
+                && f.from <= now
+                && f.operation == operation
+                && target.contains(&f.target_contains)
+        })?;
+        f.times -= 1;
+        Some(f.action)
     }
 
     /// What was counted so far.
@@ -252,6 +300,14 @@ impl SimStore {
         target: &(dyn std::fmt::Display + Sync),
     ) -> StorageResult<std::sync::MutexGuard<'_, State>> {
         tokio::time::sleep(self.cfg.latency).await;
+        match self.fault_for(operation, &target.to_string()) {
+            None => {}
+            Some(SimFaultAction::Delay(d)) => tokio::time::sleep(d).await,
+            Some(SimFaultAction::Hang) => std::future::pending::<()>().await,
+            Some(SimFaultAction::Fail(status, code)) => {
+                return Err(StorageError::http(operation, target, status, Some(code)))
+            }
+        }
         let mut s = self.state.lock().expect("sim lock");
         let now = Instant::now();
         advance(&self.cfg, &mut s, now);
