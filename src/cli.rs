@@ -604,7 +604,10 @@ async fn validate(path: &std::path::Path, online: bool) -> ExitCode {
             }
             Err(e) => {
                 bad += 1;
-                println!("  {}: NOT REACHABLE: {e}", a.name);
+                println!(
+                    "  NOT REACHABLE: {}",
+                    crate::storage::account_info_problem(&a.name, &e)
+                );
             }
         }
     }

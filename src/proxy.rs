@@ -5,7 +5,9 @@
 //! requests with 503 ServerBusy (with or without Retry-After) or 500
 //! OperationTimedOut, reset connections, and add latency spikes. Faults are drawn
 //! from a seeded generator. Reads that carry a SAS (the service fetching a copy
-//! source) are passed through untouched.
+//! source) are passed through untouched. Scripted [`ProxyRule`]s hit chosen
+//! requests: swallow one (never forwarded, never answered), lose its answer
+//! (forwarded, the answer never comes back) or answer it with a given error.
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -29,6 +31,64 @@ use std::{
 use tokio::{net::TcpListener, time::Instant};
 use tokio_util::sync::CancellationToken;
 
+/// A scripted fault for the requests that match it.
+#[derive(Debug, Clone)]
+pub struct ProxyRule {
+    /// HTTP method, e.g. `PUT`; any when `None`.
+    pub method: Option<&'static str>,
+    /// The request path contains this.
+    pub path_contains: String,
+    /// The query string contains this, when set.
+    pub query_contains: Option<String>,
+    /// The request carries this header, when set (e.g. `x-ms-copy-source`).
+    pub header: Option<&'static str>,
+    /// What happens to a matching request.
+    pub action: ProxyAction,
+    /// How many requests it hits.
+    pub times: u32,
+}
+
+impl ProxyRule {
+    /// A rule for `times` requests of `method` whose path contains `path`.
+    pub fn new(method: &'static str, path: &str, action: ProxyAction, times: u32) -> Self {
+        Self {
+            method: Some(method),
+            path_contains: path.to_owned(),
+            query_contains: None,
+            header: None,
+            action,
+            times,
+        }
+    }
+
+    fn matches(
+        &self,
+        method: &hyper::Method,
+        path: &str,
+        query: &str,
+        headers: &hyper::HeaderMap,
+    ) -> bool {
+        self.method.is_none_or(|m| m == method.as_str())
+            && path.contains(&self.path_contains)
+            && self
+                .query_contains
+                .as_deref()
+                .is_none_or(|q| query.contains(q))
+            && self.header.is_none_or(|h| headers.contains_key(h))
+    }
+}
+
+/// What a [`ProxyRule`] does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyAction {
+    /// Hold the request forever without forwarding it: nothing happens upstream.
+    Swallow,
+    /// Forward the request, then never answer: it happened, the caller cannot know.
+    LoseAnswer,
+    /// Answer at once with this status and error code, without forwarding.
+    Answer(u16, &'static str),
+}
+
 /// What the proxy does to traffic.
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {
@@ -50,6 +110,8 @@ pub struct ProxyConfig {
     pub spike_rate: f64,
     /// The added latency of a spike.
     pub spike: Duration,
+    /// Scripted faults, tried in order; the first live match applies.
+    pub rules: Vec<ProxyRule>,
 }
 
 impl ProxyConfig {
@@ -65,6 +127,7 @@ impl ProxyConfig {
             reset_rate: 0.0,
             spike_rate: 0.0,
             spike: Duration::ZERO,
+            rules: Vec::new(),
         }
     }
 }
@@ -90,6 +153,8 @@ pub struct ProxyStats {
     pub aborted: AtomicU64,
     /// Status answers rewritten to pending.
     pub pending_answers: AtomicU64,
+    /// Requests hit by a scripted rule.
+    pub rule_hits: AtomicU64,
 }
 
 impl ProxyStats {
@@ -112,6 +177,12 @@ struct Held {
 
 struct Shared {
     cfg: ProxyConfig,
+    /// Hits left of each rule of `cfg.rules`.
+    rules_left: Mutex<Vec<u32>>,
+    /// Every request that reached the proxy: method, path and query.
+    seen: Mutex<Vec<String>>,
+    /// Every Start Copy's destination path and `x-ms-copy-source`, in order.
+    copy_sources: Mutex<Vec<(String, String)>>,
     starts: Mutex<HashMap<String, u32>>,
     rng: Mutex<StdRng>,
     held: Mutex<HashMap<String, Held>>,
@@ -142,6 +213,9 @@ impl Proxy {
         let addr = listener.local_addr()?;
         let stats = Arc::new(ProxyStats::default());
         let shared = Arc::new(Shared {
+            rules_left: Mutex::new(cfg.rules.iter().map(|r| r.times).collect()),
+            seen: Mutex::new(Vec::new()),
+            copy_sources: Mutex::new(Vec::new()),
             starts: Mutex::new(HashMap::new()),
             rng: Mutex::new(StdRng::seed_from_u64(cfg.seed)),
             cfg,
@@ -181,6 +255,22 @@ impl Proxy {
     /// they arrive, so a request whose client died mid-way still counts).
     pub fn copy_starts(&self) -> HashMap<String, u32> {
         self.shared.starts.lock().expect("starts lock").clone()
+    }
+
+    /// Every request that reached the proxy, as `METHOD path?query`, in order
+    /// (SAS signatures included: tests look for them in what the daemon writes).
+    pub fn seen(&self) -> Vec<String> {
+        self.shared.seen.lock().expect("seen lock").clone()
+    }
+
+    /// Every Start Copy that reached the proxy (forwarded or not): destination
+    /// path and the `x-ms-copy-source` it carried, SAS included.
+    pub fn copy_sources(&self) -> Vec<(String, String)> {
+        self.shared
+            .copy_sources
+            .lock()
+            .expect("sources lock")
+            .clone()
     }
 
     /// The proxy's base URL.
@@ -241,6 +331,51 @@ async fn handle(
     let path = req.uri().path().to_owned();
     let query = req.uri().query().unwrap_or("").to_owned();
     let method = req.method().clone();
+    shared
+        .seen
+        .lock()
+        .expect("seen lock")
+        .push(format!("{method} {path}?{query}"));
+    if let Some(source) = req
+        .headers()
+        .get("x-ms-copy-source")
+        .and_then(|v| v.to_str().ok())
+    {
+        shared
+            .copy_sources
+            .lock()
+            .expect("sources lock")
+            .push((path.clone(), source.to_owned()));
+    }
+    let scripted = {
+        let mut left = shared.rules_left.lock().expect("rules lock");
+        shared
+            .cfg
+            .rules
+            .iter()
+            .zip(left.iter_mut())
+            .find(|(r, n)| **n > 0 && r.matches(&method, &path, &query, req.headers()))
+            .map(|(r, n)| {
+                *n -= 1;
+                r.action
+            })
+    };
+    if scripted.is_some() {
+        ProxyStats::bump(&stats.rule_hits);
+    }
+    match scripted {
+        Some(ProxyAction::Swallow) => std::future::pending::<()>().await,
+        Some(ProxyAction::Answer(status, code)) => {
+            return Ok(error_response(
+                StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+                code,
+                "injected by the behaviour proxy",
+                false,
+            ))
+        }
+        Some(ProxyAction::LoseAnswer) | None => {}
+    }
+    let lose_answer = scripted == Some(ProxyAction::LoseAnswer);
     let service_read =
         query.contains("sig=") && (method == hyper::Method::GET || method == hyper::Method::HEAD);
 
@@ -352,6 +487,9 @@ async fn handle(
     let upstream = upstream.body(Full::new(body)).map_err(|_| Reset)?;
     let rsp = shared.client.request(upstream).await.map_err(|_| Reset)?;
     let status = rsp.status();
+    if lose_answer {
+        std::future::pending::<()>().await;
+    }
     if std::env::var_os("VHDREP_PROXY_DEBUG").is_some() {
         eprintln!("proxy: {} {path}?{query} -> {status}", parts.method);
     }

@@ -421,7 +421,12 @@ impl Engine {
                 .store
                 .account_info(account)
                 .await
-                .map_err(|e| Failure::from_storage(&format!("account {account}"), &e))?;
+                .map_err(|e| match e.class {
+                    ErrorClass::NotFound | ErrorClass::Denied => {
+                        Failure::Fatal(crate::storage::account_info_problem(account, &e))
+                    }
+                    _ => Failure::from_storage(&format!("account {account}"), &e),
+                })?;
             info.suits_batch_images()
                 .map_err(|m| Failure::Fatal(format!("account {account}: {m}")))?;
         }

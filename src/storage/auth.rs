@@ -150,7 +150,7 @@ pub fn string_to_sign(account: &str, input: &SigningInput<'_>) -> String {
         .filter(|(n, _)| n.starts_with("x-ms-"))
         .map(|(n, v)| (n.as_str(), fold_whitespace(v)))
         .collect();
-    ms.sort_by(|a, b| a.0.cmp(b.0));
+    ms.sort_by(|a, b| header_order(a.0, b.0));
     for (n, v) in ms {
         out.push_str(n);
         out.push(':');
@@ -176,6 +176,66 @@ pub fn string_to_sign(account: &str, input: &SigningInput<'_>) -> String {
         out.push_str(&values.join(","));
     }
     out
+}
+
+/// Characters with a weight at the first level of the service's collation, in
+/// ascending order (letters without regard to case); every other character is
+/// ignored at that level, `-` and `'` among them.
+const PRIMARY_ORDER: &str = "!#$%&*.^_`|~+0123456789abcdefghijklmnopqrstuvwxyz";
+
+/// A character's weight at one level of the collation; 0 means "ignored here".
+fn collation_weight(level: usize, c: u8) -> usize {
+    match level {
+        // Symbols, then digits, then letters, case folded.
+        0 => PRIMARY_ORDER
+            .bytes()
+            .position(|p| p == c.to_ascii_lowercase())
+            .map_or(0, |p| p + 2),
+        // Case: upper-case letters weigh, everything else is ignored.
+        1 => usize::from(c.is_ascii_uppercase()) * 2,
+        // The characters ignored at the first level that still tell names apart.
+        _ => match c {
+            b'\'' => 2,
+            b'-' => 3,
+            _ => 0,
+        },
+    }
+}
+
+/// Orders canonicalized header names as the storage service does when it
+/// verifies a Shared Key signature: a three-level collation (symbols before
+/// digits before letters, `-` ignored at first, then case, then the ignored
+/// characters), not code-point order. So `x-ms-meta-i_` sorts before
+/// `x-ms-meta-i0` and `foo_bar` before `foo2_bar`, where code points say the
+/// opposite and the service answers 403. The Python SDK emulates the same
+/// collation (`_storage_header_sort`, after azure-sdk-for-python#10277 and
+/// azure-sdk-for-net#41328).
+pub fn header_order(a: &str, b: &str) -> std::cmp::Ordering {
+    use std::cmp::Ordering;
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    for level in 0..3 {
+        let (mut i, mut j) = (0, 0);
+        loop {
+            // At the last level, names that skipped differently differ by where.
+            if level == 2 && i != j {
+                return j.cmp(&i);
+            }
+            let wa = a.get(i).map(|&c| collation_weight(level, c));
+            let wb = b.get(j).map(|&c| collation_weight(level, c));
+            match (wa, wb) {
+                (None, None) => break,
+                (Some(x), Some(y)) if x == y => {
+                    i += 1;
+                    j += 1;
+                }
+                (Some(0), _) => i += 1,
+                (_, Some(0)) => j += 1,
+                // A name that ended sorts first (None < Some).
+                (x, y) => return x.cmp(&y),
+            }
+        }
+    }
+    Ordering::Greater
 }
 
 fn fold_whitespace(v: &str) -> String {
@@ -392,6 +452,120 @@ mod tests {
             content_length: Some(0),
         };
         assert!(string_to_sign("a", &input).starts_with("PUT\n\n\n\n"));
+    }
+
+    fn sorted(names: &[&str]) -> Vec<String> {
+        let mut v: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+        v.sort_by(|a, b| header_order(a, b));
+        v
+    }
+
+    /// Orders from the service's collation (checked with the weights the Python
+    /// SDK uses, `0` weighted like the other digits), including the cases that
+    /// broke SDKs sorting by code point.
+    #[test]
+    fn headers_sort_as_the_service_collates() {
+        assert_eq!(
+            sorted(&["x-ms-meta-i0", "x-ms-meta-i_"]),
+            ["x-ms-meta-i_", "x-ms-meta-i0"]
+        );
+        assert_eq!(
+            sorted(&["x-ms-meta-foo2_bar", "x-ms-meta-foo_bar"]),
+            ["x-ms-meta-foo_bar", "x-ms-meta-foo2_bar"]
+        );
+        assert_eq!(
+            sorted(&["x-ms-meta-FOO2_BAR", "x-ms-meta-FOO_BAR"]),
+            ["x-ms-meta-FOO_BAR", "x-ms-meta-FOO2_BAR"]
+        );
+        assert_eq!(
+            sorted(&[
+                "x-ms-meta-a1",
+                "x-ms-meta-a_b",
+                "x-ms-meta-a",
+                "x-ms-meta-ab",
+                "x-ms-meta-a0"
+            ]),
+            [
+                "x-ms-meta-a",
+                "x-ms-meta-a_b",
+                "x-ms-meta-a0",
+                "x-ms-meta-a1",
+                "x-ms-meta-ab"
+            ]
+        );
+        assert_eq!(
+            sorted(&[
+                "x-ms-meta-ab",
+                "x-ms-meta-a-b",
+                "x-ms-meta-Ab",
+                "x-ms-meta-aB",
+                "x-ms-meta-a'b"
+            ]),
+            [
+                "x-ms-meta-ab",
+                "x-ms-meta-a'b",
+                "x-ms-meta-a-b",
+                "x-ms-meta-Ab",
+                "x-ms-meta-aB"
+            ]
+        );
+        assert_eq!(
+            sorted(&["x-ms-copysource", "x-ms-copy-source", "x-ms-copy-source-x"]),
+            ["x-ms-copysource", "x-ms-copy-source", "x-ms-copy-source-x"]
+        );
+        assert_eq!(
+            sorted(&[
+                "x-ms-meta-Z",
+                "x-ms-meta-a",
+                "x-ms-meta-_",
+                "x-ms-meta-9",
+                "x-ms-meta-~"
+            ]),
+            [
+                "x-ms-meta-_",
+                "x-ms-meta-~",
+                "x-ms-meta-9",
+                "x-ms-meta-a",
+                "x-ms-meta-Z"
+            ]
+        );
+        // The headers this daemon sends, in the service's order.
+        let ours = [
+            "x-ms-blob-content-length",
+            "x-ms-blob-type",
+            "x-ms-client-request-id",
+            "x-ms-copy-source",
+            "x-ms-date",
+            "x-ms-if-sequence-number-le",
+            "x-ms-meta-vhdrep_job_id",
+            "x-ms-meta-vhdrep_owner",
+            "x-ms-meta-vhdrep_pool_id",
+            "x-ms-meta-vhdrep_replica",
+            "x-ms-meta-vhdrep_source_snapshot",
+            "x-ms-meta-x",
+            "x-ms-page-write",
+            "x-ms-range",
+            "x-ms-version",
+        ];
+        let mut shuffled = ours;
+        shuffled.reverse();
+        assert_eq!(sorted(&shuffled), ours);
+    }
+
+    #[test]
+    fn string_to_sign_uses_the_service_order() {
+        let url = Url::parse("http://h/a/c/b").unwrap();
+        let input = SigningInput {
+            method: "PUT",
+            url: &url,
+            headers: vec![
+                ("x-ms-meta-i0".into(), "a".into()),
+                ("x-ms-meta-i_".into(), "b".into()),
+            ],
+            content_length: None,
+        };
+        let s = string_to_sign("a", &input);
+        assert!(s.contains("x-ms-meta-i_:b\nx-ms-meta-i0:a\n"), "{s}");
     }
 
     #[test]

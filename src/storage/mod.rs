@@ -163,6 +163,18 @@ impl AccountInfo {
     }
 }
 
+/// What to tell a person when Get Account Information fails on `account`.
+/// Azure answers it with 404 `ResourceNotFound` (not 403) when an Entra ID
+/// identity has no data role on the account.
+pub fn account_info_problem(account: &str, e: &StorageError) -> String {
+    if e.status == Some(404) && e.code.as_deref() == Some("ResourceNotFound") {
+        return format!(
+            "account {account}: Get Account Information answered 404 ResourceNotFound, Azure's answer to an identity without a data role on the account: assign the daemon's identity \"Storage Blob Data Contributor\" on account {account} (and \"Storage Queue Data Contributor\" on the control account), then allow a few minutes for the assignment to apply; with a shared key, check the account name and blob_endpoint"
+        );
+    }
+    format!("account {account}: {e}")
+}
+
 /// A write condition for optimistic concurrency.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Condition {

@@ -1,5 +1,6 @@
-//! Entra ID end to end: every account authenticates with bearer tokens (no shared
-//! key at all) against Azurite over HTTPS with `--oauth basic`, trusting the test
+//! Entra ID end to end: the control and destination accounts authenticate with
+//! bearer tokens only (no shared key) against Azurite over HTTPS with `--oauth
+//! basic`, trusting the test
 //! CA through `ca_file`. Cross-account copy sources in Entra accounts carry user
 //! delegation SAS tokens built with `azure_storage_sas` (service version
 //! 2026-04-06). Azurite 3.35 cannot check those: its newest user-delegation layout
@@ -28,6 +29,8 @@ const SECURE_QUEUE: &str = "https://127.0.0.1:10101";
 #[derive(Debug)]
 struct TestEntra {
     requests: std::sync::atomic::AtomicU64,
+    /// Token requests that fail first, as when IMDS or Entra ID is briefly away.
+    fail_first: std::sync::atomic::AtomicU64,
 }
 
 #[async_trait]
@@ -38,6 +41,17 @@ impl TokenCredential for TestEntra {
         _: Option<TokenRequestOptions<'_>>,
     ) -> azure_core::Result<AccessToken> {
         assert_eq!(scopes, ["https://storage.azure.com/.default"]);
+        use std::sync::atomic::Ordering::SeqCst;
+        if self
+            .fail_first
+            .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(azure_core::Error::with_message(
+                azure_core::error::ErrorKind::Credential,
+                "the token endpoint is unavailable (test)",
+            ));
+        }
         self.requests
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let now = OffsetDateTime::now_utc().unix_timestamp();
@@ -61,8 +75,11 @@ impl TokenCredential for TestEntra {
     }
 }
 
-/// A replication with Entra ID auth on every account over HTTPS: queues, state,
-/// snapshots, user-delegation-SAS copy sources, hand-off.
+/// A replication with Entra ID auth on the control and destination accounts
+/// over HTTPS: queues, state, snapshots, same-account copies authorised by the
+/// destination's token, hand-off; the first token requests fail and are retried.
+/// The user delegation SAS for a cross-account source in an Entra account is
+/// built and checked by its exact query string (see the module note).
 #[tokio::test]
 async fn entra_id_end_to_end_over_https() {
     require_azurite();
@@ -94,8 +111,11 @@ async fn entra_id_end_to_end_over_https() {
         .unwrap()
         .validate(&Keys(keys()))
         .expect("entra config validates");
+    // The first token requests fail: a token that cannot be had for a moment is
+    // a transient failure, retried, not the end of the job.
     let credential = Arc::new(TestEntra {
         requests: Default::default(),
+        fail_first: 3.into(),
     });
     for a in settings.accounts.iter_mut().filter(|a| a.name != "src") {
         assert!(matches!(a.credential, AccountCredential::Entra(_)));
@@ -126,6 +146,13 @@ async fn entra_id_end_to_end_over_https() {
             .load(std::sync::atomic::Ordering::Relaxed)
             > 0,
         "tokens were used"
+    );
+    assert_eq!(
+        credential
+            .fail_first
+            .load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "the failing token requests were met and retried"
     );
     // Fan-out grew inside each Entra account from its seed: same-account copies
     // authorised by the destination's token, with no SAS on the source.
@@ -160,11 +187,35 @@ async fn entra_id_end_to_end_over_https() {
         )
         .await
         .unwrap();
-    let q: std::collections::HashMap<String, String> = url::Url::parse(&url)
-        .unwrap()
-        .query_pairs()
-        .into_owned()
-        .collect();
+    // The exact query string: every parameter once (a map would hide a second
+    // `snapshot=`, which Azure refuses), the snapshot scoped by the token.
+    let parsed = url::Url::parse(&url).unwrap();
+    let pairs: Vec<(String, String)> = parsed.query_pairs().into_owned().collect();
+    let mut names: Vec<&str> = pairs.iter().map(|(k, _)| k.as_str()).collect();
+    let all = names.len();
+    names.sort_unstable();
+    names.dedup();
+    assert_eq!(
+        names.len(),
+        all,
+        "a parameter appears twice in {}",
+        parsed.query().unwrap_or("")
+    );
+    assert_eq!(
+        pairs
+            .iter()
+            .filter(|(k, v)| k == "snapshot" && v == "2026-01-01T00:00:00.0000000Z")
+            .count(),
+        1,
+        "{}",
+        parsed.query().unwrap_or("")
+    );
+    assert!(
+        parsed.path().ends_with(&format!("/{}", replica.name)),
+        "the token goes on the base blob's URL: {}",
+        parsed.path()
+    );
+    let q: std::collections::HashMap<String, String> = pairs.into_iter().collect();
     assert_eq!(q.get("sp").map(String::as_str), Some("r"));
     assert_eq!(q.get("sr").map(String::as_str), Some("bs"));
     assert_eq!(

@@ -139,6 +139,22 @@ lease_seconds = 30
         )
     }
 
+    /// Settings whose blob endpoints go through a proxy at `blob` and queue
+    /// endpoints through one at `queue`.
+    pub fn proxied_both(&self, blob: &str, queue: &str, extra: &str) -> ValidatedSettings {
+        let toml = merge_toml(
+            &self.proxied_toml(blob).replace(
+                &format!("queue_endpoint = \"{QUEUE}"),
+                &format!("queue_endpoint = \"{queue}"),
+            ),
+            extra,
+        );
+        Settings::from_toml(&toml)
+            .expect("test config parses")
+            .validate(&Keys(keys()))
+            .expect("test config validates")
+    }
+
     /// [`TestEnv::proxied_toml`] written to a file, for the binary.
     pub fn proxied_config_file(&self, base: &str) -> PathBuf {
         let path = self.dir.path().join("proxied.toml");

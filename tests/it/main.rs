@@ -13,3 +13,4 @@ mod poison;
 mod pools;
 mod proxy;
 mod replicate;
+mod timeouts;

@@ -200,3 +200,105 @@ async fn throttling_resets_and_timeouts_are_survived() {
     );
     app.shutdown().await;
 }
+
+/// Azure answers Get Account Information with 404 ResourceNotFound when the
+/// identity has no data role on the account: the job fails naming the account
+/// and the role to assign, before anything is copied.
+#[tokio::test]
+async fn an_identity_without_a_data_role_is_told_which_role_to_assign() {
+    use vhd_replicator::proxy::{ProxyAction, ProxyRule};
+    let env = TestEnv::new("");
+    let direct = env.control().await;
+    let proxy = Proxy::start(ProxyConfig {
+        rules: vec![ProxyRule {
+            method: None,
+            query_contains: Some("restype=account".into()),
+            ..ProxyRule::new(
+                "GET",
+                "/dst2/",
+                ProxyAction::Answer(404, "ResourceNotFound"),
+                100,
+            )
+        }],
+        ..ProxyConfig::transparent(BLOB)
+    })
+    .await
+    .unwrap();
+    let source = env.source_url("norole.vhd");
+    upload_sample(&direct, &source, 2, 1, 13).await;
+    let app = TestApp::spawn_with(env.proxied(&proxy.url(), "")).await;
+    let id = format!("norole-{}", env.id);
+    let via_proxy = source.replace(BLOB, &proxy.url());
+    app.control
+        .submit(parse_job_json(&env.job_json(&id, &via_proxy, "windows", 60)).unwrap())
+        .await
+        .unwrap();
+    let doc = wait_for_end(&direct, &id, Duration::from_secs(60)).await;
+    assert_eq!(doc.state, JobState::Failed);
+    let error = doc.error.unwrap_or_default();
+    assert!(
+        error.contains("account dst2")
+            && error.contains("Storage Blob Data Contributor")
+            && error.contains("ResourceNotFound"),
+        "{error}"
+    );
+    assert!(proxy.copy_starts().is_empty(), "nothing copied");
+    app.shutdown().await;
+}
+
+/// `500 CannotVerifyCopySource` is the service running out of time verifying the
+/// source: the Start Copy is retried, and once the request retries are spent the
+/// replica is tried again with a freshly signed source SAS; the job completes.
+#[tokio::test]
+async fn a_copy_source_verification_timeout_is_retried_with_a_fresh_sas() {
+    use vhd_replicator::proxy::{ProxyAction, ProxyRule};
+    let env = TestEnv::new("");
+    let direct = env.control().await;
+    let proxy = Proxy::start(ProxyConfig {
+        rules: vec![ProxyRule {
+            header: Some("x-ms-copy-source"),
+            // Every attempt the request retry policy makes (6).
+            ..ProxyRule::new(
+                "PUT",
+                &format!("/it-{}/", env.id),
+                ProxyAction::Answer(500, "CannotVerifyCopySource"),
+                6,
+            )
+        }],
+        ..ProxyConfig::transparent(BLOB)
+    })
+    .await
+    .unwrap();
+    let source = env.source_url("verify.vhd");
+    upload_sample(&direct, &source, 2, 1, 14).await;
+    let app = TestApp::spawn_with(env.proxied(&proxy.url(), "")).await;
+    let id = format!("verify-{}", env.id);
+    let via_proxy = source.replace(BLOB, &proxy.url());
+    app.control
+        .submit(parse_job_json(&env.job_json(&id, &via_proxy, "windows", 20)).unwrap())
+        .await
+        .unwrap();
+    let doc = wait_for_end(&direct, &id, Duration::from_secs(90)).await;
+    assert_eq!(doc.state, JobState::Completed, "{:?}", doc.error);
+    let sources = proxy.copy_sources();
+    assert_eq!(
+        sources.len(),
+        7,
+        "6 refused tries and the one that worked: {sources:?}"
+    );
+    let signatures: std::collections::BTreeSet<String> = sources
+        .iter()
+        .filter_map(|(_, s)| url::Url::parse(s).ok())
+        .filter_map(|u| {
+            u.query_pairs()
+                .find(|(k, _)| k == "sig")
+                .map(|(_, v)| v.into_owned())
+        })
+        .collect();
+    assert_eq!(
+        signatures.len(),
+        2,
+        "the replica's retry signed a fresh SAS"
+    );
+    app.shutdown().await;
+}
