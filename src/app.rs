@@ -240,6 +240,10 @@ impl Control {
                 .build()
                 .expect("a plain HTTP client builds"),
             retry: self.outbound.retry().clone(),
+            encoding: crate::handoff::QueueEncoding::from_setting(
+                &self.settings.handoff.queue_encoding,
+            ),
+            state: self.state.clone(),
         };
         Engine::new(
             self.store.clone(),

@@ -108,14 +108,38 @@ fn default_state() -> String {
     "vhd-replicator-state".into()
 }
 
-/// `[handoff]`: extra hand-off sinks.
-#[derive(Debug, Clone, Default, Deserialize)]
+/// `[handoff]`: extra hand-off sinks, the queue message's encoding, and the
+/// defaults that make every add-pool body complete.
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HandoffSettings {
     /// Also write `<dir>/<job_id>.json` when not empty.
     pub dir: String,
     /// Also POST the hand-off JSON here when not empty.
     pub webhook: String,
+    /// `text` (default: the JSON as is) or `base64` (what Azure Functions' queue
+    /// trigger and the Portal expect).
+    pub queue_encoding: String,
+    /// `vmSize` for jobs that give no `pool.vm_size`; empty: such jobs are refused.
+    pub vm_size: String,
+    /// `nodeAgentSKUId` for Windows jobs that give no `pool.node_agent_sku_id`.
+    pub windows_node_agent_sku_id: String,
+    /// `nodeAgentSKUId` for Linux jobs that give none; empty (default): refused,
+    /// since the Linux SKU depends on the image's distribution.
+    pub linux_node_agent_sku_id: String,
+}
+
+impl Default for HandoffSettings {
+    fn default() -> Self {
+        Self {
+            dir: String::new(),
+            webhook: String::new(),
+            queue_encoding: "text".into(),
+            vm_size: String::new(),
+            windows_node_agent_sku_id: "batch.node.windows amd64".into(),
+            linux_node_agent_sku_id: String::new(),
+        }
+    }
 }
 
 /// `[limits]`: nodes one VHD may serve.
@@ -332,6 +356,8 @@ pub struct ValidatedSettings {
     pub handoff_dir: Option<std::path::PathBuf>,
     /// Hand-off webhook.
     pub handoff_webhook: Option<Url>,
+    /// `[handoff]` as given (encoding and add-pool defaults).
+    pub handoff: HandoffSettings,
     /// `[limits]`
     pub limits: LimitSettings,
     /// `[engine]`
@@ -553,6 +579,15 @@ impl Settings {
                 "must not exceed engine.max_poll_ms".into(),
             );
         }
+        if !matches!(self.handoff.queue_encoding.as_str(), "text" | "base64") {
+            problem(
+                "handoff.queue_encoding",
+                format!(
+                    "{:?} is not \"text\" or \"base64\" (base64 for Azure Functions queue triggers)",
+                    self.handoff.queue_encoding
+                ),
+            );
+        }
         let handoff_webhook = if self.handoff.webhook.is_empty() {
             None
         } else {
@@ -685,6 +720,7 @@ impl Settings {
             control: self.control.clone(),
             handoff_dir: (!self.handoff.dir.is_empty()).then(|| self.handoff.dir.clone().into()),
             handoff_webhook,
+            handoff: self.handoff.clone(),
             limits: self.limits.clone(),
             engine: self.engine.clone(),
             gc: self.gc.clone(),

@@ -1,6 +1,11 @@
 //! The hand-off to the pool-creation stage: the replica URIs and a ready Azure
 //! Batch "Add pool" body (API 2017-05-01.5.0), sent to the hand-off queue and
 //! optionally written to a directory and POSTed to a webhook. No SAS, ever.
+//!
+//! A queue message holds at most 64 KiB. A hand-off that does not fit (about 270
+//! replicas and more) is written whole to the state container and the queue
+//! gets a small [`HandOffReference`] to it instead (a claim check); the file and
+//! the webhook always get the whole document.
 
 use crate::job::{Caching, JobId, Os, ValidatedJob};
 use crate::queue::MessageQueue;
@@ -25,9 +30,9 @@ pub struct VirtualMachineConfiguration {
     /// The custom image.
     #[serde(rename = "osDisk")]
     pub os_disk: OsDisk,
-    /// Node agent SKU.
-    #[serde(rename = "nodeAgentSKUId", skip_serializing_if = "Option::is_none")]
-    pub node_agent_sku_id: Option<String>,
+    /// Node agent SKU (required by Batch).
+    #[serde(rename = "nodeAgentSKUId")]
+    pub node_agent_sku_id: String,
 }
 
 /// The body of Batch "Add pool", API 2017-05-01.5.0.
@@ -35,9 +40,9 @@ pub struct VirtualMachineConfiguration {
 pub struct AddPool {
     /// Pool id.
     pub id: String,
-    /// VM size, when the job gave one.
-    #[serde(rename = "vmSize", skip_serializing_if = "Option::is_none")]
-    pub vm_size: Option<String>,
+    /// VM size (required by Batch).
+    #[serde(rename = "vmSize")]
+    pub vm_size: String,
     /// Dedicated nodes.
     #[serde(rename = "targetDedicatedNodes")]
     pub target_dedicated_nodes: u32,
@@ -68,10 +73,6 @@ impl HandOff {
     pub fn new(job: &ValidatedJob, source_snapshot: &str, image_uris: Vec<String>) -> Self {
         let pool = &job.spec.pool;
         let image_uris: Vec<String> = image_uris.iter().map(|u| redact_query(u)).collect();
-        let node_agent = pool.node_agent_sku_id.clone().or_else(|| match pool.os {
-            Os::Windows => Some("batch.node.windows amd64".to_owned()),
-            Os::Linux => None,
-        });
         Self {
             job_id: job.id.clone(),
             source: redact_query(&job.spec.source),
@@ -80,16 +81,81 @@ impl HandOff {
             image_uris: image_uris.clone(),
             add_pool: AddPool {
                 id: pool.id.clone(),
-                vm_size: pool.vm_size.clone(),
+                vm_size: job.vm_size.clone(),
                 target_dedicated_nodes: pool.nodes,
                 virtual_machine_configuration: VirtualMachineConfiguration {
                     os_disk: OsDisk {
                         image_uris,
                         caching: pool.caching.unwrap_or_default(),
                     },
-                    node_agent_sku_id: node_agent,
+                    node_agent_sku_id: job.node_agent_sku_id.clone(),
                 },
             },
+        }
+    }
+}
+
+/// The largest queue message Azure Storage accepts.
+pub const MAX_QUEUE_MESSAGE: usize = 64 * 1024;
+
+/// What the hand-off queue gets when the whole hand-off would not fit in one
+/// message: the job's identity and where the whole document is (in the state
+/// container of the control account; read it with the control account's
+/// credentials). A consumer tells it apart by `handoff_ref`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandOffReference {
+    /// Job id (the stage dedupes by it).
+    pub job_id: JobId,
+    /// Source URL as submitted.
+    pub source: String,
+    /// Snapshot every replica was copied from.
+    pub source_snapshot: String,
+    /// Node OS.
+    pub os: Os,
+    /// How many replica URIs the document lists.
+    pub image_count: usize,
+    /// Where the whole hand-off document is.
+    pub handoff_ref: BlobReference,
+}
+
+/// A blob the consumer reads.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobReference {
+    /// Its URL (no SAS).
+    pub uri: String,
+    /// The configured account name.
+    pub account: String,
+    /// Container.
+    pub container: String,
+    /// Blob name.
+    pub blob: String,
+}
+
+/// How queue message text is encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueEncoding {
+    /// The JSON as is (`az storage message put`, the Python SDK).
+    Text,
+    /// Base64 of the JSON (Azure Functions queue triggers, the Portal).
+    Base64,
+}
+
+impl QueueEncoding {
+    /// From `handoff.queue_encoding` (validated: `text` or `base64`).
+    pub fn from_setting(value: &str) -> Self {
+        if value == "base64" {
+            QueueEncoding::Base64
+        } else {
+            QueueEncoding::Text
+        }
+    }
+
+    /// The message text for `json`.
+    pub fn encode(self, json: &str) -> String {
+        use base64::{engine::general_purpose::STANDARD, Engine as _};
+        match self {
+            QueueEncoding::Text => json.to_owned(),
+            QueueEncoding::Base64 => STANDARD.encode(json),
         }
     }
 }
@@ -111,6 +177,10 @@ pub enum HandoffError {
     /// The queue refused the message.
     #[error("hand-off queue: {0}")]
     Queue(#[from] crate::storage::StorageError),
+    /// The whole document (for a hand-off too large for one message) could not
+    /// be written.
+    #[error("hand-off document: {0}")]
+    Document(String),
     /// The file could not be written.
     #[error("hand-off file {path}: {error}")]
     File {
@@ -142,13 +212,18 @@ pub struct HandoffSinks {
     pub http: reqwest::Client,
     /// The retry policy every outbound call follows (attempt timeout included).
     pub retry: crate::storage::retry::RetryPolicy,
+    /// How the queue message is encoded.
+    pub encoding: QueueEncoding,
+    /// Where a hand-off too large for one message is written.
+    pub state: crate::state::StateStore,
 }
 
 impl HandoffSinks {
     /// Delivers the hand-off to every sink (at least once; the stage dedupes by job id).
     pub async fn deliver(&self, handoff: &HandOff) -> Result<(), HandoffError> {
         let text = serde_json::to_string(handoff).expect("hand-off serialises");
-        self.queue.send(&text).await?;
+        let message = self.queue_message(handoff, &text).await?;
+        self.queue.send(&message).await?;
         if let Some(dir) = &self.dir {
             let path = dir.join(format!("{}.json", handoff.job_id));
             let tmp = dir.join(format!(".{}.json.tmp", handoff.job_id));
@@ -171,6 +246,37 @@ impl HandoffSinks {
 }
 
 impl HandoffSinks {
+    /// The queue message for `handoff` (whose JSON is `text`): the hand-off
+    /// itself when it fits, else a reference to the whole document, written to
+    /// the state container first.
+    async fn queue_message(&self, handoff: &HandOff, text: &str) -> Result<String, HandoffError> {
+        let whole = self.encoding.encode(text);
+        if whole.len() <= MAX_QUEUE_MESSAGE {
+            return Ok(whole);
+        }
+        let blob = self
+            .state
+            .put_handoff(handoff.job_id.as_str(), text)
+            .await
+            .map_err(|e| HandoffError::Document(e.to_string()))?;
+        let reference = HandOffReference {
+            job_id: handoff.job_id.clone(),
+            source: handoff.source.clone(),
+            source_snapshot: handoff.source_snapshot.clone(),
+            os: handoff.os,
+            image_count: handoff.image_uris.len(),
+            handoff_ref: blob,
+        };
+        tracing::info!(
+            bytes = whole.len(),
+            uris = handoff.image_uris.len(),
+            "the hand-off exceeds a queue message; sending a reference to the whole document"
+        );
+        Ok(self
+            .encoding
+            .encode(&serde_json::to_string(&reference).expect("reference serialises")))
+    }
+
     /// POSTs the hand-off under the retry policy: each attempt timed, 429 and 5xx
     /// and broken connections retried (the stage dedupes by job id), other
     /// answers final.
@@ -215,5 +321,234 @@ impl HandoffSinks {
                 url: shown.clone(),
                 error: e.message,
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{SecretSource, Settings};
+    use serde_json::Value;
+
+    struct Keys;
+    impl SecretSource for Keys {
+        fn env(&self, _: &str) -> Option<String> {
+            Some("a2V5".into())
+        }
+        fn file(&self, _: &str) -> Result<String, String> {
+            Err("none".into())
+        }
+    }
+
+    fn settings(handoff: &str) -> crate::config::ValidatedSettings {
+        Settings::from_toml(&format!(
+            "[batch]\nsubscription = \"s\"\nregion = \"r\"\n[control]\naccount = \"ops\"\n[handoff]\n{handoff}\n\
+             [[accounts]]\nname = \"ops\"\nkey_env = \"K\"\n[[accounts]]\nname = \"src\"\nkey_env = \"K\"\ndestination = false\n"
+        ))
+        .unwrap()
+        .validate(&Keys)
+        .unwrap()
+    }
+
+    fn job(settings: &crate::config::ValidatedSettings, pool: &str) -> ValidatedJob {
+        crate::job::parse_job_json(&format!(
+            r#"{{"job_id":"j","source":"https://src.blob.core.windows.net/i/a.vhd","pool":{pool}}}"#
+        ))
+        .unwrap()
+        .validate(settings)
+        .unwrap()
+    }
+
+    /// Checks a body against `PoolAddParameter` of Batch REST API 2017-05-01.5.0
+    /// (azure-rest-api-specs, specification/batch/data-plane/Microsoft.Batch/
+    /// stable/2017-05-01.5.0/BatchService.json), as far as this body goes:
+    /// required properties, known property names, types and the caching enum.
+    fn check_pool_add_2017_05_01(body: &Value) -> Result<(), String> {
+        fn object<'a>(
+            v: &'a Value,
+            at: &str,
+        ) -> Result<&'a serde_json::Map<String, Value>, String> {
+            v.as_object().ok_or(format!("{at} is not an object"))
+        }
+        fn known(
+            o: &serde_json::Map<String, Value>,
+            at: &str,
+            names: &[&str],
+        ) -> Result<(), String> {
+            match o.keys().find(|k| !names.contains(&k.as_str())) {
+                Some(k) => Err(format!("{at}.{k} is not a property of the definition")),
+                None => Ok(()),
+            }
+        }
+        fn required(
+            o: &serde_json::Map<String, Value>,
+            at: &str,
+            names: &[&str],
+        ) -> Result<(), String> {
+            match names.iter().find(|n| o.get(**n).is_none_or(Value::is_null)) {
+                Some(n) => Err(format!("{at}.{n} is required")),
+                None => Ok(()),
+            }
+        }
+        let pool = object(body, "PoolAddParameter")?;
+        known(
+            pool,
+            "PoolAddParameter",
+            &[
+                "id",
+                "displayName",
+                "vmSize",
+                "cloudServiceConfiguration",
+                "virtualMachineConfiguration",
+                "resizeTimeout",
+                "targetDedicatedNodes",
+                "targetLowPriorityNodes",
+                "enableAutoScale",
+                "autoScaleFormula",
+                "autoScaleEvaluationInterval",
+                "enableInterNodeCommunication",
+                "networkConfiguration",
+                "startTask",
+                "certificateReferences",
+                "applicationPackageReferences",
+                "applicationLicenses",
+                "maxTasksPerNode",
+                "taskSchedulingPolicy",
+                "userAccounts",
+                "metadata",
+            ],
+        )?;
+        required(pool, "PoolAddParameter", &["id", "vmSize"])?;
+        for s in ["id", "vmSize"] {
+            if pool[s].as_str().is_none_or(|v| v.is_empty()) {
+                return Err(format!("PoolAddParameter.{s} must be a non-empty string"));
+            }
+        }
+        if !pool["targetDedicatedNodes"]
+            .as_i64()
+            .is_some_and(|n| n >= 0 && n <= i32::MAX as i64)
+        {
+            return Err("targetDedicatedNodes must be an int32".into());
+        }
+        let vm = object(
+            &pool["virtualMachineConfiguration"],
+            "virtualMachineConfiguration",
+        )?;
+        known(
+            vm,
+            "VirtualMachineConfiguration",
+            &[
+                "imageReference",
+                "osDisk",
+                "nodeAgentSKUId",
+                "windowsConfiguration",
+            ],
+        )?;
+        required(vm, "VirtualMachineConfiguration", &["nodeAgentSKUId"])?;
+        if vm.contains_key("imageReference") == vm.contains_key("osDisk") {
+            return Err("exactly one of imageReference and osDisk".into());
+        }
+        let disk = object(&vm["osDisk"], "osDisk")?;
+        known(disk, "OSDisk", &["imageUris", "caching"])?;
+        required(disk, "OSDisk", &["imageUris"])?;
+        let uris = disk["imageUris"]
+            .as_array()
+            .ok_or("imageUris is not an array")?;
+        if uris.is_empty() || !uris.iter().all(Value::is_string) {
+            return Err("imageUris must list strings".into());
+        }
+        if let Some(c) = disk.get("caching") {
+            if !matches!(c.as_str(), Some("none" | "readOnly" | "readWrite")) {
+                return Err(format!("caching {c} is not none, readOnly or readWrite"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Every add-pool body is valid for its API version: vmSize and
+    /// nodeAgentSKUId come from the job or the configured defaults.
+    #[test]
+    fn add_pool_bodies_follow_the_batch_definition() {
+        let uris = vec!["https://dst1.blob.core.windows.net/v/a.vhd?sig=x".to_owned()];
+        let s = settings(
+            "vm_size = \"STANDARD_D2_V3\"\nlinux_node_agent_sku_id = \"batch.node.ubuntu 22.04\"",
+        );
+        for pool in [
+            r#"{"id":"w","os":"windows","nodes":20}"#,
+            r#"{"id":"l","os":"linux","nodes":40}"#,
+            r#"{"id":"x","os":"linux","nodes":40,"vm_size":"STANDARD_F4S_V2","node_agent_sku_id":"batch.node.centos 7","caching":"readOnly"}"#,
+        ] {
+            let h = HandOff::new(&job(&s, pool), "2026-11-28T10:00:00.0000000Z", uris.clone());
+            let body = serde_json::to_value(&h.add_pool).unwrap();
+            check_pool_add_2017_05_01(&body).unwrap_or_else(|e| panic!("{pool}: {e}\n{body}"));
+            assert!(!body.to_string().contains("sig="), "no SAS in the body");
+        }
+        let h = HandOff::new(
+            &job(&s, r#"{"id":"w","os":"windows","nodes":20}"#),
+            "t",
+            uris.clone(),
+        );
+        assert_eq!(h.add_pool.vm_size, "STANDARD_D2_V3");
+        assert_eq!(
+            h.add_pool.virtual_machine_configuration.node_agent_sku_id,
+            "batch.node.windows amd64"
+        );
+        // The checker itself refuses what Batch refuses.
+        let mut broken = serde_json::to_value(&h.add_pool).unwrap();
+        broken.as_object_mut().unwrap().remove("vmSize");
+        assert!(check_pool_add_2017_05_01(&broken)
+            .unwrap_err()
+            .contains("vmSize"));
+        let mut broken = serde_json::to_value(&h.add_pool).unwrap();
+        broken["virtualMachineConfiguration"]
+            .as_object_mut()
+            .unwrap()
+            .remove("nodeAgentSKUId");
+        assert!(check_pool_add_2017_05_01(&broken)
+            .unwrap_err()
+            .contains("nodeAgentSKUId"));
+    }
+
+    /// Without a default, a job that lacks what Batch requires is refused at
+    /// submission, naming the field and the configuration key.
+    #[test]
+    fn jobs_without_vm_size_or_linux_sku_are_refused() {
+        let s = settings("");
+        let err = crate::job::parse_job_json(
+            r#"{"source":"https://src.blob.core.windows.net/i/a.vhd","pool":{"id":"w","os":"windows","nodes":20}}"#,
+        )
+        .unwrap()
+        .validate(&s)
+        .unwrap_err();
+        assert_eq!(err.field, "pool.vm_size");
+        assert!(err.message.contains("handoff.vm_size"), "{err}");
+        let err = crate::job::parse_job_json(
+            r#"{"source":"https://src.blob.core.windows.net/i/a.vhd","pool":{"id":"l","os":"linux","nodes":20,"vm_size":"STANDARD_D2_V3"}}"#,
+        )
+        .unwrap()
+        .validate(&s)
+        .unwrap_err();
+        assert_eq!(err.field, "pool.node_agent_sku_id");
+        assert!(
+            err.message.contains("handoff.linux_node_agent_sku_id"),
+            "{err}"
+        );
+        // Windows keeps its default SKU.
+        let ok = crate::job::parse_job_json(
+            r#"{"source":"https://src.blob.core.windows.net/i/a.vhd","pool":{"id":"w","os":"windows","nodes":20,"vm_size":"STANDARD_D2_V3"}}"#,
+        )
+        .unwrap()
+        .validate(&s)
+        .unwrap();
+        assert_eq!(ok.node_agent_sku_id, "batch.node.windows amd64");
+    }
+
+    #[test]
+    fn base64_encoding_round_trips() {
+        use base64::{engine::general_purpose::STANDARD, Engine as _};
+        let text = r#"{"job_id":"j"}"#;
+        assert_eq!(QueueEncoding::Text.encode(text), text);
+        let b = QueueEncoding::Base64.encode(text);
+        assert_eq!(STANDARD.decode(b).unwrap(), text.as_bytes());
     }
 }

@@ -176,6 +176,11 @@ pub struct ValidatedJob {
     pub accounts: Vec<String>,
     /// Destination container.
     pub container: String,
+    /// `vmSize` of the add-pool body: the job's, else `handoff.vm_size`.
+    pub vm_size: String,
+    /// `nodeAgentSKUId` of the add-pool body: the job's, else the configured
+    /// default for its OS.
+    pub node_agent_sku_id: String,
 }
 
 /// Parses a queue message body: the job JSON itself or its base64.
@@ -477,6 +482,7 @@ impl JobSpec {
                 ));
             }
         }
+        let (vm_size, node_agent_sku_id) = add_pool_fields(pool, &settings.handoff)?;
         let mut spec = self.clone();
         spec.job_id = Some(id.to_string());
         Ok(ValidatedJob {
@@ -486,8 +492,50 @@ impl JobSpec {
             replicas,
             accounts,
             container,
+            vm_size,
+            node_agent_sku_id,
         })
     }
+}
+
+/// `vmSize` and `nodeAgentSKUId`, which Batch's Add Pool requires: the job's,
+/// else the configured defaults; a job that has neither is refused at submission
+/// rather than handed off with a body Batch rejects.
+fn add_pool_fields(
+    pool: &PoolSpec,
+    defaults: &crate::config::HandoffSettings,
+) -> Result<(String, String), JobError> {
+    let vm_size = non_empty(pool.vm_size.as_deref())
+        .or_else(|| non_empty(Some(&defaults.vm_size)))
+        .ok_or_else(|| {
+            JobError::new(
+                "pool.vm_size",
+                "Batch's Add Pool requires vmSize: give pool.vm_size (e.g. \"STANDARD_D2_V3\") or set handoff.vm_size in the configuration",
+            )
+        })?;
+    let (default_sku, key) = match pool.os {
+        Os::Windows => (
+            &defaults.windows_node_agent_sku_id,
+            "handoff.windows_node_agent_sku_id",
+        ),
+        Os::Linux => (
+            &defaults.linux_node_agent_sku_id,
+            "handoff.linux_node_agent_sku_id",
+        ),
+    };
+    let sku = non_empty(pool.node_agent_sku_id.as_deref())
+        .or_else(|| non_empty(Some(default_sku)))
+        .ok_or_else(|| {
+            JobError::new(
+                "pool.node_agent_sku_id",
+                format!("Batch's Add Pool requires nodeAgentSKUId, which for {} depends on the image (e.g. \"batch.node.ubuntu 22.04\"): give pool.node_agent_sku_id or set {key} in the configuration", pool.os),
+            )
+        })?;
+    Ok((vm_size.to_owned(), sku.to_owned()))
+}
+
+fn non_empty(v: Option<&str>) -> Option<&str> {
+    v.map(str::trim).filter(|v| !v.is_empty())
 }
 
 #[cfg(test)]

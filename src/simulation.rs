@@ -126,7 +126,7 @@ pub fn account_names(n: usize) -> Vec<String> {
 pub async fn run(scenario: &Scenario) -> Report {
     let mut toml = format!(
         "[batch]\nsubscription = \"sim\"\nregion = \"sim\"\n[control]\naccount = \"ops\"\n\
-         [engine]\nstrategy = \"{}\"\nmax_reads_per_source = {}\n",
+         [handoff]\nvm_size = \"STANDARD_D2_V3\"\n[engine]\nstrategy = \"{}\"\nmax_reads_per_source = {}\n",
         match scenario.strategy {
             Strategy::Fanout => "fanout",
             Strategy::Naive => "naive",

@@ -555,6 +555,32 @@ impl StateStore {
     }
 }
 
+impl StateStore {
+    /// Writes the whole hand-off document of a job (for a hand-off too large for
+    /// one queue message) and returns where it is. Overwrites: the document of a
+    /// job never changes once recorded.
+    pub async fn put_handoff(
+        &self,
+        job_id: &str,
+        json: &str,
+    ) -> Result<crate::handoff::BlobReference, StateError> {
+        let path = BlobPath::new(
+            &self.account,
+            &self.container,
+            &format!("handoffs/{job_id}.json"),
+        );
+        self.store
+            .put_block_blob(&path, Bytes::from(json.to_owned()), Condition::Always)
+            .await?;
+        Ok(crate::handoff::BlobReference {
+            uri: self.store.blob_url(&path)?.to_string(),
+            account: path.account,
+            container: path.container,
+            blob: path.name,
+        })
+    }
+}
+
 fn to_bytes(doc: &JobDocument) -> Bytes {
     Bytes::from(serde_json::to_vec_pretty(doc).expect("job documents serialise"))
 }

@@ -16,6 +16,7 @@ async fn refused_messages_each_name_their_problem() {
     let env = TestEnv::new("[[accounts]]\nname = \"srconly\"\nblob_endpoint = \"http://127.0.0.1:10000/srconly\"\nqueue_endpoint = \"http://127.0.0.1:10001/srconly\"\nkey_env = \"VHDREP_KEY_SRC\"\ndestination = false\n");
     let app = TestApp::spawn(&env).await;
     let src = env.source_url("x.vhd");
+    let novm = format!("novm-{}", env.id);
     let job = |extra: serde_json::Value| {
         let mut j =
             serde_json::json!({"source": src, "pool": {"id": "p", "os": "windows", "nodes": 10}});
@@ -93,6 +94,13 @@ async fn refused_messages_each_name_their_problem() {
             job(serde_json::json!({"pool": {"id": "has space"}})),
             "pool.id:",
         ),
+        // Valid in every field but without a VM size, which Batch requires and
+        // this configuration has no default for; its valid job id gets a
+        // failed state document.
+        (
+            job(serde_json::json!({"job_id": novm.as_str()})),
+            "pool.vm_size: Batch's Add Pool requires vmSize",
+        ),
     ];
     for (text, _) in &cases {
         app.control.intake.send(text).await.unwrap();
@@ -129,6 +137,22 @@ async fn refused_messages_each_name_their_problem() {
     assert!(
         drain(app.control.intake.as_ref()).await.is_empty(),
         "nothing left on the intake queue"
+    );
+    let (failed, _) = app
+        .control
+        .state
+        .load(&novm)
+        .await
+        .unwrap()
+        .expect("a valid job id gets a state document");
+    assert_eq!(failed.state, JobState::Failed);
+    assert!(
+        failed
+            .error
+            .as_deref()
+            .is_some_and(|e| e.starts_with("pool.vm_size:")),
+        "{:?}",
+        failed.error
     );
     app.shutdown().await;
 }

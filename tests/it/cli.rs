@@ -125,6 +125,8 @@ async fn plan_submit_wait_and_status_through_the_binary() {
             "90",
             "--pool-id",
             "render",
+            "--vm-size",
+            "STANDARD_D2_V3",
         ],
     );
     assert_eq!(
@@ -158,6 +160,29 @@ async fn plan_submit_wait_and_status_through_the_binary() {
     );
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("pool.nodes"));
+    // Batch's Add Pool requires a VM size; this configuration has no default.
+    let out = run(
+        &key_env(),
+        &[
+            "submit",
+            "--config",
+            &config,
+            "--source",
+            &source,
+            "--os",
+            "linux",
+            "--nodes",
+            "41",
+            "--pool-id",
+            "clipool",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("pool.vm_size"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let vars = key_env();
     let (cfg, src) = (config.clone(), source.clone());
@@ -176,6 +201,8 @@ async fn plan_submit_wait_and_status_through_the_binary() {
                 "41",
                 "--pool-id",
                 "clipool",
+                "--vm-size",
+                "STANDARD_D2_V3",
                 "--wait",
             ],
         )

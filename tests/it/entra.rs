@@ -125,7 +125,7 @@ async fn entra_id_end_to_end_over_https() {
     let source = format!("{SECURE_BLOB}/src/e-{id}-src/entra.vhd");
     let image = upload_sample(&app.control, &source, 2, 1, 70).await;
     let job_id = format!("entra-{id}");
-    let job = serde_json::json!({"job_id": job_id, "source": source, "pool": {"id": "p", "os": "windows", "nodes": 80}, "container": format!("e-{id}")});
+    let job = serde_json::json!({"job_id": job_id, "source": source, "pool": {"id": "p", "os": "windows", "nodes": 80, "vm_size": "STANDARD_D2_V3"}, "container": format!("e-{id}")});
     app.control
         .submit(parse_job_json(&job.to_string()).unwrap())
         .await

@@ -91,6 +91,7 @@ state_container = "it-{id}-state"
 
 [handoff]
 dir = "{handoff}"
+linux_node_agent_sku_id = "batch.node.ubuntu 22.04"
 
 [engine]
 min_poll_ms = 50

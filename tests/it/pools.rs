@@ -9,7 +9,7 @@ use vhd_replicator::{job::parse_job_json, state::JobState};
 fn job(env: &TestEnv, id: &str, source: &str, nodes: u32) -> String {
     serde_json::json!({
         "job_id": id, "source": source,
-        "pool": {"id": format!("pool-{}", env.id), "os": "windows", "nodes": nodes},
+        "pool": {"id": format!("pool-{}", env.id), "os": "windows", "nodes": nodes, "vm_size": "STANDARD_D2_V3"},
         "container": env.container(),
     })
     .to_string()
@@ -232,7 +232,7 @@ async fn retire_removes_exactly_the_pools_blobs() {
     let mut ids = Vec::new();
     for (i, pool) in ["keep", "gone"].iter().enumerate() {
         let id = format!("ret-{i}-{}", env.id);
-        let job = serde_json::json!({"job_id": id, "source": source, "pool": {"id": format!("{pool}-{}", env.id), "os": "linux", "nodes": 120}, "container": env.container()});
+        let job = serde_json::json!({"job_id": id, "source": source, "pool": {"id": format!("{pool}-{}", env.id), "os": "linux", "nodes": 120, "vm_size": "STANDARD_D2_V3"}, "container": env.container()});
         app.control
             .submit(parse_job_json(&job.to_string()).unwrap())
             .await
