@@ -119,6 +119,7 @@ impl Control {
                 a.max_concurrent_copies,
             )
         })));
+        metrics.export_known_series(settings.accounts.iter().map(|a| a.name.as_str()));
         let outbound = Outbound::new(limits.clone(), metrics.clone(), retry);
         let store: Arc<dyn BlobStore> = Arc::new(Instrumented::new(raw_store, outbound.clone()));
         let control = &settings.control.account;

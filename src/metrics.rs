@@ -179,6 +179,33 @@ impl Metrics {
         m
     }
 
+    /// Exports every series whose labels are known from the configuration at
+    /// zero, so `rate()` and alerts see them before the first event: per account
+    /// the copy gauges and counters, throttles and each retry reason; each
+    /// replica outcome; each copy kind.
+    pub fn export_known_series<'a>(&self, accounts: impl IntoIterator<Item = &'a str>) {
+        for account in accounts {
+            self.copies_in_flight.with_label_values(&[account]).add(0);
+            self.copy_bytes.with_label_values(&[account]).inc_by(0);
+            self.storage_throttled
+                .with_label_values(&[account])
+                .inc_by(0);
+            for reason in crate::storage::instrumented::RETRY_REASONS {
+                self.storage_retries
+                    .with_label_values(&[account, reason])
+                    .inc_by(0);
+            }
+        }
+        for outcome in ["completed", "failed", "cancelled"] {
+            self.replicas_finished
+                .with_label_values(&[outcome])
+                .inc_by(0);
+        }
+        for kind in ["cross_account", "same_account"] {
+            let _ = self.copy_duration.with_label_values(&[kind]);
+        }
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
@@ -206,6 +233,25 @@ impl Metrics {
     }
 }
 
+/// A gauge raised while the guard lives: lowered again however the holder ends
+/// (returned early, failed, or its future dropped), so it cannot leak.
+#[derive(Debug)]
+pub struct GaugeGuard(prometheus::IntGauge);
+
+impl GaugeGuard {
+    /// Raises `gauge` by one until the guard is dropped.
+    pub fn new(gauge: prometheus::IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -225,8 +271,16 @@ mod tests {
             .with_label_values(&["dst1", "throttled"])
             .inc();
         m.queue_poisoned.inc();
+        m.export_known_series(["dst2"]);
         let text = m.render();
         for name in [
+            "vhdrep_copies_in_flight{account=\"dst2\"} 0",
+            "vhdrep_copy_bytes_total{account=\"dst2\"} 0",
+            "vhdrep_storage_throttled_total{account=\"dst2\"} 0",
+            "vhdrep_storage_retries_total{account=\"dst2\",reason=\"timeout\"} 0",
+            "vhdrep_replicas_finished_total{outcome=\"failed\"} 0",
+            "vhdrep_copy_duration_seconds_count{kind=\"same_account\"} 0",
+            "vhdrep_checkpoint_failures_total 0",
             "vhdrep_jobs{state=\"queued\"} 0",
             "vhdrep_jobs_finished_total",
             "vhdrep_replicas_finished_total",

@@ -117,6 +117,18 @@ fn copies_that_keep_failing_fail_the_job_cleanly() {
         report.destination_blobs
     );
     assert!(report.stats.copies_failed >= 3);
+    // The failed job leaves no copy in flight and no job running.
+    let in_flight: Vec<&str> = report
+        .metrics
+        .lines()
+        .filter(|l| l.starts_with("vhdrep_copies_in_flight{"))
+        .collect();
+    assert_eq!(in_flight.len(), 5, "{in_flight:?}");
+    assert!(in_flight.iter().all(|l| l.ends_with(" 0")), "{in_flight:?}");
+    assert!(report.metrics.contains("vhdrep_jobs{state=\"running\"} 0"));
+    assert!(report
+        .metrics
+        .contains("vhdrep_jobs_finished_total{outcome=\"failed\"} 1"));
 }
 
 /// Transient errors and throttling are retried: the job completes, and the store

@@ -307,11 +307,9 @@ impl Engine {
         }
         let live = Arc::new(Mutex::new(doc));
         let checkpoint = Checkpoint::new(&self.state, &id, etag, &self.instance, self.lease());
-        self.live
-            .lock()
-            .expect("live lock")
-            .insert(id.clone(), live.clone());
-        self.metrics.jobs.with_label_values(&["running"]).inc();
+        // Registered while this run lasts, however it ends (an aborted task too):
+        // the live view, the running gauge and the job's progress series.
+        let _running = RunningJob::start(self, &id, live.clone());
         tracing::info!(replicas = job.replicas, accounts = ?job.accounts, "job running");
 
         let result = self.execute(job, &live, &checkpoint, &stop).await;
@@ -334,7 +332,6 @@ impl Engine {
             }
             Err(Failure::Lost(by)) => {
                 tracing::warn!(by = %by, "another instance took the job over; stopping here");
-                self.forget(&id);
                 return Outcome::Interrupted;
             }
             Err(Failure::Transient(reason)) => {
@@ -344,7 +341,6 @@ impl Engine {
         };
         if let Err(e) = checkpoint.save(&live).await {
             tracing::warn!(error = %e, "could not write the final job state; the job will be resumed");
-            self.forget(&id);
             return match outcome {
                 Outcome::Completed | Outcome::Failed(_) | Outcome::Cancelled => {
                     Outcome::Retry(format!("job state: {e}"))
@@ -352,7 +348,6 @@ impl Engine {
                 other => other,
             };
         }
-        self.forget(&id);
         match &outcome {
             Outcome::Completed => tracing::info!("job completed"),
             Outcome::Failed(r) => tracing::warn!(reason = %r, "job failed"),
@@ -370,12 +365,6 @@ impl Engine {
             self.metrics.jobs_finished.with_label_values(&[label]).inc();
         }
         outcome
-    }
-
-    fn forget(&self, id: &str) {
-        self.live.lock().expect("live lock").remove(id);
-        self.metrics.jobs.with_label_values(&["running"]).dec();
-        let _ = self.metrics.job_progress.remove_label_values(&[id]);
     }
 
     fn finish(&self, live: &Mutex<JobDocument>, state: JobState, error: Option<String>) {
@@ -1017,11 +1006,12 @@ impl Engine {
                     let ctx = &ctx;
                     let account = account.clone();
                     copies.push(async move {
-                        let gauge = self.metrics.copies_in_flight.with_label_values(&[&account]);
-                        gauge.inc();
+                        let in_flight = crate::metrics::GaugeGuard::new(
+                            self.metrics.copies_in_flight.with_label_values(&[&account]),
+                        );
                         let started = tokio::time::Instant::now();
                         let result = self.copy_once(ctx, &record, &source).await;
-                        gauge.dec();
+                        drop(in_flight);
                         drop(slot);
                         (
                             pick,
@@ -1521,6 +1511,44 @@ impl CopyError {
             }
             _ => CopyError::Retry(e.to_string()),
         }
+    }
+}
+
+/// A job running on this instance, for as long as the value lives: in the live
+/// view, counted in `vhdrep_jobs{state="running"}`, its progress series
+/// exported. Dropping it (the run ended, returned early or its task was aborted)
+/// undoes all three.
+struct RunningJob<'a> {
+    engine: &'a Engine,
+    id: String,
+    _gauge: crate::metrics::GaugeGuard,
+}
+
+impl<'a> RunningJob<'a> {
+    fn start(engine: &'a Engine, id: &str, live: Arc<Mutex<JobDocument>>) -> Self {
+        engine
+            .live
+            .lock()
+            .expect("live lock")
+            .insert(id.to_owned(), live);
+        Self {
+            engine,
+            id: id.to_owned(),
+            _gauge: crate::metrics::GaugeGuard::new(
+                engine.metrics.jobs.with_label_values(&["running"]),
+            ),
+        }
+    }
+}
+
+impl Drop for RunningJob<'_> {
+    fn drop(&mut self) {
+        self.engine.live.lock().expect("live lock").remove(&self.id);
+        let _ = self
+            .engine
+            .metrics
+            .job_progress
+            .remove_label_values(&[&self.id]);
     }
 }
 

@@ -125,7 +125,7 @@ lease_seconds = 30
 
     /// Settings whose blob endpoints go through a proxy at `base` (queues stay direct).
     pub fn proxied(&self, base: &str, extra: &str) -> ValidatedSettings {
-        let toml = self.proxied_toml(base) + extra;
+        let toml = merge_toml(&self.proxied_toml(base), extra);
         Settings::from_toml(&toml)
             .expect("test config parses")
             .validate(&Keys(keys()))

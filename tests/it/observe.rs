@@ -285,3 +285,97 @@ async fn the_status_page_shows_the_running_job_in_chromium() {
     wait_for_end(&app.control, &id, Duration::from_secs(60)).await;
     app.shutdown().await;
 }
+
+/// The sum of every series of `name` in an exposition, and how many there are.
+fn series_sum(text: &str, name: &str) -> (f64, usize) {
+    let values: Vec<f64> = text
+        .lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .collect();
+    (values.iter().sum(), values.len())
+}
+
+/// A fresh daemon exports every series whose labels the configuration knows at
+/// zero (so `rate()` and alerts have a series before the first event), and a
+/// daemon stopped while a copy's request hangs (its job task aborted at the end
+/// of the grace period) leaves no copy in flight and no job running.
+#[tokio::test]
+async fn known_series_start_at_zero_and_gauges_do_not_leak_on_shutdown() {
+    use vhd_replicator::proxy::{ProxyAction, ProxyRule};
+    let env = TestEnv::new("[service]\nshutdown_grace_seconds = 1\n");
+    let direct = env.control().await;
+    // Every status request on a replica hangs: a copy is stuck mid-request.
+    let proxy = Proxy::start(ProxyConfig {
+        rules: vec![ProxyRule::new(
+            "HEAD",
+            &format!("/it-{}/", env.id),
+            ProxyAction::Swallow,
+            1000,
+        )],
+        ..ProxyConfig::transparent(BLOB)
+    })
+    .await
+    .unwrap();
+    let app =
+        TestApp::spawn_with(env.proxied(&proxy.url(), "[engine]\nrequest_timeout_seconds = 120\n"))
+            .await;
+    let fresh = reqwest::get(app.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "vhdrep_copies_in_flight{account=\"dst1\"} 0",
+        "vhdrep_copy_bytes_total{account=\"dst3\"} 0",
+        "vhdrep_storage_throttled_total{account=\"dst2\"} 0",
+        "vhdrep_storage_retries_total{account=\"ops\",reason=\"throttled\"} 0",
+        "vhdrep_storage_retries_total{account=\"dst1\",reason=\"timeout\"} 0",
+        "vhdrep_replicas_finished_total{outcome=\"failed\"} 0",
+        "vhdrep_jobs_finished_total{outcome=\"cancelled\"} 0",
+        "vhdrep_copy_duration_seconds_count{kind=\"cross_account\"} 0",
+        "vhdrep_checkpoint_failures_total 0",
+    ] {
+        assert!(fresh.contains(line), "missing {line} in\n{fresh}");
+    }
+
+    let source = env.source_url("leak.vhd");
+    upload_sample(&direct, &source, 2, 1, 17).await;
+    let id = format!("leak-{}", env.id);
+    let via_proxy = source.replace(BLOB, &proxy.url());
+    app.control
+        .submit(parse_job_json(&env.job_json(&id, &via_proxy, "windows", 60)).unwrap())
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = app.control.metrics.render();
+        if series_sum(&text, "vhdrep_copies_in_flight").0 > 0.0 {
+            assert!(text.contains("vhdrep_jobs{state=\"running\"} 1"), "{text}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no copy in flight:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let metrics = app.control.metrics.clone();
+    app.shutdown().await;
+    let after = metrics.render();
+    let (in_flight, series) = series_sum(&after, "vhdrep_copies_in_flight");
+    assert_eq!(
+        (in_flight, series),
+        (0.0, 5),
+        "one series per account:\n{after}"
+    );
+    assert!(
+        after.contains("vhdrep_jobs{state=\"running\"} 0"),
+        "{after}"
+    );
+    assert!(
+        !after.contains(&format!("job_id=\"{id}\"")),
+        "the ended job's progress series is gone:\n{after}"
+    );
+}
