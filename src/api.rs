@@ -4,10 +4,10 @@
 use crate::app::{Control, SubmitError};
 use crate::engine::LiveJobs;
 use crate::job::parse_job_json;
-use crate::state::{JobDocument, StateError};
+use crate::state::{JobDocument, JobListing, JobState, JobSummary, StateError};
 use axum::{
     body::Bytes,
-    extract::{Path, State},
+    extract::{Path, Query, State},
     http::{header, HeaderMap, StatusCode},
     response::{Html, IntoResponse, Response},
     routing::{get, post},
@@ -143,23 +143,76 @@ async fn submit(State(state): State<AppState>, headers: HeaderMap, body: Bytes) 
     }
 }
 
-async fn list_jobs(State(state): State<AppState>) -> Response {
-    match state.control.state.list().await {
-        Ok(docs) => {
-            let mut views = Vec::with_capacity(docs.len());
-            for d in docs {
-                let fresh = state
-                    .job(d.job_id.as_str())
-                    .await
-                    .ok()
-                    .flatten()
-                    .unwrap_or(d);
-                views.push(job_view(&fresh));
+/// `GET /v1/jobs` query: a page of at most `limit` jobs after `cursor`.
+#[derive(Debug, serde::Deserialize)]
+struct Page {
+    limit: Option<usize>,
+    cursor: Option<String>,
+}
+
+/// Jobs per page unless asked otherwise, and at most.
+const PAGE: usize = 100;
+const MAX_PAGE: usize = 1000;
+
+/// The JSON view of a job in a list: its summary (no replica table; see
+/// `GET /v1/jobs/{id}`).
+pub fn summary_view(s: &JobSummary) -> Value {
+    let mut v = serde_json::to_value(s).expect("summaries serialise");
+    v["progress"] = json!(s.progress());
+    v
+}
+
+/// Summaries of every job, newest first, the jobs running here fresh from
+/// their live documents; with the documents that could not be read.
+impl AppState {
+    async fn summaries(&self) -> Result<JobListing, StateError> {
+        let mut listing = self.control.state.list().await?;
+        let live = self.live.lock().expect("live lock").clone();
+        for s in listing.jobs.iter_mut() {
+            if let Some(d) = live.get(&s.job_id) {
+                *s = JobSummary::of(&d.lock().expect("live doc lock"));
             }
-            Json(json!({ "jobs": views })).into_response()
         }
-        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        Ok(listing)
     }
+}
+
+/// Where a page ends: the last job's creation time and id (the list's order).
+fn cursor_of(s: &JobSummary) -> String {
+    format!("{}.{}", s.created_at.unix_timestamp_nanos(), s.job_id)
+}
+
+fn after_cursor(s: &JobSummary, cursor: &str) -> Option<bool> {
+    let (nanos, id) = cursor.split_once('.')?;
+    let nanos: i128 = nanos.parse().ok()?;
+    Some((s.created_at.unix_timestamp_nanos(), s.job_id.as_str()) < (nanos, id))
+}
+
+async fn list_jobs(State(state): State<AppState>, Query(page): Query<Page>) -> Response {
+    let limit = page.limit.unwrap_or(PAGE).clamp(1, MAX_PAGE);
+    let listing = match state.summaries().await {
+        Ok(l) => l,
+        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    };
+    let mut rest: Vec<&JobSummary> = listing.jobs.iter().collect();
+    if let Some(cursor) = &page.cursor {
+        let mut bad = false;
+        rest.retain(|s| {
+            after_cursor(s, cursor).unwrap_or_else(|| {
+                bad = true;
+                false
+            })
+        });
+        if bad {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "cursor: not a cursor this API gave; use the \"next\" of the previous page",
+            );
+        }
+    }
+    let next = (rest.len() > limit).then(|| cursor_of(rest[limit - 1]));
+    let jobs: Vec<Value> = rest.into_iter().take(limit).map(summary_view).collect();
+    Json(json!({ "jobs": jobs, "next": next, "skipped": listing.skipped })).into_response()
 }
 
 async fn get_job(State(state): State<AppState>, Path(id): Path<String>) -> Response {
@@ -283,49 +336,118 @@ fn escape(s: &str) -> String {
         .replace('"', "&quot;")
 }
 
+/// "state · pool P · phase", the phase left out when there is none.
+fn headline(state: JobState, pool: &str, phase: Option<crate::state::Phase>) -> String {
+    let mut parts = vec![state.as_str().to_owned(), format!("pool {}", escape(pool))];
+    if let Some(p) = phase {
+        parts.push(p.as_str().replace('_', " "));
+    }
+    parts.join(" · ")
+}
+
+/// A job with its replica table.
+fn job_section(d: &JobDocument) -> String {
+    let pct = (d.progress() * 100.0).round();
+    let mut out = format!(
+        "<section><h2>{} <small>{}</small></h2><progress max=\"100\" value=\"{pct}\"></progress> {pct}%",
+        escape(d.job_id.as_str()),
+        headline(d.state, &d.spec.pool.id, d.phase),
+    );
+    if let Some(e) = &d.error {
+        out.push_str(&format!("<p class=\"error\">{}</p>", escape(e)));
+    }
+    out.push_str(
+        "<table><tr><th>#</th><th>account</th><th>state</th><th>progress</th><th></th></tr>",
+    );
+    for r in &d.replicas {
+        let p = if r.bytes_total == 0 {
+            0.0
+        } else {
+            r.bytes_copied as f64 * 100.0 / r.bytes_total as f64
+        };
+        out.push_str(&format!(
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td><progress max=\"100\" value=\"{p:.0}\"></progress></td><td>{p:.0}% of {}{}</td></tr>",
+            r.index,
+            escape(&r.account),
+            format!("{:?}", r.state).to_lowercase(),
+            human_bytes(r.bytes_total),
+            r.error.as_ref().map(|e| format!(" <span class=\"error\">{}</span>", escape(e))).unwrap_or_default(),
+        ));
+    }
+    out.push_str("</table></section>");
+    out
+}
+
+/// A job in one line, from its summary.
+fn summary_row(s: &JobSummary) -> String {
+    let pct = (s.progress() * 100.0).round();
+    format!(
+        "<p><b>{}</b> {} · {}/{} replicas <progress max=\"100\" value=\"{pct}\"></progress> {pct}%{}</p>",
+        escape(&s.job_id),
+        headline(s.state, &s.pool_id, s.phase),
+        s.verified,
+        s.replicas,
+        s.error
+            .as_ref()
+            .map(|e| format!(" <span class=\"error\">{}</span>", escape(e)))
+            .unwrap_or_default()
+    )
+}
+
+/// Jobs whose replica tables the status page shows (running and queued first).
+const PAGE_ACTIVE: usize = 20;
+/// Finished jobs the status page lists, newest first.
+const PAGE_FINISHED: usize = 50;
+
 async fn status_page(State(state): State<AppState>) -> Response {
-    let docs = match state.control.state.list().await {
-        Ok(d) => d,
+    // One listing of summaries, then one read per active job shown: bounded
+    // however long the job history grows.
+    let listing = match state.summaries().await {
+        Ok(l) => l,
         Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     };
+    let (active, finished): (Vec<&JobSummary>, Vec<&JobSummary>) = listing
+        .jobs
+        .iter()
+        .partition(|s| matches!(s.state, JobState::Queued | JobState::Running));
     let mut rows = String::new();
-    for d in docs {
-        let d = state
-            .job(d.job_id.as_str())
-            .await
-            .ok()
-            .flatten()
-            .unwrap_or(d);
-        let pct = (d.progress() * 100.0).round();
-        rows.push_str(&format!(
-            "<section><h2>{} <small>{} · pool {} · {}</small></h2><progress max=\"100\" value=\"{pct}\"></progress> {pct}%",
-            escape(d.job_id.as_str()),
-            d.state.as_str(),
-            escape(&d.spec.pool.id),
-            d.phase.map(|p| format!("{p:?}").to_lowercase()).unwrap_or_default(),
-        ));
-        if let Some(e) = &d.error {
-            rows.push_str(&format!("<p class=\"error\">{}</p>", escape(e)));
+    for s in active.iter().take(PAGE_ACTIVE) {
+        match state.job(&s.job_id).await {
+            Ok(Some(d)) => rows.push_str(&job_section(&d)),
+            _ => rows.push_str(&summary_row(s)),
         }
-        rows.push_str(
-            "<table><tr><th>#</th><th>account</th><th>state</th><th>progress</th><th></th></tr>",
-        );
-        for r in &d.replicas {
-            let p = if r.bytes_total == 0 {
-                0.0
-            } else {
-                r.bytes_copied as f64 * 100.0 / r.bytes_total as f64
-            };
+    }
+    if active.len() > PAGE_ACTIVE {
+        rows.push_str(&format!(
+            "<p>and {} more active jobs (GET /v1/jobs lists them all)</p>",
+            active.len() - PAGE_ACTIVE
+        ));
+    }
+    if !finished.is_empty() {
+        rows.push_str("<h2>Finished</h2>");
+        for s in finished.iter().take(PAGE_FINISHED) {
+            rows.push_str(&summary_row(s));
+        }
+        if finished.len() > PAGE_FINISHED {
             rows.push_str(&format!(
-                "<tr><td>{}</td><td>{}</td><td>{}</td><td><progress max=\"100\" value=\"{p:.0}\"></progress></td><td>{p:.0}% of {}{}</td></tr>",
-                r.index,
-                escape(&r.account),
-                format!("{:?}", r.state).to_lowercase(),
-                human_bytes(r.bytes_total),
-                r.error.as_ref().map(|e| format!(" <span class=\"error\">{}</span>", escape(e))).unwrap_or_default(),
+                "<p>and {} older jobs</p>",
+                finished.len() - PAGE_FINISHED
             ));
         }
-        rows.push_str("</table></section>");
+    }
+    if !listing.skipped.is_empty() {
+        rows.push_str(&format!(
+            "<p class=\"error\">{} job documents could not be read: {}</p>",
+            listing.skipped.len(),
+            escape(
+                &listing
+                    .skipped
+                    .iter()
+                    .map(|k| k.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        ));
     }
     if rows.is_empty() {
         rows.push_str("<p>No jobs yet.</p>");

@@ -276,30 +276,7 @@ pub async fn run_daemon(
                 .await
         })
     };
-    if control.settings.gc.interval_minutes > 0 {
-        let gc_control = control.clone();
-        let gc_stop = stop.clone();
-        tokio::spawn(async move {
-            let every =
-                std::time::Duration::from_secs(gc_control.settings.gc.interval_minutes * 60);
-            let min_age = time::Duration::hours(gc_control.settings.gc.min_age_hours as i64);
-            loop {
-                tokio::select! {
-                    _ = tokio::time::sleep(every) => {}
-                    _ = gc_stop.cancelled() => return,
-                }
-                match crate::gc::collect(&gc_control, min_age, false).await {
-                    Ok(r) => tracing::info!(
-                        removed = r.orphans.len(),
-                        young = r.young.len(),
-                        needed = r.needed,
-                        "garbage collection done"
-                    ),
-                    Err(e) => tracing::warn!(error = %e, "garbage collection failed"),
-                }
-            }
-        });
-    }
+    tokio::spawn(housekeeping(control.clone(), stop.clone()));
     let worker = Worker::new(
         engine,
         control.intake.clone(),
@@ -313,4 +290,42 @@ pub async fn run_daemon(
     server.await??;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Garbage collection every `gc.interval_minutes` (when on), and pruning of old
+/// finished job documents every hour (when `gc.job_retention_days` is set).
+async fn housekeeping(control: Control, stop: CancellationToken) {
+    let gc = &control.settings.gc;
+    if gc.interval_minutes == 0 && gc.job_retention_days == 0 {
+        return;
+    }
+    let minutes = if gc.interval_minutes > 0 {
+        gc.interval_minutes
+    } else {
+        60
+    };
+    let every = std::time::Duration::from_secs(minutes * 60);
+    let min_age = time::Duration::hours(gc.min_age_hours as i64);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.cancelled() => return,
+        }
+        if gc.interval_minutes == 0 {
+            if let Err(e) = crate::gc::prune_jobs(&control, false).await {
+                tracing::warn!(error = %e, "pruning old job documents failed");
+            }
+            continue;
+        }
+        match crate::gc::collect(&control, min_age, false).await {
+            Ok(r) => tracing::info!(
+                removed = r.orphans.len(),
+                young = r.young.len(),
+                needed = r.needed,
+                pruned_jobs = r.pruned_jobs.len(),
+                "garbage collection done"
+            ),
+            Err(e) => tracing::warn!(error = %e, "garbage collection failed"),
+        }
+    }
 }

@@ -264,6 +264,11 @@ async fn dispatch(command: Command) -> ExitCode {
                     for b in &r.orphans {
                         println!("  {b}");
                     }
+                    println!(
+                        "{verb} the documents of {} jobs finished more than {} days ago",
+                        r.pruned_jobs.len(),
+                        control.settings.gc.job_retention_days
+                    );
                     ExitCode::SUCCESS
                 }
                 Err(e) => failed(e),
@@ -488,9 +493,13 @@ async fn dispatch(command: Command) -> ExitCode {
                     Err(e) => failed(e),
                 },
                 None => match control.state.list().await {
-                    Ok(docs) => {
+                    Ok(listing) => {
+                        for s in &listing.skipped {
+                            eprintln!("skipped {}: {}", s.name, s.error);
+                        }
+                        let docs = listing.jobs;
                         if json {
-                            let views: Vec<_> = docs.iter().map(job_view).collect();
+                            let views: Vec<_> = docs.iter().map(crate::api::summary_view).collect();
                             println!(
                                 "{}",
                                 serde_json::to_string_pretty(&serde_json::json!({ "jobs": views }))
@@ -618,23 +627,16 @@ async fn validate(path: &std::path::Path, online: bool) -> ExitCode {
     }
 }
 
-fn summary_line(d: &JobDocument) -> String {
-    let verified = d
-        .replicas
-        .iter()
-        .filter(|r| r.state == crate::state::ReplicaState::Verified)
-        .count();
+fn summary_line(s: &crate::state::JobSummary) -> String {
     format!(
         "{:<40} {:<10} {:<12} {:>3}% {}/{} replicas{}",
-        d.job_id.as_str(),
-        d.state.as_str(),
-        d.phase
-            .map(|p| format!("{p:?}").to_lowercase())
-            .unwrap_or_else(|| "-".into()),
-        (d.progress() * 100.0).round(),
-        verified,
-        d.replicas.len(),
-        d.error
+        s.job_id,
+        s.state.as_str(),
+        s.phase.map(|p| p.as_str()).unwrap_or("-"),
+        (s.progress() * 100.0).round(),
+        s.verified,
+        s.replicas,
+        s.error
             .as_ref()
             .map(|e| format!("  error: {e}"))
             .unwrap_or_default()
@@ -646,7 +648,7 @@ fn print_job(d: &JobDocument, json: bool) {
         println!("{}", serde_json::to_string_pretty(&job_view(d)).unwrap());
         return;
     }
-    println!("{}", summary_line(d));
+    println!("{}", summary_line(&crate::state::JobSummary::of(d)));
     for r in &d.replicas {
         println!(
             "  [{:>3}] {:<12} {:<10} {:>6.1}% {}",
@@ -778,7 +780,7 @@ async fn follow(control: &Control, id: &str, display: Display) -> ExitCode {
                         }
                     }
                     (None, _) => {
-                        let line = summary_line(&d);
+                        let line = summary_line(&crate::state::JobSummary::of(&d));
                         if line != last {
                             println!("{line}");
                             last = line;
@@ -788,7 +790,7 @@ async fn follow(control: &Control, id: &str, display: Display) -> ExitCode {
                 if d.state.is_terminal() {
                     if let Some(b) = &bars {
                         b.finish();
-                        println!("{}", summary_line(&d));
+                        println!("{}", summary_line(&crate::state::JobSummary::of(&d)));
                     }
                     return if d.state == JobState::Completed {
                         ExitCode::SUCCESS

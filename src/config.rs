@@ -222,6 +222,10 @@ pub struct GcSettings {
     pub interval_minutes: u64,
     /// Orphans younger than this are kept (a crash may be resumed).
     pub min_age_hours: u64,
+    /// Days a finished job's document is kept; then it is deleted (by the daemon
+    /// every hour and by `vhd-replicator gc`). 0 keeps them forever. A job id is
+    /// only remembered while its document exists.
+    pub job_retention_days: u64,
 }
 
 impl Default for GcSettings {
@@ -229,6 +233,7 @@ impl Default for GcSettings {
         Self {
             interval_minutes: 0,
             min_age_hours: 24,
+            job_retention_days: 30,
         }
     }
 }

@@ -20,6 +20,9 @@ pub struct GcReport {
     pub young: Vec<BlobPath>,
     /// Blobs of ours that are still needed.
     pub needed: usize,
+    /// Finished jobs whose documents outlived `gc.job_retention_days`, deleted
+    /// (or, in a dry run, that would be).
+    pub pruned_jobs: Vec<String>,
 }
 
 /// Finds orphans (and deletes them unless `dry_run`).
@@ -28,16 +31,14 @@ pub async fn collect(
     min_age: time::Duration,
     dry_run: bool,
 ) -> Result<GcReport, String> {
-    let docs = control.state.list().await.map_err(|e| e.to_string())?;
+    let jobs = control.state.list().await.map_err(|e| e.to_string())?.jobs;
     let pools = control
         .state
         .list_pools()
         .await
         .map_err(|e| e.to_string())?;
-    let live: HashMap<String, JobState> = docs
-        .iter()
-        .map(|d| (d.job_id.to_string(), d.state))
-        .collect();
+    let live: HashMap<String, JobState> =
+        jobs.iter().map(|j| (j.job_id.clone(), j.state)).collect();
     let mut protected: BTreeSet<BlobPath> = BTreeSet::new();
     let mut scan: BTreeSet<(String, String)> = BTreeSet::new();
     for p in &pools {
@@ -53,15 +54,21 @@ pub async fn collect(
             }
         }
     }
-    for d in &docs {
-        for r in &d.replicas {
-            scan.insert((r.blob.account.clone(), r.blob.container.clone()));
-        }
-        if let Ok(job) = d.spec.validate(&control.settings) {
-            scan.insert((job.source.account.clone(), job.source.container.clone()));
-            for a in &job.accounts {
-                scan.insert((a.clone(), job.container.clone()));
+    // From the summaries alone: a job's replicas are in its container of some
+    // destination account, its snapshot beside its source.
+    let destinations = control.settings.destination_accounts();
+    for j in &jobs {
+        if let Some(container) = &j.container {
+            for a in &destinations {
+                scan.insert((a.clone(), container.clone()));
             }
+        }
+        if let Some(source) = j
+            .source
+            .as_deref()
+            .and_then(|u| crate::job::locate_source(u, &control.settings).ok())
+        {
+            scan.insert((source.account, source.container));
         }
     }
     for a in control.settings.destination_accounts() {
@@ -111,5 +118,29 @@ pub async fn collect(
             report.orphans.push(path);
         }
     }
+    report.pruned_jobs = prune_jobs(control, dry_run).await?;
     Ok(report)
+}
+
+/// Deletes the documents of jobs that ended more than `gc.job_retention_days`
+/// ago (none when it is 0), unless `dry_run`; returns their ids.
+pub async fn prune_jobs(control: &Control, dry_run: bool) -> Result<Vec<String>, String> {
+    let days = control.settings.gc.job_retention_days;
+    if days == 0 {
+        return Ok(Vec::new());
+    }
+    let cutoff = OffsetDateTime::now_utc() - time::Duration::days(days as i64);
+    let pruned = control
+        .state
+        .prune(cutoff, dry_run)
+        .await
+        .map_err(|e| e.to_string())?;
+    if !pruned.is_empty() && !dry_run {
+        tracing::info!(
+            jobs = pruned.len(),
+            days,
+            "pruned the documents of old finished jobs"
+        );
+    }
+    Ok(pruned)
 }

@@ -755,9 +755,9 @@ impl Engine {
         }
         // Never pull the replicas from under a job of the pool that is still to run.
         let busy = match self.state.list().await {
-            Ok(docs) => docs.into_iter().find(|d| {
-                d.retire_pool.is_none()
-                    && d.spec.pool.id == pool
+            Ok(listing) => listing.jobs.into_iter().find(|d| {
+                d.kind == "replicate"
+                    && d.pool_id == pool
                     && matches!(d.state, JobState::Queued | JobState::Running)
             }),
             Err(e) => return Outcome::Retry(format!("job state: {e}")),

@@ -620,12 +620,14 @@ impl BlobStore for AzureStore {
         &self,
         blob: &BlobPath,
         data: Bytes,
+        metadata: &Metadata,
         condition: Condition,
     ) -> StorageResult<String> {
         const OP: &str = "put_blob";
         let client = self.blob_client(blob, OP)?;
         let mut options = BlobClientUploadOptions {
             blob_content_type: Some("application/json".into()),
+            metadata: (!metadata.is_empty()).then(|| metadata.clone().into_iter().collect()),
             ..Default::default()
         };
         match condition {

@@ -211,11 +211,12 @@ impl BlobStore for Instrumented {
         &self,
         blob: &BlobPath,
         data: Bytes,
+        metadata: &Metadata,
         condition: Condition,
     ) -> StorageResult<String> {
         self.call(&blob.account, "put_blob", || {
             self.inner
-                .put_block_blob(blob, data.clone(), condition.clone())
+                .put_block_blob(blob, data.clone(), metadata, condition.clone())
         })
         .await
     }

@@ -401,11 +401,13 @@ pub trait BlobStore: Send + Sync + fmt::Debug {
     /// SKU and kind of an account.
     async fn account_info(&self, account: &str) -> StorageResult<AccountInfo>;
 
-    /// Writes a small block blob under a condition and returns the new ETag.
+    /// Writes a small block blob with `metadata` under a condition and returns
+    /// the new ETag.
     async fn put_block_blob(
         &self,
         blob: &BlobPath,
         data: Bytes,
+        metadata: &Metadata,
         condition: Condition,
     ) -> StorageResult<String>;
 

@@ -651,6 +651,7 @@ impl BlobStore for SimStore {
         &self,
         blob: &BlobPath,
         data: Bytes,
+        metadata: &Metadata,
         condition: Condition,
     ) -> StorageResult<String> {
         const OP: &str = "put_blob";
@@ -671,7 +672,7 @@ impl BlobStore for SimStore {
                 content: Content::Real(data),
                 kind: BlobKind::Block,
                 etag,
-                metadata: Metadata::new(),
+                metadata: metadata.clone(),
                 copy: None,
                 modified: OffsetDateTime::now_utc(),
             },

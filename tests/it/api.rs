@@ -222,3 +222,75 @@ async fn admin_token_guards_mutating_routes() {
     );
     app.shutdown().await;
 }
+
+/// `GET /v1/jobs` lists summaries newest first in pages that chain by cursor,
+/// and a corrupt job document is reported, not fatal to the list.
+#[tokio::test]
+async fn the_job_list_pages_and_survives_a_corrupt_document() {
+    use vhd_replicator::state::JobDocument;
+    let env = TestEnv::new("");
+    let app = TestApp::spawn(&env).await;
+    let spec = parse_job_json(&env.job_json("x", &env.source_url("x.vhd"), "windows", 20)).unwrap();
+    for i in 0..7 {
+        let mut d = JobDocument::queued(
+            vhd_replicator::job::JobId::parse(&format!("page-{i}")).unwrap(),
+            spec.clone(),
+        );
+        d.created_at += time::Duration::seconds(i);
+        app.control.state.create(&d).await.unwrap();
+    }
+    app.control
+        .store
+        .put_block_blob(
+            &vhd_replicator::storage::BlobPath::new(
+                "ops",
+                &env.settings().control.state_container,
+                "jobs/zz-broken.json",
+            ),
+            bytes::Bytes::from_static(b"not json"),
+            &Default::default(),
+            vhd_replicator::storage::Condition::Always,
+        )
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut url = app.url("/v1/jobs?limit=3");
+    let mut pages = 0;
+    loop {
+        let page: serde_json::Value = reqwest::get(&url).await.unwrap().json().await.unwrap();
+        pages += 1;
+        let jobs = page["jobs"].as_array().unwrap();
+        assert!(jobs.len() <= 3);
+        for j in jobs {
+            assert_eq!(j["state"], "queued");
+            assert_eq!(j["pool_id"], format!("pool-{}", env.id));
+            seen.push(j["job_id"].as_str().unwrap().to_owned());
+        }
+        assert_eq!(page["skipped"][0]["name"], "zz-broken", "{page}");
+        match page["next"].as_str() {
+            Some(next) => url = app.url(&format!("/v1/jobs?limit=3&cursor={next}")),
+            None => break,
+        }
+    }
+    assert_eq!(pages, 3);
+    let expected: Vec<String> = (0..7).rev().map(|i| format!("page-{i}")).collect();
+    assert_eq!(seen, expected, "newest first, each once");
+    assert_eq!(
+        reqwest::get(app.url("/v1/jobs?cursor=nonsense"))
+            .await
+            .unwrap()
+            .status(),
+        400
+    );
+    let page = reqwest::get(app.url("/"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        page.contains("page-6") && page.contains("zz-broken"),
+        "{page}"
+    );
+    app.shutdown().await;
+}

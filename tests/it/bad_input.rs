@@ -172,6 +172,7 @@ async fn unusable_sources_fail_with_the_reason() {
         .put_block_blob(
             &BlobPath::new("src", &c, "block.vhd"),
             Bytes::from(image.clone()),
+            &Default::default(),
             vhd_replicator::storage::Condition::Always,
         )
         .await

@@ -116,11 +116,21 @@ async fn blob_store_suite(store: Arc<dyn BlobStore>, id: &str, expect_sas: bool)
     // Conditional writes of small documents.
     let doc = BlobPath::new("src", &c, "state/doc.json");
     let e1 = store
-        .put_block_blob(&doc, Bytes::from_static(b"{\"v\":1}"), Condition::IfAbsent)
+        .put_block_blob(
+            &doc,
+            Bytes::from_static(b"{\"v\":1}"),
+            &Default::default(),
+            Condition::IfAbsent,
+        )
         .await
         .unwrap();
     let e = store
-        .put_block_blob(&doc, Bytes::from_static(b"{}"), Condition::IfAbsent)
+        .put_block_blob(
+            &doc,
+            Bytes::from_static(b"{}"),
+            &Default::default(),
+            Condition::IfAbsent,
+        )
         .await
         .unwrap_err();
     assert_eq!(e.class, ErrorClass::PreconditionFailed, "{e:?}");
@@ -128,13 +138,19 @@ async fn blob_store_suite(store: Arc<dyn BlobStore>, id: &str, expect_sas: bool)
         .put_block_blob(
             &doc,
             Bytes::from_static(b"{\"v\":2}"),
+            &Default::default(),
             Condition::IfMatch(e1.clone()),
         )
         .await
         .unwrap();
     assert_ne!(e1, e2);
     let e = store
-        .put_block_blob(&doc, Bytes::from_static(b"{}"), Condition::IfMatch(e1))
+        .put_block_blob(
+            &doc,
+            Bytes::from_static(b"{}"),
+            &Default::default(),
+            Condition::IfMatch(e1),
+        )
         .await
         .unwrap_err();
     assert_eq!(e.class, ErrorClass::PreconditionFailed, "{e:?}");

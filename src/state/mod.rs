@@ -2,6 +2,10 @@
 //! container, written under ETag conditions so concurrent writers never lose an
 //! update silently.
 
+mod summary;
+
+pub use summary::JobSummary;
+
 use crate::job::{JobId, JobSpec};
 use crate::storage::{BlobPath, BlobStore, Condition, ErrorClass, StorageError};
 use bytes::Bytes;
@@ -26,6 +30,19 @@ pub enum JobState {
 }
 
 impl JobState {
+    /// The state named `text` (as [`JobState::as_str`] writes it).
+    pub fn parse(text: &str) -> Option<Self> {
+        [
+            JobState::Queued,
+            JobState::Running,
+            JobState::Completed,
+            JobState::Failed,
+            JobState::Cancelled,
+        ]
+        .into_iter()
+        .find(|s| s.as_str() == text)
+    }
+
     /// Whether the job has ended.
     pub fn is_terminal(self) -> bool {
         matches!(
@@ -60,6 +77,32 @@ pub enum Phase {
     Verifying,
     /// Sending the hand-off.
     HandingOff,
+}
+
+impl Phase {
+    const ALL: [Phase; 5] = [
+        Phase::Planning,
+        Phase::Seeding,
+        Phase::Copying,
+        Phase::Verifying,
+        Phase::HandingOff,
+    ];
+
+    /// The phase's name, as the contract spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Planning => "planning",
+            Phase::Seeding => "seeding",
+            Phase::Copying => "copying",
+            Phase::Verifying => "verifying",
+            Phase::HandingOff => "handing_off",
+        }
+    }
+
+    /// The phase named `text`.
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| p.as_str() == text)
+    }
 }
 
 /// Where one replica stands.
@@ -304,6 +347,7 @@ impl StateStore {
             .put_block_blob(
                 &self.path(doc.job_id.as_str()),
                 to_bytes(doc),
+                &JobSummary::of(doc).to_metadata(),
                 Condition::IfAbsent,
             )
             .await
@@ -342,6 +386,7 @@ impl StateStore {
             .put_block_blob(
                 &self.path(doc.job_id.as_str()),
                 to_bytes(doc),
+                &JobSummary::of(doc).to_metadata(),
                 Condition::IfMatch(etag.to_owned()),
             )
             .await
@@ -384,29 +429,96 @@ impl StateStore {
         ))
     }
 
-    /// Every job, newest first.
-    pub async fn list(&self) -> Result<Vec<JobDocument>, StateError> {
-        let names = self
+    /// Every job's summary, newest first, from one listing of the documents'
+    /// metadata (a document written before summaries existed is read instead).
+    /// A document that cannot be read as a job is left out and reported in
+    /// [`JobListing::skipped`], never failing the whole list.
+    pub async fn list(&self) -> Result<JobListing, StateError> {
+        let listed = self
             .store
-            .list(&self.account, &self.container, PREFIX)
+            .list_detailed(&self.account, &self.container, PREFIX, false)
             .await?;
-        let mut docs = Vec::with_capacity(names.len());
-        for name in names {
-            let id = name
+        let mut listing = JobListing::default();
+        for blob in listed {
+            let Some(id) = blob
+                .name
                 .strip_prefix(PREFIX)
                 .and_then(|n| n.strip_suffix(".json"))
-                .unwrap_or(&name);
-            if let Some((doc, _)) = self.load(id).await? {
-                docs.push(doc);
+            else {
+                continue;
+            };
+            if let Some(summary) = JobSummary::from_metadata(id, &blob.metadata) {
+                listing.jobs.push(summary);
+                continue;
+            }
+            match self.load(id).await {
+                Ok(Some((doc, _))) => listing.jobs.push(JobSummary::of(&doc)),
+                Ok(None) => {}
+                Err(StateError::Corrupt(name, error)) => {
+                    tracing::warn!(document = %name, %error, "skipping a job document that is not a job");
+                    listing.skipped.push(SkippedDocument { name, error });
+                }
+                Err(e) => return Err(e),
             }
         }
-        docs.sort_by(|a, b| {
+        listing.jobs.sort_by(|a, b| {
             b.created_at
                 .cmp(&a.created_at)
                 .then(b.job_id.cmp(&a.job_id))
         });
-        Ok(docs)
+        Ok(listing)
     }
+
+    /// Deletes the documents (and stored hand-offs) of jobs that ended before
+    /// `cutoff`; returns their ids. Unless `dry_run`.
+    pub async fn prune(
+        &self,
+        cutoff: OffsetDateTime,
+        dry_run: bool,
+    ) -> Result<Vec<String>, StateError> {
+        let mut pruned = Vec::new();
+        for job in self.list().await?.jobs {
+            if !job.state.is_terminal() || job.updated_at >= cutoff {
+                continue;
+            }
+            if !dry_run {
+                for path in [
+                    self.path(&job.job_id),
+                    BlobPath::new(
+                        &self.account,
+                        &self.container,
+                        &format!("handoffs/{}.json", job.job_id),
+                    ),
+                ] {
+                    match self.store.delete(&path).await {
+                        Ok(()) => {}
+                        Err(e) if e.is_not_found() => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            }
+            pruned.push(job.job_id);
+        }
+        Ok(pruned)
+    }
+}
+
+/// Every job's summary and the documents that could not be read.
+#[derive(Debug, Clone, Default)]
+pub struct JobListing {
+    /// Summaries, newest first.
+    pub jobs: Vec<JobSummary>,
+    /// Documents left out: not JSON of a job.
+    pub skipped: Vec<SkippedDocument>,
+}
+
+/// A job document the listing could not read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SkippedDocument {
+    /// Its name.
+    pub name: String,
+    /// Why.
+    pub error: String,
 }
 
 /// One replica of a pool's image set.
@@ -528,7 +640,12 @@ impl StateStore {
                 Bytes::from(serde_json::to_vec_pretty(&record).expect("pool records serialise"));
             match self
                 .store
-                .put_block_blob(&self.pool_path(pool_id), bytes, condition)
+                .put_block_blob(
+                    &self.pool_path(pool_id),
+                    bytes,
+                    &Default::default(),
+                    condition,
+                )
                 .await
             {
                 Ok(_) => return Ok(record),
@@ -570,7 +687,12 @@ impl StateStore {
             &format!("handoffs/{job_id}.json"),
         );
         self.store
-            .put_block_blob(&path, Bytes::from(json.to_owned()), Condition::Always)
+            .put_block_blob(
+                &path,
+                Bytes::from(json.to_owned()),
+                &Default::default(),
+                Condition::Always,
+            )
             .await?;
         Ok(crate::handoff::BlobReference {
             uri: self.store.blob_url(&path)?.to_string(),
@@ -653,10 +775,84 @@ mod tests {
             .list()
             .await
             .unwrap()
+            .jobs
             .into_iter()
-            .map(|d| d.job_id.to_string())
+            .map(|d| d.job_id)
             .collect();
         assert_eq!(ids, vec!["c", "b", "a"]);
+    }
+
+    /// The list reads summaries from one listing, not the documents; a corrupt
+    /// document is skipped and reported; a document written before summaries
+    /// existed is read; pruning removes only old finished jobs.
+    #[tokio::test]
+    async fn listing_reads_summaries_and_skips_what_it_cannot_read() {
+        let sim = Arc::new(SimStore::new(SimConfig::instant()));
+        let s = StateStore::new(sim.clone(), "ops", "state");
+        s.ensure().await.unwrap();
+        for i in 0..50 {
+            let mut d = JobDocument::queued(JobId::parse(&format!("j{i}")).unwrap(), spec());
+            d.created_at += time::Duration::seconds(i);
+            if i % 2 == 0 {
+                d.state = JobState::Failed;
+                d.error = Some("ö".repeat(500));
+            }
+            s.create(&d).await.unwrap();
+        }
+        sim.put_block_blob(
+            &BlobPath::new("ops", "state", "jobs/broken.json"),
+            Bytes::from_static(b"{ not a job"),
+            &Default::default(),
+            Condition::Always,
+        )
+        .await
+        .unwrap();
+        let old =
+            serde_json::to_vec(&JobDocument::queued(JobId::parse("old").unwrap(), spec())).unwrap();
+        sim.put_block_blob(
+            &BlobPath::new("ops", "state", "jobs/old.json"),
+            Bytes::from(old),
+            &Default::default(),
+            Condition::Always,
+        )
+        .await
+        .unwrap();
+
+        let before = sim.stats().requests;
+        let listing = s.list().await.unwrap();
+        let requests = sim.stats().requests - before;
+        assert_eq!(listing.jobs.len(), 51);
+        assert_eq!(
+            requests, 3,
+            "one listing, then the two documents without a summary"
+        );
+        assert_eq!(listing.skipped.len(), 1);
+        assert_eq!(listing.skipped[0].name, "broken");
+        let failed = listing.jobs.iter().find(|j| j.job_id == "j48").unwrap();
+        assert_eq!(failed.state, JobState::Failed);
+        assert_eq!(
+            failed.error.as_deref().map(|e| e.chars().count()),
+            Some(300)
+        );
+        assert!(failed.error.as_deref().unwrap().starts_with("öö"));
+        assert_eq!(failed.pool_id, "p");
+
+        let pruned = s
+            .prune(
+                OffsetDateTime::now_utc() + time::Duration::minutes(5),
+                false,
+            )
+            .await
+            .unwrap();
+        assert_eq!(pruned.len(), 25, "the finished ones");
+        let left = s.list().await.unwrap();
+        assert!(left.jobs.iter().all(|j| !j.state.is_terminal()));
+        assert_eq!(left.jobs.len(), 26);
+        let kept = s
+            .prune(OffsetDateTime::now_utc() - time::Duration::days(1), false)
+            .await
+            .unwrap();
+        assert!(kept.is_empty(), "younger than the cutoff");
     }
 
     /// An update against a missing container, or one that loses every round to
