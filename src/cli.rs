@@ -201,6 +201,13 @@ fn load(path: &std::path::Path) -> Result<ValidatedSettings, ConfigError> {
     Settings::load(path)?.validate(&ProcessSecrets)
 }
 
+/// Settings the daemon may run with (`run` and `validate`).
+fn load_daemon(path: &std::path::Path) -> Result<ValidatedSettings, ConfigError> {
+    let settings = load(path)?;
+    settings.check_daemon()?;
+    Ok(settings)
+}
+
 fn usage_error(message: impl std::fmt::Display) -> ExitCode {
     eprintln!("error: {message}");
     ExitCode::from(EXIT_USAGE)
@@ -363,7 +370,7 @@ async fn dispatch(command: Command) -> ExitCode {
             }
         }
         Command::Run { config } => {
-            let settings = match load(&config.config) {
+            let settings = match load_daemon(&config.config) {
                 Ok(s) => s,
                 Err(e) => return usage_error(e),
             };
@@ -577,7 +584,7 @@ async fn dispatch(command: Command) -> ExitCode {
 }
 
 async fn validate(path: &std::path::Path, online: bool) -> ExitCode {
-    let settings = match load(path) {
+    let settings = match load_daemon(path) {
         Ok(s) => s,
         Err(e) => return usage_error(e),
     };

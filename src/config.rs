@@ -349,6 +349,8 @@ pub struct ValidatedSettings {
     pub listen: SocketAddr,
     /// Admin token for mutating routes, when its variable is set.
     pub admin_token: Option<SecretString>,
+    /// The variable the admin token is read from (`service.admin_token_env`).
+    pub admin_token_env: String,
     /// Log as JSON lines.
     pub log_json: bool,
     /// Drain time on shutdown.
@@ -379,6 +381,26 @@ impl ValidatedSettings {
         crate::storage::retry::RetryPolicy::with_timeout(Duration::from_secs(
             self.engine.request_timeout_seconds,
         ))
+    }
+
+    /// What the daemon alone must satisfy (checked by `run` and `validate`, not
+    /// by commands that only talk to storage): an HTTP API reachable beyond
+    /// loopback needs the admin token, or anyone who reaches the port can submit,
+    /// cancel and retire.
+    pub fn check_daemon(&self) -> Result<(), ConfigError> {
+        let admin_token_env = self.admin_token_env.as_str();
+        if self.listen.ip().is_loopback() || self.admin_token.is_some() {
+            return Ok(());
+        }
+        Err(ConfigError::Invalid(vec![ConfigProblem {
+            key: "service.listen".into(),
+            message: format!(
+                "{} accepts connections from other hosts, and service.admin_token_env names {} which is not set: every mutating route (submit, cancel, retire) would be open; set {} to a secret token, or listen on 127.0.0.1",
+                self.listen,
+                if admin_token_env.is_empty() { "no variable" } else { admin_token_env },
+                if admin_token_env.is_empty() { "service.admin_token_env and that variable" } else { admin_token_env },
+            ),
+        }]))
     }
 
     /// How long to wait for a connection.
@@ -719,6 +741,7 @@ impl Settings {
         Ok(ValidatedSettings {
             listen: listen.expect("checked above"),
             admin_token,
+            admin_token_env: self.service.admin_token_env.clone(),
             log_json: self.service.log_format == "json",
             shutdown_grace: Duration::from_secs(self.service.shutdown_grace_seconds),
             batch: self.batch.clone(),
@@ -1012,6 +1035,45 @@ region = "westeurope"
             "key_env = \"K_DST\"\nregion = \"eastus\"",
         );
         assert_eq!(keys(&t), vec!["accounts[1].region"]);
+    }
+
+    /// An API beyond loopback without the admin token is refused for the daemon
+    /// (naming both keys); with the token, or on loopback, it is fine.
+    #[test]
+    fn an_open_api_beyond_loopback_is_refused() {
+        let open =
+            format!("{GOOD}\n[service]\nlisten = \"0.0.0.0:9464\"\nadmin_token_env = \"TOKEN\"\n");
+        let v = Settings::from_toml(&open)
+            .unwrap()
+            .validate(&secrets())
+            .unwrap();
+        let Err(ConfigError::Invalid(p)) = v.check_daemon() else {
+            panic!("accepted an open API")
+        };
+        assert_eq!(p[0].key, "service.listen");
+        assert!(
+            p[0].message.contains("service.admin_token_env") && p[0].message.contains("TOKEN"),
+            "{}",
+            p[0].message
+        );
+        let mut with_token = secrets();
+        with_token.0.insert("TOKEN".into(), "s3cret".into());
+        let v = Settings::from_toml(&open)
+            .unwrap()
+            .validate(&with_token)
+            .unwrap();
+        assert!(v.check_daemon().is_ok());
+        let v = Settings::from_toml(GOOD)
+            .unwrap()
+            .validate(&secrets())
+            .unwrap();
+        assert!(v.check_daemon().is_ok(), "loopback needs no token");
+        let v6 = format!("{GOOD}\n[service]\nlisten = \"[::]:9464\"\n");
+        let v = Settings::from_toml(&v6)
+            .unwrap()
+            .validate(&secrets())
+            .unwrap();
+        assert!(v.check_daemon().is_err(), "[::] is beyond loopback too");
     }
 
     #[test]

@@ -214,6 +214,13 @@ fn kubernetes_runs_two_probed_non_root_replicas_that_drain() {
         vhd_replicator::config::Settings::from_toml(toml).expect("ConfigMap config parses");
     assert_eq!(settings.service.listen, "0.0.0.0:9464");
     let secret = &yaml("deploy/kubernetes/secret.example.yaml")[0];
+    // Listening beyond loopback, the daemon refuses to start without the admin
+    // token: the Secret the pod reads must hold it.
+    assert!(
+        !secret["stringData"][settings.service.admin_token_env.as_str()].is_badvalue(),
+        "the example Secret lacks the admin token {}",
+        settings.service.admin_token_env
+    );
     for account in &settings.accounts {
         let var = account.key_env.as_deref().unwrap();
         assert!(

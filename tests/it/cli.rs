@@ -270,3 +270,32 @@ async fn plan_submit_wait_and_status_through_the_binary() {
     let _ = tokio::time::timeout(Duration::from_secs(1), async {}).await;
     app.shutdown().await;
 }
+
+/// `validate` and `run` refuse an HTTP API beyond loopback without the admin
+/// token, naming both keys; with the token set, `validate` passes.
+#[tokio::test]
+async fn an_open_api_beyond_loopback_is_refused_at_start() {
+    let env =
+        TestEnv::new("[service]\nlisten = \"0.0.0.0:0\"\nadmin_token_env = \"IT_OPEN_TOKEN\"\n");
+    let config = env.config_file().display().to_string();
+    for command in ["validate", "run"] {
+        let out = run(&key_env(), &[command, "--config", &config]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{command}: {stderr}");
+        assert!(
+            stderr.contains("service.listen")
+                && stderr.contains("service.admin_token_env")
+                && stderr.contains("IT_OPEN_TOKEN"),
+            "{command}: {stderr}"
+        );
+    }
+    let mut vars = key_env();
+    vars.push(("IT_OPEN_TOKEN".into(), "a-long-random-token".into()));
+    let out = run(&vars, &["validate", "--config", &config]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
