@@ -28,8 +28,10 @@ if ! scripts/azurite.sh status >/dev/null 2>&1; then
   started_azurite=1
 fi
 
-echo "== building vhd-replicator"
-cargo build --locked --quiet --bin vhd-replicator
+echo "== building vhd-replicator (a first build compiles the Azure SDK crates: about 4-5 minutes on 2 cores; cargo shows each crate as it goes)"
+# No --quiet: on a terminal cargo draws its progress bar (crates built / to build),
+# elsewhere it prints a line per crate.
+cargo build --locked --bin vhd-replicator
 
 echo "== checking the configuration"
 "$bin" validate --config "$config" --online
