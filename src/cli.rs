@@ -292,9 +292,17 @@ async fn dispatch(command: Command) -> ExitCode {
                 Err(code) => return code,
             };
             if dry_run {
+                let record = match control.state.load_pool(&pool).await {
+                    Ok(Some((r, _))) => r,
+                    Ok(None) => {
+                        println!("pool {pool}: nothing to retire");
+                        return ExitCode::SUCCESS;
+                    }
+                    Err(e) => return failed(e),
+                };
                 return match crate::engine::retire_plan(
                     control.store.as_ref(),
-                    &control.state,
+                    &record,
                     &pool,
                     &crate::plan::owner_tag(&control.settings),
                 )

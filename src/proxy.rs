@@ -87,6 +87,8 @@ pub enum ProxyAction {
     LoseAnswer,
     /// Answer at once with this status and error code, without forwarding.
     Answer(u16, &'static str),
+    /// Wait this long, then forward it as usual (a slow service).
+    Delay(Duration),
 }
 
 /// What the proxy does to traffic.
@@ -373,6 +375,7 @@ async fn handle(
                 false,
             ))
         }
+        Some(ProxyAction::Delay(d)) => tokio::time::sleep(d).await,
         Some(ProxyAction::LoseAnswer) | None => {}
     }
     let lose_answer = scripted == Some(ProxyAction::LoseAnswer);

@@ -14,7 +14,8 @@ use crate::job::ValidatedJob;
 use crate::metrics::Metrics;
 use crate::plan::{self, is_our_replica, replica_metadata};
 use crate::state::{
-    JobDocument, JobState, Owner, Phase, ReplicaRecord, ReplicaState, StateError, StateStore,
+    JobDocument, JobState, Owner, Phase, PoolClaim, PoolRecord, ReplicaRecord, ReplicaState,
+    StateError, StateStore,
 };
 use crate::storage::{
     BlobKind, BlobPath, BlobProperties, BlobStore, CopyState, ErrorClass, StorageError,
@@ -31,6 +32,9 @@ use std::{
 use time::OffsetDateTime;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+
+/// How often a job waiting for its pool's lock looks again.
+const POOL_WAIT: Duration = Duration::from_secs(2);
 
 /// Copies started for one replica before the job gives up on it.
 pub const MAX_REPLICA_ATTEMPTS: u32 = 3;
@@ -348,6 +352,14 @@ impl Engine {
                 other => other,
             };
         }
+        // The job's end is on record: its pool is free for the next job or a
+        // retire, which therefore always comes after this job's hand-off.
+        if matches!(
+            outcome,
+            Outcome::Completed | Outcome::Failed(_) | Outcome::Cancelled
+        ) {
+            self.unlock_pool(job).await;
+        }
         match &outcome {
             Outcome::Completed => tracing::info!("job completed"),
             Outcome::Failed(r) => tracing::warn!(reason = %r, "job failed"),
@@ -448,6 +460,9 @@ impl Engine {
         // The pool's image set: a job for a pool that already has replicas of this
         // unchanged source tops the set up instead of copying it all again.
         let pool_id = job.spec.pool.id.clone();
+        // From here until its hand-off is sent, this job alone may change the
+        // pool's image sets (a retire or another job of the pool waits).
+        let record = self.lock_pool(job, live, checkpoint, stop).await?;
         let fresh = live
             .lock()
             .expect("live doc lock")
@@ -455,13 +470,7 @@ impl Engine {
             .is_none();
         let mut inherited: Vec<crate::state::SetReplica> = Vec::new();
         if fresh {
-            let record = self
-                .state
-                .load_pool(&pool_id)
-                .await
-                .map_err(Failure::from_state)?
-                .map(|(r, _)| r);
-            if let Some(set) = record.as_ref().and_then(|r| r.sets.last()) {
+            if let Some(set) = record.sets.last() {
                 let same_source = set.source == job.spec.source;
                 let snapshot_there = same_source
                     && set.source_etag == props.etag
@@ -681,6 +690,87 @@ impl Engine {
         Ok(())
     }
 
+    /// Takes the pool's lock for this job, waiting while another job of the pool
+    /// or its retirement holds it (a holder whose job has ended is taken over).
+    /// The wait keeps this job's claim alive and heeds cancel and shutdown.
+    /// Returns the pool's record as locked (its image sets, maybe none).
+    async fn lock_pool(
+        &self,
+        job: &ValidatedJob,
+        live: &Arc<Mutex<JobDocument>>,
+        checkpoint: &Checkpoint<'_>,
+        stop: &CancellationToken,
+    ) -> Result<PoolRecord, Failure> {
+        let pool = &job.spec.pool.id;
+        let every =
+            Duration::from_secs(self.settings.engine.checkpoint_seconds).min(self.lease() / 3);
+        let mut stale: Option<String> = None;
+        let mut waited = false;
+        loop {
+            let claim = self
+                .state
+                .lock_pool(pool, job.id.as_str(), false, stale.as_deref())
+                .await
+                .map_err(Failure::from_state)?;
+            let holder = match claim {
+                PoolClaim::Held(record, _) => {
+                    if waited {
+                        live.lock().expect("live doc lock").image_set = None;
+                        tracing::info!(pool = %pool, "the pool is free; going on");
+                    }
+                    return Ok(record);
+                }
+                PoolClaim::Busy(holder) => holder,
+            };
+            if self.job_has_ended(&holder.job_id).await? {
+                stale = Some(holder.job_id);
+                continue;
+            }
+            let note = if holder.retiring {
+                format!("waiting: pool {pool} is being retired by job {}; this job makes a new image set after it", holder.job_id)
+            } else {
+                format!("waiting for job {} of pool {pool} to end", holder.job_id)
+            };
+            if !waited {
+                tracing::info!(pool = %pool, holder = %holder.job_id, "{note}");
+                live.lock().expect("live doc lock").image_set = Some(note);
+                checkpoint.note_transition();
+                waited = true;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(POOL_WAIT) => {}
+                _ = stop.cancelled() => return Err(Failure::Interrupted),
+            }
+            if checkpoint.due(every) {
+                checkpoint.save(live).await.map_err(Failure::from_state)?;
+            }
+            if live.lock().expect("live doc lock").cancel_requested {
+                return Err(Failure::Cancelled);
+            }
+        }
+    }
+
+    /// Whether the job holding a pool's lock has ended (or left no document).
+    async fn job_has_ended(&self, job_id: &str) -> Result<bool, Failure> {
+        match self.state.load(job_id).await {
+            Ok(None) | Err(StateError::Corrupt(..)) => Ok(true),
+            Ok(Some((d, _))) => Ok(d.state.is_terminal()),
+            Err(e) => Err(Failure::from_state(e)),
+        }
+    }
+
+    /// Gives up the job's lock on its pool. Best effort: a lock left by an ended
+    /// job is taken over by the next one.
+    async fn unlock_pool(&self, job: &ValidatedJob) {
+        if let Err(e) = self
+            .state
+            .unlock_pool(&job.spec.pool.id, job.id.as_str())
+            .await
+        {
+            tracing::warn!(error = %e, "could not release the pool's lock; the next job of the pool takes it over");
+        }
+    }
+
     /// Freezes the source in a snapshot tagged with the job. Create Snapshot is
     /// not idempotent: when its answer was lost, the snapshot the request may have
     /// made is looked up by its tag rather than a second one taken.
@@ -753,6 +843,30 @@ impl Engine {
         {
             return Outcome::Retry(format!("job state: {e}"));
         }
+        // The pool's `retiring` mark: no job of the pool changes its image sets
+        // while it is held, and a job that holds it makes the retire fail.
+        let mut stale: Option<String> = None;
+        let (record, etag) = loop {
+            match self
+                .state
+                .lock_pool(pool, id.as_str(), true, stale.as_deref())
+                .await
+            {
+                Ok(PoolClaim::Held(record, etag)) => break (record, etag),
+                Ok(PoolClaim::Busy(holder)) => match self.job_has_ended(&holder.job_id).await {
+                    Ok(true) => stale = Some(holder.job_id),
+                    Ok(false) => {
+                        let reason = format!(
+                            "pool {pool} has job {} running; retire the pool after that job ends (cancel it first to stop it)",
+                            holder.job_id
+                        );
+                        return self.fail_retire(id, reason).await;
+                    }
+                    Err(_) => return Outcome::Retry(format!("job state of {}", holder.job_id)),
+                },
+                Err(e) => return Outcome::Retry(format!("pool record: {e}")),
+            }
+        };
         // Never pull the replicas from under a job of the pool that is still to run.
         let busy = match self.state.list().await {
             Ok(listing) => listing.jobs.into_iter().find(|d| {
@@ -768,11 +882,14 @@ impl Engine {
                 d.job_id,
                 d.state.as_str()
             );
+            if let Err(e) = self.state.unlock_pool(pool, id.as_str()).await {
+                tracing::warn!(error = %e, "could not clear the pool's retiring mark; the next job takes it over");
+            }
             return self.fail_retire(id, reason).await;
         }
         tracing::info!("retiring the pool's image sets");
         let owner = plan::owner_tag(&self.settings);
-        let plan = match retire_plan(self.store.as_ref(), &self.state, pool, &owner).await {
+        let plan = match retire_plan(self.store.as_ref(), &record, pool, &owner).await {
             Ok(p) => p,
             Err(e) => return Outcome::Retry(e),
         };
@@ -788,7 +905,9 @@ impl Engine {
                 }
             }
         }
-        if let Err(e) = self.state.delete_pool(pool).await {
+        // With the ETag of the mark: a record someone changed since is not ours
+        // to delete (the retire runs again and sees what changed).
+        if let Err(e) = self.state.delete_pool_if(pool, &etag).await {
             return Outcome::Retry(format!("pool record: {e}"));
         }
         let note = format!(
@@ -1581,13 +1700,10 @@ fn instance_id() -> String {
 /// the sets' source snapshots.
 pub async fn retire_plan(
     store: &dyn BlobStore,
-    state: &StateStore,
+    record: &PoolRecord,
     pool: &str,
     owner: &str,
 ) -> Result<Vec<BlobPath>, String> {
-    let Some((record, _)) = state.load_pool(pool).await.map_err(|e| e.to_string())? else {
-        return Ok(Vec::new());
-    };
     let mut out = Vec::new();
     for set in &record.sets {
         for r in &set.replicas {

@@ -284,6 +284,9 @@ pub enum StateError {
     /// The stored document is not valid JSON of a job.
     #[error("job document {0} is corrupt: {1}")]
     Corrupt(String, String),
+    /// A pool record changed since it was read.
+    #[error("pool record {0} was changed by another writer")]
+    PoolChanged(String),
     /// Other writers won every one of this many read-change-write rounds.
     #[error("{0} kept changing under {1} attempts to update it; try again later")]
     Contended(String, u32),
@@ -564,6 +567,34 @@ pub struct PoolRecord {
     pub pool_id: String,
     /// Image sets, oldest first; the last is the current one.
     pub sets: Vec<ImageSet>,
+    /// The one job that may change the pool's image sets now: a job from its
+    /// planning until its hand-off is sent, or a retire (the `retiring` mark)
+    /// until the record is deleted. Written under the record's ETag.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lock: Option<PoolLock>,
+}
+
+/// Who holds a pool's image sets.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolLock {
+    /// The job holding it.
+    pub job_id: String,
+    /// `true` for a retire job: the pool is being retired.
+    #[serde(default)]
+    pub retiring: bool,
+    /// Since when.
+    #[serde(with = "time::serde::rfc3339")]
+    pub since: OffsetDateTime,
+}
+
+/// What taking a pool's lock found.
+#[derive(Debug)]
+pub enum PoolClaim {
+    /// The lock is ours: the record as written (sets from before, maybe none)
+    /// and its ETag.
+    Held(PoolRecord, String),
+    /// Another job holds it.
+    Busy(PoolLock),
 }
 
 impl StateStore {
@@ -605,6 +636,137 @@ impl StateStore {
         Ok(out)
     }
 
+    /// Takes the lock of `pool_id`'s record for `job_id` (creating the record
+    /// when there is none). Re-entrant: a job that holds it (a resumed run) gets
+    /// it again. `stale` names a holder known to have ended, whose lock is taken
+    /// over.
+    pub async fn lock_pool(
+        &self,
+        pool_id: &str,
+        job_id: &str,
+        retiring: bool,
+        stale: Option<&str>,
+    ) -> Result<PoolClaim, StateError> {
+        for round in 0..MAX_UPDATE_ROUNDS {
+            if round > 0 {
+                contention_pause(round).await;
+            }
+            let (mut record, condition) = match self.load_pool(pool_id).await? {
+                Some((r, etag)) => (r, Condition::IfMatch(etag)),
+                None => (
+                    PoolRecord {
+                        pool_id: pool_id.to_owned(),
+                        sets: Vec::new(),
+                        lock: None,
+                    },
+                    Condition::IfAbsent,
+                ),
+            };
+            match &record.lock {
+                Some(l) if l.job_id == job_id => {
+                    if let Condition::IfMatch(etag) = condition {
+                        return Ok(PoolClaim::Held(record, etag));
+                    }
+                }
+                Some(l) if Some(l.job_id.as_str()) != stale => {
+                    return Ok(PoolClaim::Busy(l.clone()))
+                }
+                _ => {}
+            }
+            record.lock = Some(PoolLock {
+                job_id: job_id.to_owned(),
+                retiring,
+                since: OffsetDateTime::now_utc(),
+            });
+            match self.put_pool(pool_id, &record, condition).await {
+                Ok(etag) => return Ok(PoolClaim::Held(record, etag)),
+                Err(StateError::PoolChanged(_)) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(StateError::Contended(
+            format!("pool record {pool_id}"),
+            MAX_UPDATE_ROUNDS,
+        ))
+    }
+
+    /// Gives up `job_id`'s lock on the pool, if it holds it (a missing record
+    /// or another holder is fine: nothing to give up).
+    pub async fn unlock_pool(&self, pool_id: &str, job_id: &str) -> Result<(), StateError> {
+        for round in 0..MAX_UPDATE_ROUNDS {
+            if round > 0 {
+                contention_pause(round).await;
+            }
+            let Some((mut record, etag)) = self.load_pool(pool_id).await? else {
+                return Ok(());
+            };
+            if record.lock.as_ref().map(|l| l.job_id.as_str()) != Some(job_id) {
+                return Ok(());
+            }
+            record.lock = None;
+            match self
+                .put_pool(pool_id, &record, Condition::IfMatch(etag))
+                .await
+            {
+                Ok(_) => return Ok(()),
+                Err(StateError::PoolChanged(_)) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(StateError::Contended(
+            format!("pool record {pool_id}"),
+            MAX_UPDATE_ROUNDS,
+        ))
+    }
+
+    /// Deletes a pool's record if it is still as read with `etag`; a record
+    /// changed since fails with [`StateError::PoolChanged`].
+    pub async fn delete_pool_if(&self, pool_id: &str, etag: &str) -> Result<(), StateError> {
+        match self
+            .store
+            .delete_if_match(&self.pool_path(pool_id), etag)
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(e) if e.is_not_found() => Ok(()),
+            Err(e) if e.class == ErrorClass::PreconditionFailed => {
+                Err(StateError::PoolChanged(pool_id.to_owned()))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn put_pool(
+        &self,
+        pool_id: &str,
+        record: &PoolRecord,
+        condition: Condition,
+    ) -> Result<String, StateError> {
+        let bytes = Bytes::from(serde_json::to_vec_pretty(record).expect("pool records serialise"));
+        match self
+            .store
+            .put_block_blob(
+                &self.pool_path(pool_id),
+                bytes,
+                &Default::default(),
+                condition,
+            )
+            .await
+        {
+            Ok(etag) => Ok(etag),
+            Err(e) if e.code.as_deref() == Some("ContainerNotFound") => Err(e.into()),
+            Err(e)
+                if matches!(
+                    e.class,
+                    ErrorClass::PreconditionFailed | ErrorClass::Conflict | ErrorClass::NotFound
+                ) =>
+            {
+                Err(StateError::PoolChanged(pool_id.to_owned()))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Deletes a pool's record (gone already is fine).
     pub async fn delete_pool(&self, pool_id: &str) -> Result<(), StateError> {
         match self.store.delete(&self.pool_path(pool_id)).await {
@@ -631,6 +793,7 @@ impl StateStore {
                     PoolRecord {
                         pool_id: pool_id.to_owned(),
                         sets: Vec::new(),
+                        lock: None,
                     },
                     Condition::IfAbsent,
                 ),

@@ -587,6 +587,21 @@ impl BlobStore for AzureStore {
             .map_err(|e| map_error(OP, blob, e))
     }
 
+    async fn delete_if_match(&self, blob: &BlobPath, etag: &str) -> StorageResult<()> {
+        const OP: &str = "delete";
+        let client = self.blob_client(blob, OP)?;
+        let options = BlobClientDeleteOptions {
+            delete_snapshots: Some(DeleteSnapshotsOptionType::Include),
+            if_match: Some(Etag::from(etag.to_owned())),
+            ..Default::default()
+        };
+        client
+            .delete(Some(options))
+            .await
+            .map(|_| ())
+            .map_err(|e| map_error(OP, blob, e))
+    }
+
     async fn account_info(&self, account_name: &str) -> StorageResult<AccountInfo> {
         const OP: &str = "get_account_info";
         let account = self.account(account_name, OP)?;

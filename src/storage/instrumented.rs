@@ -200,6 +200,13 @@ impl BlobStore for Instrumented {
             .await
     }
 
+    async fn delete_if_match(&self, blob: &BlobPath, etag: &str) -> StorageResult<()> {
+        self.call(&blob.account, "delete", || {
+            self.inner.delete_if_match(blob, etag)
+        })
+        .await
+    }
+
     async fn account_info(&self, account: &str) -> StorageResult<AccountInfo> {
         self.call(account, "get_account_info", || {
             self.inner.account_info(account)

@@ -398,6 +398,9 @@ pub trait BlobStore: Send + Sync + fmt::Debug {
     /// Deletes a blob (with its snapshots) or one snapshot.
     async fn delete(&self, blob: &BlobPath) -> StorageResult<()>;
 
+    /// Deletes a base blob only if it still has `etag` (412 otherwise).
+    async fn delete_if_match(&self, blob: &BlobPath, etag: &str) -> StorageResult<()>;
+
     /// SKU and kind of an account.
     async fn account_info(&self, account: &str) -> StorageResult<AccountInfo>;
 

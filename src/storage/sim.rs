@@ -639,6 +639,22 @@ impl BlobStore for SimStore {
         Ok(())
     }
 
+    async fn delete_if_match(&self, blob: &BlobPath, etag: &str) -> StorageResult<()> {
+        let mut s = self.admit("delete", &blob.account, blob).await?;
+        let current = s.blobs.get(blob).map(|b| format!("\"0x{:X}\"", b.etag));
+        check_condition(
+            "delete",
+            blob,
+            &Condition::IfMatch(etag.to_owned()),
+            current.as_deref(),
+        )?;
+        s.blobs.retain(|k, _| {
+            !(k.account == blob.account && k.container == blob.container && k.name == blob.name)
+        });
+        s.flows.retain(|f| &f.dest != blob);
+        Ok(())
+    }
+
     async fn account_info(&self, account: &str) -> StorageResult<AccountInfo> {
         let s = self.admit("get_account_info", account, &account).await?;
         Ok(s.account_info.get(account).cloned().unwrap_or(AccountInfo {

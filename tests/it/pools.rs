@@ -519,3 +519,211 @@ async fn gc_removes_old_orphans_and_keeps_the_rest() {
     assert!(again.orphans.is_empty(), "{again:?}");
     app.shutdown().await;
 }
+
+/// One trial of a retire racing a job of the same pool over two instances, with
+/// `delays` (ms) before the job and the retire are submitted. Returns whether
+/// the retire completed.
+async fn race_trial(job_delay: u64, retire_delay: u64) -> bool {
+    use vhd_replicator::{
+        handoff::HandOff,
+        proxy::{Proxy, ProxyConfig},
+    };
+    let env = TestEnv::new("");
+    let direct = env.control().await;
+    // Copies held 1.5 s and replica deletions slowed to 1 s each: jobs and
+    // retires last long enough for their steps to interleave.
+    let proxy = Proxy::start(ProxyConfig {
+        hold_copies: Some(Duration::from_millis(1500)),
+        rules: vec![vhd_replicator::proxy::ProxyRule::new(
+            "DELETE",
+            &format!("/it-{}/", env.id),
+            vhd_replicator::proxy::ProxyAction::Delay(Duration::from_secs(1)),
+            1000,
+        )],
+        ..ProxyConfig::transparent(BLOB)
+    })
+    .await
+    .unwrap();
+    let a = TestApp::spawn_with(env.proxied(&proxy.url(), "")).await;
+    let b = TestApp::spawn_with(env.proxied(&proxy.url(), "")).await;
+    let source = env.source_url("race.vhd").replace(BLOB, &proxy.url());
+    upload_sample(&direct, &env.source_url("race.vhd"), 2, 1, 99).await;
+    let pool = format!("pool-{}", env.id);
+    let first = format!("race-0-{}", env.id);
+    a.control
+        .submit(parse_job_json(&job(&env, &first, &source, 40)).unwrap())
+        .await
+        .unwrap();
+    let d0 = wait_for_end(&direct, &first, Duration::from_secs(60)).await;
+    assert_eq!(d0.state, JobState::Completed, "{:?}", d0.error);
+
+    let grow = format!("race-1-{}", env.id);
+    let retire = format!("race-r-{}", env.id);
+    let submit_job = async {
+        tokio::time::sleep(Duration::from_millis(job_delay)).await;
+        a.control
+            .submit(parse_job_json(&job(&env, &grow, &source, 80)).unwrap())
+            .await
+            .unwrap();
+    };
+    let submit_retire = async {
+        tokio::time::sleep(Duration::from_millis(retire_delay)).await;
+        b.control
+            .submit_retire(&pool, Some(retire.clone()))
+            .await
+            .unwrap();
+    };
+    tokio::join!(submit_job, submit_retire);
+    let d1 = wait_for_end(&direct, &grow, Duration::from_secs(90)).await;
+    let r = wait_for_end(&direct, &retire, Duration::from_secs(90)).await;
+    eprintln!(
+        "race: job +{job_delay} ms -> {:?} ({:?}), retire +{retire_delay} ms -> {:?} ({:?}); retire ended {} the job",
+        d1.state,
+        d1.image_set,
+        r.state,
+        r.error,
+        if r.updated_at > d1.updated_at { "after" } else { "before" }
+    );
+    // The requests as they reached storage, in order: no retire may delete a
+    // URI of the job's hand-off before the job has ended (its last document
+    // write); a URI no request deleted after that still exists.
+    let seen = proxy.seen();
+    let job_doc = format!("PUT /ops/it-{}-state/jobs/{grow}.json?", env.id);
+    let ended_at = seen
+        .iter()
+        .rposition(|r| r.starts_with(&job_doc))
+        .expect("the job's document was written");
+    let handoffs: Vec<HandOff> = drain(direct.handoff.as_ref())
+        .await
+        .iter()
+        .map(|t| serde_json::from_str(t).unwrap())
+        .collect();
+    if let Some(h) = handoffs.iter().find(|h| h.job_id.as_str() == grow) {
+        for uri in &h.image_uris {
+            let path = url::Url::parse(uri).unwrap().path().to_owned();
+            let deletes: Vec<usize> = seen
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| r.starts_with(&format!("DELETE {path}?")))
+                .map(|(i, _)| i)
+                .collect();
+            assert!(
+                deletes.iter().all(|i| *i > ended_at),
+                "{uri}, handed off by job {grow}, was deleted before that job ended (retire {:?})",
+                r.state
+            );
+            if deletes.is_empty() {
+                let blob = d1
+                    .replicas
+                    .iter()
+                    .find(|x| &x.uri == uri)
+                    .map(|x| x.blob.clone())
+                    .expect("a handed-off URI is one of the job's replicas");
+                assert!(
+                    direct.store.properties(&blob).await.is_ok(),
+                    "{uri} is gone"
+                );
+            }
+        }
+    } else {
+        assert_ne!(d1.state, JobState::Completed, "a completed job handed off");
+    }
+    // Never two image sets at once for one source.
+    if let Some((record, _)) = direct.state.load_pool(&pool).await.unwrap() {
+        assert!(record.sets.len() <= 1, "{:?}", record.sets);
+        assert!(
+            record.lock.is_none(),
+            "every job released the pool: {:?}",
+            record.lock
+        );
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+    r.state == JobState::Completed
+}
+
+/// A retire and a job of the same pool race over two instances with seeded
+/// timings: no handed-off URI ever disappears unless a retire completed after
+/// that job ended; the pool never holds two image sets of one source, and its
+/// lock is released. The trials cover both orders: retires that went first
+/// (the job waited, then made a new set) and retires refused for a running job.
+#[tokio::test]
+async fn retire_racing_a_job_never_removes_a_handed_off_uri() {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(20261201);
+    let mut retired = 0;
+    // The job submitted while the retire deletes (the window a check-then-delete
+    // retire leaves open), the retire during the job, then seeded timings.
+    let mut delays = vec![(300, 0), (0, 700)];
+    delays.extend((0..2).map(|_| (rng.random_range(0..800), rng.random_range(0..800))));
+    let trials = delays.len();
+    for (job_delay, retire_delay) in delays {
+        if race_trial(job_delay, retire_delay).await {
+            retired += 1;
+        }
+    }
+    assert!(
+        retired > 0 && retired < trials,
+        "both orders met: {retired} of {trials} retires completed"
+    );
+}
+
+/// Two jobs of one pool and source submitted at once to two instances: the
+/// second waits for the first (the pool's lock) and tops its set up, so the pool
+/// holds one image set, not two.
+#[tokio::test]
+async fn two_jobs_of_one_pool_at_once_make_one_image_set() {
+    use vhd_replicator::proxy::{Proxy, ProxyConfig};
+    let env = TestEnv::new("");
+    let direct = env.control().await;
+    let proxy = Proxy::start(ProxyConfig {
+        hold_copies: Some(Duration::from_millis(800)),
+        ..ProxyConfig::transparent(BLOB)
+    })
+    .await
+    .unwrap();
+    let a = TestApp::spawn_with(env.proxied(&proxy.url(), "")).await;
+    let b = TestApp::spawn_with(env.proxied(&proxy.url(), "")).await;
+    upload_sample(&direct, &env.source_url("twice.vhd"), 2, 1, 98).await;
+    let source = env.source_url("twice.vhd").replace(BLOB, &proxy.url());
+    let (j1, j2) = (format!("twice-1-{}", env.id), format!("twice-2-{}", env.id));
+    let (r1, r2) = tokio::join!(
+        a.control
+            .submit(parse_job_json(&job(&env, &j1, &source, 60)).unwrap()),
+        b.control
+            .submit(parse_job_json(&job(&env, &j2, &source, 100)).unwrap()),
+    );
+    r1.unwrap();
+    r2.unwrap();
+    let d1 = wait_for_end(&direct, &j1, Duration::from_secs(90)).await;
+    let d2 = wait_for_end(&direct, &j2, Duration::from_secs(90)).await;
+    assert_eq!(
+        (d1.state, d2.state),
+        (JobState::Completed, JobState::Completed),
+        "{:?} {:?}",
+        d1.error,
+        d2.error
+    );
+    let (record, _) = direct
+        .state
+        .load_pool(&format!("pool-{}", env.id))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(record.sets.len(), 1, "one image set: {:?}", record.sets);
+    assert!(record.lock.is_none());
+    let topped_up = [&d1, &d2]
+        .iter()
+        .filter(|d| {
+            d.image_set
+                .as_deref()
+                .is_some_and(|n| n.starts_with("top-up"))
+        })
+        .count();
+    assert_eq!(
+        topped_up, 1,
+        "the later job topped the earlier one's set up"
+    );
+    a.shutdown().await;
+    b.shutdown().await;
+}
