@@ -11,8 +11,8 @@ use std::{
 };
 use vhd_replicator::{
     job::parse_job_json,
-    proxy::{Proxy, ProxyConfig},
-    state::{JobState, ReplicaState},
+    proxy::{Proxy, ProxyConfig, ProxyStats},
+    state::{JobState, Phase, ReplicaState},
 };
 
 /// Engine settings that make crash tests quick: a short lease, frequent checkpoints.
@@ -86,15 +86,92 @@ impl Drop for Daemon {
     }
 }
 
-/// One crash trial: a job under way behind a proxy that holds copies pending, the
-/// daemon killed with SIGKILL after `kill_after`, a new daemon started; the job
-/// must complete with exactly the planned replicas and consistent hand-offs.
-async fn crash_trial(kill_after: Duration, seed: u64) {
+/// The copy id of every replica a job has started a copy for.
+async fn started_copies(
+    control: &vhd_replicator::app::Control,
+    id: &str,
+) -> std::collections::BTreeMap<u32, String> {
+    control
+        .state
+        .load(id)
+        .await
+        .unwrap()
+        .map(|(d, _)| {
+            d.replicas
+                .iter()
+                .filter_map(|r| r.copy_id.clone().map(|c| (r.index, c)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Asserts that copies started before an interruption were adopted, not started
+/// again: each keeps its copy id to the end, and storage saw exactly one Start
+/// Copy per replica.
+fn assert_adopted(
+    before: &std::collections::BTreeMap<u32, String>,
+    doc: &vhd_replicator::state::JobDocument,
+    proxy: &Proxy,
+    context: &str,
+) {
+    for r in &doc.replicas {
+        if let Some(id) = before.get(&r.index) {
+            assert_eq!(
+                r.copy_id.as_ref(),
+                Some(id),
+                "{context}: replica {} was copied again instead of adopted",
+                r.index
+            );
+        }
+    }
+    let starts = proxy.copy_starts();
+    assert!(
+        starts.values().all(|n| *n == 1),
+        "{context}: a replica's copy was started twice: {starts:?}"
+    );
+}
+
+/// Waits until the job is running in `phase`.
+async fn wait_for_phase(
+    control: &vhd_replicator::app::Control,
+    id: &str,
+    phase: Phase,
+    daemon: &Daemon,
+) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some((d, _)) = control.state.load(id).await.unwrap() {
+            // In the phase, with one of its copies under way and on record.
+            let copying = d
+                .replicas
+                .iter()
+                .any(|r| r.state == ReplicaState::Copying && r.copy_id.is_some());
+            if d.state == JobState::Running && d.phase == Some(phase) && copying {
+                return;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "job {id} never reached {phase:?}:\n{}",
+            daemon.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// One crash trial: a job under way behind a proxy that holds copies pending for
+/// longer than the claim's lease, the daemon killed with SIGKILL `offset` after
+/// the job entered `phase`, a new daemon started. The kill must land in that
+/// phase; the resumed job meets its copies still pending, polls them instead of
+/// starting them again, and completes with exactly the planned replicas and
+/// hand-offs that agree.
+async fn crash_trial(phase: Phase, offset: Duration, seed: u64) {
     let env = TestEnv::new(FAST);
     let direct = env.control().await;
     let proxy = Proxy::start(ProxyConfig {
         seed,
-        hold_copies: Some(Duration::from_millis(1500)),
+        // Longer than the 10 s lease: the resumed daemon finds them pending.
+        hold_copies: Some(Duration::from_secs(14)),
         ..ProxyConfig::transparent(BLOB)
     })
     .await
@@ -111,23 +188,33 @@ async fn crash_trial(kill_after: Duration, seed: u64) {
         .unwrap();
 
     let first = Daemon::start(&config, env.dir.path().join("first.log"), &[]);
-    tokio::time::sleep(kill_after).await;
-    let phase_at_kill = direct
-        .state
-        .load(&id)
-        .await
-        .unwrap()
-        .map(|(d, _)| format!("{:?}/{:?}", d.state, d.phase));
+    wait_for_phase(&direct, &id, phase, &first).await;
+    tokio::time::sleep(offset).await;
+    let before = started_copies(&direct, &id).await;
+    let (at_kill, _) = direct.state.load(&id).await.unwrap().unwrap();
     first.kill9();
+    let context = format!("killed {offset:?} into {phase:?}");
+    assert_eq!(
+        (at_kill.state, at_kill.phase),
+        (JobState::Running, Some(phase)),
+        "{context}: the kill landed elsewhere"
+    );
+    assert!(!before.is_empty(), "{context}: copies were under way");
+    let pending_before = ProxyStats::get(&proxy.stats.pending_answers);
     let second = Daemon::start(&config, env.dir.path().join("second.log"), &[]);
-    let doc = wait_for_end(&direct, &id, Duration::from_secs(90)).await;
+    let doc = wait_for_end(&direct, &id, Duration::from_secs(120)).await;
     assert_eq!(
         doc.state,
         JobState::Completed,
-        "killed at {kill_after:?} ({phase_at_kill:?}): {:?}\n{}",
+        "{context}: {:?}\n{}",
         doc.error,
         second.log()
     );
+    assert!(
+        ProxyStats::get(&proxy.stats.pending_answers) > pending_before,
+        "{context}: the resumed daemon met copies still pending"
+    );
+    assert_adopted(&before, &doc, &proxy, &context);
     assert_eq!(doc.replicas.len(), 5);
     assert!(doc
         .replicas
@@ -149,10 +236,7 @@ async fn crash_trial(kill_after: Duration, seed: u64) {
             assert!(found.insert(format!("{account}/{name}")));
         }
     }
-    assert_eq!(
-        found, planned,
-        "killed at {kill_after:?} ({phase_at_kill:?}): extra or missing blobs"
-    );
+    assert_eq!(found, planned, "{context}: extra or missing blobs");
     let handoffs = drain(direct.handoff.as_ref()).await;
     assert!(!handoffs.is_empty(), "at least one hand-off");
     let first_handoff: serde_json::Value = serde_json::from_str(&handoffs[0]).unwrap();
@@ -165,31 +249,34 @@ async fn crash_trial(kill_after: Duration, seed: u64) {
     drop(second);
 }
 
-/// SIGKILL at 10 seeded random moments across the job's phases; each time a
-/// restarted daemon completes the job with exactly the planned replicas, no extra
-/// blobs, and hand-off messages that agree.
+/// SIGKILL while seeding and while copying, at seeded offsets into each phase:
+/// every kill lands in its phase, and each time a restarted daemon adopts the
+/// pending copies (one Start Copy per replica, copy ids kept) and completes the
+/// job with exactly the planned replicas, no extra blobs, and agreeing hand-offs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn sigkill_at_random_moments_then_resume() {
-    let mut rng = StdRng::seed_from_u64(20261129);
-    let moments: Vec<Duration> = (0..10)
-        .map(|_| Duration::from_millis(rng.random_range(300..6000)))
+async fn sigkill_in_each_phase_then_resume() {
+    let mut rng = StdRng::seed_from_u64(20261201);
+    let trials: Vec<(Phase, Duration)> = [Phase::Seeding, Phase::Seeding, Phase::Seeding, Phase::Copying, Phase::Copying, Phase::Copying]
+        .into_iter()
+        .map(|p| (p, Duration::from_millis(rng.random_range(0..1500))))
         .collect();
-    let trials = moments
+    let runs = trials
         .iter()
         .enumerate()
-        .map(|(i, m)| crash_trial(*m, 100 + i as u64));
-    futures::future::join_all(trials).await;
+        .map(|(i, (phase, offset))| crash_trial(*phase, *offset, 100 + i as u64));
+    futures::future::join_all(runs).await;
 }
 
 /// SIGTERM: the daemon stops taking work, checkpoints, makes its message visible
 /// again at once and exits well within the grace period; another instance then
-/// resumes the job without waiting for the lease to lapse.
+/// resumes the job without waiting for the lease to lapse, meets the copies still
+/// pending and adopts them (one Start Copy per replica, copy ids kept).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_and_hands_the_job_over_promptly() {
     let env = TestEnv::new("[engine]\nmin_poll_ms = 100\nidle_poll_ms = 100\nlease_seconds = 60\ncheckpoint_seconds = 1\n[service]\nshutdown_grace_seconds = 5\n");
     let direct = env.control().await;
     let proxy = Proxy::start(ProxyConfig {
-        hold_copies: Some(Duration::from_secs(4)),
+        hold_copies: Some(Duration::from_secs(10)),
         ..ProxyConfig::transparent(BLOB)
     })
     .await
@@ -219,6 +306,7 @@ async fn sigterm_drains_and_hands_the_job_over_promptly() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let before = started_copies(&direct, &id).await;
     first.signal("-TERM");
     let took = first
         .wait_exit(Duration::from_secs(8))
@@ -228,8 +316,9 @@ async fn sigterm_drains_and_hands_the_job_over_promptly() {
     assert_eq!(d.state, JobState::Running, "left resumable");
     assert!(d.owner.is_none(), "the claim was released");
     let released = tokio::time::Instant::now();
+    let pending_before = ProxyStats::get(&proxy.stats.pending_answers);
     let second = Daemon::start(&config, env.dir.path().join("second.log"), &[]);
-    let doc = wait_for_end(&direct, &id, Duration::from_secs(40)).await;
+    let doc = wait_for_end(&direct, &id, Duration::from_secs(60)).await;
     assert_eq!(
         doc.state,
         JobState::Completed,
@@ -242,18 +331,26 @@ async fn sigterm_drains_and_hands_the_job_over_promptly() {
         "resumed without waiting out the 60 s lease ({:?})",
         released.elapsed()
     );
+    assert!(
+        ProxyStats::get(&proxy.stats.pending_answers) > pending_before,
+        "the second daemon met copies still pending"
+    );
+    assert_adopted(&before, &doc, &proxy, "after SIGTERM");
     let log = first.log();
     assert!(log.contains("stopping"), "{log}");
 }
 
-/// Two daemons share the queue and the state: several jobs complete with every
-/// replica copied once; killing one mid-job leaves its work to the other.
+/// Two daemons share the queue and the state, each running jobs when one is
+/// killed: the other resumes the dead one's jobs after the lease, meets their
+/// copies still pending and adopts them; every job completes with every replica
+/// copied exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_instances_split_the_work_and_survive_one_dying() {
     let env = TestEnv::new(FAST);
     let direct = env.control().await;
     let proxy = Proxy::start(ProxyConfig {
-        hold_copies: Some(Duration::from_secs(2)),
+        // Longer than the 10 s lease.
+        hold_copies: Some(Duration::from_secs(14)),
         ..ProxyConfig::transparent(BLOB)
     })
     .await
@@ -264,17 +361,50 @@ async fn two_instances_split_the_work_and_survive_one_dying() {
         let source = env.source_url(&format!("two-{i}.vhd"));
         upload_sample(&direct, &source, 2, 1, 30 + i).await;
         let id = format!("two-{i}-{}", env.id);
-        direct
-            .intake
-            .send(&env.job_json(&id, &source.replace(BLOB, &proxy.url()), "windows", 60))
-            .await
-            .unwrap();
+        // A pool each: jobs of one pool take turns (its lock), these run at once.
+        let mut job: serde_json::Value = serde_json::from_str(&env.job_json(
+            &id,
+            &source.replace(BLOB, &proxy.url()),
+            "windows",
+            60,
+        ))
+        .unwrap();
+        job["pool"]["id"] = format!("pool-{i}-{}", env.id).into();
+        direct.intake.send(&job.to_string()).await.unwrap();
         ids.push(id);
     }
-    let a = Daemon::start(&config, env.dir.path().join("a.log"), &[]);
-    let b = Daemon::start(&config, env.dir.path().join("b.log"), &[]);
-    // Let both take work, then kill one mid-job.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // Each instance takes at most two of the four jobs, so both own work.
+    let two = [("VHDREP__ENGINE__MAX_PARALLEL_JOBS", "2")];
+    let a = Daemon::start(&config, env.dir.path().join("a.log"), &two);
+    let b = Daemon::start(&config, env.dir.path().join("b.log"), &two);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let owners = loop {
+        let mut owners = std::collections::BTreeMap::new();
+        for id in &ids {
+            if let Some((d, _)) = direct.state.load(id).await.unwrap() {
+                if let Some(o) = d.owner.filter(|_| d.replicas.iter().any(|r| r.copy_id.is_some())) {
+                    owners.insert(id.clone(), o.instance);
+                }
+            }
+        }
+        if owners.len() == ids.len() {
+            break owners;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "both instances did not start copies: {owners:?}\n{}\n{}",
+            a.log(),
+            b.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let instances: BTreeSet<&String> = owners.values().collect();
+    assert_eq!(instances.len(), 2, "both instances own jobs: {owners:?}");
+    let mut before = std::collections::BTreeMap::new();
+    for id in &ids {
+        before.insert(id.clone(), started_copies(&direct, id).await);
+    }
+    let pending_before = ProxyStats::get(&proxy.stats.pending_answers);
     a.kill9();
     for id in &ids {
         let doc = wait_for_end(&direct, id, Duration::from_secs(90)).await;
@@ -286,6 +416,7 @@ async fn two_instances_split_the_work_and_survive_one_dying() {
             b.log()
         );
         assert_eq!(doc.replicas.len(), 3);
+        assert_adopted(&before[id], &doc, &proxy, id);
         let mut names = BTreeSet::new();
         for r in &doc.replicas {
             assert!(names.insert(r.blob.clone()));
@@ -313,6 +444,10 @@ async fn two_instances_split_the_work_and_survive_one_dying() {
         }
     }
     assert_eq!(found, expected);
+    assert!(
+        ProxyStats::get(&proxy.stats.pending_answers) > pending_before,
+        "copies were still pending after the kill"
+    );
     // No double copying: exactly one Start Copy reached storage per replica.
     let starts = proxy.copy_starts();
     assert_eq!(starts.len(), expected.len(), "{starts:?}");
