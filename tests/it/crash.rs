@@ -256,10 +256,17 @@ async fn crash_trial(phase: Phase, offset: Duration, seed: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigkill_in_each_phase_then_resume() {
     let mut rng = StdRng::seed_from_u64(20261201);
-    let trials: Vec<(Phase, Duration)> = [Phase::Seeding, Phase::Seeding, Phase::Seeding, Phase::Copying, Phase::Copying, Phase::Copying]
-        .into_iter()
-        .map(|p| (p, Duration::from_millis(rng.random_range(0..1500))))
-        .collect();
+    let trials: Vec<(Phase, Duration)> = [
+        Phase::Seeding,
+        Phase::Seeding,
+        Phase::Seeding,
+        Phase::Copying,
+        Phase::Copying,
+        Phase::Copying,
+    ]
+    .into_iter()
+    .map(|p| (p, Duration::from_millis(rng.random_range(0..1500))))
+    .collect();
     let runs = trials
         .iter()
         .enumerate()
@@ -382,7 +389,10 @@ async fn two_instances_split_the_work_and_survive_one_dying() {
         let mut owners = std::collections::BTreeMap::new();
         for id in &ids {
             if let Some((d, _)) = direct.state.load(id).await.unwrap() {
-                if let Some(o) = d.owner.filter(|_| d.replicas.iter().any(|r| r.copy_id.is_some())) {
+                if let Some(o) = d
+                    .owner
+                    .filter(|_| d.replicas.iter().any(|r| r.copy_id.is_some()))
+                {
                     owners.insert(id.clone(), o.instance);
                 }
             }
@@ -468,63 +478,143 @@ async fn two_instances_split_the_work_and_survive_one_dying() {
     assert_eq!(handed, ids.iter().cloned().collect::<BTreeSet<_>>());
 }
 
-/// A job run with logs at trace level leaves no account key and no SAS signature
-/// in the logs, the state documents, the hand-off or the metrics.
+/// Every way a secret could be written: as is, percent-encoded with upper- and
+/// lower-case hex (as URLs and query strings carry it), and percent-encoded once
+/// more (a URL that already carried it, encoded again for a log or a label).
+fn encodings(secret: &str) -> Vec<String> {
+    let once = percent_encodings(secret);
+    let mut all = once.clone();
+    for e in &once {
+        all.extend(percent_encodings(e));
+    }
+    all.sort();
+    all.dedup();
+    all
+}
+
+fn percent_encodings(secret: &str) -> Vec<String> {
+    let upper: String = url::form_urlencoded::byte_serialize(secret.as_bytes()).collect();
+    let lower = {
+        let mut out = String::new();
+        let mut chars = upper.chars().peekable();
+        while let Some(c) = chars.next() {
+            out.push(c);
+            if c == '%' {
+                for _ in 0..2 {
+                    if let Some(h) = chars.next() {
+                        out.push(h.to_ascii_lowercase());
+                    }
+                }
+            }
+        }
+        out
+    };
+    let mut all = vec![secret.to_owned(), upper, lower];
+    all.dedup();
+    all
+}
+
+/// A job with cross-account copies, run with logs at trace level: the SAS
+/// signatures the daemon actually sent (read at the proxy) and the account keys
+/// appear, in no encoding, in anything the daemon writes: its log, the job's
+/// document, the pool's record, the hand-off message and file, and the
+/// daemon's own `/metrics`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_secret_in_anything_the_daemon_writes() {
     let env = TestEnv::new(FAST);
     let direct = env.control().await;
-    let config = env.config_file();
+    let proxy = Proxy::start(ProxyConfig::transparent(BLOB)).await.unwrap();
+    let config = env.proxied_config_file(&proxy.url());
     let source = env.source_url("secret.vhd");
     upload_sample(&direct, &source, 2, 1, 40).await;
     let id = format!("secret-{}", env.id);
     direct
-        .submit(parse_job_json(&env.job_json(&id, &source, "windows", 60)).unwrap())
+        .intake
+        .send(&env.job_json(&id, &source.replace(BLOB, &proxy.url()), "windows", 60))
         .await
         .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
     let daemon = Daemon::start(
         &config,
         env.dir.path().join("trace.log"),
-        &[("RUST_LOG", "trace")],
+        &[("RUST_LOG", "trace"), ("VHDREP__SERVICE__LISTEN", &listen)],
     );
     let doc = wait_for_end(&direct, &id, Duration::from_secs(60)).await;
     assert_eq!(doc.state, JobState::Completed, "{:?}", doc.error);
+    let metrics = reqwest::get(format!("http://{listen}/metrics"))
+        .await
+        .expect("the daemon serves /metrics")
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("vhdrep_copy_bytes_total"), "{metrics}");
+    // The secrets to look for: every signature the daemon sent, every key.
+    let signatures: BTreeSet<String> = proxy
+        .copy_sources()
+        .iter()
+        .filter_map(|(_, source)| url::Url::parse(source).ok())
+        .filter_map(|u| {
+            u.query_pairs()
+                .find(|(k, _)| k == "sig")
+                .map(|(_, v)| v.into_owned())
+        })
+        .collect();
+    assert!(
+        !signatures.is_empty(),
+        "the cross-account seeds carried signed SAS"
+    );
+    let mut secrets: Vec<(String, String)> = Vec::new();
+    for sig in &signatures {
+        secrets.extend(
+            encodings(sig)
+                .into_iter()
+                .map(|e| ("a SAS signature".to_owned(), e)),
+        );
+    }
+    for (name, key) in keys().iter().filter(|(k, _)| k.starts_with("VHDREP_KEY_")) {
+        secrets.extend(encodings(key).into_iter().map(|e| (name.clone(), e)));
+    }
     let log = daemon.log();
     assert!(
         log.len() > 10_000,
         "trace logging was on ({} bytes)",
         log.len()
     );
-    assert!(
-        log.contains("x-ms-copy-source") || log.contains("start_copy") || log.contains("Copy"),
-        "the copies were logged"
-    );
-    let (state_doc, _) = direct
-        .store
-        .read(
-            &vhd_replicator::storage::BlobPath::new(
+    let read = |name: String| {
+        let direct = &direct;
+        async move {
+            let blob = vhd_replicator::storage::BlobPath::new(
                 "ops",
                 &direct.settings.control.state_container,
-                &format!("jobs/{id}.json"),
-            ),
-            None,
-        )
-        .await
-        .unwrap();
-    let handoff = drain(direct.handoff.as_ref()).await.join("\n");
-    let everything = [
-        log,
-        String::from_utf8_lossy(&state_doc).into_owned(),
-        handoff,
-        direct.metrics.render(),
-    ];
-    for (what, text) in ["log", "state document", "hand-off", "metrics"]
-        .iter()
-        .zip(&everything)
-    {
-        assert!(!text.contains("sig="), "{what} contains a SAS signature");
-        for (name, key) in keys().iter().filter(|(k, _)| k.starts_with("VHDREP_KEY_")) {
-            assert!(!text.contains(key.as_str()), "{what} contains {name}");
+                &name,
+            );
+            String::from_utf8_lossy(&direct.store.read(&blob, None).await.unwrap().0).into_owned()
+        }
+    };
+    let job_doc = read(format!("jobs/{id}.json")).await;
+    let pool_doc = read(format!("pools/pool-{}.json", env.id)).await;
+    let handoff_queue = drain(direct.handoff.as_ref()).await.join("\n");
+    assert!(handoff_queue.contains(&id), "the hand-off message was read");
+    let handoff_file =
+        std::fs::read_to_string(env.dir.path().join("handoff").join(format!("{id}.json"))).unwrap();
+    for (what, text) in [
+        ("log", &log),
+        ("job document", &job_doc),
+        ("pool record", &pool_doc),
+        ("hand-off message", &handoff_queue),
+        ("hand-off file", &handoff_file),
+        ("/metrics", &metrics),
+    ] {
+        for (name, secret) in &secrets {
+            assert!(
+                !text.contains(secret.as_str()),
+                "the {what} contains {name} ({secret})"
+            );
         }
     }
 }
