@@ -92,6 +92,8 @@ pub struct Report {
     pub error: Option<String>,
     /// The daemon's metrics at the end, in the text exposition.
     pub metrics: String,
+    /// Snapshots of the source left at the end, with their metadata.
+    pub source_snapshots: Vec<(String, crate::storage::Metadata)>,
 }
 
 impl Report {
@@ -224,7 +226,22 @@ pub async fn run(scenario: &Scenario) -> Report {
                 .map(|n| BlobPath::new(&account, crate::job::DEFAULT_CONTAINER, &n)),
         );
     }
+    let source_snapshots = loop {
+        match store
+            .list_detailed(&source.account, &source.container, &source.name, true)
+            .await
+        {
+            Ok(listed) => {
+                break listed
+                    .into_iter()
+                    .filter_map(|b| Some((b.snapshot?, b.metadata)))
+                    .collect()
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    };
     Report {
+        source_snapshots,
         outcome,
         makespan,
         replicas: doc.replicas,

@@ -203,7 +203,7 @@ async fn prometheus_scrapes_progress_and_bytes_and_promtool_agrees() {
 async fn the_status_page_shows_the_running_job_in_chromium() {
     let env = TestEnv::new("[engine]\ncheckpoint_seconds = 1\n");
     let (app, _proxy, id) = running_job(&env, Duration::from_secs(8), 81).await;
-    // Wait until copies are under way.
+    // Wait until a copy has made progress (a partly filled bar).
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while !app
         .control
@@ -211,9 +211,13 @@ async fn the_status_page_shows_the_running_job_in_chromium() {
         .load(&id)
         .await
         .unwrap()
-        .is_some_and(|(d, _)| d.replicas.iter().any(|r| r.copy_id.is_some()))
+        .is_some_and(|(d, _)| {
+            d.replicas
+                .iter()
+                .any(|r| r.bytes_copied * 4 > r.bytes_total)
+        })
     {
-        assert!(tokio::time::Instant::now() < deadline, "no copy started");
+        assert!(tokio::time::Instant::now() < deadline, "no copy progressed");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let profile = env.dir.path().join("chromium");
@@ -272,18 +276,70 @@ async fn the_status_page_shows_the_running_job_in_chromium() {
         !dom.contains("<script src") && !dom.contains("<link"),
         "no external assets"
     );
-    assert!(
-        shot.0
-            && std::fs::metadata(&shot.1)
-                .map(|m| m.len() > 1000)
-                .unwrap_or(false),
-        "a screenshot was taken"
-    );
+    assert!(shot.0, "a screenshot was taken");
     if let Ok(dir) = std::env::var("VHDREP_SCREENSHOT_DIR") {
         std::fs::copy(&shot.1, std::path::Path::new(&dir).join("status-page.png")).unwrap();
     }
+    let pixels = Pixels::read(&shot.1);
+    eprintln!("screenshot: {pixels:?}");
+    assert_eq!((pixels.width, pixels.height), (1200, 800));
+    // Not a blank page: dark text (the heading, the job, the accounts) and the
+    // filled part of progress bars (Chromium draws it in its blue accent).
+    assert!(pixels.dark > 2_000, "text on the page: {pixels:?}");
+    assert!(pixels.blue > 200, "filled progress bars: {pixels:?}");
+    assert!(
+        pixels.light * 2 > pixels.width * pixels.height,
+        "a light page: {pixels:?}"
+    );
     wait_for_end(&app.control, &id, Duration::from_secs(60)).await;
     app.shutdown().await;
+}
+
+/// What a screenshot holds, by kind of pixel.
+#[derive(Debug)]
+struct Pixels {
+    width: usize,
+    height: usize,
+    /// Near black (text).
+    dark: usize,
+    /// Strongly blue (a progress bar's fill).
+    blue: usize,
+    /// Near white (background).
+    light: usize,
+}
+
+impl Pixels {
+    fn read(path: &std::path::Path) -> Self {
+        let decoder = png::Decoder::new(std::io::BufReader::new(
+            std::fs::File::open(path).expect("the screenshot exists"),
+        ));
+        let mut reader = decoder.read_info().expect("a PNG");
+        let mut buf = vec![0; reader.output_buffer_size().expect("a size")];
+        let info = reader.next_frame(&mut buf).expect("a frame");
+        let channels = info.color_type.samples();
+        let mut p = Pixels {
+            width: info.width as usize,
+            height: info.height as usize,
+            dark: 0,
+            blue: 0,
+            light: 0,
+        };
+        for px in buf[..info.buffer_size()].chunks(channels) {
+            let (r, g, b) = if channels >= 3 {
+                (px[0], px[1], px[2])
+            } else {
+                (px[0], px[0], px[0])
+            };
+            if r < 90 && g < 90 && b < 90 {
+                p.dark += 1;
+            } else if b > 170 && r < 110 && g < 170 {
+                p.blue += 1;
+            } else if r > 230 && g > 230 && b > 230 {
+                p.light += 1;
+            }
+        }
+        p
+    }
 }
 
 /// The sum of every series of `name` in an exposition, and how many there are.

@@ -9,8 +9,11 @@ use vhd_replicator::{
     state::{JobState, ReplicaState},
 };
 
-/// Copies held pending are polled until they succeed, on a schedule that follows
-/// their progress, and the job completes with verified replicas.
+/// Copies held pending (with advancing progress) are polled until they succeed,
+/// within loose bounds on the number of polls, and the job completes with
+/// verified replicas. The schedule's timing against progress is tested on
+/// virtual time (`tests/sim.rs`, `polls_follow_the_copy_progress`), where it can
+/// be measured exactly.
 #[tokio::test]
 async fn pending_copies_are_polled_until_they_succeed() {
     let env = TestEnv::new("");
