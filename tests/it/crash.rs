@@ -10,7 +10,6 @@ use std::{
     time::Duration,
 };
 use vhd_replicator::{
-    job::parse_job_json,
     proxy::{Proxy, ProxyConfig, ProxyStats},
     state::{JobState, Phase, ReplicaState},
 };
