@@ -22,8 +22,9 @@
 //! - [`api`]: HTTP routes, status page, metrics, health.
 //! - [`metrics`]: every metric in one place.
 //! - [`vhd`]: the fixed-VHD footer.
-//! - [`proxy`]: an Azure behaviour proxy in front of Azurite, for tests.
-//! - [`simulation`]: whole-daemon runs on the simulated store, on virtual time.
+//! - `proxy` (feature `testkit`): an Azure behaviour proxy in front of Azurite, for tests.
+//! - `simulation` (feature `testkit`): whole-daemon runs on the simulated store, on
+//!   virtual time.
 //! - [`app`]: wiring shared by the CLI and the daemon; [`cli`]: the command line.
 
 #![warn(missing_docs, unreachable_pub)]
@@ -39,8 +40,10 @@ pub mod intake;
 pub mod job;
 pub mod metrics;
 pub mod plan;
+#[cfg(feature = "testkit")]
 pub mod proxy;
 pub mod queue;
+#[cfg(feature = "testkit")]
 pub mod simulation;
 pub mod state;
 pub mod storage;

@@ -12,6 +12,7 @@ pub mod auth;
 pub mod azure;
 pub mod instrumented;
 pub mod retry;
+#[cfg(any(test, feature = "testkit"))]
 pub mod sim;
 
 use async_trait::async_trait;
