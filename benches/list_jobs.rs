@@ -7,8 +7,8 @@
 
 use std::{sync::Arc, time::Instant};
 use vhd_replicator::{
-    app::Control,
     config::{SecretSource, Settings},
+    control::Control,
     job::{parse_job_json, JobId},
     metrics::Metrics,
     queue::MemoryQueue,

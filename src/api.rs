@@ -1,7 +1,7 @@
 //! The HTTP API: job routes (which only enqueue or read state), the status page,
 //! Prometheus metrics, liveness and readiness.
 
-use crate::app::{Control, SubmitError};
+use crate::control::{Control, SubmitError};
 use crate::engine::LiveJobs;
 use crate::job::parse_job_json;
 use crate::state::{JobDocument, JobListing, JobState, JobSummary, StateError};

@@ -2,11 +2,11 @@
 //! was cancelled (or an operation failed), 2 usage or configuration error.
 
 use crate::api::job_view;
-use crate::app::{run_daemon, Control};
 use crate::config::{ConfigError, ProcessSecrets, Settings, ValidatedSettings, DEFAULT_CONFIG};
 use crate::job::{parse_job_json, JobSpec, Os, PoolSpec};
 use crate::metrics::Metrics;
 use crate::state::{JobDocument, JobState};
+use crate::{control::Control, daemon::run_daemon};
 use clap::{Args, Parser, Subcommand};
 use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 use tokio_util::sync::CancellationToken;
@@ -331,7 +331,7 @@ async fn dispatch(command: Command) -> ExitCode {
                         ExitCode::SUCCESS
                     }
                 }
-                Err(crate::app::SubmitError::Invalid(e)) => usage_error(e),
+                Err(crate::control::SubmitError::Invalid(e)) => usage_error(e),
                 Err(e) => failed(e),
             }
         }
@@ -437,7 +437,7 @@ async fn dispatch(command: Command) -> ExitCode {
             }
             let submitted = match control.submit(spec).await {
                 Ok(s) => s,
-                Err(crate::app::SubmitError::Invalid(e)) => return usage_error(e),
+                Err(crate::control::SubmitError::Invalid(e)) => return usage_error(e),
                 Err(e) => return failed(e),
             };
             println!("{}", submitted.job_id);

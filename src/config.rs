@@ -181,7 +181,7 @@ pub struct EngineSettings {
     pub sas_hours: u32,
     /// `fanout` (seed each account once, grow inside it) or `naive` (every replica
     /// from the source snapshot).
-    pub strategy: crate::engine::schedule::Strategy,
+    pub strategy: Strategy,
     /// Copies reading one source blob at once (fanout): every extra reader slows
     /// all readers of a blob.
     pub max_reads_per_source: u32,
@@ -205,13 +205,24 @@ impl Default for EngineSettings {
             min_poll_ms: 250,
             max_poll_ms: 300_000,
             sas_hours: 48,
-            strategy: crate::engine::schedule::Strategy::Fanout,
+            strategy: Strategy::Fanout,
             max_reads_per_source: 1,
             checkpoint_seconds: 10,
             connect_timeout_seconds: 10,
             request_timeout_seconds: 30,
         }
     }
+}
+
+/// How replicas are sourced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Strategy {
+    /// Seed each account once, then grow inside it.
+    #[default]
+    Fanout,
+    /// Every replica from the snapshot.
+    Naive,
 }
 
 /// `[gc]`: garbage collection of orphaned replicas and snapshots.
@@ -299,48 +310,7 @@ fn default_copies() -> u32 {
     16
 }
 
-/// How an account authenticates, resolved.
-#[derive(Clone)]
-pub enum AccountCredential {
-    /// Shared Key from the account key.
-    SharedKey(SharedKey),
-    /// Entra ID token credential.
-    Entra(Arc<dyn TokenCredential>),
-}
-
-impl fmt::Debug for AccountCredential {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            AccountCredential::SharedKey(k) => write!(f, "SharedKey({})", k.account()),
-            AccountCredential::Entra(_) => write!(f, "Entra"),
-        }
-    }
-}
-
-/// One account, validated and ready to build clients for.
-#[derive(Debug, Clone)]
-pub struct AccountConfig {
-    /// Account name.
-    pub name: String,
-    /// Blob endpoint without a trailing `/`.
-    pub blob_endpoint: Url,
-    /// Queue endpoint without a trailing `/`.
-    pub queue_endpoint: Url,
-    /// Credential.
-    pub credential: AccountCredential,
-    /// May receive replicas.
-    pub destination: bool,
-    /// Request rate cap.
-    pub max_requests_per_second: u32,
-    /// Concurrent copies cap.
-    pub max_concurrent_copies: u32,
-    /// Service version override.
-    pub api_version: Option<String>,
-    /// Extra CA certificates (PEM) to trust.
-    pub ca_pem: Option<Vec<u8>>,
-    /// Most replicas this account may hold.
-    pub max_replicas: Option<u32>,
-}
+pub use crate::storage::account::{AccountConfig, AccountCredential};
 
 /// Settings that passed validation.
 #[derive(Debug, Clone)]

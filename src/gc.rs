@@ -4,7 +4,7 @@
 //! than a minimum age. Blobs without this deployment's owner tag are never
 //! touched.
 
-use crate::app::Control;
+use crate::control::Control;
 use crate::plan::{owner_tag, META_JOB, META_OWNER};
 use crate::state::JobState;
 use crate::storage::BlobPath;

@@ -9,6 +9,7 @@
 
 use crate::job::{Caching, JobId, Os, ValidatedJob};
 use crate::queue::MessageQueue;
+pub use crate::storage::BlobReference;
 use crate::storage::{auth::redact_sas, StorageError, TransportFailure};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -116,19 +117,6 @@ pub struct HandOffReference {
     pub image_count: usize,
     /// Where the whole hand-off document is.
     pub handoff_ref: BlobReference,
-}
-
-/// A blob the consumer reads.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BlobReference {
-    /// Its URL (no SAS).
-    pub uri: String,
-    /// The configured account name.
-    pub account: String,
-    /// Container.
-    pub container: String,
-    /// Blob name.
-    pub blob: String,
 }
 
 /// How queue message text is encoded.

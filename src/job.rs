@@ -467,7 +467,7 @@ impl JobSpec {
             .iter()
             .map(|a| (a.clone(), settings.account(a).and_then(|c| c.max_replicas)))
             .collect();
-        crate::plan::place_more(replicas, &accounts, &Default::default(), &capacity)
+        crate::placement::place_more(replicas, &accounts, &Default::default(), &capacity)
             .map_err(|e| JobError::new("replicas", e.to_string()))?;
         let container = self
             .container

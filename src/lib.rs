@@ -11,7 +11,8 @@
 //!
 //! - [`config`]: settings from TOML and `VHDREP__SECTION__KEY`, validated with the key named.
 //! - [`job`]: the submitted job, its parsing and validation.
-//! - [`plan`]: replicas, placement, names, metadata (pure).
+//! - [`placement`]: which account each replica goes to, within capacity (pure).
+//! - [`plan`]: replicas, names, metadata (pure).
 //! - [`engine`]: runs a job: snapshot, copies under limits, polling, verification, hand-off.
 //! - [`storage`]: the `BlobStore` trait; Azure, in-memory and instrumented stores; auth.
 //! - [`queue`]: the `MessageQueue` trait; Azure and in-memory queues.
@@ -25,20 +26,24 @@
 //! - `proxy` (feature `testkit`): an Azure behaviour proxy in front of Azurite, for tests.
 //! - `simulation` (feature `testkit`): whole-daemon runs on the simulated store, on
 //!   virtual time.
-//! - [`app`]: wiring shared by the CLI and the daemon; [`cli`]: the command line.
+//! - [`control`]: the control plane the CLI and the API share (clients, submit,
+//!   retire, cancel); [`daemon`]: API, worker and housekeeping until shutdown;
+//!   [`cli`]: the command line.
 
 #![warn(missing_docs, unreachable_pub)]
 
 pub mod api;
-pub mod app;
 pub mod cli;
 pub mod config;
+pub mod control;
+pub mod daemon;
 pub mod engine;
 pub mod gc;
 pub mod handoff;
 pub mod intake;
 pub mod job;
 pub mod metrics;
+pub mod placement;
 pub mod plan;
 #[cfg(feature = "testkit")]
 pub mod proxy;

@@ -6,6 +6,9 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
+/// Every value of `vhdrep_storage_retries_total`'s `reason` label.
+pub const RETRY_REASONS: [&str; 3] = ["throttled", "timeout", "transient"];
+
 /// The daemon's metrics and the registry that exports them.
 #[derive(Clone)]
 pub struct Metrics {
@@ -190,7 +193,7 @@ impl Metrics {
             self.storage_throttled
                 .with_label_values(&[account])
                 .inc_by(0);
-            for reason in crate::storage::instrumented::RETRY_REASONS {
+            for reason in RETRY_REASONS {
                 self.storage_retries
                     .with_label_values(&[account, reason])
                     .inc_by(0);

@@ -3,8 +3,8 @@
 //! production, only the storage is a model. Used by property tests and benchmarks;
 //! call [`run`] inside a tokio runtime whose clock is paused.
 
-use crate::app::Control;
 use crate::config::{SecretSource, Settings};
+use crate::control::Control;
 use crate::engine::{schedule::Strategy, Outcome};
 use crate::job::parse_job_json;
 use crate::metrics::Metrics;

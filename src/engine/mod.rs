@@ -4,7 +4,7 @@
 //! set off. Progress is checkpointed to the job document, and every step can be
 //! resumed from the document plus what storage says.
 
-pub mod limits;
+pub use crate::storage::limits;
 pub mod poll;
 pub mod schedule;
 

@@ -9,16 +9,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
-/// How replicas are sourced.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Strategy {
-    /// Seed each account once, then grow inside it.
-    #[default]
-    Fanout,
-    /// Every replica from the snapshot.
-    Naive,
-}
+pub use crate::config::Strategy;
 
 /// A blob copies can be read from.
 #[derive(Debug, Clone, PartialEq, Eq)]

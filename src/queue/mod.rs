@@ -6,7 +6,7 @@
 //! [`InstrumentedQueue`] wraps either in the outbound call path every storage call
 //! takes (rate limit, timeout, retries, metrics).
 
-use crate::config::{AccountConfig, AccountCredential};
+use crate::storage::account::{AccountConfig, AccountCredential};
 use crate::storage::{
     azure::map_error, instrumented::Outbound, retry::Idempotency, ErrorClass, StorageError,
     StorageResult,

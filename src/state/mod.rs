@@ -843,7 +843,7 @@ impl StateStore {
         &self,
         job_id: &str,
         json: &str,
-    ) -> Result<crate::handoff::BlobReference, StateError> {
+    ) -> Result<crate::storage::BlobReference, StateError> {
         let path = BlobPath::new(
             &self.account,
             &self.container,
@@ -857,7 +857,7 @@ impl StateStore {
                 Condition::Always,
             )
             .await?;
-        Ok(crate::handoff::BlobReference {
+        Ok(crate::storage::BlobReference {
             uri: self.store.blob_url(&path)?.to_string(),
             account: path.account,
             container: path.container,

@@ -10,7 +10,7 @@ use super::{
     AccountInfo, BlobKind, BlobPath, BlobProperties, BlobStore, Condition, CopyInfo, CopyStarted,
     CopyState, ErrorClass, Metadata, StorageError, StorageResult, TransportFailure,
 };
-use crate::config::{AccountConfig, AccountCredential};
+use crate::storage::account::{AccountConfig, AccountCredential};
 use async_trait::async_trait;
 use azure_core::{
     credentials::TokenCredential,

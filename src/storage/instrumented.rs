@@ -5,12 +5,12 @@
 //! [`RetryPolicy`]. [`Outbound`] is that call path; the queue wrapper in
 //! [`crate::queue`] uses it too.
 
+use super::limits::AccountLimits;
 use super::{
     retry::{Idempotency, RetryPolicy},
     AccountInfo, BlobPath, BlobProperties, BlobStore, Condition, CopyStarted, ErrorClass, Metadata,
     StorageError, StorageResult, TransportFailure,
 };
-use crate::engine::limits::AccountLimits;
 use crate::metrics::Metrics;
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -97,9 +97,6 @@ pub fn retry_reason(e: &StorageError) -> &'static str {
         _ => "transient",
     }
 }
-
-/// Every value of the `reason` label, so it can be exported at zero.
-pub const RETRY_REASONS: [&str; 3] = ["throttled", "timeout", "transient"];
 
 /// Rate-limited, timed, retried, counted storage.
 #[derive(Debug)]

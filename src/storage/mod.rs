@@ -8,9 +8,11 @@
 //! limits and faults on virtual time for property tests and benchmarks. The
 //! conformance suite in `tests/` runs the same checks against both.
 
+pub mod account;
 pub mod auth;
 pub mod azure;
 pub mod instrumented;
+pub mod limits;
 pub mod retry;
 #[cfg(any(test, feature = "testkit"))]
 pub mod sim;
@@ -441,6 +443,20 @@ pub trait BlobStore: Send + Sync + fmt::Debug {
         prefix: &str,
         snapshots: bool,
     ) -> StorageResult<Vec<ListedBlob>>;
+}
+
+/// Where a blob is, for someone reading it with their own access: its URL (no
+/// SAS) and its account, container and name.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BlobReference {
+    /// Its URL (no SAS).
+    pub uri: String,
+    /// The configured account name.
+    pub account: String,
+    /// Container.
+    pub container: String,
+    /// Blob name.
+    pub blob: String,
 }
 
 /// A blob as a detailed listing shows it.

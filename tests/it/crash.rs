@@ -87,7 +87,7 @@ impl Drop for Daemon {
 
 /// The copy id of every replica a job has started a copy for.
 async fn started_copies(
-    control: &vhd_replicator::app::Control,
+    control: &vhd_replicator::control::Control,
     id: &str,
 ) -> std::collections::BTreeMap<u32, String> {
     control
@@ -132,7 +132,7 @@ fn assert_adopted(
 
 /// Waits until the job is running in `phase`.
 async fn wait_for_phase(
-    control: &vhd_replicator::app::Control,
+    control: &vhd_replicator::control::Control,
     id: &str,
     phase: Phase,
     daemon: &Daemon,

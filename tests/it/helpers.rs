@@ -10,8 +10,9 @@ use std::{
 };
 use tokio_util::sync::CancellationToken;
 use vhd_replicator::{
-    app::{run_daemon, Control},
     config::{SecretSource, Settings, ValidatedSettings},
+    control::Control,
+    daemon::run_daemon,
     metrics::Metrics,
     state::JobDocument,
     storage::BlobPath,

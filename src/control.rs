@@ -1,10 +1,10 @@
-//! Wiring: the clients, stores and queues built from validated settings, the
-//! operations the CLI and HTTP API share (submit, cancel, status), and the daemon.
+//! The control plane: the clients, stores and queues built from validated
+//! settings, and the operations the CLI and the HTTP API share (submit, retire,
+//! cancel). The daemon on top of it is in [`crate::daemon`].
 
 use crate::config::ValidatedSettings;
 use crate::engine::{limits::AccountLimits, Engine};
 use crate::handoff::HandoffSinks;
-use crate::intake::Worker;
 use crate::job::{JobError, JobSpec};
 use crate::metrics::Metrics;
 use crate::queue::{AzureQueue, InstrumentedQueue, MessageQueue};
@@ -16,7 +16,6 @@ use crate::storage::{
     BlobStore, StorageError,
 };
 use std::sync::Arc;
-use tokio_util::sync::CancellationToken;
 
 /// The control plane: storage, queues and state of one deployment.
 #[derive(Debug, Clone)]
@@ -254,78 +253,5 @@ impl Control {
             self.limits.clone(),
             self.settings.clone(),
         )
-    }
-}
-
-/// Runs the daemon until `stop` fires: the intake worker and the HTTP API.
-pub async fn run_daemon(
-    control: Control,
-    listener: tokio::net::TcpListener,
-    stop: CancellationToken,
-) -> anyhow::Result<()> {
-    control.ensure().await?;
-    let engine = Arc::new(control.engine());
-    let addr = listener.local_addr()?;
-    tracing::info!(%addr, "HTTP API listening");
-    let api_state = crate::api::AppState::new(control.clone(), engine.live());
-    let server = {
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            axum::serve(listener, crate::api::router(api_state))
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await
-        })
-    };
-    tokio::spawn(housekeeping(control.clone(), stop.clone()));
-    let worker = Worker::new(
-        engine,
-        control.intake.clone(),
-        control.poison.clone(),
-        control.state.clone(),
-        control.metrics.clone(),
-        control.settings.clone(),
-    );
-    worker.run(stop.clone()).await;
-    stop.cancel();
-    server.await??;
-    tracing::info!("stopped");
-    Ok(())
-}
-
-/// Garbage collection every `gc.interval_minutes` (when on), and pruning of old
-/// finished job documents every hour (when `gc.job_retention_days` is set).
-async fn housekeeping(control: Control, stop: CancellationToken) {
-    let gc = &control.settings.gc;
-    if gc.interval_minutes == 0 && gc.job_retention_days == 0 {
-        return;
-    }
-    let minutes = if gc.interval_minutes > 0 {
-        gc.interval_minutes
-    } else {
-        60
-    };
-    let every = std::time::Duration::from_secs(minutes * 60);
-    let min_age = time::Duration::hours(gc.min_age_hours as i64);
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(every) => {}
-            _ = stop.cancelled() => return,
-        }
-        if gc.interval_minutes == 0 {
-            if let Err(e) = crate::gc::prune_jobs(&control, false).await {
-                tracing::warn!(error = %e, "pruning old job documents failed");
-            }
-            continue;
-        }
-        match crate::gc::collect(&control, min_age, false).await {
-            Ok(r) => tracing::info!(
-                removed = r.orphans.len(),
-                young = r.young.len(),
-                needed = r.needed,
-                pruned_jobs = r.pruned_jobs.len(),
-                "garbage collection done"
-            ),
-            Err(e) => tracing::warn!(error = %e, "garbage collection failed"),
-        }
     }
 }

@@ -1,0 +1,104 @@
+//! The module graph stays a tree from `cli` down to `storage`: no module of the
+//! crate depends, directly or through others, on a module that depends on it.
+//! Read from the source (`crate::<module>` paths outside comments and unit
+//! tests), so a change that adds a cycle fails here.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::Path,
+};
+
+/// The top-level modules each top-level module refers to.
+fn module_graph() -> BTreeMap<String, BTreeSet<String>> {
+    fn walk(dir: &Path, root: &Path, graph: &mut BTreeMap<String, BTreeSet<String>>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                walk(&path, root, graph);
+                continue;
+            }
+            if path.extension().and_then(|e| e.to_str()) != Some("rs") {
+                continue;
+            }
+            let rel = path.strip_prefix(root).unwrap();
+            let first = rel
+                .components()
+                .next()
+                .unwrap()
+                .as_os_str()
+                .to_string_lossy();
+            let module = first.trim_end_matches(".rs").to_owned();
+            let text = std::fs::read_to_string(&path).unwrap();
+            let code = text
+                .split("#[cfg(test)]\nmod tests")
+                .next()
+                .unwrap()
+                .lines()
+                .filter(|l| !l.trim_start().starts_with("//"))
+                .collect::<Vec<_>>()
+                .join("\n");
+            let deps = graph.entry(module.clone()).or_default();
+            for (i, _) in code.match_indices("crate::") {
+                let name: String = code[i + 7..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                    .collect();
+                if !name.is_empty() && name != module {
+                    deps.insert(name);
+                }
+            }
+        }
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut graph = BTreeMap::new();
+    walk(&root, &root, &mut graph);
+    graph
+}
+
+/// A cycle through `start`, if there is one.
+fn cycle_from(
+    graph: &BTreeMap<String, BTreeSet<String>>,
+    node: &str,
+    path: &mut Vec<String>,
+    done: &mut BTreeSet<String>,
+) -> Option<Vec<String>> {
+    if let Some(i) = path.iter().position(|p| p == node) {
+        let mut cycle = path[i..].to_vec();
+        cycle.push(node.to_owned());
+        return Some(cycle);
+    }
+    if done.contains(node) {
+        return None;
+    }
+    path.push(node.to_owned());
+    for next in graph.get(node).into_iter().flatten() {
+        if let Some(c) = cycle_from(graph, next, path, done) {
+            return Some(c);
+        }
+    }
+    path.pop();
+    done.insert(node.to_owned());
+    None
+}
+
+#[test]
+fn the_module_graph_has_no_cycles() {
+    let graph = module_graph();
+    assert!(graph.len() > 10, "the source was read: {graph:?}");
+    let mut done = BTreeSet::new();
+    for module in graph.keys() {
+        if let Some(cycle) = cycle_from(&graph, module, &mut Vec::new(), &mut done) {
+            panic!("module cycle: {}", cycle.join(" -> "));
+        }
+    }
+    // The layers at the ends: storage depends on nothing above it, the command
+    // line is not used by anything.
+    for low in ["storage", "metrics", "vhd", "placement"] {
+        let deps = &graph[low];
+        assert!(
+            deps.iter().all(|d| ["metrics"].contains(&d.as_str())),
+            "{low} depends on {deps:?}"
+        );
+    }
+    assert!(graph.values().all(|deps| !deps.contains("cli")));
+}
