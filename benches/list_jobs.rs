@@ -57,15 +57,14 @@ async fn fill(control: &Control) {
     .expect("bench job parses");
     let docs: Vec<JobDocument> = (0..JOBS)
         .map(|i| {
-            let mut d = JobDocument::queued(
+            let mut d = JobDocument::replicate(
                 JobId::parse(&format!("bench-{i:05}")).unwrap(),
                 spec.clone(),
             );
-            d.state = if i % 10 == 0 {
-                JobState::Running
-            } else {
-                JobState::Completed
-            };
+            d.enter(JobState::Running).unwrap();
+            if i % 10 != 0 {
+                d.enter(JobState::Completed).unwrap();
+            }
             d
         })
         .collect();

@@ -91,11 +91,11 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 pub fn job_view(d: &JobDocument) -> Value {
     json!({
         "job_id": d.job_id,
-        "state": d.state,
+        "state": d.state(),
         "phase": d.phase,
         "error": d.error,
-        "pool_id": d.spec.pool.id,
-        "source": d.spec.source,
+        "pool_id": d.pool_id(),
+        "source": d.spec().map(|s| s.source.as_str()),
         "source_snapshot": d.source_snapshot,
         "created_at": d.created_at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
         "updated_at": d.updated_at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
@@ -232,7 +232,7 @@ async fn cancel_job(
         return *r;
     }
     match state.control.cancel(&id).await {
-        Ok(d) => (StatusCode::ACCEPTED, Json(json!({ "job_id": d.job_id, "state": d.state, "cancel_requested": d.cancel_requested }))).into_response(),
+        Ok(d) => (StatusCode::ACCEPTED, Json(json!({ "job_id": d.job_id, "state": d.state(), "cancel_requested": d.cancel_requested }))).into_response(),
         Err(StateError::NotFound(_)) => error(StatusCode::NOT_FOUND, format!("no job {id}")),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
@@ -351,7 +351,7 @@ fn job_section(d: &JobDocument) -> String {
     let mut out = format!(
         "<section><h2>{} <small>{}</small></h2><progress max=\"100\" value=\"{pct}\"></progress> {pct}%",
         escape(d.job_id.as_str()),
-        headline(d.state, &d.spec.pool.id, d.phase),
+        headline(d.state(), d.pool_id(), d.phase),
     );
     if let Some(e) = &d.error {
         out.push_str(&format!("<p class=\"error\">{}</p>", escape(e)));

@@ -539,8 +539,8 @@ async fn dispatch(command: Command) -> ExitCode {
                 Err(code) => return code,
             };
             match control.cancel(&job_id).await {
-                Ok(d) if d.state.is_terminal() => {
-                    println!("job {job_id} has already ended: {}", d.state.as_str());
+                Ok(d) if d.state().is_terminal() => {
+                    println!("job {job_id} has already ended: {}", d.state().as_str());
                     ExitCode::SUCCESS
                 }
                 Ok(_) => {
@@ -740,7 +740,7 @@ impl Bars {
         self.job.set_position(done);
         self.job.set_message(format!(
             "{}{}",
-            d.state.as_str(),
+            d.state().as_str(),
             d.phase
                 .map(|p| format!(" / {}", format!("{p:?}").to_lowercase()))
                 .unwrap_or_default()
@@ -802,12 +802,12 @@ async fn follow(control: &Control, id: &str, display: Display) -> ExitCode {
                         }
                     }
                 }
-                if d.state.is_terminal() {
+                if d.state().is_terminal() {
                     if let Some(b) = &bars {
                         b.finish();
                         println!("{}", summary_line(&crate::state::JobSummary::of(&d)));
                     }
-                    return if d.state == JobState::Completed {
+                    return if d.state() == JobState::Completed {
                         ExitCode::SUCCESS
                     } else {
                         ExitCode::from(EXIT_FAILED)

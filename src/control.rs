@@ -168,7 +168,7 @@ impl Control {
         self.intake.send(&text).await?;
         match self
             .state
-            .create(&JobDocument::queued(job.id.clone(), job.spec.clone()))
+            .create(&JobDocument::replicate(job.id.clone(), job.spec.clone()))
             .await
         {
             Ok(_) | Err(StateError::Exists(_)) => {}
@@ -203,9 +203,11 @@ impl Control {
         })
         .expect("retire spec serialises");
         self.intake.send(&text).await?;
-        let mut doc = JobDocument::queued(id.clone(), crate::engine::retire_placeholder(&pool));
-        doc.retire_pool = Some(pool);
-        match self.state.create(&doc).await {
+        match self
+            .state
+            .create(&JobDocument::retire(id.clone(), &pool))
+            .await
+        {
             Ok(_) | Err(StateError::Exists(_)) => {}
             Err(e) => return Err(e.into()),
         }
@@ -219,7 +221,7 @@ impl Control {
     pub async fn cancel(&self, id: &str) -> Result<JobDocument, StateError> {
         self.state
             .update(id, |d| {
-                if d.state.is_terminal() || d.cancel_requested {
+                if d.state().is_terminal() || d.cancel_requested {
                     return false;
                 }
                 d.cancel_requested = true;

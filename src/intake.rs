@@ -5,10 +5,10 @@
 
 use crate::config::ValidatedSettings;
 use crate::engine::{Engine, Outcome};
-use crate::job::{job_id_of, lenient_spec, parse_message, JobError, JobId};
+use crate::job::{Command, InvalidMessage, JobError, JobId, Salvage};
 use crate::metrics::Metrics;
 use crate::queue::{MessageQueue, ReceivedMessage};
-use crate::state::{JobDocument, JobState, StateStore};
+use crate::state::{JobDocument, JobState, StateStore, Work};
 use serde::Serialize;
 use std::{sync::Arc, time::Duration};
 use time::OffsetDateTime;
@@ -219,13 +219,13 @@ impl Worker {
         stop: CancellationToken,
     ) -> Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>> {
         let max = self.settings.engine.max_dequeue_count;
-        let spec = parse_message(&m.text);
-        let job_id = job_id_of(&m.text).map(|id| id.to_string());
+        let command = Command::decode(&m.text);
+        let job_id = command.job_id();
         if m.dequeue_count > max {
             let last = match &job_id {
                 Some(id) => self
                     .state
-                    .load(id)
+                    .load(id.as_str())
                     .await
                     .ok()
                     .flatten()
@@ -238,32 +238,53 @@ impl Worker {
                 last.map(|e| format!("; last error: {e}"))
                     .unwrap_or_default()
             );
-            self.poison(&m, reason, job_id).await;
+            let salvage = salvage_of(&command);
+            self.poison(&m, reason, job_id, salvage).await;
             return None;
         }
-        if let Some(retire) = crate::job::parse_retire(&m.text) {
-            let (id, pool) = match retire.and_then(|r| r.validate()) {
-                Ok(x) => x,
-                Err(JobError { field, message }) => {
-                    self.poison(&m, format!("{field}: {message}"), job_id).await;
-                    return None;
-                }
-            };
-            let engine = self.engine.clone();
-            let queue = self.intake.clone();
-            return Some(Box::pin(async move {
-                let lease = Lease::start(queue, &m, lease, stop.child_token());
-                match engine.retire(&id, &pool).await {
-                    Outcome::Retry(_) => lease.release(Duration::from_secs(30)).await,
-                    _ => lease.delete().await,
-                }
-            })
-                as std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>);
-        }
-        let job = match spec.and_then(|s| s.validate(&self.settings)) {
+        let spec = match command {
+            Command::Invalid(InvalidMessage {
+                error: JobError { field, message },
+                job_id,
+                salvage,
+            }) => {
+                self.poison(&m, format!("{field}: {message}"), job_id, salvage)
+                    .await;
+                return None;
+            }
+            Command::Retire(retire) => {
+                let (id, pool) = match retire.validate() {
+                    Ok(x) => x,
+                    Err(JobError { field, message }) => {
+                        let salvage = Salvage::Retire(retire.retire_pool.clone());
+                        self.poison(&m, format!("{field}: {message}"), job_id, salvage)
+                            .await;
+                        return None;
+                    }
+                };
+                let engine = self.engine.clone();
+                let queue = self.intake.clone();
+                return Some(Box::pin(async move {
+                    let lease = Lease::start(queue, &m, lease, stop.child_token());
+                    match engine.retire(&id, &pool).await {
+                        Outcome::Retry(_) => lease.release(Duration::from_secs(30)).await,
+                        _ => lease.delete().await,
+                    }
+                })
+                    as std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>);
+            }
+            Command::Replicate(spec) => spec,
+        };
+        let job = match spec.validate(&self.settings) {
             Ok(job) => job,
             Err(JobError { field, message }) => {
-                self.poison(&m, format!("{field}: {message}"), job_id).await;
+                self.poison(
+                    &m,
+                    format!("{field}: {message}"),
+                    job_id,
+                    Salvage::Replicate(spec),
+                )
+                .await;
                 return None;
             }
         };
@@ -303,14 +324,23 @@ impl Worker {
         }))
     }
 
-    async fn poison(&self, m: &ReceivedMessage, reason: String, job_id: Option<String>) {
+    /// Moves a message to the poison queue with `reason`; a message with a valid
+    /// job id also gets a failed state document (from what could be salvaged),
+    /// so `status` tells why.
+    async fn poison(
+        &self,
+        m: &ReceivedMessage,
+        reason: String,
+        job_id: Option<JobId>,
+        salvage: Salvage,
+    ) {
         tracing::warn!(message_id = %m.id, reason = %reason, "moving message to the poison queue");
         let wrapper = PoisonMessage {
             original: m.text.clone(),
             reason: reason.clone(),
             dequeue_count: m.dequeue_count,
             poisoned_at: OffsetDateTime::now_utc(),
-            job_id: job_id.clone(),
+            job_id: job_id.as_ref().map(JobId::to_string),
         };
         let text = serde_json::to_string(&wrapper).expect("poison wrapper serialises");
         if let Err(e) = self.poison.send(&text).await {
@@ -318,38 +348,55 @@ impl Worker {
             return;
         }
         self.metrics.queue_poisoned.inc();
-        // A job that has an id gets a failed state document, so `status` tells why.
-        if let Some(id) = job_id.as_deref().and_then(|i| JobId::parse(i).ok()) {
-            {
-                let spec = parse_message(&m.text).unwrap_or_else(|_| lenient_spec(&m.text));
-                let mut doc = JobDocument::queued(id.clone(), spec);
-                doc.state = JobState::Failed;
-                doc.error = Some(reason.clone());
-                match self.state.create(&doc).await {
-                    Ok(_) => {
-                        self.metrics
-                            .jobs_finished
-                            .with_label_values(&["failed"])
-                            .inc();
-                    }
-                    Err(_) => {
-                        let _ = self
-                            .state
-                            .update(id.as_str(), |d| {
-                                if d.state.is_terminal() {
-                                    return false;
-                                }
-                                d.state = JobState::Failed;
-                                d.error = Some(reason.clone());
-                                true
-                            })
-                            .await;
-                    }
-                }
-            }
+        if let Some(id) = job_id {
+            self.record_poisoned(id, salvage, reason).await;
         }
         if let Err(e) = self.intake.delete(&m.id, &m.pop_receipt).await {
             tracing::warn!(message_id = %m.id, error = %e, "could not delete the poisoned message");
         }
+    }
+}
+
+impl Worker {
+    /// The failed state document of a poisoned message with a job id: created
+    /// from what was salvaged, or an existing unfinished job marked failed.
+    async fn record_poisoned(&self, id: JobId, salvage: Salvage, reason: String) {
+        let work = match salvage {
+            Salvage::Replicate(spec) => Work::Replicate(spec),
+            Salvage::Retire(pool) => Work::Retire { pool },
+        };
+        let mut doc = JobDocument::queued(id.clone(), work);
+        doc.enter(JobState::Failed).expect("a queued job may fail");
+        doc.error = Some(reason.clone());
+        match self.state.create(&doc).await {
+            Ok(_) => {
+                self.metrics
+                    .jobs_finished
+                    .with_label_values(&["failed"])
+                    .inc();
+            }
+            Err(_) => {
+                let _ = self
+                    .state
+                    .update(id.as_str(), |d| {
+                        if d.enter(JobState::Failed).is_err() {
+                            return false;
+                        }
+                        d.error = Some(reason.clone());
+                        true
+                    })
+                    .await;
+            }
+        }
+    }
+}
+
+/// What a decoded message asked for, for the failed document of a message
+/// poisoned after too many tries.
+fn salvage_of(command: &Command) -> Salvage {
+    match command {
+        Command::Replicate(spec) => Salvage::Replicate(spec.clone()),
+        Command::Retire(r) => Salvage::Retire(r.retire_pool.clone()),
+        Command::Invalid(m) => m.salvage.clone(),
     }
 }

@@ -183,44 +183,136 @@ pub struct ValidatedJob {
     pub node_agent_sku_id: String,
 }
 
-/// Parses a queue message body: the job JSON itself or its base64.
-pub fn parse_message(text: &str) -> Result<JobSpec, JobError> {
+/// A message of the intake queue, decoded once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Replicate a VHD (the job as sent, not yet checked against the configuration).
+    Replicate(JobSpec),
+    /// Retire a pool's image sets.
+    Retire(RetireSpec),
+    /// Not a job: why, and what could be read of it.
+    Invalid(InvalidMessage),
+}
+
+/// A message that is not a job, with what could be salvaged for its failed
+/// state document.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidMessage {
+    /// What is wrong, naming the field.
+    pub error: JobError,
+    /// Its job id, when it had a valid one.
+    pub job_id: Option<JobId>,
+    /// What it asked for, as far as it could be read.
+    pub salvage: Salvage,
+}
+
+/// What an invalid message asked for, as far as it could be read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Salvage {
+    /// A replication: the fields that parse, defaults for the rest.
+    Replicate(JobSpec),
+    /// A retirement of this pool.
+    Retire(String),
+}
+
+impl Command {
+    /// Decodes a message body: the JSON itself or its base64 (SDKs and `az
+    /// storage message put` differ), then a retire request (it has
+    /// `retire_pool`) or a job.
+    pub fn decode(text: &str) -> Self {
+        let value = match message_json(text) {
+            Ok(v) => v,
+            Err(error) => {
+                return Command::Invalid(InvalidMessage {
+                    error,
+                    job_id: None,
+                    salvage: Salvage::Replicate(lenient_spec(&serde_json::Value::Null)),
+                })
+            }
+        };
+        let job_id = value
+            .get("job_id")
+            .and_then(|v| v.as_str())
+            .and_then(|id| JobId::parse(id).ok());
+        if let Some(pool) = value.get("retire_pool") {
+            let salvage = Salvage::Retire(pool.as_str().unwrap_or_default().to_owned());
+            return match deserialize_named(value.clone()) {
+                Ok(r) => Command::Retire(r),
+                Err(error) => Command::Invalid(InvalidMessage {
+                    error,
+                    job_id,
+                    salvage,
+                }),
+            };
+        }
+        match deserialize_named(value.clone()) {
+            Ok(spec) => Command::Replicate(spec),
+            Err(error) => Command::Invalid(InvalidMessage {
+                error,
+                job_id,
+                salvage: Salvage::Replicate(lenient_spec(&value)),
+            }),
+        }
+    }
+
+    /// The message's job id, when it has a valid one.
+    pub fn job_id(&self) -> Option<JobId> {
+        match self {
+            Command::Replicate(spec) => spec.job_id.as_deref().and_then(|i| JobId::parse(i).ok()),
+            Command::Retire(r) => r.job_id.as_deref().and_then(|i| JobId::parse(i).ok()),
+            Command::Invalid(m) => m.job_id.clone(),
+        }
+    }
+}
+
+/// The JSON object of a message body (JSON or base64 of JSON).
+fn message_json(text: &str) -> Result<serde_json::Value, JobError> {
     let trimmed = text.trim();
-    let json: std::borrow::Cow<'_, str> = if serde_json::from_str::<serde_json::Value>(trimmed)
-        .is_ok()
-    {
-        trimmed.into()
-    } else {
-        let bytes = B64.decode(trimmed).map_err(|_| {
-            JobError::new(
-                "message",
-                "the message is neither JSON nor base64-encoded JSON; send the job object of CONTRACT.md",
-            )
-        })?;
-        String::from_utf8(bytes)
-            .map_err(|_| {
+    let value = match serde_json::from_str::<serde_json::Value>(trimmed) {
+        Ok(v) => v,
+        Err(_) => {
+            let bytes = B64.decode(trimmed).map_err(|_| {
+                JobError::new(
+                    "message",
+                    "the message is neither JSON nor base64-encoded JSON; send the job object of CONTRACT.md",
+                )
+            })?;
+            let text = String::from_utf8(bytes).map_err(|_| {
                 JobError::new(
                     "message",
                     "the base64 message does not decode to UTF-8 text",
                 )
-            })?
-            .into()
+            })?;
+            serde_json::from_str(&text)
+                .map_err(|e| JobError::new("message", format!("not valid JSON: {e}")))?
+        }
     };
-    parse_job_json(&json)
+    if !value.is_object() {
+        return Err(JobError::new("message", "the job must be a JSON object"));
+    }
+    Ok(value)
 }
 
-/// Parses job JSON, naming the field of any error.
+/// Deserializes a JSON object, naming the field of any error.
+fn deserialize_named<T: serde::de::DeserializeOwned>(
+    value: serde_json::Value,
+) -> Result<T, JobError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let field = if path == "." { "job".to_owned() } else { path };
+        JobError::new(&field, e.into_inner().to_string())
+    })
+}
+
+/// Parses job JSON (the body of `POST /v1/jobs`, `submit --file`), naming the
+/// field of any error.
 pub fn parse_job_json(json: &str) -> Result<JobSpec, JobError> {
     let value: serde_json::Value = serde_json::from_str(json)
         .map_err(|e| JobError::new("message", format!("not valid JSON: {e}")))?;
     if !value.is_object() {
         return Err(JobError::new("message", "the job must be a JSON object"));
     }
-    serde_path_to_error::deserialize(value).map_err(|e| {
-        let path = e.path().to_string();
-        let field = if path == "." { "job".to_owned() } else { path };
-        JobError::new(&field, e.into_inner().to_string())
-    })
+    deserialize_named(value)
 }
 
 /// A request to retire a pool's image sets: delete its replicas and snapshots.
@@ -257,34 +349,14 @@ impl RetireSpec {
     }
 }
 
-/// A retire request, if the message is one (it has a `retire_pool` field).
-pub fn parse_retire(text: &str) -> Option<Result<RetireSpec, JobError>> {
-    let value = message_value(text)?;
-    value.get("retire_pool")?;
-    Some(serde_path_to_error::deserialize(value).map_err(|e| {
-        let path = e.path().to_string();
-        JobError::new(
-            if path == "." { "job" } else { &path },
-            e.into_inner().to_string(),
-        )
-    }))
-}
-
-/// The job id of a message whose job may be invalid, if it has a valid one.
-pub fn job_id_of(text: &str) -> Option<JobId> {
-    let value = message_value(text)?;
-    JobId::parse(value.get("job_id")?.as_str()?).ok()
-}
-
 /// What can be read of an invalid job, for its failed state document: the fields
 /// that parse, defaults for the rest.
-pub fn lenient_spec(text: &str) -> JobSpec {
-    let v = message_value(text).unwrap_or_default();
+fn lenient_spec(v: &serde_json::Value) -> JobSpec {
     let s = |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_owned);
     let pool = v.get("pool").cloned().unwrap_or_default();
     JobSpec {
-        job_id: s(&v, "job_id"),
-        source: s(&v, "source").unwrap_or_default(),
+        job_id: s(v, "job_id"),
+        source: s(v, "source").unwrap_or_default(),
         pool: PoolSpec {
             id: s(&pool, "id").unwrap_or_default(),
             os: serde_json::from_value(pool.get("os").cloned().unwrap_or_default())
@@ -300,20 +372,8 @@ pub fn lenient_spec(text: &str) -> JobSpec {
         },
         replicas: None,
         accounts: None,
-        container: s(&v, "container"),
+        container: s(v, "container"),
     }
-}
-
-fn message_value(text: &str) -> Option<serde_json::Value> {
-    let trimmed = text.trim();
-    serde_json::from_str::<serde_json::Value>(trimmed)
-        .ok()
-        .or_else(|| {
-            B64.decode(trimmed)
-                .ok()
-                .and_then(|b| serde_json::from_slice(&b).ok())
-        })
-        .filter(|v| v.is_object())
 }
 
 /// Replicas a pool of `nodes` needs: one VHD per so many nodes of its OS.
@@ -554,18 +614,38 @@ mod tests {
 
     const JOB: &str = r#"{"job_id":"j1","source":"http://x/a/b.vhd","pool":{"id":"render","os":"windows","nodes":200}}"#;
 
+    fn replicate(text: &str) -> JobSpec {
+        match Command::decode(text) {
+            Command::Replicate(spec) => spec,
+            other => panic!("not a job: {other:?}"),
+        }
+    }
+
+    fn invalid(text: &str) -> InvalidMessage {
+        match Command::decode(text) {
+            Command::Invalid(m) => m,
+            other => panic!("accepted: {other:?}"),
+        }
+    }
+
     #[test]
     fn messages_are_json_or_base64() {
-        let a = parse_message(JOB).unwrap();
-        let b = parse_message(&B64.encode(JOB)).unwrap();
+        let a = replicate(JOB);
+        let b = replicate(&B64.encode(JOB));
         assert_eq!(a, b);
         assert_eq!(a.pool.nodes, 200);
-        assert_eq!(parse_message("hello world").unwrap_err().field, "message");
-        assert_eq!(parse_message("[1,2]").unwrap_err().field, "message");
+        assert_eq!(invalid("hello world").error.field, "message");
+        assert_eq!(invalid("[1,2]").error.field, "message");
+        assert_eq!(invalid(&B64.encode("[1]")).error.field, "message");
+        let retire = Command::decode(r#"{"job_id":"r1","retire_pool":"p"}"#);
         assert_eq!(
-            parse_message(&B64.encode("[1]")).unwrap_err().field,
-            "message"
+            retire,
+            Command::Retire(RetireSpec {
+                job_id: Some("r1".into()),
+                retire_pool: "p".into()
+            })
         );
+        assert_eq!(retire.job_id().unwrap().as_str(), "r1");
     }
 
     #[test]
@@ -592,15 +672,21 @@ mod tests {
     #[test]
     fn ids_and_fields_of_invalid_jobs_are_still_read() {
         let text = r#"{"job_id":"j9","source":"s","pool":{"id":"p","os":"linux"}}"#;
-        assert!(parse_message(text).is_err());
-        assert_eq!(job_id_of(text).unwrap().as_str(), "j9");
-        assert_eq!(job_id_of(&B64.encode(text)).unwrap().as_str(), "j9");
-        assert!(job_id_of(r#"{"job_id":"Bad Id"}"#).is_none());
-        let spec = lenient_spec(text);
-        assert_eq!(
-            (spec.pool.id.as_str(), spec.pool.os, spec.pool.nodes),
-            ("p", Os::Linux, 0)
-        );
+        for encoded in [text.to_owned(), B64.encode(text)] {
+            let m = invalid(&encoded);
+            assert_eq!(m.job_id.unwrap().as_str(), "j9");
+            let Salvage::Replicate(spec) = m.salvage else {
+                panic!("a job")
+            };
+            assert_eq!(
+                (spec.pool.id.as_str(), spec.pool.os, spec.pool.nodes),
+                ("p", Os::Linux, 0)
+            );
+        }
+        assert!(invalid(r#"{"job_id":"Bad Id"}"#).job_id.is_none());
+        let m = invalid(r#"{"job_id":"r2","retire_pool":"p","colour":1}"#);
+        assert_eq!(m.salvage, Salvage::Retire("p".into()));
+        assert!(m.error.message.contains("colour"));
     }
 
     #[test]

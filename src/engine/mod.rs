@@ -163,7 +163,7 @@ impl Checkpoint<'_> {
             }
             let mut doc = {
                 let mut live = live.lock().expect("live doc lock");
-                if !live.state.is_terminal() {
+                if !live.state().is_terminal() {
                     if let Some(owner) = live.owner.as_mut().filter(|o| o.instance == self.instance)
                     {
                         owner.until = OffsetDateTime::now_utc() + self.lease;
@@ -281,15 +281,18 @@ impl Engine {
                     crate::state::MAX_UPDATE_ROUNDS
                 ));
             }
-            if doc.state.is_terminal() {
-                return Outcome::AlreadyEnded(doc.state);
+            if doc.state().is_terminal() {
+                return Outcome::AlreadyEnded(doc.state());
             }
             let now = OffsetDateTime::now_utc();
             if let Some(owner) = doc.owned_elsewhere(&self.instance, now) {
                 tracing::info!(owner = %owner.instance, "job is running on another instance");
                 return Outcome::OwnedElsewhere(owner.until);
             }
-            doc.state = JobState::Running;
+            if let Err(e) = doc.enter(JobState::Running) {
+                tracing::error!(error = %e, "refusing an illegal state change");
+                return Outcome::AlreadyEnded(doc.state());
+            }
             doc.phase = Some(Phase::Planning);
             doc.error = None;
             doc.owner = Some(Owner {
@@ -381,9 +384,10 @@ impl Engine {
 
     fn finish(&self, live: &Mutex<JobDocument>, state: JobState, error: Option<String>) {
         let mut doc = live.lock().expect("live doc lock");
-        doc.state = state;
-        doc.phase = None;
-        doc.error = error;
+        match doc.enter(state) {
+            Ok(()) => doc.error = error,
+            Err(e) => tracing::error!(error = %e, "refusing an illegal state change"),
+        }
     }
 
     async fn load_or_create(
@@ -393,7 +397,7 @@ impl Engine {
         if let Some(found) = self.state.load(job.id.as_str()).await? {
             return Ok(found);
         }
-        let doc = JobDocument::queued(job.id.clone(), job.spec.clone());
+        let doc = JobDocument::replicate(job.id.clone(), job.spec.clone());
         match self.state.create(&doc).await {
             Ok(etag) => Ok((doc, etag)),
             Err(StateError::Exists(_)) => self
@@ -754,7 +758,7 @@ impl Engine {
     async fn job_has_ended(&self, job_id: &str) -> Result<bool, Failure> {
         match self.state.load(job_id).await {
             Ok(None) | Err(StateError::Corrupt(..)) => Ok(true),
-            Ok(Some((d, _))) => Ok(d.state.is_terminal()),
+            Ok(Some((d, _))) => Ok(d.state().is_terminal()),
             Err(e) => Err(Failure::from_state(e)),
         }
     }
@@ -813,8 +817,7 @@ impl Engine {
         let doc = match self.state.load(id.as_str()).await {
             Ok(Some((d, _))) => d,
             Ok(None) => {
-                let mut d = JobDocument::queued(id.clone(), retire_placeholder(pool));
-                d.retire_pool = Some(pool.to_owned());
+                let d = JobDocument::retire(id.clone(), pool);
                 match self.state.create(&d).await {
                     Ok(_) | Err(StateError::Exists(_)) => d,
                     Err(e) => return Outcome::Retry(format!("job state: {e}")),
@@ -822,12 +825,15 @@ impl Engine {
             }
             Err(e) => return Outcome::Retry(format!("job state: {e}")),
         };
-        if doc.state.is_terminal() {
-            return Outcome::AlreadyEnded(doc.state);
+        if doc.state().is_terminal() {
+            return Outcome::AlreadyEnded(doc.state());
         }
         let mark = |state: JobState, error: Option<String>, note: Option<String>| {
             move |d: &mut JobDocument| {
-                d.state = state;
+                if let Err(e) = d.enter(state) {
+                    tracing::error!(error = %e, "refusing an illegal state change");
+                    return false;
+                }
                 d.phase = None;
                 d.error = error.clone();
                 if note.is_some() {
@@ -934,8 +940,9 @@ impl Engine {
         let _ = self
             .state
             .update(id.as_str(), |d| {
-                d.state = JobState::Failed;
-                d.phase = None;
+                if d.enter(JobState::Failed).is_err() {
+                    return false;
+                }
                 d.error = Some(reason.clone());
                 true
             })
@@ -1729,23 +1736,4 @@ pub async fn retire_plan(
         }
     }
     Ok(out)
-}
-
-/// The spec recorded for a retire job (it copies nothing).
-pub fn retire_placeholder(pool: &str) -> crate::job::JobSpec {
-    crate::job::JobSpec {
-        job_id: None,
-        source: String::new(),
-        pool: crate::job::PoolSpec {
-            id: pool.to_owned(),
-            os: crate::job::Os::Windows,
-            nodes: 0,
-            vm_size: None,
-            node_agent_sku_id: None,
-            caching: None,
-        },
-        replicas: None,
-        accounts: None,
-        container: None,
-    }
 }

@@ -155,55 +155,162 @@ pub struct ReplicaRecord {
     pub inherited: bool,
 }
 
-/// The durable record of a job.
+/// What a job does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Work {
+    /// Replicate a VHD for a pool: the job as submitted (id filled in).
+    Replicate(JobSpec),
+    /// Retire a pool's image sets.
+    Retire {
+        /// The pool.
+        pool: String,
+    },
+}
+
+/// The durable record of a job. Its state changes only through
+/// [`JobDocument::enter`], which knows the legal transitions.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "StoredDocument", into = "StoredDocument")]
 pub struct JobDocument {
     /// Job id.
     pub job_id: JobId,
-    /// The job as submitted (id filled in).
-    pub spec: JobSpec,
-    /// State.
-    pub state: JobState,
+    /// What the job does.
+    pub work: Work,
+    state: JobState,
     /// Phase while running.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<Phase>,
     /// Reason of a failure, in words a person can act on.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     /// When it was submitted.
-    #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
     /// Last change.
-    #[serde(with = "time::serde::rfc3339")]
     pub updated_at: OffsetDateTime,
     /// Someone asked to cancel it.
-    #[serde(default)]
     pub cancel_requested: bool,
     /// Snapshot of the source all replicas are copied from.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_snapshot: Option<String>,
     /// Length of the source in bytes.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_bytes: Option<u64>,
     /// The source's ETag when it was snapshotted.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_etag: Option<String>,
     /// Replicas, by index.
-    #[serde(default)]
     pub replicas: Vec<ReplicaRecord>,
     /// The hand-off as sent (recorded before it is sent).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub handoff: Option<serde_json::Value>,
-    /// For a retire job: the pool whose image sets it deletes.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub retire_pool: Option<String>,
     /// How the job relates to the pool's image set (top-up, new set and why).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_set: Option<String>,
     /// The instance running the job and until when its claim holds (renewed by
     /// every checkpoint; cleared when the instance stops).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<Owner>,
+}
+
+/// A state change the job's life does not allow (a finished job never runs
+/// again, nothing goes back to queued).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("job {job_id} cannot go from {from} to {to}")]
+pub struct IllegalTransition {
+    /// The job.
+    pub job_id: String,
+    /// Its state.
+    pub from: &'static str,
+    /// The state asked for.
+    pub to: &'static str,
+}
+
+/// A job document as stored: the JSON fields of every version (a retire job
+/// was once a placeholder `spec` with `retire_pool`; `kind` says which now).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct StoredDocument {
+    job_id: JobId,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    kind: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    spec: Option<JobSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    retire_pool: Option<String>,
+    state: JobState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    phase: Option<Phase>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+    #[serde(with = "time::serde::rfc3339")]
+    created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    updated_at: OffsetDateTime,
+    #[serde(default)]
+    cancel_requested: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    source_snapshot: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    source_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    source_etag: Option<String>,
+    #[serde(default)]
+    replicas: Vec<ReplicaRecord>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    handoff: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    image_set: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    owner: Option<Owner>,
+}
+
+impl TryFrom<StoredDocument> for JobDocument {
+    type Error = String;
+    fn try_from(d: StoredDocument) -> Result<Self, String> {
+        let work = match (d.kind.as_deref(), d.retire_pool, d.spec) {
+            (Some("retire") | None, Some(pool), _) => Work::Retire { pool },
+            (Some("replicate") | None, None, Some(spec)) => Work::Replicate(spec),
+            (kind, _, _) => return Err(format!(
+                "a job document of kind {kind:?} needs a spec (replicate) or retire_pool (retire)"
+            )),
+        };
+        Ok(Self {
+            job_id: d.job_id,
+            work,
+            state: d.state,
+            phase: d.phase,
+            error: d.error,
+            created_at: d.created_at,
+            updated_at: d.updated_at,
+            cancel_requested: d.cancel_requested,
+            source_snapshot: d.source_snapshot,
+            source_bytes: d.source_bytes,
+            source_etag: d.source_etag,
+            replicas: d.replicas,
+            handoff: d.handoff,
+            image_set: d.image_set,
+            owner: d.owner,
+        })
+    }
+}
+
+impl From<JobDocument> for StoredDocument {
+    fn from(d: JobDocument) -> Self {
+        let (kind, spec, retire_pool) = match d.work {
+            Work::Replicate(spec) => ("replicate", Some(spec), None),
+            Work::Retire { pool } => ("retire", None, Some(pool)),
+        };
+        Self {
+            job_id: d.job_id,
+            kind: Some(kind.to_owned()),
+            spec,
+            retire_pool,
+            state: d.state,
+            phase: d.phase,
+            error: d.error,
+            created_at: d.created_at,
+            updated_at: d.updated_at,
+            cancel_requested: d.cancel_requested,
+            source_snapshot: d.source_snapshot,
+            source_bytes: d.source_bytes,
+            source_etag: d.source_etag,
+            replicas: d.replicas,
+            handoff: d.handoff,
+            image_set: d.image_set,
+            owner: d.owner,
+        }
+    }
 }
 
 /// Which instance runs a job, fenced by ETag-guarded writes.
@@ -218,11 +325,11 @@ pub struct Owner {
 
 impl JobDocument {
     /// A new queued job.
-    pub fn queued(job_id: JobId, spec: JobSpec) -> Self {
+    pub fn queued(job_id: JobId, work: Work) -> Self {
         let now = OffsetDateTime::now_utc();
         Self {
             job_id,
-            spec,
+            work,
             state: JobState::Queued,
             phase: None,
             error: None,
@@ -234,9 +341,68 @@ impl JobDocument {
             source_etag: None,
             replicas: Vec::new(),
             handoff: None,
-            retire_pool: None,
             image_set: None,
             owner: None,
+        }
+    }
+
+    /// A new queued replication job.
+    pub fn replicate(job_id: JobId, spec: JobSpec) -> Self {
+        Self::queued(job_id, Work::Replicate(spec))
+    }
+
+    /// A new queued retire job.
+    pub fn retire(job_id: JobId, pool: &str) -> Self {
+        Self::queued(
+            job_id,
+            Work::Retire {
+                pool: pool.to_owned(),
+            },
+        )
+    }
+
+    /// Where the job stands.
+    pub fn state(&self) -> JobState {
+        self.state
+    }
+
+    /// Moves the job to `to`, if its life allows it: queued to running or to an
+    /// end; running to running (claimed again) or to an end; never out of an end,
+    /// never back to queued. A job that ends leaves its phase.
+    pub fn enter(&mut self, to: JobState) -> Result<(), IllegalTransition> {
+        use JobState::*;
+        let legal = matches!(
+            (self.state, to),
+            (Queued, Running | Completed | Failed | Cancelled)
+                | (Running, Running | Completed | Failed | Cancelled)
+        );
+        if !legal {
+            return Err(IllegalTransition {
+                job_id: self.job_id.to_string(),
+                from: self.state.as_str(),
+                to: to.as_str(),
+            });
+        }
+        self.state = to;
+        if to.is_terminal() {
+            self.phase = None;
+        }
+        Ok(())
+    }
+
+    /// The pool the job is for.
+    pub fn pool_id(&self) -> &str {
+        match &self.work {
+            Work::Replicate(spec) => &spec.pool.id,
+            Work::Retire { pool } => pool,
+        }
+    }
+
+    /// The submitted spec of a replication job.
+    pub fn spec(&self) -> Option<&JobSpec> {
+        match &self.work {
+            Work::Replicate(spec) => Some(spec),
+            Work::Retire { .. } => None,
         }
     }
 
@@ -891,7 +1057,7 @@ mod tests {
         );
         s.ensure().await.unwrap();
         let id = JobId::parse("j1").unwrap();
-        let doc = JobDocument::queued(id.clone(), spec());
+        let doc = JobDocument::replicate(id.clone(), spec());
         let etag = s.create(&doc).await.unwrap();
         assert!(matches!(s.create(&doc).await, Err(StateError::Exists(_))));
 
@@ -930,7 +1096,7 @@ mod tests {
         );
         s.ensure().await.unwrap();
         for (i, id) in ["a", "b", "c"].iter().enumerate() {
-            let mut d = JobDocument::queued(JobId::parse(id).unwrap(), spec());
+            let mut d = JobDocument::replicate(JobId::parse(id).unwrap(), spec());
             d.created_at += time::Duration::seconds(i as i64);
             s.create(&d).await.unwrap();
         }
@@ -954,7 +1120,7 @@ mod tests {
         let s = StateStore::new(sim.clone(), "ops", "state");
         s.ensure().await.unwrap();
         for i in 0..50 {
-            let mut d = JobDocument::queued(JobId::parse(&format!("j{i}")).unwrap(), spec());
+            let mut d = JobDocument::replicate(JobId::parse(&format!("j{i}")).unwrap(), spec());
             d.created_at += time::Duration::seconds(i);
             if i % 2 == 0 {
                 d.state = JobState::Failed;
@@ -970,8 +1136,11 @@ mod tests {
         )
         .await
         .unwrap();
-        let old =
-            serde_json::to_vec(&JobDocument::queued(JobId::parse("old").unwrap(), spec())).unwrap();
+        let old = serde_json::to_vec(&JobDocument::replicate(
+            JobId::parse("old").unwrap(),
+            spec(),
+        ))
+        .unwrap();
         sim.put_block_blob(
             &BlobPath::new("ops", "state", "jobs/old.json"),
             Bytes::from(old),
@@ -1035,7 +1204,7 @@ mod tests {
         );
 
         s.ensure().await.unwrap();
-        s.create(&JobDocument::queued(JobId::parse("j1").unwrap(), spec()))
+        s.create(&JobDocument::replicate(JobId::parse("j1").unwrap(), spec()))
             .await
             .unwrap();
         s.update_pool("p", |_| {}).await.unwrap();
@@ -1068,5 +1237,58 @@ mod tests {
             matches!(r, Err(StateError::Contended(_, MAX_UPDATE_ROUNDS))),
             "{r:?}"
         );
+    }
+
+    /// A job's state changes only along its life: never out of an end, never
+    /// back to queued.
+    #[test]
+    fn only_legal_transitions() {
+        use JobState::*;
+        let doc = || JobDocument::replicate(JobId::parse("t").unwrap(), spec());
+        for (path, ok) in [
+            (vec![Running, Running, Completed], true),
+            (vec![Failed], true),
+            (vec![Cancelled], true),
+            (vec![Running, Failed], true),
+            (vec![Running, Completed, Running], false),
+            (vec![Failed, Running], false),
+            (vec![Running, Queued], false),
+            (vec![Queued], false),
+            (vec![Cancelled, Completed], false),
+        ] {
+            let mut d = doc();
+            let r: Result<(), IllegalTransition> = path.iter().try_for_each(|s| d.enter(*s));
+            assert_eq!(r.is_ok(), ok, "{path:?}: {r:?}");
+        }
+        let mut d = doc();
+        d.enter(Running).unwrap();
+        d.phase = Some(Phase::Copying);
+        d.enter(Completed).unwrap();
+        assert_eq!(d.phase, None, "an ended job has no phase");
+    }
+
+    /// Documents written before job kinds were typed still read: a retire job
+    /// (a placeholder spec with `retire_pool`) and a replication (no `kind`).
+    #[test]
+    fn documents_of_earlier_versions_still_read() {
+        let legacy_retire = r#"{"job_id":"r1","spec":{"source":"","pool":{"id":"p","os":"windows","nodes":0}},
+            "state":"completed","created_at":"2026-11-29T10:00:00Z","updated_at":"2026-11-29T10:00:00Z",
+            "retire_pool":"p"}"#;
+        let d: JobDocument = serde_json::from_str(legacy_retire).unwrap();
+        assert_eq!(d.work, Work::Retire { pool: "p".into() });
+        assert_eq!(d.state(), JobState::Completed);
+        let legacy_job = r#"{"job_id":"j1","spec":{"source":"http://x/c/b.vhd","pool":{"id":"q","os":"linux","nodes":3}},
+            "state":"running","created_at":"2026-11-29T10:00:00Z","updated_at":"2026-11-29T10:00:00Z"}"#;
+        let d: JobDocument = serde_json::from_str(legacy_job).unwrap();
+        assert_eq!(d.pool_id(), "q");
+        assert!(matches!(d.work, Work::Replicate(_)));
+        // New documents say their kind, and a retire job carries no spec.
+        let r = JobDocument::retire(JobId::parse("r2").unwrap(), "p");
+        let v = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["kind"], "retire");
+        assert!(v.get("spec").is_none());
+        assert_eq!(serde_json::from_value::<JobDocument>(v).unwrap(), r);
+        let bad = r#"{"job_id":"x","kind":"replicate","state":"queued","created_at":"2026-11-29T10:00:00Z","updated_at":"2026-11-29T10:00:00Z"}"#;
+        assert!(serde_json::from_str::<JobDocument>(bad).is_err());
     }
 }

@@ -3,7 +3,7 @@
 //! document, so one List Blobs call (5,000 documents per page) answers
 //! `GET /v1/jobs`, the status page, retire and gc.
 
-use super::{JobDocument, JobState, Phase, ReplicaState};
+use super::{JobDocument, JobState, Phase, ReplicaState, Work};
 use crate::storage::Metadata;
 use serde::Serialize;
 use time::{format_description::well_known::Rfc3339, OffsetDateTime};
@@ -81,15 +81,11 @@ impl JobSummary {
             job_id: doc.job_id.to_string(),
             state: doc.state,
             phase: doc.phase,
-            kind: if doc.retire_pool.is_some() {
-                "retire"
-            } else {
-                "replicate"
+            kind: match doc.work {
+                Work::Retire { .. } => "retire",
+                Work::Replicate(_) => "replicate",
             },
-            pool_id: doc
-                .retire_pool
-                .clone()
-                .unwrap_or_else(|| doc.spec.pool.id.clone()),
+            pool_id: doc.pool_id().to_owned(),
             created_at: doc.created_at,
             updated_at: doc.updated_at,
             replicas: doc.replicas.len() as u32,
@@ -105,8 +101,11 @@ impl JobSummary {
                 .replicas
                 .first()
                 .map(|r| r.blob.container.clone())
-                .or_else(|| doc.spec.container.clone()),
-            source: Some(doc.spec.source.clone()).filter(|s| !s.is_empty()),
+                .or_else(|| doc.spec().and_then(|s| s.container.clone())),
+            source: doc
+                .spec()
+                .map(|s| s.source.clone())
+                .filter(|s| !s.is_empty()),
             error: doc
                 .error
                 .as_ref()

@@ -56,7 +56,7 @@ async fn job_routes_metrics_and_health() {
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["job_id"], id.as_str());
     let doc = wait_for_end(&app.control, &id, Duration::from_secs(60)).await;
-    assert_eq!(doc.state, JobState::Completed);
+    assert_eq!(doc.state(), JobState::Completed);
 
     let view: serde_json::Value = http
         .get(app.url(&format!("/v1/jobs/{id}")))
@@ -150,7 +150,7 @@ async fn cancelling_a_queued_job() {
     assert!(d.cancel_requested);
     let app = TestApp::spawn(&env).await;
     let doc = wait_for_end(&app.control, &id, Duration::from_secs(30)).await;
-    assert_eq!(doc.state, JobState::Cancelled);
+    assert_eq!(doc.state(), JobState::Cancelled);
     for account in ["dst1", "dst2", "dst3"] {
         assert!(app
             .control
@@ -232,7 +232,7 @@ async fn the_job_list_pages_and_survives_a_corrupt_document() {
     let app = TestApp::spawn(&env).await;
     let spec = parse_job_json(&env.job_json("x", &env.source_url("x.vhd"), "windows", 20)).unwrap();
     for i in 0..7 {
-        let mut d = JobDocument::queued(
+        let mut d = JobDocument::replicate(
             vhd_replicator::job::JobId::parse(&format!("page-{i}")).unwrap(),
             spec.clone(),
         );

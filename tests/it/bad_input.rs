@@ -114,7 +114,7 @@ async fn refused_messages_each_name_their_problem() {
         .await
         .unwrap();
     let doc = wait_for_end(&app.control, &good, Duration::from_secs(60)).await;
-    assert_eq!(doc.state, JobState::Completed);
+    assert_eq!(doc.state(), JobState::Completed);
 
     let poisoned: Vec<PoisonMessage> = drain(app.control.poison.as_ref())
         .await
@@ -145,7 +145,7 @@ async fn refused_messages_each_name_their_problem() {
         .await
         .unwrap()
         .expect("a valid job id gets a state document");
-    assert_eq!(failed.state, JobState::Failed);
+    assert_eq!(failed.state(), JobState::Failed);
     assert!(
         failed
             .error
@@ -233,7 +233,7 @@ async fn unusable_sources_fail_with_the_reason() {
     for (name, expected) in cases {
         let id = format!("{}-{}", name.trim_end_matches(".vhd"), env.id);
         let doc = wait_for_end(&app.control, &id, Duration::from_secs(60)).await;
-        assert_eq!(doc.state, JobState::Failed, "{name}");
+        assert_eq!(doc.state(), JobState::Failed, "{name}");
         let error = doc.error.unwrap();
         assert!(error.contains(expected), "{name}: {error}");
         assert!(

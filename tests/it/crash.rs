@@ -145,7 +145,7 @@ async fn wait_for_phase(
                 .replicas
                 .iter()
                 .any(|r| r.state == ReplicaState::Copying && r.copy_id.is_some());
-            if d.state == JobState::Running && d.phase == Some(phase) && copying {
+            if d.state() == JobState::Running && d.phase == Some(phase) && copying {
                 return;
             }
         }
@@ -194,7 +194,7 @@ async fn crash_trial(phase: Phase, offset: Duration, seed: u64) {
     first.kill9();
     let context = format!("killed {offset:?} into {phase:?}");
     assert_eq!(
-        (at_kill.state, at_kill.phase),
+        (at_kill.state(), at_kill.phase),
         (JobState::Running, Some(phase)),
         "{context}: the kill landed elsewhere"
     );
@@ -203,7 +203,7 @@ async fn crash_trial(phase: Phase, offset: Duration, seed: u64) {
     let second = Daemon::start(&config, env.dir.path().join("second.log"), &[]);
     let doc = wait_for_end(&direct, &id, Duration::from_secs(120)).await;
     assert_eq!(
-        doc.state,
+        doc.state(),
         JobState::Completed,
         "{context}: {:?}\n{}",
         doc.error,
@@ -319,14 +319,14 @@ async fn sigterm_drains_and_hands_the_job_over_promptly() {
         .unwrap_or_else(|| panic!("no exit within the grace period:\n{}", first.log()));
     assert!(took < Duration::from_secs(5), "exit took {took:?}");
     let (d, _) = direct.state.load(&id).await.unwrap().unwrap();
-    assert_eq!(d.state, JobState::Running, "left resumable");
+    assert_eq!(d.state(), JobState::Running, "left resumable");
     assert!(d.owner.is_none(), "the claim was released");
     let released = tokio::time::Instant::now();
     let pending_before = ProxyStats::get(&proxy.stats.pending_answers);
     let second = Daemon::start(&config, env.dir.path().join("second.log"), &[]);
     let doc = wait_for_end(&direct, &id, Duration::from_secs(60)).await;
     assert_eq!(
-        doc.state,
+        doc.state(),
         JobState::Completed,
         "{:?}\n{}",
         doc.error,
@@ -418,7 +418,7 @@ async fn two_instances_split_the_work_and_survive_one_dying() {
     for id in &ids {
         let doc = wait_for_end(&direct, id, Duration::from_secs(90)).await;
         assert_eq!(
-            doc.state,
+            doc.state(),
             JobState::Completed,
             "{id}: {:?}\n{}",
             doc.error,
@@ -544,7 +544,7 @@ async fn no_secret_in_anything_the_daemon_writes() {
         &[("RUST_LOG", "trace"), ("VHDREP__SERVICE__LISTEN", &listen)],
     );
     let doc = wait_for_end(&direct, &id, Duration::from_secs(60)).await;
-    assert_eq!(doc.state, JobState::Completed, "{:?}", doc.error);
+    assert_eq!(doc.state(), JobState::Completed, "{:?}", doc.error);
     let metrics = reqwest::get(format!("http://{listen}/metrics"))
         .await
         .expect("the daemon serves /metrics")
@@ -645,7 +645,7 @@ async fn json_logs_carry_the_job_id_and_stay_quiet_while_polling() {
         &[("VHDREP__SERVICE__LOG_FORMAT", "json")],
     );
     let doc = wait_for_end(&direct, &id, Duration::from_secs(60)).await;
-    assert_eq!(doc.state, JobState::Completed);
+    assert_eq!(doc.state(), JobState::Completed);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let log = daemon.log();
     let lines: Vec<serde_json::Value> = log

@@ -131,7 +131,7 @@ async fn entra_id_end_to_end_over_https() {
         .await
         .unwrap();
     let doc = wait_for_end(&app.control, &job_id, Duration::from_secs(60)).await;
-    assert_eq!(doc.state, JobState::Completed, "{:?}", doc.error);
+    assert_eq!(doc.state(), JobState::Completed, "{:?}", doc.error);
     assert_eq!(doc.replicas.len(), 4);
     for r in &doc.replicas {
         assert_eq!(read_all(&app.control, &r.blob).await, image);

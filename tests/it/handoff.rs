@@ -28,7 +28,7 @@ async fn a_hand_off_of_600_replicas_arrives_by_reference() {
         .await
         .unwrap();
     let doc = wait_for_end(&app.control, &id, Duration::from_secs(240)).await;
-    assert_eq!(doc.state, JobState::Completed, "{:?}", doc.error);
+    assert_eq!(doc.state(), JobState::Completed, "{:?}", doc.error);
     assert_eq!(doc.replicas.len(), 600);
 
     let messages = drain(app.control.handoff.as_ref()).await;
@@ -82,7 +82,7 @@ async fn the_hand_off_message_can_be_base64() {
         .await
         .unwrap();
     let doc = wait_for_end(&app.control, &id, Duration::from_secs(60)).await;
-    assert_eq!(doc.state, JobState::Completed, "{:?}", doc.error);
+    assert_eq!(doc.state(), JobState::Completed, "{:?}", doc.error);
     let messages = drain(app.control.handoff.as_ref()).await;
     assert_eq!(messages.len(), 1);
     assert!(!messages[0].contains('{'), "not JSON text: {}", messages[0]);

@@ -345,7 +345,7 @@ pub async fn wait_for_end(control: &Control, id: &str, within: Duration) -> JobD
     let deadline = tokio::time::Instant::now() + within;
     loop {
         if let Some((d, _)) = control.state.load(id).await.expect("state readable") {
-            if d.state.is_terminal() {
+            if d.state().is_terminal() {
                 return d;
             }
         }

@@ -161,7 +161,7 @@ async fn prometheus_scrapes_progress_and_bytes_and_promtool_agrees() {
     );
 
     let doc = wait_for_end(&app.control, &id, Duration::from_secs(60)).await;
-    assert_eq!(doc.state, JobState::Completed);
+    assert_eq!(doc.state(), JobState::Completed);
     let expected: f64 = doc.replicas.iter().map(|r| r.bytes_total as f64).sum();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {

@@ -24,7 +24,7 @@ async fn malformed_messages_are_poisoned_and_the_daemon_keeps_serving() {
         .await
         .unwrap();
     let doc = wait_for_end(&app.control, &good, Duration::from_secs(60)).await;
-    assert_eq!(doc.state, JobState::Completed, "{:?}", doc.error);
+    assert_eq!(doc.state(), JobState::Completed, "{:?}", doc.error);
 
     let poisoned: Vec<PoisonMessage> = drain(app.control.poison.as_ref())
         .await
@@ -58,7 +58,7 @@ async fn malformed_messages_are_poisoned_and_the_daemon_keeps_serving() {
         .await
         .unwrap()
         .expect("failed job recorded");
-    assert_eq!(failed.state, JobState::Failed);
+    assert_eq!(failed.state(), JobState::Failed);
     assert!(failed.error.unwrap().contains("nodes"));
     // Nothing is left on the intake queue.
     assert!(drain(app.control.intake.as_ref()).await.is_empty());
@@ -98,7 +98,7 @@ async fn a_message_seen_too_often_is_poisoned() {
     }
     let app = TestApp::spawn(&env).await;
     let doc = wait_for_end(&app.control, &id, Duration::from_secs(30)).await;
-    assert_eq!(doc.state, JobState::Failed);
+    assert_eq!(doc.state(), JobState::Failed);
     assert!(
         doc.error.as_deref().unwrap().contains("taken 6 times"),
         "{:?}",

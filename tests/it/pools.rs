@@ -30,7 +30,7 @@ async fn growing_a_pool_tops_up_from_existing_replicas() {
         .await
         .unwrap();
     let d1 = wait_for_end(&app.control, &first, Duration::from_secs(60)).await;
-    assert_eq!(d1.state, JobState::Completed, "{:?}", d1.error);
+    assert_eq!(d1.state(), JobState::Completed, "{:?}", d1.error);
     assert_eq!(d1.replicas.len(), 10);
     drain(app.control.handoff.as_ref()).await;
 
@@ -40,7 +40,7 @@ async fn growing_a_pool_tops_up_from_existing_replicas() {
         .await
         .unwrap();
     let d2 = wait_for_end(&app.control, &second, Duration::from_secs(60)).await;
-    assert_eq!(d2.state, JobState::Completed, "{:?}", d2.error);
+    assert_eq!(d2.state(), JobState::Completed, "{:?}", d2.error);
     assert_eq!(d2.replicas.len(), 30);
     assert_eq!(
         d2.source_snapshot, d1.source_snapshot,
@@ -127,7 +127,7 @@ async fn growing_a_pool_tops_up_from_existing_replicas() {
         .await
         .unwrap();
     let ds = wait_for_end(&app.control, &smaller, Duration::from_secs(60)).await;
-    assert_eq!(ds.state, JobState::Completed, "{:?}", ds.error);
+    assert_eq!(ds.state(), JobState::Completed, "{:?}", ds.error);
     assert_eq!(ds.replicas.len(), 5);
     assert!(
         ds.replicas.iter().all(|r| r.inherited),
@@ -163,7 +163,7 @@ async fn growing_a_pool_tops_up_from_existing_replicas() {
         .await
         .unwrap();
     let d3 = wait_for_end(&app.control, &third, Duration::from_secs(60)).await;
-    assert_eq!(d3.state, JobState::Completed, "{:?}", d3.error);
+    assert_eq!(d3.state(), JobState::Completed, "{:?}", d3.error);
     assert!(
         d3.image_set.as_deref().unwrap().contains("source changed"),
         "{:?}",
@@ -238,7 +238,7 @@ async fn retire_removes_exactly_the_pools_blobs() {
             .await
             .unwrap();
         let d = wait_for_end(&app.control, &id, Duration::from_secs(60)).await;
-        assert_eq!(d.state, JobState::Completed, "{:?}", d.error);
+        assert_eq!(d.state(), JobState::Completed, "{:?}", d.error);
         ids.push(d);
     }
     let foreign =
@@ -298,7 +298,7 @@ async fn retire_removes_exactly_the_pools_blobs() {
         .unwrap()
         .to_owned();
     let d = wait_for_end(&app.control, &job_id, Duration::from_secs(60)).await;
-    assert_eq!(d.state, JobState::Completed, "{:?}", d.error);
+    assert_eq!(d.state(), JobState::Completed, "{:?}", d.error);
     assert!(
         d.image_set
             .as_deref()
@@ -387,7 +387,7 @@ async fn gc_removes_old_orphans_and_keeps_the_rest() {
         .await
         .unwrap();
     let done = wait_for_end(&app.control, &id, Duration::from_secs(60)).await;
-    assert_eq!(done.state, JobState::Completed);
+    assert_eq!(done.state(), JobState::Completed);
 
     // Leftovers of a job whose document is gone (a crash, a manual deletion).
     let ghost = vhd_replicator::storage::Metadata::from([
@@ -555,7 +555,7 @@ async fn race_trial(job_delay: u64, retire_delay: u64) -> bool {
         .await
         .unwrap();
     let d0 = wait_for_end(&direct, &first, Duration::from_secs(60)).await;
-    assert_eq!(d0.state, JobState::Completed, "{:?}", d0.error);
+    assert_eq!(d0.state(), JobState::Completed, "{:?}", d0.error);
 
     let grow = format!("race-1-{}", env.id);
     let retire = format!("race-r-{}", env.id);
@@ -578,9 +578,9 @@ async fn race_trial(job_delay: u64, retire_delay: u64) -> bool {
     let r = wait_for_end(&direct, &retire, Duration::from_secs(90)).await;
     eprintln!(
         "race: job +{job_delay} ms -> {:?} ({:?}), retire +{retire_delay} ms -> {:?} ({:?}); retire ended {} the job",
-        d1.state,
+        d1.state(),
         d1.image_set,
-        r.state,
+        r.state(),
         r.error,
         if r.updated_at > d1.updated_at { "after" } else { "before" }
     );
@@ -610,7 +610,7 @@ async fn race_trial(job_delay: u64, retire_delay: u64) -> bool {
             assert!(
                 deletes.iter().all(|i| *i > ended_at),
                 "{uri}, handed off by job {grow}, was deleted before that job ended (retire {:?})",
-                r.state
+                r.state()
             );
             if deletes.is_empty() {
                 let blob = d1
@@ -626,7 +626,11 @@ async fn race_trial(job_delay: u64, retire_delay: u64) -> bool {
             }
         }
     } else {
-        assert_ne!(d1.state, JobState::Completed, "a completed job handed off");
+        assert_ne!(
+            d1.state(),
+            JobState::Completed,
+            "a completed job handed off"
+        );
     }
     // Never two image sets at once for one source.
     if let Some((record, _)) = direct.state.load_pool(&pool).await.unwrap() {
@@ -639,7 +643,7 @@ async fn race_trial(job_delay: u64, retire_delay: u64) -> bool {
     }
     a.shutdown().await;
     b.shutdown().await;
-    r.state == JobState::Completed
+    r.state() == JobState::Completed
 }
 
 /// A retire and a job of the same pool race over two instances with seeded
@@ -698,7 +702,7 @@ async fn two_jobs_of_one_pool_at_once_make_one_image_set() {
     let d1 = wait_for_end(&direct, &j1, Duration::from_secs(90)).await;
     let d2 = wait_for_end(&direct, &j2, Duration::from_secs(90)).await;
     assert_eq!(
-        (d1.state, d2.state),
+        (d1.state(), d2.state()),
         (JobState::Completed, JobState::Completed),
         "{:?} {:?}",
         d1.error,

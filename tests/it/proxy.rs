@@ -35,7 +35,7 @@ async fn pending_copies_are_polled_until_they_succeed() {
         .await
         .unwrap();
     let doc = wait_for_end(&direct, &id, Duration::from_secs(60)).await;
-    assert_eq!(doc.state, JobState::Completed, "{:?}", doc.error);
+    assert_eq!(doc.state(), JobState::Completed, "{:?}", doc.error);
     assert_eq!(doc.replicas.len(), 3);
     // Fan-out: a seed, then copies from it; each held 3 s.
     assert!(
@@ -107,7 +107,7 @@ async fn cancel_aborts_pending_copies() {
     }
     direct.cancel(&id).await.unwrap();
     let doc = wait_for_end(&direct, &id, Duration::from_secs(30)).await;
-    assert_eq!(doc.state, JobState::Cancelled);
+    assert_eq!(doc.state(), JobState::Cancelled);
     assert!(
         ProxyStats::get(&proxy.stats.aborted) >= 1,
         "pending copies were aborted"
@@ -170,7 +170,7 @@ async fn throttling_resets_and_timeouts_are_survived() {
     }
     for id in &ids {
         let doc = wait_for_end(&direct, id, Duration::from_secs(120)).await;
-        assert_eq!(doc.state, JobState::Completed, "{id}: {:?}", doc.error);
+        assert_eq!(doc.state(), JobState::Completed, "{id}: {:?}", doc.error);
         assert_eq!(doc.replicas.len(), 5);
     }
     let busy = ProxyStats::get(&proxy.stats.busy);
@@ -237,7 +237,7 @@ async fn an_identity_without_a_data_role_is_told_which_role_to_assign() {
         .await
         .unwrap();
     let doc = wait_for_end(&direct, &id, Duration::from_secs(60)).await;
-    assert_eq!(doc.state, JobState::Failed);
+    assert_eq!(doc.state(), JobState::Failed);
     let error = doc.error.unwrap_or_default();
     assert!(
         error.contains("account dst2")
@@ -282,7 +282,7 @@ async fn a_copy_source_verification_timeout_is_retried_with_a_fresh_sas() {
         .await
         .unwrap();
     let doc = wait_for_end(&direct, &id, Duration::from_secs(90)).await;
-    assert_eq!(doc.state, JobState::Completed, "{:?}", doc.error);
+    assert_eq!(doc.state(), JobState::Completed, "{:?}", doc.error);
     let sources = proxy.copy_sources();
     assert_eq!(
         sources.len(),

@@ -22,7 +22,7 @@ async fn windows_90_nodes_make_5_identical_replicas_over_3_accounts() {
     assert!(submitted.created);
 
     let doc = wait_for_end(&app.control, &job_id, Duration::from_secs(120)).await;
-    assert_eq!(doc.state, JobState::Completed, "error: {:?}", doc.error);
+    assert_eq!(doc.state(), JobState::Completed, "error: {:?}", doc.error);
     assert_eq!(doc.replicas.len(), 5);
     let mut per_account = BTreeMap::new();
     for r in &doc.replicas {
@@ -184,7 +184,7 @@ async fn linux_41_nodes_make_2_replicas() {
         .await
         .unwrap();
     let doc = wait_for_end(&app.control, &job_id, Duration::from_secs(120)).await;
-    assert_eq!(doc.state, JobState::Completed, "error: {:?}", doc.error);
+    assert_eq!(doc.state(), JobState::Completed, "error: {:?}", doc.error);
     assert_eq!(doc.replicas.len(), 2);
     let accounts: Vec<&str> = doc.replicas.iter().map(|r| r.account.as_str()).collect();
     assert_eq!(accounts, vec!["dst1", "dst2"]);
@@ -232,14 +232,14 @@ async fn bad_sources_fail_with_a_reason() {
         .await
         .unwrap();
     let d1 = wait_for_end(&app.control, &id1, Duration::from_secs(60)).await;
-    assert_eq!(d1.state, JobState::Failed);
+    assert_eq!(d1.state(), JobState::Failed);
     assert!(
         d1.error.as_deref().unwrap().contains("conectix"),
         "{:?}",
         d1.error
     );
     let d2 = wait_for_end(&app.control, &id2, Duration::from_secs(60)).await;
-    assert_eq!(d2.state, JobState::Failed);
+    assert_eq!(d2.state(), JobState::Failed);
     assert!(
         d2.error.as_deref().unwrap().contains("does not exist"),
         "{:?}",

@@ -103,7 +103,7 @@ async fn calls_without_an_answer_time_out_and_are_retried() {
         .unwrap();
     let doc = wait_for_end(&direct, &id, Duration::from_secs(60)).await;
     let took = started.elapsed();
-    assert_eq!(doc.state, JobState::Completed, "{:?}", doc.error);
+    assert_eq!(doc.state(), JobState::Completed, "{:?}", doc.error);
     assert!(
         took < Duration::from_secs(25),
         "five 2 s timeouts should cost seconds, not the job: took {took:?}"
