@@ -569,7 +569,14 @@ async fn dispatch(command: Command) -> ExitCode {
                 Ok(v) => v,
                 Err(e) => return usage_error(e),
             };
-            let plan = crate::plan::plan(&validated);
+            let control = match connect(settings) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let (plan, note) = match control.engine().preview(&validated).await {
+                Ok(p) => p,
+                Err(e) => return failed(e),
+            };
             println!(
                 "{} replicas for {} {} nodes from {}",
                 validated.replicas,
@@ -577,14 +584,24 @@ async fn dispatch(command: Command) -> ExitCode {
                 validated.spec.pool.os,
                 validated.spec.source
             );
+            if let Some(note) = note {
+                println!("{note}");
+            }
             for (account, n) in plan.per_account() {
                 println!("  {account}: {n}");
             }
             for r in &plan.replicas {
                 println!(
-                    "  [{}] {}/{}/{}",
-                    r.index, r.blob.account, r.blob.container, r.blob.name
+                    "  [{}] {}/{}/{}{}",
+                    r.index,
+                    r.blob.account,
+                    r.blob.container,
+                    r.blob.name,
+                    if r.kept { " (kept)" } else { "" }
                 );
+            }
+            for b in &plan.surplus {
+                println!("  surplus, deleted: {b}");
             }
             ExitCode::SUCCESS
         }

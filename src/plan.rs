@@ -25,20 +25,24 @@ pub fn owner_tag(settings: &crate::config::ValidatedSettings) -> String {
     )
 }
 
-/// One replica to make.
+/// One replica of a job.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ReplicaPlan {
     /// 0-based index in the job.
     pub index: u32,
     /// Destination blob.
     pub blob: BlobPath,
+    /// Kept from the pool's image set (already there), not copied.
+    pub kept: bool,
 }
 
-/// Every replica of a job.
+/// Every replica of a job, and what of the pool's image set it no longer needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
     /// Replicas in index order.
     pub replicas: Vec<ReplicaPlan>,
+    /// Replicas of the pool's image set beyond what the job needs (a smaller pool).
+    pub surplus: Vec<BlobPath>,
 }
 
 impl Plan {
@@ -65,25 +69,55 @@ pub fn replica_name(pool_id: &str, job_id: &str, source_name: &str, index: u32) 
     format!("{pool_id}/{job_id}/{stem}-{index:04}.vhd")
 }
 
-/// The plan of a validated job.
-pub fn plan(job: &ValidatedJob) -> Plan {
-    let accounts = place(job.replicas, &job.accounts);
-    let replicas = accounts
-        .into_iter()
-        .enumerate()
-        .map(|(i, account)| {
-            let index = i as u32;
-            ReplicaPlan {
-                index,
-                blob: BlobPath::new(
-                    &account,
-                    &job.container,
-                    &replica_name(&job.spec.pool.id, job.id.as_str(), &job.source.name, index),
-                ),
-            }
-        })
-        .collect();
-    Plan { replicas }
+/// The one plan of a job, which `vhd-replicator plan` prints and the job then
+/// records: the replicas its pool's image set already holds (`keepable`, in the
+/// set's order) keep indices 0.. up to the job's count; the rest are named
+/// [`replica_name`] and placed over the job's accounts where fewest are, within
+/// each account's `capacity`; the set's replicas beyond the count are surplus.
+pub fn plan(
+    job: &ValidatedJob,
+    keepable: &[BlobPath],
+    capacity: &BTreeMap<String, Option<u32>>,
+) -> Result<Plan, CapacityError> {
+    let keep = keepable.len().min(job.replicas as usize);
+    let (kept, surplus) = keepable.split_at(keep);
+    let mut held: BTreeMap<String, u32> = BTreeMap::new();
+    for b in kept {
+        *held.entry(b.account.clone()).or_default() += 1;
+    }
+    let places = place_more(job.replicas - keep as u32, &job.accounts, &held, capacity)?;
+    let kept = kept.iter().enumerate().map(|(i, blob)| ReplicaPlan {
+        index: i as u32,
+        blob: blob.clone(),
+        kept: true,
+    });
+    let new = places.into_iter().enumerate().map(|(i, account)| {
+        let index = (keep + i) as u32;
+        ReplicaPlan {
+            index,
+            blob: BlobPath::new(
+                &account,
+                &job.container,
+                &replica_name(&job.spec.pool.id, job.id.as_str(), &job.source.name, index),
+            ),
+            kept: false,
+        }
+    });
+    Ok(Plan {
+        replicas: kept.chain(new).collect(),
+        surplus: surplus.to_vec(),
+    })
+}
+
+/// The most replicas each of a job's accounts may hold (`None`: unlimited).
+pub fn capacity(
+    job: &ValidatedJob,
+    settings: &crate::config::ValidatedSettings,
+) -> BTreeMap<String, Option<u32>> {
+    job.accounts
+        .iter()
+        .map(|a| (a.clone(), settings.account(a).and_then(|c| c.max_replicas)))
+        .collect()
 }
 
 /// Metadata that marks a replica as made by this deployment for this job.

@@ -261,9 +261,11 @@ impl TryFrom<StoredDocument> for JobDocument {
         let work = match (d.kind.as_deref(), d.retire_pool, d.spec) {
             (Some("retire") | None, Some(pool), _) => Work::Retire { pool },
             (Some("replicate") | None, None, Some(spec)) => Work::Replicate(spec),
-            (kind, _, _) => return Err(format!(
+            (kind, _, _) => {
+                return Err(format!(
                 "a job document of kind {kind:?} needs a spec (replicate) or retire_pool (retire)"
-            )),
+            ))
+            }
         };
         Ok(Self {
             job_id: d.job_id,

@@ -299,3 +299,98 @@ async fn an_open_api_beyond_loopback_is_refused_at_start() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The replica lines `plan` prints: index, account, container and name, kept.
+fn planned_lines(stdout: &str) -> Vec<(u32, String, bool)> {
+    stdout
+        .lines()
+        .filter_map(|l| {
+            let l = l.trim().strip_prefix('[')?;
+            let (index, rest) = l.split_once("] ")?;
+            let kept = rest.ends_with(" (kept)");
+            Some((
+                index.parse().ok()?,
+                rest.trim_end_matches(" (kept)").to_owned(),
+                kept,
+            ))
+        })
+        .collect()
+}
+
+/// `plan` prints exactly what the job then makes, for a new pool and for a
+/// top-up of its image set (the kept replicas first, new ones where fewest are).
+#[tokio::test(flavor = "multi_thread")]
+async fn plan_prints_exactly_what_the_job_makes() {
+    let env = TestEnv::new("");
+    let app = TestApp::spawn(&env).await;
+    let config = env.config_file().display().to_string();
+    let source = env.source_url("planned.vhd");
+    upload_sample(&app.control, &source, 2, 1, 8).await;
+    let pool = format!("planned-{}", env.id);
+    for (job, nodes, kept) in [("first", "40", 0), ("second", "100", 2)] {
+        let job_id = format!("{job}-{}", env.id);
+        let args = |command: &str| {
+            vec![
+                command.to_owned(),
+                "--config".into(),
+                config.clone(),
+                "--source".into(),
+                source.clone(),
+                "--os".into(),
+                "windows".into(),
+                "--nodes".into(),
+                nodes.into(),
+                "--pool-id".into(),
+                pool.clone(),
+                "--job-id".into(),
+                job_id.clone(),
+                "--vm-size".into(),
+                "STANDARD_D2_V3".into(),
+            ]
+        };
+        let plan_args = args("plan");
+        let out = run(
+            &key_env(),
+            &plan_args.iter().map(String::as_str).collect::<Vec<_>>(),
+        );
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let planned = planned_lines(&String::from_utf8_lossy(&out.stdout));
+        assert_eq!(planned.iter().filter(|p| p.2).count(), kept, "{planned:?}");
+        let mut submit = args("submit");
+        submit.push("--wait".into());
+        let vars = key_env();
+        let out = tokio::task::spawn_blocking(move || {
+            run(
+                &vars,
+                &submit.iter().map(String::as_str).collect::<Vec<_>>(),
+            )
+        })
+        .await
+        .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let (doc, _) = app.control.state.load(&job_id).await.unwrap().unwrap();
+        let made: Vec<(u32, String, bool)> = doc
+            .replicas
+            .iter()
+            .map(|r| {
+                (
+                    r.index,
+                    format!("{}/{}/{}", r.account, r.blob.container, r.blob.name),
+                    r.inherited,
+                )
+            })
+            .collect();
+        assert_eq!(made, planned, "{job}: the plan printed is the plan made");
+    }
+    app.shutdown().await;
+}

@@ -1,0 +1,105 @@
+//! Checkpoints: a running job's document written under its ETag, its claim
+//! renewed, a cancel request written meanwhile by another process kept.
+
+use crate::state::{JobDocument, StateError, StateStore};
+use std::{sync::Mutex, time::Duration};
+use time::OffsetDateTime;
+use tokio::time::Instant;
+
+/// Writes a running job's document under its ETag, keeping a cancel request that
+/// another writer added in the meantime.
+pub(super) struct Checkpoint<'a> {
+    state: &'a StateStore,
+    id: String,
+    instance: &'a str,
+    lease: Duration,
+    etag: tokio::sync::Mutex<String>,
+    last_saved: Mutex<Instant>,
+    pub(super) transition: std::sync::atomic::AtomicBool,
+}
+
+impl Checkpoint<'_> {
+    pub(super) fn new<'a>(
+        state: &'a StateStore,
+        id: &str,
+        etag: String,
+        instance: &'a str,
+        lease: Duration,
+    ) -> Checkpoint<'a> {
+        Checkpoint {
+            state,
+            id: id.to_owned(),
+            instance,
+            lease,
+            etag: tokio::sync::Mutex::new(etag),
+            last_saved: Mutex::new(Instant::now()),
+            transition: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// A replica changed state: the next tick writes the document.
+    pub(super) fn note_transition(&self) {
+        self.transition
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether a tick should write: after a transition, or when progress alone
+    /// has not been written for `every`.
+    pub(super) fn due(&self, every: Duration) -> bool {
+        self.transition
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+            || self.last_saved.lock().expect("checkpoint lock").elapsed() >= every
+    }
+
+    pub(super) async fn save(&self, live: &Mutex<JobDocument>) -> Result<(), StateError> {
+        *self.last_saved.lock().expect("checkpoint lock") = Instant::now();
+        let mut etag = self.etag.lock().await;
+        for round in 0..crate::state::MAX_UPDATE_ROUNDS {
+            if round > 0 {
+                crate::state::contention_pause(round).await;
+            }
+            let mut doc = {
+                let mut live = live.lock().expect("live doc lock");
+                if !live.state().is_terminal() {
+                    if let Some(owner) = live.owner.as_mut().filter(|o| o.instance == self.instance)
+                    {
+                        owner.until = OffsetDateTime::now_utc() + self.lease;
+                    }
+                }
+                live.clone()
+            };
+            match self.state.save(&mut doc, &etag).await {
+                Ok(new) => {
+                    *etag = new;
+                    return Ok(());
+                }
+                Err(StateError::Conflict(_)) => {
+                    let (stored, new) = self
+                        .state
+                        .load(&self.id)
+                        .await?
+                        .ok_or_else(|| StateError::NotFound(self.id.clone()))?;
+                    if let Some(other) = stored
+                        .owner
+                        .as_ref()
+                        .filter(|o| o.instance != self.instance)
+                    {
+                        return Err(StateError::Lost(
+                            stored.job_id.clone(),
+                            other.instance.clone(),
+                        ));
+                    }
+                    if stored.cancel_requested {
+                        live.lock().expect("live doc lock").cancel_requested = true;
+                    }
+                    *etag = new;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(StateError::Contended(
+            format!("job {}", self.id),
+            crate::state::MAX_UPDATE_ROUNDS,
+        ))
+    }
+}

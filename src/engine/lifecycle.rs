@@ -1,0 +1,339 @@
+//! A job's life on this instance: claimed, run phase by phase, ended with one
+//! outcome, its end recorded; and what it registers while it runs.
+
+use super::*;
+
+impl Engine {
+    /// Runs (or resumes) a job until it ends, `stop` fires, or it must be retried.
+    #[tracing::instrument(skip_all, fields(job_id = %job.id))]
+    pub async fn run(&self, job: &ValidatedJob, stop: CancellationToken) -> Outcome {
+        let id = job.id.to_string();
+        let loaded = match self.load_or_create(job).await {
+            Ok(x) => x,
+            Err(e) => return Outcome::Retry(format!("job state: {e}")),
+        };
+        let (mut doc, mut etag) = loaded;
+        // Claim the job: an ETag-fenced write; whoever loses the race backs off.
+        let mut round = 0;
+        loop {
+            round += 1;
+            if round > crate::state::MAX_UPDATE_ROUNDS {
+                return Outcome::Retry(format!(
+                    "job {id} kept changing under {} attempts to claim it",
+                    crate::state::MAX_UPDATE_ROUNDS
+                ));
+            }
+            if doc.state().is_terminal() {
+                return Outcome::AlreadyEnded(doc.state());
+            }
+            let now = OffsetDateTime::now_utc();
+            if let Some(owner) = doc.owned_elsewhere(&self.instance, now) {
+                tracing::info!(owner = %owner.instance, "job is running on another instance");
+                return Outcome::OwnedElsewhere(owner.until);
+            }
+            if let Err(e) = doc.enter(JobState::Running) {
+                tracing::error!(error = %e, "refusing an illegal state change");
+                return Outcome::AlreadyEnded(doc.state());
+            }
+            doc.phase = Some(Phase::Planning);
+            doc.error = None;
+            doc.owner = Some(Owner {
+                instance: self.instance.clone(),
+                until: now + self.lease(),
+            });
+            match self.state.save(&mut doc, &etag).await {
+                Ok(new) => {
+                    etag = new;
+                    break;
+                }
+                Err(StateError::Conflict(_)) => match self.state.load(&id).await {
+                    Ok(Some((d, e))) => (doc, etag) = (d, e),
+                    Ok(None) => return Outcome::Retry("job state vanished".into()),
+                    Err(e) => return Outcome::Retry(format!("job state: {e}")),
+                },
+                Err(e) => return Outcome::Retry(format!("job state: {e}")),
+            }
+        }
+        let live = Arc::new(Mutex::new(doc));
+        let checkpoint = Checkpoint::new(&self.state, &id, etag, &self.instance, self.lease());
+        // Registered while this run lasts, however it ends (an aborted task too):
+        // the live view, the running gauge and the job's progress series.
+        let _running = RunningJob::start(self, &id, live.clone());
+        tracing::info!(replicas = job.replicas, accounts = ?job.accounts, "job running");
+
+        let result = self.execute(job, &live, &checkpoint, &stop).await;
+        let outcome = match result {
+            Ok(()) => Outcome::Completed,
+            Err(Failure::Fatal(reason)) => {
+                self.clean_up(&live, job).await;
+                self.finish(&live, JobState::Failed, Some(reason.clone()));
+                Outcome::Failed(reason)
+            }
+            Err(Failure::Cancelled) => {
+                self.clean_up(&live, job).await;
+                self.finish(&live, JobState::Cancelled, None);
+                Outcome::Cancelled
+            }
+            Err(Failure::Interrupted) => {
+                // Let another instance resume at once rather than after the claim lapses.
+                live.lock().expect("live doc lock").owner = None;
+                Outcome::Interrupted
+            }
+            Err(Failure::Lost(by)) => {
+                tracing::warn!(by = %by, "another instance took the job over; stopping here");
+                return Outcome::Interrupted;
+            }
+            Err(Failure::Transient(reason)) => {
+                live.lock().expect("live doc lock").error = Some(format!("will retry: {reason}"));
+                Outcome::Retry(reason)
+            }
+        };
+        if let Err(e) = checkpoint.save(&live).await {
+            tracing::warn!(error = %e, "could not write the final job state; the job will be resumed");
+            return match outcome {
+                Outcome::Completed | Outcome::Failed(_) | Outcome::Cancelled => {
+                    Outcome::Retry(format!("job state: {e}"))
+                }
+                other => other,
+            };
+        }
+        // The job's end is on record: its pool is free for the next job or a
+        // retire, which therefore always comes after this job's hand-off.
+        if matches!(
+            outcome,
+            Outcome::Completed | Outcome::Failed(_) | Outcome::Cancelled
+        ) {
+            self.unlock_pool(job).await;
+        }
+        match &outcome {
+            Outcome::Completed => tracing::info!("job completed"),
+            Outcome::Failed(r) => tracing::warn!(reason = %r, "job failed"),
+            Outcome::Cancelled => tracing::info!("job cancelled"),
+            Outcome::Interrupted => tracing::info!("job interrupted; it will resume"),
+            Outcome::Retry(r) => tracing::warn!(reason = %r, "job will be retried"),
+            Outcome::AlreadyEnded(_) | Outcome::OwnedElsewhere(_) => {}
+        }
+        if let Some(label) = match &outcome {
+            Outcome::Completed => Some("completed"),
+            Outcome::Failed(_) => Some("failed"),
+            Outcome::Cancelled => Some("cancelled"),
+            _ => None,
+        } {
+            self.metrics.jobs_finished.with_label_values(&[label]).inc();
+        }
+        outcome
+    }
+
+    fn finish(&self, live: &Mutex<JobDocument>, state: JobState, error: Option<String>) {
+        let mut doc = live.lock().expect("live doc lock");
+        match doc.enter(state) {
+            Ok(()) => doc.error = error,
+            Err(e) => tracing::error!(error = %e, "refusing an illegal state change"),
+        }
+    }
+
+    async fn load_or_create(
+        &self,
+        job: &ValidatedJob,
+    ) -> Result<(JobDocument, String), StateError> {
+        if let Some(found) = self.state.load(job.id.as_str()).await? {
+            return Ok(found);
+        }
+        let doc = JobDocument::replicate(job.id.clone(), job.spec.clone());
+        match self.state.create(&doc).await {
+            Ok(etag) => Ok((doc, etag)),
+            Err(StateError::Exists(_)) => self
+                .state
+                .load(job.id.as_str())
+                .await?
+                .ok_or_else(|| StateError::NotFound(job.id.to_string())),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The job's phases, in order; each resumes from what the document and
+    /// storage say.
+    async fn execute(
+        &self,
+        job: &ValidatedJob,
+        live: &Arc<Mutex<JobDocument>>,
+        checkpoint: &Checkpoint<'_>,
+        stop: &CancellationToken,
+    ) -> Result<(), Failure> {
+        if live.lock().expect("live doc lock").cancel_requested {
+            return Err(Failure::Cancelled);
+        }
+        self.check_accounts(job).await?;
+        let source = self.check_source(job).await?;
+        // From here until its end is on record, this job alone may change the
+        // pool's image sets (a retire or another job of the pool waits).
+        let record = self.lock_pool(job, live, checkpoint, stop).await?;
+        let fresh = live
+            .lock()
+            .expect("live doc lock")
+            .source_snapshot
+            .is_none();
+        let keepable = if fresh {
+            self.adopt_image_set(job, live, &record, &source).await?
+        } else {
+            Vec::new()
+        };
+        let snapshot = self.freeze_source(job, live, checkpoint, &source).await?;
+        let source_len = live
+            .lock()
+            .expect("live doc lock")
+            .source_bytes
+            .unwrap_or(source.len);
+        self.record_plan(job, live, checkpoint, &keepable, source_len)
+            .await?;
+        self.ensure_containers(job).await?;
+        self.copy_all(job, live, checkpoint, stop, &snapshot, source_len)
+            .await?;
+        set_phase(live, Phase::HandingOff);
+        self.record_image_set(job, live, &snapshot, source_len)
+            .await?;
+        self.hand_off(job, live, checkpoint, &snapshot).await?;
+        self.finish(live, JobState::Completed, None);
+        self.metrics
+            .job_progress
+            .with_label_values(&[job.id.as_str()])
+            .set(1.0);
+        Ok(())
+    }
+
+    /// Sends the hand-off: recorded in the document before it is sent, so a
+    /// repeat (after a crash) sends the same thing.
+    async fn hand_off(
+        &self,
+        job: &ValidatedJob,
+        live: &Arc<Mutex<JobDocument>>,
+        checkpoint: &Checkpoint<'_>,
+        snapshot: &str,
+    ) -> Result<(), Failure> {
+        let recorded = live.lock().expect("live doc lock").handoff.clone();
+        let handoff: HandOff = match recorded.and_then(|v| serde_json::from_value(v).ok()) {
+            Some(h) => h,
+            None => {
+                let mut uris: Vec<(u32, String)> = live
+                    .lock()
+                    .expect("live doc lock")
+                    .replicas
+                    .iter()
+                    .map(|r| (r.index, r.uri.clone()))
+                    .collect();
+                uris.sort();
+                let h = HandOff::new(job, snapshot, uris.into_iter().map(|(_, u)| u).collect());
+                live.lock().expect("live doc lock").handoff =
+                    Some(serde_json::to_value(&h).expect("hand-off serialises"));
+                checkpoint.save(live).await.map_err(Failure::from_state)?;
+                h
+            }
+        };
+        self.handoff
+            .deliver(&handoff)
+            .await
+            .map_err(|e| Failure::Transient(e.to_string()))
+    }
+
+    /// Writes the pool's image set: the current set (same snapshot) takes this job's
+    /// replicas, or a new set starts.
+    async fn record_image_set(
+        &self,
+        job: &ValidatedJob,
+        live: &Mutex<JobDocument>,
+        snapshot: &str,
+        source_len: u64,
+    ) -> Result<(), Failure> {
+        let (mut records, etag) = {
+            let doc = live.lock().expect("live doc lock");
+            (doc.replicas.clone(), doc.source_etag.clone())
+        };
+        records.sort_by_key(|r| r.index);
+        let now = OffsetDateTime::now_utc();
+        self.state
+            .update_pool(&job.spec.pool.id, |record| {
+                let previous: HashMap<BlobPath, String> = record
+                    .sets
+                    .iter()
+                    .flat_map(|s| {
+                        s.replicas
+                            .iter()
+                            .map(|r| (r.blob.clone(), r.job_id.clone()))
+                    })
+                    .collect();
+                let replicas = records
+                    .iter()
+                    .map(|r| crate::state::SetReplica {
+                        account: r.account.clone(),
+                        uri: r.uri.clone(),
+                        blob: r.blob.clone(),
+                        job_id: previous
+                            .get(&r.blob)
+                            .cloned()
+                            .unwrap_or_else(|| job.id.to_string()),
+                    })
+                    .collect();
+                match record
+                    .sets
+                    .iter_mut()
+                    .find(|s| s.source_snapshot == snapshot)
+                {
+                    Some(set) => {
+                        set.replicas = replicas;
+                        set.updated_at = now;
+                    }
+                    None => record.sets.push(crate::state::ImageSet {
+                        source: job.spec.source.clone(),
+                        source_blob: job.source.clone(),
+                        source_snapshot: snapshot.to_owned(),
+                        source_etag: etag.clone().unwrap_or_default(),
+                        source_bytes: source_len,
+                        replicas,
+                        created_at: now,
+                        updated_at: now,
+                    }),
+                }
+            })
+            .await
+            .map_err(Failure::from_state)?;
+        Ok(())
+    }
+}
+
+/// A job running on this instance, for as long as the value lives: in the live
+/// view, counted in `vhdrep_jobs{state="running"}`, its progress series
+/// exported. Dropping it (the run ended, returned early or its task was aborted)
+/// undoes all three.
+struct RunningJob<'a> {
+    engine: &'a Engine,
+    id: String,
+    _gauge: crate::metrics::GaugeGuard,
+}
+
+impl<'a> RunningJob<'a> {
+    fn start(engine: &'a Engine, id: &str, live: Arc<Mutex<JobDocument>>) -> Self {
+        engine
+            .live
+            .lock()
+            .expect("live lock")
+            .insert(id.to_owned(), live);
+        Self {
+            engine,
+            id: id.to_owned(),
+            _gauge: crate::metrics::GaugeGuard::new(
+                engine.metrics.jobs.with_label_values(&["running"]),
+            ),
+        }
+    }
+}
+
+impl Drop for RunningJob<'_> {
+    fn drop(&mut self) {
+        self.engine.live.lock().expect("live lock").remove(&self.id);
+        let _ = self
+            .engine
+            .metrics
+            .job_progress
+            .remove_label_values(&[&self.id]);
+    }
+}
