@@ -5,6 +5,7 @@ use crate::control::{Control, SubmitError};
 use crate::engine::LiveJobs;
 use crate::job::parse_job_json;
 use crate::state::{JobDocument, JobListing, JobState, JobSummary, StateError};
+use crate::views::{human_bytes, job_view, pool_view, summary_view};
 use axum::{
     body::Bytes,
     extract::{Path, Query, State},
@@ -87,34 +88,6 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// The JSON view of a job (CONTRACT.md `GET /v1/jobs/{id}`, plus extras).
-pub fn job_view(d: &JobDocument) -> Value {
-    json!({
-        "job_id": d.job_id,
-        "state": d.state(),
-        "phase": d.phase,
-        "error": d.error,
-        "pool_id": d.pool_id(),
-        "source": d.spec().map(|s| s.source.as_str()),
-        "source_snapshot": d.source_snapshot,
-        "created_at": d.created_at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
-        "updated_at": d.updated_at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
-        "cancel_requested": d.cancel_requested,
-        "image_set": d.image_set,
-        "progress": d.progress(),
-        "replicas": d.replicas.iter().map(|r| json!({
-            "uri": r.uri,
-            "account": r.account,
-            "state": r.state,
-            "bytes_copied": r.bytes_copied,
-            "bytes_total": r.bytes_total,
-            "attempts": r.attempts,
-            "status_requests": r.status_requests,
-            "error": r.error,
-        })).collect::<Vec<_>>(),
-    })
-}
-
 async fn submit(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
     if let Err(r) = authorised(&state, &headers) {
         return *r;
@@ -153,14 +126,6 @@ struct Page {
 /// Jobs per page unless asked otherwise, and at most.
 const PAGE: usize = 100;
 const MAX_PAGE: usize = 1000;
-
-/// The JSON view of a job in a list: its summary (no replica table; see
-/// `GET /v1/jobs/{id}`).
-pub fn summary_view(s: &JobSummary) -> Value {
-    let mut v = serde_json::to_value(s).expect("summaries serialise");
-    v["progress"] = json!(s.progress());
-    v
-}
 
 /// Summaries of every job, newest first, the jobs running here fresh from
 /// their live documents; with the documents that could not be read.
@@ -238,26 +203,6 @@ async fn cancel_job(
     }
 }
 
-/// The JSON view of a pool's image sets (CONTRACT.md `GET /v1/pools/{id}`).
-pub fn pool_view(r: &crate::state::PoolRecord) -> Value {
-    let current = r.sets.last();
-    json!({
-        "pool_id": r.pool_id,
-        "source": current.map(|s| s.source.clone()),
-        "snapshot": current.map(|s| s.source_snapshot.clone()),
-        "replicas": current.map(|s| s.replicas.iter().map(|x| json!({"uri": x.uri, "account": x.account, "job_id": x.job_id, "state": "verified"})).collect::<Vec<_>>()).unwrap_or_default(),
-        "image_sets": r.sets.iter().map(|s| json!({
-            "source": s.source,
-            "snapshot": s.source_snapshot,
-            "source_etag": s.source_etag,
-            "bytes": s.source_bytes,
-            "created_at": s.created_at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
-            "updated_at": s.updated_at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
-            "replicas": s.replicas.iter().map(|x| json!({"uri": x.uri, "account": x.account, "job_id": x.job_id})).collect::<Vec<_>>(),
-        })).collect::<Vec<_>>(),
-    })
-}
-
 async fn get_pool(State(state): State<AppState>, Path(id): Path<String>) -> Response {
     match state.control.state.load_pool(&id).await {
         Ok(Some((r, _))) => Json(pool_view(&r)).into_response(),
@@ -310,22 +255,6 @@ async fn readyz(State(state): State<AppState>) -> Response {
             StatusCode::SERVICE_UNAVAILABLE,
             format!("control account unreachable: {e}"),
         ),
-    }
-}
-
-/// Bytes in binary units, for people.
-pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
     }
 }
 

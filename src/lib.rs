@@ -23,6 +23,7 @@
 //! - [`api`]: HTTP routes, status page, metrics, health.
 //! - [`metrics`]: every metric in one place.
 //! - [`vhd`]: the fixed-VHD footer.
+//! - [`views`]: the JSON views of jobs and pools the API and the CLI share.
 //! - `proxy` (feature `testkit`): an Azure behaviour proxy in front of Azurite, for tests.
 //! - `simulation` (feature `testkit`): whole-daemon runs on the simulated store, on
 //!   virtual time.
@@ -54,3 +55,4 @@ pub mod state;
 pub mod storage;
 pub mod telemetry;
 pub mod vhd;
+pub mod views;

@@ -1,0 +1,77 @@
+//! The JSON views of jobs and pools, and byte counts for people: one place for
+//! what the HTTP API answers and the command line prints.
+
+use crate::state::{JobDocument, JobSummary, PoolRecord};
+use serde_json::{json, Value};
+
+/// The JSON view of a job (CONTRACT.md `GET /v1/jobs/{id}`, plus extras).
+pub fn job_view(d: &JobDocument) -> Value {
+    json!({
+        "job_id": d.job_id,
+        "state": d.state(),
+        "phase": d.phase,
+        "error": d.error,
+        "pool_id": d.pool_id(),
+        "source": d.spec().map(|s| s.source.as_str()),
+        "source_snapshot": d.source_snapshot,
+        "created_at": d.created_at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
+        "updated_at": d.updated_at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
+        "cancel_requested": d.cancel_requested,
+        "image_set": d.image_set,
+        "progress": d.progress(),
+        "replicas": d.replicas.iter().map(|r| json!({
+            "uri": r.uri,
+            "account": r.account,
+            "state": r.state,
+            "bytes_copied": r.bytes_copied,
+            "bytes_total": r.bytes_total,
+            "attempts": r.attempts,
+            "status_requests": r.status_requests,
+            "error": r.error,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// The JSON view of a job in a list: its summary (no replica table; see
+/// `GET /v1/jobs/{id}`).
+pub fn summary_view(s: &JobSummary) -> Value {
+    let mut v = serde_json::to_value(s).expect("summaries serialise");
+    v["progress"] = json!(s.progress());
+    v
+}
+
+/// The JSON view of a pool's image sets (CONTRACT.md `GET /v1/pools/{id}`).
+pub fn pool_view(r: &PoolRecord) -> Value {
+    let current = r.sets.last();
+    json!({
+        "pool_id": r.pool_id,
+        "source": current.map(|s| s.source.clone()),
+        "snapshot": current.map(|s| s.source_snapshot.clone()),
+        "replicas": current.map(|s| s.replicas.iter().map(|x| json!({"uri": x.uri, "account": x.account, "job_id": x.job_id, "state": "verified"})).collect::<Vec<_>>()).unwrap_or_default(),
+        "image_sets": r.sets.iter().map(|s| json!({
+            "source": s.source,
+            "snapshot": s.source_snapshot,
+            "source_etag": s.source_etag,
+            "bytes": s.source_bytes,
+            "created_at": s.created_at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
+            "updated_at": s.updated_at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
+            "replicas": s.replicas.iter().map(|x| json!({"uri": x.uri, "account": x.account, "job_id": x.job_id})).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// Bytes in binary units, for people.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
