@@ -469,235 +469,18 @@ impl Settings {
         toml_de(text)
     }
 
-    /// Checks every value and resolves credentials; reports all problems at once.
+    /// Checks every value and resolves credentials; reports all problems at once,
+    /// each with its key (one check per section, as they compose).
     pub fn validate(&self, secrets: &dyn SecretSource) -> Result<ValidatedSettings, ConfigError> {
-        let mut problems = Vec::new();
-        let mut problem = |key: &str, message: String| {
-            problems.push(ConfigProblem {
-                key: key.to_owned(),
-                message,
-            })
-        };
-
-        let listen = match self.service.listen.parse::<SocketAddr>() {
-            Ok(a) => Some(a),
-            Err(_) => {
-                problem(
-                    "service.listen",
-                    format!(
-                        "{:?} is not an address:port such as \"127.0.0.1:9464\"",
-                        self.service.listen
-                    ),
-                );
-                None
-            }
-        };
-        if !matches!(self.service.log_format.as_str(), "text" | "json") {
-            problem(
-                "service.log_format",
-                format!("{:?} is not \"text\" or \"json\"", self.service.log_format),
-            );
-        }
-        if self.batch.subscription.trim().is_empty() {
-            problem(
-                "batch.subscription",
-                "must name the Batch account's subscription id".into(),
-            );
-        }
-        if self.batch.region.trim().is_empty() {
-            problem(
-                "batch.region",
-                "must name the Batch account's region, e.g. \"westeurope\"".into(),
-            );
-        }
-        for (key, value) in [
-            ("control.intake_queue", &self.control.intake_queue),
-            ("control.poison_queue", &self.control.poison_queue),
-            ("control.handoff_queue", &self.control.handoff_queue),
-        ] {
-            if let Err(m) = check_queue_name(value) {
-                problem(key, m);
-            }
-        }
-        if let Err(m) = check_container_name(&self.control.state_container) {
-            problem("control.state_container", m);
-        }
-        if self.limits.windows_nodes_per_vhd == 0 {
-            problem(
-                "limits.windows_nodes_per_vhd",
-                "must be at least 1 (Azure Batch allows 20)".into(),
-            );
-        }
-        if self.limits.linux_nodes_per_vhd == 0 {
-            problem(
-                "limits.linux_nodes_per_vhd",
-                "must be at least 1 (Azure Batch allows 40)".into(),
-            );
-        }
-        let e = &self.engine;
-        for (key, v) in [
-            ("engine.max_parallel_jobs", e.max_parallel_jobs as u64),
-            ("engine.lease_seconds", e.lease_seconds as u64),
-            ("engine.max_dequeue_count", e.max_dequeue_count as u64),
-            ("engine.idle_poll_ms", e.idle_poll_ms),
-            ("engine.min_poll_ms", e.min_poll_ms),
-            ("engine.max_poll_ms", e.max_poll_ms),
-            ("engine.sas_hours", e.sas_hours as u64),
-            ("engine.max_reads_per_source", e.max_reads_per_source as u64),
-            ("engine.checkpoint_seconds", e.checkpoint_seconds),
-            ("engine.connect_timeout_seconds", e.connect_timeout_seconds),
-            ("engine.request_timeout_seconds", e.request_timeout_seconds),
-        ] {
-            if v == 0 {
-                problem(key, "must be at least 1".into());
-            }
-        }
-        if e.lease_seconds > 0 && e.lease_seconds < 10 {
-            problem(
-                "engine.lease_seconds",
-                "must be at least 10 so renewals keep up".into(),
-            );
-        }
-        if e.lease_seconds > 7 * 24 * 3600 {
-            problem(
-                "engine.lease_seconds",
-                "cannot exceed 7 days (604800), the queue's limit".into(),
-            );
-        }
-        if e.request_timeout_seconds > 600 {
-            problem(
-                "engine.request_timeout_seconds",
-                "must be at most 600; a storage request that has not answered in 10 minutes will not".into(),
-            );
-        }
-        if e.min_poll_ms > e.max_poll_ms {
-            problem(
-                "engine.min_poll_ms",
-                "must not exceed engine.max_poll_ms".into(),
-            );
-        }
-        if !matches!(self.handoff.queue_encoding.as_str(), "text" | "base64") {
-            problem(
-                "handoff.queue_encoding",
-                format!(
-                    "{:?} is not \"text\" or \"base64\" (base64 for Azure Functions queue triggers)",
-                    self.handoff.queue_encoding
-                ),
-            );
-        }
-        let handoff_webhook = if self.handoff.webhook.is_empty() {
-            None
-        } else {
-            match Url::parse(&self.handoff.webhook) {
-                Ok(u) if matches!(u.scheme(), "http" | "https") => Some(u),
-                _ => {
-                    problem(
-                        "handoff.webhook",
-                        format!("{:?} is not an http(s) URL", self.handoff.webhook),
-                    );
-                    None
-                }
-            }
-        };
-
-        if self.accounts.is_empty() {
-            problem(
-                "accounts",
-                "no [[accounts]] configured; add the control and destination accounts".into(),
-            );
-        }
-        let mut seen = HashSet::new();
-        let mut accounts = Vec::new();
-        for (i, a) in self.accounts.iter().enumerate() {
-            let k = |field: &str| format!("accounts[{i}].{field}");
-            if let Err(m) = check_account_name(&a.name) {
-                problem(&k("name"), m);
-            }
-            if !seen.insert(a.name.clone()) {
-                problem(
-                    &k("name"),
-                    format!(
-                        "account {:?} is configured twice; names must be unique",
-                        a.name
-                    ),
-                );
-            }
-            if a.max_requests_per_second == 0 {
-                problem(&k("max_requests_per_second"), "must be at least 1".into());
-            }
-            if a.max_replicas == Some(0) {
-                problem(
-                    &k("max_replicas"),
-                    "must be at least 1; remove it for no limit, or set destination = false".into(),
-                );
-            }
-            if a.max_concurrent_copies == 0 {
-                problem(&k("max_concurrent_copies"), "must be at least 1".into());
-            }
-            if a.destination {
-                if let Some(s) = &a.subscription {
-                    if !s.eq_ignore_ascii_case(&self.batch.subscription) {
-                        problem(&k("subscription"), format!("{s} differs from batch.subscription; Batch reads custom images only from its own subscription (set destination = false to keep it as a source)"));
-                    }
-                }
-                if let Some(r) = &a.region {
-                    if !r.eq_ignore_ascii_case(&self.batch.region) {
-                        problem(&k("region"), format!("{r} differs from batch.region ({}); Batch reads custom images only from its own region (set destination = false to keep it as a source)", self.batch.region));
-                    }
-                }
-            }
-            let blob = endpoint(&a.blob_endpoint, &a.name, "blob")
-                .map_err(|m| problem(&k("blob_endpoint"), m));
-            let queue = endpoint(&a.queue_endpoint, &a.name, "queue")
-                .map_err(|m| problem(&k("queue_endpoint"), m));
-            let credential =
-                resolve_credential(a, secrets).map_err(|(field, m)| problem(&k(field), m));
-            let ca_pem = match &a.ca_file {
-                None => Ok(None),
-                Some(path) => match secrets.file(path) {
-                    Ok(text) if text.contains("-----BEGIN CERTIFICATE-----") => {
-                        Ok(Some(text.into_bytes()))
-                    }
-                    Ok(_) => Err(format!("{path} holds no PEM certificate")),
-                    Err(e) => Err(format!("cannot read {path}: {e}")),
-                }
-                .map_err(|m| problem(&k("ca_file"), m)),
-            };
-            if let (Ok(blob_endpoint), Ok(queue_endpoint), Ok(credential), Ok(ca_pem)) =
-                (blob, queue, credential, ca_pem)
-            {
-                accounts.push(AccountConfig {
-                    name: a.name.clone(),
-                    blob_endpoint,
-                    queue_endpoint,
-                    credential,
-                    destination: a.destination,
-                    max_requests_per_second: a.max_requests_per_second,
-                    max_concurrent_copies: a.max_concurrent_copies,
-                    api_version: a.api_version.clone(),
-                    ca_pem,
-                    max_replicas: a.max_replicas,
-                });
-            }
-        }
-        if !self.accounts.is_empty() {
-            if !self.accounts.iter().any(|a| a.name == self.control.account) {
-                problem(
-                    "control.account",
-                    format!(
-                        "{:?} is not one of [[accounts]]; add it or name a configured account",
-                        self.control.account
-                    ),
-                );
-            }
-            if !self.accounts.iter().any(|a| a.destination) {
-                problem(
-                    "accounts",
-                    "no account has destination = true; at least one must receive replicas".into(),
-                );
-            }
-        }
-
+        let mut problems = Problems::default();
+        let listen = self.service.check(&mut problems);
+        self.batch.check(&mut problems);
+        self.control.check(&mut problems);
+        self.limits.check(&mut problems);
+        self.engine.check(&mut problems);
+        let handoff_webhook = self.handoff.check(&mut problems);
+        let accounts = self.check_accounts(secrets, &mut problems);
+        let problems = problems.0;
         if !problems.is_empty() {
             return Err(ConfigError::Invalid(problems));
         }
@@ -724,6 +507,311 @@ impl Settings {
             gc: self.gc.clone(),
             accounts,
         })
+    }
+}
+
+/// Problems found so far, each with its key.
+#[derive(Debug, Default)]
+struct Problems(Vec<ConfigProblem>);
+
+impl Problems {
+    fn add(&mut self, key: &str, message: impl Into<String>) {
+        self.0.push(ConfigProblem {
+            key: key.to_owned(),
+            message: message.into(),
+        });
+    }
+
+    /// Each of these values must be at least 1.
+    fn at_least_one(&mut self, values: &[(&str, u64)]) {
+        for (key, v) in values {
+            if *v == 0 {
+                self.add(key, "must be at least 1");
+            }
+        }
+    }
+}
+
+impl ServiceSettings {
+    fn check(&self, p: &mut Problems) -> Option<SocketAddr> {
+        if !matches!(self.log_format.as_str(), "text" | "json") {
+            p.add(
+                "service.log_format",
+                format!("{:?} is not \"text\" or \"json\"", self.log_format),
+            );
+        }
+        match self.listen.parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                p.add(
+                    "service.listen",
+                    format!(
+                        "{:?} is not an address:port such as \"127.0.0.1:9464\"",
+                        self.listen
+                    ),
+                );
+                None
+            }
+        }
+    }
+}
+
+impl BatchSettings {
+    fn check(&self, p: &mut Problems) {
+        if self.subscription.trim().is_empty() {
+            p.add(
+                "batch.subscription",
+                "must name the Batch account's subscription id",
+            );
+        }
+        if self.region.trim().is_empty() {
+            p.add(
+                "batch.region",
+                "must name the Batch account's region, e.g. \"westeurope\"",
+            );
+        }
+    }
+}
+
+impl ControlSettings {
+    fn check(&self, p: &mut Problems) {
+        for (key, value) in [
+            ("control.intake_queue", &self.intake_queue),
+            ("control.poison_queue", &self.poison_queue),
+            ("control.handoff_queue", &self.handoff_queue),
+        ] {
+            if let Err(m) = check_queue_name(value) {
+                p.add(key, m);
+            }
+        }
+        if let Err(m) = check_container_name(&self.state_container) {
+            p.add("control.state_container", m);
+        }
+    }
+}
+
+impl LimitSettings {
+    fn check(&self, p: &mut Problems) {
+        if self.windows_nodes_per_vhd == 0 {
+            p.add(
+                "limits.windows_nodes_per_vhd",
+                "must be at least 1 (Azure Batch allows 20)",
+            );
+        }
+        if self.linux_nodes_per_vhd == 0 {
+            p.add(
+                "limits.linux_nodes_per_vhd",
+                "must be at least 1 (Azure Batch allows 40)",
+            );
+        }
+    }
+}
+
+impl EngineSettings {
+    fn check(&self, p: &mut Problems) {
+        p.at_least_one(&[
+            ("engine.max_parallel_jobs", self.max_parallel_jobs as u64),
+            ("engine.lease_seconds", self.lease_seconds as u64),
+            ("engine.max_dequeue_count", self.max_dequeue_count as u64),
+            ("engine.idle_poll_ms", self.idle_poll_ms),
+            ("engine.min_poll_ms", self.min_poll_ms),
+            ("engine.max_poll_ms", self.max_poll_ms),
+            ("engine.sas_hours", self.sas_hours as u64),
+            (
+                "engine.max_reads_per_source",
+                self.max_reads_per_source as u64,
+            ),
+            ("engine.checkpoint_seconds", self.checkpoint_seconds),
+            (
+                "engine.connect_timeout_seconds",
+                self.connect_timeout_seconds,
+            ),
+            (
+                "engine.request_timeout_seconds",
+                self.request_timeout_seconds,
+            ),
+        ]);
+        if self.lease_seconds > 0 && self.lease_seconds < 10 {
+            p.add(
+                "engine.lease_seconds",
+                "must be at least 10 so renewals keep up",
+            );
+        }
+        if self.lease_seconds > 7 * 24 * 3600 {
+            p.add(
+                "engine.lease_seconds",
+                "cannot exceed 7 days (604800), the queue's limit",
+            );
+        }
+        if self.request_timeout_seconds > 600 {
+            p.add(
+                "engine.request_timeout_seconds",
+                "must be at most 600; a storage request that has not answered in 10 minutes will not",
+            );
+        }
+        if self.min_poll_ms > self.max_poll_ms {
+            p.add("engine.min_poll_ms", "must not exceed engine.max_poll_ms");
+        }
+    }
+}
+
+impl HandoffSettings {
+    /// Returns the webhook, when one is configured and valid.
+    fn check(&self, p: &mut Problems) -> Option<Url> {
+        if !matches!(self.queue_encoding.as_str(), "text" | "base64") {
+            p.add(
+                "handoff.queue_encoding",
+                format!(
+                    "{:?} is not \"text\" or \"base64\" (base64 for Azure Functions queue triggers)",
+                    self.queue_encoding
+                ),
+            );
+        }
+        if self.webhook.is_empty() {
+            return None;
+        }
+        match Url::parse(&self.webhook) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") => Some(u),
+            _ => {
+                p.add(
+                    "handoff.webhook",
+                    format!("{:?} is not an http(s) URL", self.webhook),
+                );
+                None
+            }
+        }
+    }
+}
+
+impl AccountSettings {
+    /// The account resolved, when every field of it is valid; `k` names a field.
+    fn check(
+        &self,
+        k: &dyn Fn(&str) -> String,
+        batch: &BatchSettings,
+        secrets: &dyn SecretSource,
+        p: &mut Problems,
+    ) -> Option<AccountConfig> {
+        if let Err(m) = check_account_name(&self.name) {
+            p.add(&k("name"), m);
+        }
+        p.at_least_one(&[
+            (
+                &k("max_requests_per_second"),
+                self.max_requests_per_second as u64,
+            ),
+            (
+                &k("max_concurrent_copies"),
+                self.max_concurrent_copies as u64,
+            ),
+        ]);
+        if self.max_replicas == Some(0) {
+            p.add(
+                &k("max_replicas"),
+                "must be at least 1; remove it for no limit, or set destination = false",
+            );
+        }
+        if self.destination {
+            self.check_batch_reach(k, batch, p);
+        }
+        let blob = endpoint(&self.blob_endpoint, &self.name, "blob")
+            .map_err(|m| p.add(&k("blob_endpoint"), m));
+        let queue = endpoint(&self.queue_endpoint, &self.name, "queue")
+            .map_err(|m| p.add(&k("queue_endpoint"), m));
+        let credential =
+            resolve_credential(self, secrets).map_err(|(field, m)| p.add(&k(field), m));
+        let ca_pem = match &self.ca_file {
+            None => Ok(None),
+            Some(path) => match secrets.file(path) {
+                Ok(text) if text.contains("-----BEGIN CERTIFICATE-----") => {
+                    Ok(Some(text.into_bytes()))
+                }
+                Ok(_) => Err(format!("{path} holds no PEM certificate")),
+                Err(e) => Err(format!("cannot read {path}: {e}")),
+            }
+            .map_err(|m| p.add(&k("ca_file"), m)),
+        };
+        let (Ok(blob_endpoint), Ok(queue_endpoint), Ok(credential), Ok(ca_pem)) =
+            (blob, queue, credential, ca_pem)
+        else {
+            return None;
+        };
+        Some(AccountConfig {
+            name: self.name.clone(),
+            blob_endpoint,
+            queue_endpoint,
+            credential,
+            destination: self.destination,
+            max_requests_per_second: self.max_requests_per_second,
+            max_concurrent_copies: self.max_concurrent_copies,
+            api_version: self.api_version.clone(),
+            ca_pem,
+            max_replicas: self.max_replicas,
+        })
+    }
+
+    /// A destination must be in the Batch account's subscription and region.
+    fn check_batch_reach(
+        &self,
+        k: &dyn Fn(&str) -> String,
+        batch: &BatchSettings,
+        p: &mut Problems,
+    ) {
+        if let Some(s) = &self.subscription {
+            if !s.eq_ignore_ascii_case(&batch.subscription) {
+                p.add(&k("subscription"), format!("{s} differs from batch.subscription; Batch reads custom images only from its own subscription (set destination = false to keep it as a source)"));
+            }
+        }
+        if let Some(r) = &self.region {
+            if !r.eq_ignore_ascii_case(&batch.region) {
+                p.add(&k("region"), format!("{r} differs from batch.region ({}); Batch reads custom images only from its own region (set destination = false to keep it as a source)", batch.region));
+            }
+        }
+    }
+}
+
+impl Settings {
+    /// Every account resolved; names unique; the control account among them and
+    /// at least one destination.
+    fn check_accounts(&self, secrets: &dyn SecretSource, p: &mut Problems) -> Vec<AccountConfig> {
+        if self.accounts.is_empty() {
+            p.add(
+                "accounts",
+                "no [[accounts]] configured; add the control and destination accounts",
+            );
+            return Vec::new();
+        }
+        let mut seen = HashSet::new();
+        let mut accounts = Vec::new();
+        for (i, a) in self.accounts.iter().enumerate() {
+            let k = |field: &str| format!("accounts[{i}].{field}");
+            if !seen.insert(a.name.clone()) {
+                p.add(
+                    &k("name"),
+                    format!(
+                        "account {:?} is configured twice; names must be unique",
+                        a.name
+                    ),
+                );
+            }
+            accounts.extend(a.check(&k, &self.batch, secrets, p));
+        }
+        if !self.accounts.iter().any(|a| a.name == self.control.account) {
+            p.add(
+                "control.account",
+                format!(
+                    "{:?} is not one of [[accounts]]; add it or name a configured account",
+                    self.control.account
+                ),
+            );
+        }
+        if !self.accounts.iter().any(|a| a.destination) {
+            p.add(
+                "accounts",
+                "no account has destination = true; at least one must receive replicas",
+            );
+        }
+        accounts
     }
 }
 

@@ -11,6 +11,17 @@ use crate::storage::BlobPath;
 use std::collections::{BTreeSet, HashMap};
 use time::OffsetDateTime;
 
+/// Garbage collection could not read or change what it needs.
+#[derive(Debug, thiserror::Error)]
+pub enum GcError {
+    /// Job documents or pool records.
+    #[error("garbage collection: {0}")]
+    State(#[from] crate::state::StateError),
+    /// Listing or deleting blobs.
+    #[error("garbage collection: {0}")]
+    Storage(#[from] crate::storage::StorageError),
+}
+
 /// What a collection found.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct GcReport {
@@ -30,13 +41,9 @@ pub async fn collect(
     control: &Control,
     min_age: time::Duration,
     dry_run: bool,
-) -> Result<GcReport, String> {
-    let jobs = control.state.list().await.map_err(|e| e.to_string())?.jobs;
-    let pools = control
-        .state
-        .list_pools()
-        .await
-        .map_err(|e| e.to_string())?;
+) -> Result<GcReport, GcError> {
+    let jobs = control.state.list().await?.jobs;
+    let pools = control.state.list_pools().await?;
     let live: HashMap<String, JobState> =
         jobs.iter().map(|j| (j.job_id.clone(), j.state)).collect();
     let mut protected: BTreeSet<BlobPath> = BTreeSet::new();
@@ -81,8 +88,7 @@ pub async fn collect(
         let listed = control
             .store
             .list_detailed(&account, &container, "", true)
-            .await
-            .map_err(|e| e.to_string())?;
+            .await?;
         for b in listed {
             // Only blobs this deployment made: never another deployment's, never
             // anything without our tags.
@@ -112,7 +118,7 @@ pub async fn collect(
                 match control.store.delete(&path).await {
                     Ok(()) => tracing::info!(blob = %path, job = %job, "garbage collected"),
                     Err(e) if e.is_not_found() => {}
-                    Err(e) => return Err(e.to_string()),
+                    Err(e) => return Err(e.into()),
                 }
             }
             report.orphans.push(path);
@@ -124,17 +130,13 @@ pub async fn collect(
 
 /// Deletes the documents of jobs that ended more than `gc.job_retention_days`
 /// ago (none when it is 0), unless `dry_run`; returns their ids.
-pub async fn prune_jobs(control: &Control, dry_run: bool) -> Result<Vec<String>, String> {
+pub async fn prune_jobs(control: &Control, dry_run: bool) -> Result<Vec<String>, GcError> {
     let days = control.settings.gc.job_retention_days;
     if days == 0 {
         return Ok(Vec::new());
     }
     let cutoff = OffsetDateTime::now_utc() - time::Duration::days(days as i64);
-    let pruned = control
-        .state
-        .prune(cutoff, dry_run)
-        .await
-        .map_err(|e| e.to_string())?;
+    let pruned = control.state.prune(cutoff, dry_run).await?;
     if !pruned.is_empty() && !dry_run {
         tracing::info!(
             jobs = pruned.len(),

@@ -5,7 +5,7 @@
 
 use crate::config::ValidatedSettings;
 use crate::engine::{Engine, Outcome};
-use crate::job::{Command, InvalidMessage, JobError, JobId, Salvage};
+use crate::job::{Command, InvalidMessage, JobId, Salvage, ValidatedJob};
 use crate::metrics::Metrics;
 use crate::queue::{MessageQueue, ReceivedMessage};
 use crate::state::{JobDocument, JobState, StateStore, Work};
@@ -14,6 +14,9 @@ use std::{sync::Arc, time::Duration};
 use time::OffsetDateTime;
 use tokio::{sync::Mutex, task::JoinSet};
 use tokio_util::sync::CancellationToken;
+
+/// The work a taken message becomes.
+type Task = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
 /// How often the queued-jobs gauge is refreshed.
 const QUEUED_GAUGE_EVERY: Duration = Duration::from_secs(15);
@@ -217,84 +220,99 @@ impl Worker {
         m: ReceivedMessage,
         lease: Duration,
         stop: CancellationToken,
-    ) -> Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>> {
-        let max = self.settings.engine.max_dequeue_count;
+    ) -> Option<Task> {
         let command = Command::decode(&m.text);
         let job_id = command.job_id();
-        if m.dequeue_count > max {
-            let last = match &job_id {
-                Some(id) => self
-                    .state
-                    .load(id.as_str())
-                    .await
-                    .ok()
-                    .flatten()
-                    .and_then(|(d, _)| d.error),
-                None => None,
-            };
-            let reason = format!(
-                "taken {} times without finishing (engine.max_dequeue_count = {max}){}",
-                m.dequeue_count,
-                last.map(|e| format!("; last error: {e}"))
-                    .unwrap_or_default()
-            );
-            let salvage = salvage_of(&command);
-            self.poison(&m, reason, job_id, salvage).await;
+        if m.dequeue_count > self.settings.engine.max_dequeue_count {
+            let reason = self.overdue_reason(&m, job_id.as_ref()).await;
+            self.poison(&m, reason, job_id, salvage_of(&command)).await;
             return None;
         }
-        let spec = match command {
+        match command {
             Command::Invalid(InvalidMessage {
-                error: JobError { field, message },
+                error,
                 job_id,
                 salvage,
             }) => {
-                self.poison(&m, format!("{field}: {message}"), job_id, salvage)
-                    .await;
-                return None;
+                self.poison(&m, error.to_string(), job_id, salvage).await;
+                None
             }
-            Command::Retire(retire) => {
-                let (id, pool) = match retire.validate() {
-                    Ok(x) => x,
-                    Err(JobError { field, message }) => {
-                        let salvage = Salvage::Retire(retire.retire_pool.clone());
-                        self.poison(&m, format!("{field}: {message}"), job_id, salvage)
-                            .await;
-                        return None;
-                    }
-                };
-                let engine = self.engine.clone();
-                let queue = self.intake.clone();
-                return Some(Box::pin(async move {
-                    let lease = Lease::start(queue, &m, lease, stop.child_token());
-                    match engine.retire(&id, &pool).await {
-                        Outcome::Retry(_) => lease.release(Duration::from_secs(30)).await,
-                        _ => lease.delete().await,
-                    }
-                })
-                    as std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>);
-            }
-            Command::Replicate(spec) => spec,
+            Command::Retire(retire) => match retire.validate() {
+                Ok((id, pool)) => Some(self.retire_task(m, id, pool, lease, stop)),
+                Err(error) => {
+                    let salvage = Salvage::Retire(retire.retire_pool.clone());
+                    self.poison(&m, error.to_string(), job_id, salvage).await;
+                    None
+                }
+            },
+            Command::Replicate(spec) => match spec.validate(&self.settings) {
+                Ok(job) => self.job_task(m, job, lease, stop).await,
+                Err(error) => {
+                    let salvage = Salvage::Replicate(spec);
+                    self.poison(&m, error.to_string(), job_id, salvage).await;
+                    None
+                }
+            },
+        }
+    }
+
+    /// Why a message taken too often is poisoned, with its job's last error.
+    async fn overdue_reason(&self, m: &ReceivedMessage, job_id: Option<&JobId>) -> String {
+        let last = match job_id {
+            Some(id) => self
+                .state
+                .load(id.as_str())
+                .await
+                .ok()
+                .flatten()
+                .and_then(|(d, _)| d.error),
+            None => None,
         };
-        let job = match spec.validate(&self.settings) {
-            Ok(job) => job,
-            Err(JobError { field, message }) => {
-                self.poison(
-                    &m,
-                    format!("{field}: {message}"),
-                    job_id,
-                    Salvage::Replicate(spec),
-                )
-                .await;
-                return None;
+        format!(
+            "taken {} times without finishing (engine.max_dequeue_count = {}){}",
+            m.dequeue_count,
+            self.settings.engine.max_dequeue_count,
+            last.map(|e| format!("; last error: {e}"))
+                .unwrap_or_default()
+        )
+    }
+
+    /// The task of a retire job, under the message's lease.
+    fn retire_task(
+        &self,
+        m: ReceivedMessage,
+        id: JobId,
+        pool: String,
+        lease: Duration,
+        stop: CancellationToken,
+    ) -> Task {
+        let engine = self.engine.clone();
+        let queue = self.intake.clone();
+        Box::pin(async move {
+            let lease = Lease::start(queue, &m, lease, stop.child_token());
+            match engine.retire(&id, &pool).await {
+                Outcome::Retry(_) => lease.release(Duration::from_secs(30)).await,
+                _ => lease.delete().await,
             }
-        };
-        if self
+        })
+    }
+
+    /// The task of a replication job, under the message's lease; none for a
+    /// duplicate message of a job running here.
+    async fn job_task(
+        &self,
+        m: ReceivedMessage,
+        job: ValidatedJob,
+        lease: Duration,
+        stop: CancellationToken,
+    ) -> Option<Task> {
+        let running_here = self
             .engine
             .live()
             .lock()
             .expect("live lock")
-            .contains_key(job.id.as_str())
-        {
+            .contains_key(job.id.as_str());
+        if running_here {
             tracing::info!(job_id = %job.id, "duplicate message for a job running here; dropping it");
             let _ = self.intake.delete(&m.id, &m.pop_receipt).await;
             return None;
@@ -304,8 +322,7 @@ impl Worker {
         Some(Box::pin(async move {
             let job_stop = stop.child_token();
             let lease = Lease::start(queue, &m, lease, job_stop.clone());
-            let outcome = engine.run(&job, job_stop).await;
-            match outcome {
+            match engine.run(&job, job_stop).await {
                 Outcome::Completed
                 | Outcome::Failed(_)
                 | Outcome::Cancelled

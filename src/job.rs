@@ -430,99 +430,17 @@ pub fn locate_source(url: &str, settings: &ValidatedSettings) -> Result<BlobPath
 }
 
 impl JobSpec {
-    /// Checks the job against the configuration and fills in defaults.
+    /// Checks the job against the configuration and fills in defaults; the
+    /// first problem found is refused, naming its field.
     pub fn validate(&self, settings: &ValidatedSettings) -> Result<ValidatedJob, JobError> {
         let id = match &self.job_id {
             Some(id) => JobId::parse(id).map_err(|m| JobError::new("job_id", m))?,
             None => JobId::generate(),
         };
         let source = locate_source(&self.source, settings)?;
-        let pool = &self.pool;
-        if pool.id.is_empty()
-            || pool.id.len() > 64
-            || !pool
-                .id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        {
-            return Err(JobError::new(
-                "pool.id",
-                format!(
-                    "{:?} is not a Batch pool id: 1-64 letters, digits, hyphens and underscores",
-                    pool.id
-                ),
-            ));
-        }
-        if pool.nodes == 0 {
-            return Err(JobError::new("pool.nodes", "must be at least 1"));
-        }
-        if pool.nodes > MAX_NODES {
-            return Err(JobError::new(
-                "pool.nodes",
-                format!(
-                    "{} is more than any Batch pool holds (at most {MAX_NODES})",
-                    pool.nodes
-                ),
-            ));
-        }
-        let needed = replicas_needed(pool.os, pool.nodes, &settings.limits);
-        let replicas = match self.replicas {
-            None => needed,
-            Some(0) => return Err(JobError::new("replicas", "must be at least 1; omit it to use the default")),
-            Some(r) if r > MAX_REPLICAS => {
-                return Err(JobError::new("replicas", format!("{r} is more than one job may make (at most {MAX_REPLICAS})")))
-            }
-            Some(r) if r < needed => {
-                return Err(JobError::new(
-                    "replicas",
-                    format!(
-                        "{r} replicas serve fewer than {} {} nodes (Batch allows {} nodes per VHD); ask for at least {needed} or omit replicas",
-                        pool.nodes,
-                        pool.os,
-                        match pool.os { Os::Windows => settings.limits.windows_nodes_per_vhd, Os::Linux => settings.limits.linux_nodes_per_vhd }
-                    ),
-                ))
-            }
-            Some(r) => r,
-        };
-        let accounts = match &self.accounts {
-            None => settings.destination_accounts(),
-            Some(list) if list.is_empty() => {
-                return Err(JobError::new(
-                    "accounts",
-                    "must name at least one account; omit it to use every destination account",
-                ))
-            }
-            Some(list) => {
-                let mut out: Vec<String> = Vec::new();
-                for (i, name) in list.iter().enumerate() {
-                    match settings.account(name) {
-                        None => {
-                            return Err(JobError::new(
-                                &format!("accounts[{i}]"),
-                                format!("{name:?} is not a configured account"),
-                            ))
-                        }
-                        Some(a) if !a.destination => {
-                            return Err(JobError::new(
-                                &format!("accounts[{i}]"),
-                                format!(
-                                    "{name:?} is not a destination account (destination = false)"
-                                ),
-                            ))
-                        }
-                        Some(_) if out.contains(name) => {
-                            return Err(JobError::new(
-                                &format!("accounts[{i}]"),
-                                format!("{name:?} is listed twice"),
-                            ))
-                        }
-                        Some(_) => out.push(name.clone()),
-                    }
-                }
-                out
-            }
-        };
+        self.pool.check()?;
+        let replicas = self.replicas_for(settings)?;
+        let accounts = self.accounts_for(settings)?;
         let capacity: std::collections::BTreeMap<String, Option<u32>> = accounts
             .iter()
             .map(|a| (a.clone(), settings.account(a).and_then(|c| c.max_replicas)))
@@ -534,15 +452,7 @@ impl JobSpec {
             .clone()
             .unwrap_or_else(|| DEFAULT_CONTAINER.to_owned());
         check_container_name(&container).map_err(|m| JobError::new("container", m))?;
-        if let Some(vm) = &pool.vm_size {
-            if vm.trim().is_empty() {
-                return Err(JobError::new(
-                    "pool.vm_size",
-                    "must not be empty; omit it or name a VM size",
-                ));
-            }
-        }
-        let (vm_size, node_agent_sku_id) = add_pool_fields(pool, &settings.handoff)?;
+        let (vm_size, node_agent_sku_id) = add_pool_fields(&self.pool, &settings.handoff)?;
         let mut spec = self.clone();
         spec.job_id = Some(id.to_string());
         Ok(ValidatedJob {
@@ -555,6 +465,119 @@ impl JobSpec {
             vm_size,
             node_agent_sku_id,
         })
+    }
+
+    /// Replicas to make: the default for the nodes, or as many as asked if that
+    /// serves them.
+    fn replicas_for(&self, settings: &ValidatedSettings) -> Result<u32, JobError> {
+        let pool = &self.pool;
+        let needed = replicas_needed(pool.os, pool.nodes, &settings.limits);
+        match self.replicas {
+            None => Ok(needed),
+            Some(0) => Err(JobError::new(
+                "replicas",
+                "must be at least 1; omit it to use the default",
+            )),
+            Some(r) if r > MAX_REPLICAS => Err(JobError::new(
+                "replicas",
+                format!("{r} is more than one job may make (at most {MAX_REPLICAS})"),
+            )),
+            Some(r) if r < needed => {
+                let per = match pool.os {
+                    Os::Windows => settings.limits.windows_nodes_per_vhd,
+                    Os::Linux => settings.limits.linux_nodes_per_vhd,
+                };
+                Err(JobError::new(
+                    "replicas",
+                    format!(
+                        "{r} replicas serve fewer than {} {} nodes (Batch allows {per} nodes per VHD); ask for at least {needed} or omit replicas",
+                        pool.nodes, pool.os,
+                    ),
+                ))
+            }
+            Some(r) => Ok(r),
+        }
+    }
+
+    /// Destination accounts: the job's (configured destinations, each once), or
+    /// every destination account.
+    fn accounts_for(&self, settings: &ValidatedSettings) -> Result<Vec<String>, JobError> {
+        let Some(list) = &self.accounts else {
+            return Ok(settings.destination_accounts());
+        };
+        if list.is_empty() {
+            return Err(JobError::new(
+                "accounts",
+                "must name at least one account; omit it to use every destination account",
+            ));
+        }
+        let mut out: Vec<String> = Vec::new();
+        for (i, name) in list.iter().enumerate() {
+            let field = format!("accounts[{i}]");
+            match settings.account(name) {
+                None => {
+                    return Err(JobError::new(
+                        &field,
+                        format!("{name:?} is not a configured account"),
+                    ))
+                }
+                Some(a) if !a.destination => {
+                    return Err(JobError::new(
+                        &field,
+                        format!("{name:?} is not a destination account (destination = false)"),
+                    ))
+                }
+                Some(_) if out.contains(name) => {
+                    return Err(JobError::new(&field, format!("{name:?} is listed twice")))
+                }
+                Some(_) => out.push(name.clone()),
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl PoolSpec {
+    /// A Batch pool id, a node count Batch allows, no empty VM size.
+    fn check(&self) -> Result<(), JobError> {
+        if self.id.is_empty()
+            || self.id.len() > 64
+            || !self
+                .id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(JobError::new(
+                "pool.id",
+                format!(
+                    "{:?} is not a Batch pool id: 1-64 letters, digits, hyphens and underscores",
+                    self.id
+                ),
+            ));
+        }
+        if self.nodes == 0 {
+            return Err(JobError::new("pool.nodes", "must be at least 1"));
+        }
+        if self.nodes > MAX_NODES {
+            return Err(JobError::new(
+                "pool.nodes",
+                format!(
+                    "{} is more than any Batch pool holds (at most {MAX_NODES})",
+                    self.nodes
+                ),
+            ));
+        }
+        if self
+            .vm_size
+            .as_deref()
+            .is_some_and(|vm| vm.trim().is_empty())
+        {
+            return Err(JobError::new(
+                "pool.vm_size",
+                "must not be empty; omit it or name a VM size",
+            ));
+        }
+        Ok(())
     }
 }
 

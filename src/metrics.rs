@@ -9,6 +9,12 @@ use prometheus::{
 /// Every value of `vhdrep_storage_retries_total`'s `reason` label.
 pub const RETRY_REASONS: [&str; 3] = ["throttled", "timeout", "transient"];
 
+/// Buckets of `vhdrep_copy_duration_seconds`: from a same-account copy's
+/// fraction of a second to a 127 GiB cross-account copy's hours.
+const COPY_DURATION_BUCKETS: [f64; 12] = [
+    0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0,
+];
+
 /// The daemon's metrics and the registry that exports them.
 #[derive(Clone)]
 pub struct Metrics {
@@ -57,129 +63,113 @@ impl Default for Metrics {
 impl Metrics {
     /// A fresh registry with every metric registered.
     pub fn new() -> Self {
-        let registry = Registry::new();
-        let m = Self {
-            registry: registry.clone(),
-            jobs: IntGaugeVec::new(
-                Opts::new("vhdrep_jobs", "Jobs known to this instance, by state."),
-                &["state"],
-            )
-            .unwrap(),
-            jobs_finished: IntCounterVec::new(
-                Opts::new("vhdrep_jobs_finished_total", "Jobs that ended, by outcome."),
-                &["outcome"],
-            )
-            .unwrap(),
-            replicas_finished: IntCounterVec::new(
-                Opts::new(
-                    "vhdrep_replicas_finished_total",
-                    "Replicas that ended, by outcome.",
-                ),
-                &["outcome"],
-            )
-            .unwrap(),
-            copies_in_flight: IntGaugeVec::new(
-                Opts::new(
-                    "vhdrep_copies_in_flight",
-                    "Server-side copies running, by destination account.",
-                ),
-                &["account"],
-            )
-            .unwrap(),
-            copy_bytes: IntCounterVec::new(
-                Opts::new(
-                    "vhdrep_copy_bytes_total",
-                    "Bytes copied into each destination account.",
-                ),
-                &["account"],
-            )
-            .unwrap(),
-            copy_duration: HistogramVec::new(
-                HistogramOpts::new(
-                    "vhdrep_copy_duration_seconds",
-                    "Time from starting a copy to its verified end.",
-                )
-                .buckets(vec![
-                    0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0,
-                ]),
-                &["kind"],
-            )
-            .unwrap(),
-            job_progress: GaugeVec::new(
-                Opts::new(
-                    "vhdrep_job_progress_ratio",
-                    "Share of an active job's bytes copied (0 to 1).",
-                ),
-                &["job_id"],
-            )
-            .unwrap(),
-            storage_requests: IntCounterVec::new(
-                Opts::new(
-                    "vhdrep_storage_requests_total",
-                    "Storage requests, by account, operation and status class.",
-                ),
-                &["account", "operation", "status_class"],
-            )
-            .unwrap(),
-            storage_throttled: IntCounterVec::new(
-                Opts::new(
-                    "vhdrep_storage_throttled_total",
-                    "Storage requests answered with throttling.",
-                ),
-                &["account"],
-            )
-            .unwrap(),
-            storage_retries: IntCounterVec::new(
-                Opts::new(
-                    "vhdrep_storage_retries_total",
-                    "Storage requests retried, by reason.",
-                ),
-                &["account", "reason"],
-            )
-            .unwrap(),
-            queue_poisoned: IntCounter::new(
-                "vhdrep_queue_poisoned_total",
-                "Intake messages moved to the poison queue.",
-            )
-            .unwrap(),
-            checkpoint_failures: IntCounter::new(
-                "vhdrep_checkpoint_failures_total",
-                "Checkpoint writes of running jobs that failed (tried again at the next tick).",
-            )
-            .unwrap(),
-            build_info: GaugeVec::new(
-                Opts::new("vhdrep_build_info", "Build information; always 1."),
-                &["version"],
-            )
-            .unwrap(),
+        let r = Registry::new();
+        let counters = |name: &str, help: &str, labels: &[&str]| {
+            register(&r, IntCounterVec::new(Opts::new(name, help), labels))
         };
-        for c in [
-            Box::new(m.jobs.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(m.jobs_finished.clone()),
-            Box::new(m.replicas_finished.clone()),
-            Box::new(m.copies_in_flight.clone()),
-            Box::new(m.copy_bytes.clone()),
-            Box::new(m.copy_duration.clone()),
-            Box::new(m.job_progress.clone()),
-            Box::new(m.storage_requests.clone()),
-            Box::new(m.storage_throttled.clone()),
-            Box::new(m.storage_retries.clone()),
-            Box::new(m.queue_poisoned.clone()),
-            Box::new(m.checkpoint_failures.clone()),
-            Box::new(m.build_info.clone()),
-        ] {
-            registry.register(c).expect("metric names are unique");
-        }
-        m.build_info
+        let gauges = |name: &str, help: &str, labels: &[&str]| {
+            register(&r, IntGaugeVec::new(Opts::new(name, help), labels))
+        };
+        let m = Self {
+            jobs: gauges(
+                "vhdrep_jobs",
+                "Jobs known to this instance, by state.",
+                &["state"],
+            ),
+            jobs_finished: counters(
+                "vhdrep_jobs_finished_total",
+                "Jobs that ended, by outcome.",
+                &["outcome"],
+            ),
+            replicas_finished: counters(
+                "vhdrep_replicas_finished_total",
+                "Replicas that ended, by outcome.",
+                &["outcome"],
+            ),
+            copies_in_flight: gauges(
+                "vhdrep_copies_in_flight",
+                "Server-side copies running, by destination account.",
+                &["account"],
+            ),
+            copy_bytes: counters(
+                "vhdrep_copy_bytes_total",
+                "Bytes copied into each destination account.",
+                &["account"],
+            ),
+            copy_duration: register(
+                &r,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "vhdrep_copy_duration_seconds",
+                        "Time from starting a copy to its verified end.",
+                    )
+                    .buckets(COPY_DURATION_BUCKETS.to_vec()),
+                    &["kind"],
+                ),
+            ),
+            job_progress: register(
+                &r,
+                GaugeVec::new(
+                    Opts::new(
+                        "vhdrep_job_progress_ratio",
+                        "Share of an active job's bytes copied (0 to 1).",
+                    ),
+                    &["job_id"],
+                ),
+            ),
+            storage_requests: counters(
+                "vhdrep_storage_requests_total",
+                "Storage requests, by account, operation and status class.",
+                &["account", "operation", "status_class"],
+            ),
+            storage_throttled: counters(
+                "vhdrep_storage_throttled_total",
+                "Storage requests answered with throttling.",
+                &["account"],
+            ),
+            storage_retries: counters(
+                "vhdrep_storage_retries_total",
+                "Storage requests retried, by reason.",
+                &["account", "reason"],
+            ),
+            queue_poisoned: register(
+                &r,
+                IntCounter::new(
+                    "vhdrep_queue_poisoned_total",
+                    "Intake messages moved to the poison queue.",
+                ),
+            ),
+            checkpoint_failures: register(
+                &r,
+                IntCounter::new(
+                    "vhdrep_checkpoint_failures_total",
+                    "Checkpoint writes of running jobs that failed (tried again at the next tick).",
+                ),
+            ),
+            build_info: register(
+                &r,
+                GaugeVec::new(
+                    Opts::new("vhdrep_build_info", "Build information; always 1."),
+                    &["version"],
+                ),
+            ),
+            registry: r.clone(),
+        };
+        m.set_initial_values();
+        m
+    }
+
+    /// The build, and the series every instance has from the start.
+    fn set_initial_values(&self) {
+        self.build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1.0);
         for outcome in ["completed", "failed", "cancelled"] {
-            m.jobs_finished.with_label_values(&[outcome]).reset();
+            self.jobs_finished.with_label_values(&[outcome]).reset();
         }
         for state in ["queued", "running"] {
-            m.jobs.with_label_values(&[state]).set(0);
+            self.jobs.with_label_values(&[state]).set(0);
         }
-        m
     }
 
     /// Exports every series whose labels are known from the configuration at
@@ -234,6 +224,18 @@ impl Metrics {
             self.storage_throttled.with_label_values(&[account]).inc();
         }
     }
+}
+
+/// A metric built from its (static, valid) options and registered.
+fn register<C>(registry: &Registry, metric: prometheus::Result<C>) -> C
+where
+    C: prometheus::core::Collector + Clone + 'static,
+{
+    let metric = metric.expect("metric options are valid");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("metric names are unique");
+    metric
 }
 
 /// A gauge raised while the guard lives: lowered again however the holder ends

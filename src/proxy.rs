@@ -324,47 +324,32 @@ fn query_has(query: &str, key: &str) -> Option<String> {
         .map(|(_, v)| v.into_owned())
 }
 
+/// What the proxy needs to know of a request.
+struct Seen {
+    method: hyper::Method,
+    path: String,
+    query: String,
+}
+
+impl Seen {
+    fn comp(&self) -> Option<String> {
+        query_has(&self.query, "comp")
+    }
+
+    /// The service fetching a copy source (a read that carries a SAS): passed
+    /// through untouched.
+    fn is_service_read(&self) -> bool {
+        self.query.contains("sig=")
+            && (self.method == hyper::Method::GET || self.method == hyper::Method::HEAD)
+    }
+}
+
 async fn handle(
     shared: Arc<Shared>,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Reset> {
-    let stats = &shared.stats;
-    ProxyStats::bump(&stats.requests);
-    let path = req.uri().path().to_owned();
-    let query = req.uri().query().unwrap_or("").to_owned();
-    let method = req.method().clone();
-    shared
-        .seen
-        .lock()
-        .expect("seen lock")
-        .push(format!("{method} {path}?{query}"));
-    if let Some(source) = req
-        .headers()
-        .get("x-ms-copy-source")
-        .and_then(|v| v.to_str().ok())
-    {
-        shared
-            .copy_sources
-            .lock()
-            .expect("sources lock")
-            .push((path.clone(), source.to_owned()));
-    }
-    let scripted = {
-        let mut left = shared.rules_left.lock().expect("rules lock");
-        shared
-            .cfg
-            .rules
-            .iter()
-            .zip(left.iter_mut())
-            .find(|(r, n)| **n > 0 && r.matches(&method, &path, &query, req.headers()))
-            .map(|(r, n)| {
-                *n -= 1;
-                r.action
-            })
-    };
-    if scripted.is_some() {
-        ProxyStats::bump(&stats.rule_hits);
-    }
+    let seen = record(&shared, &req);
+    let scripted = scripted_fault(&shared, &seen, req.headers());
     match scripted {
         Some(ProxyAction::Swallow) => std::future::pending::<()>().await,
         Some(ProxyAction::Answer(status, code)) => {
@@ -378,191 +363,39 @@ async fn handle(
         Some(ProxyAction::Delay(d)) => tokio::time::sleep(d).await,
         Some(ProxyAction::LoseAnswer) | None => {}
     }
-    let lose_answer = scripted == Some(ProxyAction::LoseAnswer);
-    let service_read =
-        query.contains("sig=") && (method == hyper::Method::GET || method == hyper::Method::HEAD);
-
-    if !service_read {
-        let (reset, busy, retry_after, timeout, spike) = {
-            let mut rng = shared.rng.lock().expect("rng lock");
-            let cfg = &shared.cfg;
-            (
-                rng.random::<f64>() < cfg.reset_rate,
-                rng.random::<f64>() < cfg.busy_rate,
-                rng.random::<f64>() < cfg.retry_after_share,
-                rng.random::<f64>() < cfg.timeout_rate,
-                rng.random::<f64>() < cfg.spike_rate,
-            )
-        };
-        if spike {
-            ProxyStats::bump(&stats.spikes);
-            tokio::time::sleep(shared.cfg.spike).await;
-        }
-        if reset {
-            ProxyStats::bump(&stats.resets);
-            return Err(Reset);
-        }
-        if busy {
-            ProxyStats::bump(&stats.busy);
-            if retry_after {
-                ProxyStats::bump(&stats.busy_with_retry_after);
-            }
-            return Ok(error_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "ServerBusy",
-                "Operations per second is over the account limit.",
-                retry_after,
-            ));
-        }
-        if timeout {
-            ProxyStats::bump(&stats.timeouts);
-            return Ok(error_response(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "OperationTimedOut",
-                "Operation could not be completed within the specified time.",
-                false,
-            ));
+    if !seen.is_service_read() {
+        if let Some(faulted) = random_fault(&shared).await {
+            return faulted;
         }
     }
-
-    // Abort Copy of a copy we hold pending: Azurite has finished it long ago.
-    let is_abort = method == hyper::Method::PUT
-        && query_has(&query, "comp").as_deref() == Some("copy")
-        && req
-            .headers()
-            .get("x-ms-copy-action")
-            .and_then(|v| v.to_str().ok())
-            == Some("abort");
-    if is_abort {
-        let copy_id = query_has(&query, "copyid").unwrap_or_default();
-        let mut held = shared.held.lock().expect("held lock");
-        if let Some(h) = held
-            .get_mut(&path)
-            .filter(|h| h.copy_id == copy_id && !h.aborted)
-        {
-            let pending = shared
-                .cfg
-                .hold_copies
-                .is_some_and(|hold| h.started.elapsed() < hold);
-            if pending {
-                h.aborted = true;
-                ProxyStats::bump(&stats.aborted);
-                return Ok(Response::builder()
-                    .status(StatusCode::NO_CONTENT)
-                    .body(Full::new(Bytes::new()))
-                    .expect("static response builds"));
-            }
-        }
+    if let Some(aborted) = abort_held(&shared, &seen, req.headers()) {
+        return Ok(aborted);
     }
-
-    let is_start_copy = method == hyper::Method::PUT
+    let is_start_copy = seen.method == hyper::Method::PUT
         && req.headers().contains_key("x-ms-copy-source")
-        && query_has(&query, "comp").is_none();
-    let is_status = (method == hyper::Method::HEAD || method == hyper::Method::GET)
-        && query_has(&query, "comp").is_none();
-    let is_delete = method == hyper::Method::DELETE && query_has(&query, "comp").is_none();
-
+        && seen.comp().is_none();
     if is_start_copy {
         *shared
             .starts
             .lock()
             .expect("starts lock")
-            .entry(path.clone())
+            .entry(seen.path.clone())
             .or_default() += 1;
     }
-    // Forward.
-    let url = if query.is_empty() {
-        format!("{}{path}", shared.cfg.upstream)
-    } else {
-        format!("{}{path}?{query}", shared.cfg.upstream)
-    };
-    let (parts, body) = req.into_parts();
-    let body = body.collect().await.map_err(|_| Reset)?.to_bytes();
-    let mut upstream = Request::builder()
-        .method(parts.method.clone())
-        .uri(url.as_str());
-    // The Host header goes along: Azurite checks that a copy source is on "its" host.
-    for (name, value) in parts.headers.iter() {
-        if name != hyper::header::CONNECTION {
-            upstream = upstream.header(name, value);
-        }
-    }
-    let upstream = upstream.body(Full::new(body)).map_err(|_| Reset)?;
-    let rsp = shared.client.request(upstream).await.map_err(|_| Reset)?;
-    let status = rsp.status();
-    if lose_answer {
+    let (status, mut headers, bytes) = forward(&shared, &seen, req).await?;
+    if scripted == Some(ProxyAction::LoseAnswer) {
         std::future::pending::<()>().await;
     }
-    if std::env::var_os("VHDREP_PROXY_DEBUG").is_some() {
-        eprintln!("proxy: {} {path}?{query} -> {status}", parts.method);
+    if seen.method == hyper::Method::DELETE && seen.comp().is_none() && status.is_success() {
+        shared.held.lock().expect("held lock").remove(&seen.path);
     }
-    let (rsp_parts, rsp_body) = rsp.into_parts();
-    let mut headers = rsp_parts.headers;
-    let bytes = rsp_body.collect().await.map_err(|_| Reset)?.to_bytes();
-
-    if is_delete && status.is_success() {
-        shared.held.lock().expect("held lock").remove(&path);
+    if is_start_copy && status == StatusCode::ACCEPTED {
+        hold_started_copy(&shared, &seen.path, &mut headers);
     }
-    if let (true, Some(_)) = (
-        is_start_copy && status == StatusCode::ACCEPTED,
-        shared.cfg.hold_copies,
-    ) {
-        if let Some(id) = headers.get("x-ms-copy-id").and_then(|v| v.to_str().ok()) {
-            shared.held.lock().expect("held lock").insert(
-                path.clone(),
-                Held {
-                    copy_id: id.to_owned(),
-                    started: Instant::now(),
-                    aborted: false,
-                },
-            );
-            ProxyStats::bump(&stats.held);
-            headers.insert(
-                "x-ms-copy-status",
-                "pending".parse().expect("static header"),
-            );
-        }
-    }
-    if is_status && status.is_success() && !service_read {
-        let held = shared.held.lock().expect("held lock").get(&path).cloned();
-        if let (Some(h), Some(hold)) = (held, shared.cfg.hold_copies) {
-            let ours = headers.get("x-ms-copy-id").and_then(|v| v.to_str().ok())
-                == Some(h.copy_id.as_str());
-            let total: u64 = headers
-                .get("x-ms-copy-progress")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|p| p.split('/').nth(1))
-                .and_then(|t| t.parse().ok())
-                .or_else(|| {
-                    headers
-                        .get("content-length")
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(|v| v.parse().ok())
-                })
-                .unwrap_or(0);
-            if ours && h.aborted {
-                headers.insert(
-                    "x-ms-copy-status",
-                    "aborted".parse().expect("static header"),
-                );
-                headers.insert(
-                    "x-ms-copy-progress",
-                    format!("0/{total}").parse().expect("ascii"),
-                );
-            } else if ours && h.started.elapsed() < hold {
-                let share = h.started.elapsed().as_secs_f64() / hold.as_secs_f64();
-                let copied = (total as f64 * share) as u64;
-                headers.insert(
-                    "x-ms-copy-status",
-                    "pending".parse().expect("static header"),
-                );
-                headers.insert(
-                    "x-ms-copy-progress",
-                    format!("{copied}/{total}").parse().expect("ascii"),
-                );
-                ProxyStats::bump(&stats.pending_answers);
-            }
-        }
+    let is_status = (seen.method == hyper::Method::HEAD || seen.method == hyper::Method::GET)
+        && seen.comp().is_none();
+    if is_status && status.is_success() && !seen.is_service_read() {
+        show_held_copy(&shared, &seen.path, &mut headers);
     }
     let mut out = Response::builder().status(status);
     for (name, value) in headers.iter() {
@@ -571,4 +404,240 @@ async fn handle(
         }
     }
     Ok(out.body(Full::new(bytes)).expect("response builds"))
+}
+
+/// Counts and logs a request (and the copy source of a Start Copy).
+fn record(shared: &Shared, req: &Request<Incoming>) -> Seen {
+    ProxyStats::bump(&shared.stats.requests);
+    let seen = Seen {
+        method: req.method().clone(),
+        path: req.uri().path().to_owned(),
+        query: req.uri().query().unwrap_or("").to_owned(),
+    };
+    shared
+        .seen
+        .lock()
+        .expect("seen lock")
+        .push(format!("{} {}?{}", seen.method, seen.path, seen.query));
+    if let Some(source) = req
+        .headers()
+        .get("x-ms-copy-source")
+        .and_then(|v| v.to_str().ok())
+    {
+        shared
+            .copy_sources
+            .lock()
+            .expect("sources lock")
+            .push((seen.path.clone(), source.to_owned()));
+    }
+    seen
+}
+
+/// The first scripted rule with hits left that matches the request, spending one.
+fn scripted_fault(shared: &Shared, seen: &Seen, headers: &hyper::HeaderMap) -> Option<ProxyAction> {
+    let mut left = shared.rules_left.lock().expect("rules lock");
+    let action = shared
+        .cfg
+        .rules
+        .iter()
+        .zip(left.iter_mut())
+        .find(|(r, n)| **n > 0 && r.matches(&seen.method, &seen.path, &seen.query, headers))
+        .map(|(r, n)| {
+            *n -= 1;
+            r.action
+        });
+    if action.is_some() {
+        ProxyStats::bump(&shared.stats.rule_hits);
+    }
+    action
+}
+
+/// A seeded random fault: a latency spike (then on), a reset, a 503 (with or
+/// without Retry-After) or a 500 OperationTimedOut.
+async fn random_fault(shared: &Shared) -> Option<Result<Response<Full<Bytes>>, Reset>> {
+    let stats = &shared.stats;
+    let (reset, busy, retry_after, timeout, spike) = {
+        let mut rng = shared.rng.lock().expect("rng lock");
+        let cfg = &shared.cfg;
+        (
+            rng.random::<f64>() < cfg.reset_rate,
+            rng.random::<f64>() < cfg.busy_rate,
+            rng.random::<f64>() < cfg.retry_after_share,
+            rng.random::<f64>() < cfg.timeout_rate,
+            rng.random::<f64>() < cfg.spike_rate,
+        )
+    };
+    if spike {
+        ProxyStats::bump(&stats.spikes);
+        tokio::time::sleep(shared.cfg.spike).await;
+    }
+    if reset {
+        ProxyStats::bump(&stats.resets);
+        return Some(Err(Reset));
+    }
+    if busy {
+        ProxyStats::bump(&stats.busy);
+        if retry_after {
+            ProxyStats::bump(&stats.busy_with_retry_after);
+        }
+        return Some(Ok(error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ServerBusy",
+            "Operations per second is over the account limit.",
+            retry_after,
+        )));
+    }
+    if timeout {
+        ProxyStats::bump(&stats.timeouts);
+        return Some(Ok(error_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "OperationTimedOut",
+            "Operation could not be completed within the specified time.",
+            false,
+        )));
+    }
+    None
+}
+
+/// Abort Copy of a copy held pending (Azurite finished it long ago): answered
+/// here, and the copy shows `aborted` from then on.
+fn abort_held(
+    shared: &Shared,
+    seen: &Seen,
+    headers: &hyper::HeaderMap,
+) -> Option<Response<Full<Bytes>>> {
+    let is_abort = seen.method == hyper::Method::PUT
+        && seen.comp().as_deref() == Some("copy")
+        && headers
+            .get("x-ms-copy-action")
+            .and_then(|v| v.to_str().ok())
+            == Some("abort");
+    if !is_abort {
+        return None;
+    }
+    let copy_id = query_has(&seen.query, "copyid").unwrap_or_default();
+    let mut held = shared.held.lock().expect("held lock");
+    let h = held
+        .get_mut(&seen.path)
+        .filter(|h| h.copy_id == copy_id && !h.aborted)?;
+    let pending = shared
+        .cfg
+        .hold_copies
+        .is_some_and(|hold| h.started.elapsed() < hold);
+    if !pending {
+        return None;
+    }
+    h.aborted = true;
+    ProxyStats::bump(&shared.stats.aborted);
+    Some(
+        Response::builder()
+            .status(StatusCode::NO_CONTENT)
+            .body(Full::new(Bytes::new()))
+            .expect("static response builds"),
+    )
+}
+
+/// Sends the request upstream (its Host header along: Azurite checks that a
+/// copy source is on "its" host) and reads the whole answer.
+async fn forward(
+    shared: &Shared,
+    seen: &Seen,
+    req: Request<Incoming>,
+) -> Result<(StatusCode, hyper::HeaderMap, Bytes), Reset> {
+    let url = if seen.query.is_empty() {
+        format!("{}{}", shared.cfg.upstream, seen.path)
+    } else {
+        format!("{}{}?{}", shared.cfg.upstream, seen.path, seen.query)
+    };
+    let (parts, body) = req.into_parts();
+    let body = body.collect().await.map_err(|_| Reset)?.to_bytes();
+    let mut upstream = Request::builder()
+        .method(parts.method.clone())
+        .uri(url.as_str());
+    for (name, value) in parts.headers.iter() {
+        if name != hyper::header::CONNECTION {
+            upstream = upstream.header(name, value);
+        }
+    }
+    let upstream = upstream.body(Full::new(body)).map_err(|_| Reset)?;
+    let rsp = shared.client.request(upstream).await.map_err(|_| Reset)?;
+    let status = rsp.status();
+    if std::env::var_os("VHDREP_PROXY_DEBUG").is_some() {
+        eprintln!(
+            "proxy: {} {}?{} -> {status}",
+            seen.method, seen.path, seen.query
+        );
+    }
+    let (parts, body) = rsp.into_parts();
+    let bytes = body.collect().await.map_err(|_| Reset)?.to_bytes();
+    Ok((status, parts.headers, bytes))
+}
+
+/// A Start Copy Azurite finished at once is reported pending and held for
+/// `hold_copies`.
+fn hold_started_copy(shared: &Shared, path: &str, headers: &mut hyper::HeaderMap) {
+    if shared.cfg.hold_copies.is_none() {
+        return;
+    }
+    let Some(id) = headers.get("x-ms-copy-id").and_then(|v| v.to_str().ok()) else {
+        return;
+    };
+    shared.held.lock().expect("held lock").insert(
+        path.to_owned(),
+        Held {
+            copy_id: id.to_owned(),
+            started: Instant::now(),
+            aborted: false,
+        },
+    );
+    ProxyStats::bump(&shared.stats.held);
+    headers.insert(
+        "x-ms-copy-status",
+        "pending".parse().expect("static header"),
+    );
+}
+
+/// The status of a held copy as Azure would show it: pending with progress
+/// advancing linearly over the hold, or aborted.
+fn show_held_copy(shared: &Shared, path: &str, headers: &mut hyper::HeaderMap) {
+    let held = shared.held.lock().expect("held lock").get(path).cloned();
+    let (Some(h), Some(hold)) = (held, shared.cfg.hold_copies) else {
+        return;
+    };
+    let ours =
+        headers.get("x-ms-copy-id").and_then(|v| v.to_str().ok()) == Some(h.copy_id.as_str());
+    let total: u64 = headers
+        .get("x-ms-copy-progress")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|p| p.split('/').nth(1))
+        .and_then(|t| t.parse().ok())
+        .or_else(|| {
+            headers
+                .get("content-length")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0);
+    if ours && h.aborted {
+        headers.insert(
+            "x-ms-copy-status",
+            "aborted".parse().expect("static header"),
+        );
+        headers.insert(
+            "x-ms-copy-progress",
+            format!("0/{total}").parse().expect("ascii"),
+        );
+    } else if ours && h.started.elapsed() < hold {
+        let share = h.started.elapsed().as_secs_f64() / hold.as_secs_f64();
+        let copied = (total as f64 * share) as u64;
+        headers.insert(
+            "x-ms-copy-status",
+            "pending".parse().expect("static header"),
+        );
+        headers.insert(
+            "x-ms-copy-progress",
+            format!("{copied}/{total}").parse().expect("ascii"),
+        );
+        ProxyStats::bump(&shared.stats.pending_answers);
+    }
 }

@@ -124,8 +124,9 @@ pub fn account_names(n: usize) -> Vec<String> {
     (1..=n).map(|i| format!("dst{i}")).collect()
 }
 
-/// Runs one job of `scenario` to its end on the simulated store.
-pub async fn run(scenario: &Scenario) -> Report {
+/// The configuration of a scenario: a control and a source account, and its
+/// destination accounts with its limits.
+fn settings_for(scenario: &Scenario) -> crate::config::ValidatedSettings {
     let mut toml = format!(
         "[batch]\nsubscription = \"sim\"\nregion = \"sim\"\n[control]\naccount = \"ops\"\n\
          [handoff]\nvm_size = \"STANDARD_D2_V3\"\n[engine]\nstrategy = \"{}\"\nmax_reads_per_source = {}\n",
@@ -148,10 +149,15 @@ pub async fn run(scenario: &Scenario) -> Report {
             scenario.max_concurrent_copies, scenario.max_requests_per_second
         ));
     }
-    let settings = Settings::from_toml(&toml)
+    Settings::from_toml(&toml)
         .expect("simulation config parses")
         .validate(&DummyKeys)
-        .expect("simulation config validates");
+        .expect("simulation config validates")
+}
+
+/// Runs one job of `scenario` to its end on the simulated store.
+pub async fn run(scenario: &Scenario) -> Report {
+    let settings = settings_for(scenario);
     let store = Arc::new(SimStore::new(scenario.sim.clone()));
     for (account, info) in &scenario.account_info {
         store.set_account_info(account, info.clone());

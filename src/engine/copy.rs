@@ -17,12 +17,98 @@ impl Engine {
         snapshot: &str,
         source_len: u64,
     ) -> Result<(), Failure> {
-        let snapshot_blob = job.source.at_snapshot(snapshot);
         let records = live.lock().expect("live doc lock").replicas.clone();
-        // Replicas recorded as verified are checked again: someone may have deleted one.
+        let (verified, targets) = self.recheck(job, &records, snapshot, source_len).await?;
+        let strategy = self.settings.engine.strategy;
+        let mut run = CopyRun {
+            sched: Scheduler::new(
+                strategy,
+                self.settings.engine.max_reads_per_source,
+                &job.source.account,
+                targets,
+                verified,
+            ),
+            fanout: strategy == Strategy::Fanout,
+            attempts: HashMap::new(),
+            fatal: Vec::new(),
+            transient: Vec::new(),
+            cancelled: false,
+            lost: None,
+        };
+        set_phase(live, run.phase());
+        checkpoint
+            .save(live)
+            .await
+            .map_err(|e| Failure::Transient(format!("job state: {e}")))?;
+        let token = CancellationToken::new();
+        let ctx = CopyContext {
+            transition: &checkpoint.transition,
+            job,
+            live,
+            snapshot,
+            source_len,
+            token: &token,
+        };
+        let snapshot_blob = job.source.at_snapshot(snapshot);
+        let mut copies = FuturesUnordered::new();
+        let mut ticker = tokio::time::interval(CHECKPOINT_INTERVAL);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Progress is written at least every third of the claim's lease, which keeps
+        // the claim alive.
+        let progress_every =
+            Duration::from_secs(self.settings.engine.checkpoint_seconds).min(self.lease() / 3);
+        // A checkpoint write in flight: polled beside the copies, never awaited in
+        // their place, so a slow write does not stall polling or starting copies.
+        let mut saving: Option<futures::future::BoxFuture<'_, Result<(), StateError>>> = None;
+        loop {
+            self.launch_ready(&mut run, &mut copies, &ctx, &records, &snapshot_blob)?;
+            if copies.is_empty() && run.stopped(stop) {
+                break;
+            }
+            let gates_freed = self.gates_freed(run.sched.waiting_accounts());
+            tokio::select! {
+                Some(done) = copies.next(), if !copies.is_empty() => {
+                    checkpoint.note_transition();
+                    self.copy_done(&mut run, done, live, &token, source_len);
+                },
+                written = in_flight(&mut saving), if saving.is_some() => {
+                    saving = None;
+                    if let Some(by) = self.checkpoint_written(written, checkpoint) {
+                        run.lose(by, &token);
+                    }
+                },
+                _ = ticker.tick() => {
+                    if saving.is_none() && checkpoint.due(progress_every) {
+                        saving = Some(Box::pin(checkpoint.save(live)));
+                    }
+                    self.tick(&mut run, job, live, &token);
+                },
+                _ = stop.cancelled(), if !token.is_cancelled() => {
+                    run.sched.clear();
+                    token.cancel();
+                },
+                _ = gates_freed, if copies.is_empty() => {},
+            }
+        }
+        // A write still in flight is dropped, not awaited: the job's next write
+        // carries the same state and more (a write dropped after it landed only
+        // costs that next write one ETag round).
+        drop(saving);
+        self.copy_run_end(run, job, live, checkpoint, stop).await
+    }
+
+    /// Replicas recorded as verified are checked again (someone may have deleted
+    /// one): those still there, and the targets to copy, by index and account.
+    async fn recheck(
+        &self,
+        job: &ValidatedJob,
+        records: &[ReplicaRecord],
+        snapshot: &str,
+        source_len: u64,
+    ) -> Result<(Vec<(u32, String)>, Vec<(u32, String)>), Failure> {
         let mut verified = Vec::new();
         let mut targets = Vec::new();
-        for r in &records {
+        for r in records {
             let still_there = r.state == ReplicaState::Verified
                 && match self.store.properties(&r.blob).await {
                     Ok(p) if r.inherited => {
@@ -43,196 +129,192 @@ impl Engine {
                 targets.push((r.index, r.account.clone()));
             }
         }
-        let strategy = self.settings.engine.strategy;
-        let mut sched = Scheduler::new(
-            strategy,
-            self.settings.engine.max_reads_per_source,
-            &job.source.account,
-            targets,
-            verified,
-        );
-        let blob_of = |index: u32| -> BlobPath {
+        Ok((verified, targets))
+    }
+
+    /// Starts every copy the scheduler, the account gates and the read caps
+    /// allow now.
+    fn launch_ready<'a>(
+        &'a self,
+        run: &mut CopyRun,
+        copies: &mut FuturesUnordered<futures::future::BoxFuture<'a, CopyDone>>,
+        ctx: &'a CopyContext<'a>,
+        records: &[ReplicaRecord],
+        snapshot_blob: &BlobPath,
+    ) -> Result<(), Failure> {
+        let blob_of = |index: u32| -> ReplicaRecord {
             records
                 .iter()
                 .find(|r| r.index == index)
                 .expect("record per replica")
-                .blob
                 .clone()
         };
-        let phase = |sched: &Scheduler| {
-            if strategy == Strategy::Fanout && !sched.seeded() {
-                Phase::Seeding
-            } else {
-                Phase::Copying
-            }
-        };
-        set_phase(live, phase(&sched));
-        checkpoint
-            .save(live)
-            .await
-            .map_err(|e| Failure::Transient(format!("job state: {e}")))?;
-
-        let token = CancellationToken::new();
-        let ctx = CopyContext {
-            transition: &checkpoint.transition,
-            job,
-            live,
-            snapshot,
-            source_len,
-            token: &token,
-        };
-        let mut copies = FuturesUnordered::new();
-        let mut attempts: HashMap<u32, u32> = HashMap::new();
-        let mut fatal: Vec<String> = Vec::new();
-        let mut transient: Vec<String> = Vec::new();
-        let mut cancelled = false;
-        let mut lost: Option<String> = None;
-        let mut ticker = tokio::time::interval(CHECKPOINT_INTERVAL);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // Progress is written at least every third of the claim's lease, which keeps
-        // the claim alive.
-        let progress_every =
-            Duration::from_secs(self.settings.engine.checkpoint_seconds).min(self.lease() / 3);
-        // A checkpoint write in flight: polled beside the copies, never awaited in
-        // their place, so a slow write does not stall polling or starting copies.
-        let mut saving: Option<futures::future::BoxFuture<'_, Result<(), StateError>>> = None;
-        loop {
-            // Start whatever may start now.
-            for account in sched.waiting_accounts() {
-                let Some(gate) = self.limits.gate(&account) else {
-                    return Err(Failure::Fatal(format!(
-                        "account {account} is not configured"
-                    )));
-                };
-                while let Some(slot) = gate.try_acquire() {
-                    let Some(pick) = sched.next_for(&account) else {
-                        break;
-                    };
-                    let source = match sched.sources()[pick.source].replica {
-                        None => snapshot_blob.clone(),
-                        Some(i) => blob_of(i),
-                    };
-                    let record = records
-                        .iter()
-                        .find(|r| r.index == pick.index)
-                        .expect("record")
-                        .clone();
-                    let ctx = &ctx;
-                    let account = account.clone();
-                    copies.push(async move {
-                        let in_flight = crate::metrics::GaugeGuard::new(
-                            self.metrics.copies_in_flight.with_label_values(&[&account]),
-                        );
-                        let started = tokio::time::Instant::now();
-                        let result = self.copy_once(ctx, &record, &source).await;
-                        drop(in_flight);
-                        drop(slot);
-                        (
-                            pick,
-                            account,
-                            source.account.clone(),
-                            started.elapsed(),
-                            result,
-                        )
-                    });
-                }
-            }
-            if copies.is_empty()
-                && (sched.is_drained() || !fatal.is_empty() || cancelled || stop.is_cancelled())
-            {
-                break;
-            }
-            let waiting = sched.waiting_accounts();
-            let gates_freed = async {
-                let gates: Vec<_> = waiting.iter().filter_map(|a| self.limits.gate(a)).collect();
-                if gates.is_empty() {
-                    std::future::pending::<()>().await;
-                }
-                let waits = gates.iter().map(|g| Box::pin(g.released()));
-                futures::future::select_all(waits).await;
+        for account in run.sched.waiting_accounts() {
+            let Some(gate) = self.limits.gate(&account) else {
+                return Err(Failure::Fatal(format!(
+                    "account {account} is not configured"
+                )));
             };
-            tokio::select! {
-                Some((pick, account, source_account, took, result)) = copies.next(), if !copies.is_empty() => {
-                    let ok = result.is_ok();
-                    sched.finished(pick, &account, ok);
-                    checkpoint.note_transition();
-                    match result {
-                        Ok(copied_now) => {
-                            if copied_now {
-                                let kind = if source_account == account { "same_account" } else { "cross_account" };
-                                self.metrics.copy_duration.with_label_values(&[kind]).observe(took.as_secs_f64());
-                                self.metrics.copy_bytes.with_label_values(&[&account]).inc_by(source_len);
-                            }
-                            self.metrics.replicas_finished.with_label_values(&["completed"]).inc();
-                            set_phase(live, phase(&sched));
-                        }
-                        Err(CopyError::Stop(Failure::Interrupted)) => {}
-                        Err(CopyError::Stop(Failure::Lost(by))) => {
-                            lost = Some(by);
-                            sched.clear();
-                            token.cancel();
-                        }
-                        Err(CopyError::Stop(Failure::Cancelled)) => cancelled = true,
-                        Err(CopyError::Stop(Failure::Fatal(reason))) => {
-                            self.replica_failed(live, pick.index, &reason);
-                            fatal.push(reason);
-                            sched.clear();
-                        }
-                        Err(CopyError::Retry(reason)) | Err(CopyError::Stop(Failure::Transient(reason))) => {
-                            let n = attempts.entry(pick.index).or_default();
-                            *n += 1;
-                            if *n < MAX_REPLICA_ATTEMPTS {
-                                tracing::warn!(replica = pick.index, %account, reason = %reason, "replica copy failed; trying again");
-                                with_replica(live, pick.index, |r| r.error = Some(reason.clone()));
-                                sched.requeue(pick.index, &account);
-                            } else {
-                                let reason = format!("replica {} in {account}: {reason} (gave up after {MAX_REPLICA_ATTEMPTS} tries)", pick.index);
-                                self.replica_failed(live, pick.index, &reason);
-                                transient.push(reason);
-                                sched.clear();
-                            }
-                        }
+            while let Some(slot) = gate.try_acquire() {
+                let Some(pick) = run.sched.next_for(&account) else {
+                    break;
+                };
+                let source = match run.sched.sources()[pick.source].replica {
+                    None => snapshot_blob.clone(),
+                    Some(i) => blob_of(i).blob,
+                };
+                let record = blob_of(pick.index);
+                let account = account.clone();
+                copies.push(Box::pin(async move {
+                    let in_flight = crate::metrics::GaugeGuard::new(
+                        self.metrics.copies_in_flight.with_label_values(&[&account]),
+                    );
+                    let started = tokio::time::Instant::now();
+                    let result = self.copy_once(ctx, &record, &source).await;
+                    drop(in_flight);
+                    drop(slot);
+                    CopyDone {
+                        pick,
+                        account,
+                        source_account: source.account.clone(),
+                        took: started.elapsed(),
+                        result,
                     }
-                },
-                written = in_flight(&mut saving), if saving.is_some() => {
-                    saving = None;
-                    if let Some(by) = self.checkpoint_written(written, checkpoint) {
-                        lost = Some(by);
-                        sched.clear();
-                        token.cancel();
-                    }
-                },
-                _ = ticker.tick() => {
-                    if saving.is_none() && checkpoint.due(progress_every) {
-                        saving = Some(Box::pin(checkpoint.save(live)));
-                    }
-                    let (progress, cancel_requested) = {
-                        let doc = live.lock().expect("live doc lock");
-                        (doc.progress(), doc.cancel_requested)
-                    };
-                    self.metrics.job_progress.with_label_values(&[job.id.as_str()]).set(progress);
-                    if cancel_requested && !cancelled {
-                        tracing::info!("cancel requested; aborting copies");
-                        cancelled = true;
-                        sched.clear();
-                        token.cancel();
-                    }
-                },
-                _ = stop.cancelled(), if !token.is_cancelled() => {
-                    sched.clear();
-                    token.cancel();
-                },
-                _ = gates_freed, if copies.is_empty() => {},
+                }));
             }
         }
-        // A write still in flight is dropped, not awaited: the job's next write
-        // carries the same state and more (a write dropped after it landed only
-        // costs that next write one ETag round).
-        drop(saving);
-        if let Some(by) = lost {
+        Ok(())
+    }
+
+    /// Resolves when a copy slot frees up in one of `waiting`'s accounts.
+    async fn gates_freed(&self, waiting: Vec<String>) {
+        let gates: Vec<_> = waiting.iter().filter_map(|a| self.limits.gate(a)).collect();
+        if gates.is_empty() {
+            std::future::pending::<()>().await;
+        }
+        let waits = gates.iter().map(|g| Box::pin(g.released()));
+        futures::future::select_all(waits).await;
+    }
+
+    /// A copy ended: counted and the scheduler told; a failure tried again (up to
+    /// [`MAX_REPLICA_ATTEMPTS`]) or recorded.
+    fn copy_done(
+        &self,
+        run: &mut CopyRun,
+        done: CopyDone,
+        live: &Mutex<JobDocument>,
+        token: &CancellationToken,
+        source_len: u64,
+    ) {
+        let CopyDone {
+            pick,
+            account,
+            source_account,
+            took,
+            result,
+        } = done;
+        run.sched.finished(pick, &account, result.is_ok());
+        match result {
+            Ok(copied_now) => {
+                if copied_now {
+                    let kind = if source_account == account {
+                        "same_account"
+                    } else {
+                        "cross_account"
+                    };
+                    self.metrics
+                        .copy_duration
+                        .with_label_values(&[kind])
+                        .observe(took.as_secs_f64());
+                    self.metrics
+                        .copy_bytes
+                        .with_label_values(&[&account])
+                        .inc_by(source_len);
+                }
+                self.metrics
+                    .replicas_finished
+                    .with_label_values(&["completed"])
+                    .inc();
+                set_phase(live, run.phase());
+            }
+            Err(CopyError::Stop(Failure::Interrupted)) => {}
+            Err(CopyError::Stop(Failure::Lost(by))) => run.lose(by, token),
+            Err(CopyError::Stop(Failure::Cancelled)) => run.cancelled = true,
+            Err(CopyError::Stop(Failure::Fatal(reason))) => {
+                self.replica_failed(live, pick.index, &reason);
+                run.fatal.push(reason);
+                run.sched.clear();
+            }
+            Err(CopyError::Retry(reason)) | Err(CopyError::Stop(Failure::Transient(reason))) => {
+                self.copy_failed(run, live, pick.index, &account, reason)
+            }
+        }
+    }
+
+    /// A copy failed in a way a new try may fix: requeued, or given up on after
+    /// [`MAX_REPLICA_ATTEMPTS`].
+    fn copy_failed(
+        &self,
+        run: &mut CopyRun,
+        live: &Mutex<JobDocument>,
+        index: u32,
+        account: &str,
+        reason: String,
+    ) {
+        let n = run.attempts.entry(index).or_default();
+        *n += 1;
+        if *n < MAX_REPLICA_ATTEMPTS {
+            tracing::warn!(replica = index, %account, reason = %reason, "replica copy failed; trying again");
+            with_replica(live, index, |r| r.error = Some(reason.clone()));
+            run.sched.requeue(index, account);
+        } else {
+            let reason = format!(
+                "replica {index} in {account}: {reason} (gave up after {MAX_REPLICA_ATTEMPTS} tries)"
+            );
+            self.replica_failed(live, index, &reason);
+            run.transient.push(reason);
+            run.sched.clear();
+        }
+    }
+
+    /// Every checkpoint tick: the progress gauge, and a cancel request noticed.
+    fn tick(
+        &self,
+        run: &mut CopyRun,
+        job: &ValidatedJob,
+        live: &Mutex<JobDocument>,
+        token: &CancellationToken,
+    ) {
+        let (progress, cancel_requested) = {
+            let doc = live.lock().expect("live doc lock");
+            (doc.progress(), doc.cancel_requested)
+        };
+        self.metrics
+            .job_progress
+            .with_label_values(&[job.id.as_str()])
+            .set(progress);
+        if cancel_requested && !run.cancelled {
+            tracing::info!("cancel requested; aborting copies");
+            run.cancelled = true;
+            run.sched.clear();
+            token.cancel();
+        }
+    }
+
+    /// How the copy phase ended: taken over, cancelled, interrupted (its state
+    /// written), failed with every reason, or done.
+    async fn copy_run_end(
+        &self,
+        run: CopyRun,
+        job: &ValidatedJob,
+        live: &Mutex<JobDocument>,
+        checkpoint: &Checkpoint<'_>,
+        stop: &CancellationToken,
+    ) -> Result<(), Failure> {
+        if let Some(by) = run.lost {
             return Err(Failure::Lost(by));
         }
-        if cancelled || live.lock().expect("live doc lock").cancel_requested {
+        if run.cancelled || live.lock().expect("live doc lock").cancel_requested {
             return Err(Failure::Cancelled);
         }
         if stop.is_cancelled() {
@@ -242,24 +324,17 @@ impl Engine {
             }
             return Err(Failure::Interrupted);
         }
-        if !fatal.is_empty() {
-            fatal.extend(transient);
-            return Err(Failure::Fatal(format!(
-                "{} of {} replicas failed: {}",
-                fatal.len(),
-                job.replicas,
-                fatal.join("; ")
-            )));
+        let mut failed = run.fatal;
+        failed.extend(run.transient);
+        if failed.is_empty() {
+            return Ok(());
         }
-        if !transient.is_empty() {
-            return Err(Failure::Fatal(format!(
-                "{} of {} replicas failed: {}",
-                transient.len(),
-                job.replicas,
-                transient.join("; ")
-            )));
-        }
-        Ok(())
+        Err(Failure::Fatal(format!(
+            "{} of {} replicas failed: {}",
+            failed.len(),
+            job.replicas,
+            failed.join("; ")
+        )))
     }
 
     /// Handles the end of a checkpoint write during copying: returns the instance
@@ -635,4 +710,47 @@ async fn in_flight<F: std::future::Future + Unpin>(slot: &mut Option<F>) -> F::O
         Some(f) => f.await,
         None => std::future::pending().await,
     }
+}
+
+/// One copy phase's state: what is left, what failed, and why it stops.
+struct CopyRun {
+    sched: Scheduler,
+    fanout: bool,
+    attempts: HashMap<u32, u32>,
+    fatal: Vec<String>,
+    transient: Vec<String>,
+    cancelled: bool,
+    lost: Option<String>,
+}
+
+impl CopyRun {
+    /// Seeding until every account has its first replica (fan-out), then copying.
+    fn phase(&self) -> Phase {
+        if self.fanout && !self.sched.seeded() {
+            Phase::Seeding
+        } else {
+            Phase::Copying
+        }
+    }
+
+    /// Another instance took the job over: nothing more starts, copies stop.
+    fn lose(&mut self, by: String, token: &CancellationToken) {
+        self.lost = Some(by);
+        self.sched.clear();
+        token.cancel();
+    }
+
+    /// Whether no more copies will start (with none in flight, the phase ends).
+    fn stopped(&self, stop: &CancellationToken) -> bool {
+        self.sched.is_drained() || !self.fatal.is_empty() || self.cancelled || stop.is_cancelled()
+    }
+}
+
+/// A copy that ended, with what the metrics and the scheduler need.
+struct CopyDone {
+    pick: schedule::Pick,
+    account: String,
+    source_account: String,
+    took: Duration,
+    result: Result<bool, CopyError>,
 }

@@ -8,59 +8,16 @@ impl Engine {
     #[tracing::instrument(skip_all, fields(job_id = %job.id))]
     pub async fn run(&self, job: &ValidatedJob, stop: CancellationToken) -> Outcome {
         let id = job.id.to_string();
-        let loaded = match self.load_or_create(job).await {
-            Ok(x) => x,
-            Err(e) => return Outcome::Retry(format!("job state: {e}")),
+        let (doc, etag) = match self.claim(job).await {
+            Ok(claimed) => claimed,
+            Err(outcome) => return outcome,
         };
-        let (mut doc, mut etag) = loaded;
-        // Claim the job: an ETag-fenced write; whoever loses the race backs off.
-        let mut round = 0;
-        loop {
-            round += 1;
-            if round > crate::state::MAX_UPDATE_ROUNDS {
-                return Outcome::Retry(format!(
-                    "job {id} kept changing under {} attempts to claim it",
-                    crate::state::MAX_UPDATE_ROUNDS
-                ));
-            }
-            if doc.state().is_terminal() {
-                return Outcome::AlreadyEnded(doc.state());
-            }
-            let now = OffsetDateTime::now_utc();
-            if let Some(owner) = doc.owned_elsewhere(&self.instance, now) {
-                tracing::info!(owner = %owner.instance, "job is running on another instance");
-                return Outcome::OwnedElsewhere(owner.until);
-            }
-            if let Err(e) = doc.enter(JobState::Running) {
-                tracing::error!(error = %e, "refusing an illegal state change");
-                return Outcome::AlreadyEnded(doc.state());
-            }
-            doc.phase = Some(Phase::Planning);
-            doc.error = None;
-            doc.owner = Some(Owner {
-                instance: self.instance.clone(),
-                until: now + self.lease(),
-            });
-            match self.state.save(&mut doc, &etag).await {
-                Ok(new) => {
-                    etag = new;
-                    break;
-                }
-                Err(StateError::Conflict(_)) => match self.state.load(&id).await {
-                    Ok(Some((d, e))) => (doc, etag) = (d, e),
-                    Ok(None) => return Outcome::Retry("job state vanished".into()),
-                    Err(e) => return Outcome::Retry(format!("job state: {e}")),
-                },
-                Err(e) => return Outcome::Retry(format!("job state: {e}")),
-            }
-        }
         let live = Arc::new(Mutex::new(doc));
         let checkpoint = Checkpoint::new(&self.state, &id, etag, &self.instance, self.lease());
         // Registered while this run lasts, however it ends (an aborted task too):
         // the live view, the running gauge and the job's progress series.
         let _running = RunningJob::start(self, &id, live.clone());
         tracing::info!(replicas = job.replicas, accounts = ?job.accounts, "job running");
-
         let result = self.execute(job, &live, &checkpoint, &stop).await;
         let outcome = match result {
             Ok(()) => Outcome::Completed,
@@ -88,7 +45,64 @@ impl Engine {
                 Outcome::Retry(reason)
             }
         };
-        if let Err(e) = checkpoint.save(&live).await {
+        self.conclude(job, &live, &checkpoint, outcome).await
+    }
+
+    /// Claims the job with an ETag-fenced write (whoever loses the race backs
+    /// off): running, planning, owned by this instance until the lease lapses.
+    /// Returns the document and its ETag, or the outcome that ends this run.
+    async fn claim(&self, job: &ValidatedJob) -> Result<(JobDocument, String), Outcome> {
+        let id = job.id.as_str();
+        let (mut doc, mut etag) = self
+            .load_or_create(job)
+            .await
+            .map_err(|e| Outcome::Retry(format!("job state: {e}")))?;
+        for _ in 0..crate::state::MAX_UPDATE_ROUNDS {
+            if doc.state().is_terminal() {
+                return Err(Outcome::AlreadyEnded(doc.state()));
+            }
+            let now = OffsetDateTime::now_utc();
+            if let Some(owner) = doc.owned_elsewhere(&self.instance, now) {
+                tracing::info!(owner = %owner.instance, "job is running on another instance");
+                return Err(Outcome::OwnedElsewhere(owner.until));
+            }
+            if let Err(e) = doc.enter(JobState::Running) {
+                tracing::error!(error = %e, "refusing an illegal state change");
+                return Err(Outcome::AlreadyEnded(doc.state()));
+            }
+            doc.phase = Some(Phase::Planning);
+            doc.error = None;
+            doc.owner = Some(Owner {
+                instance: self.instance.clone(),
+                until: now + self.lease(),
+            });
+            match self.state.save(&mut doc, &etag).await {
+                Ok(new) => return Ok((doc, new)),
+                Err(StateError::Conflict(_)) => match self.state.load(id).await {
+                    Ok(Some((d, e))) => (doc, etag) = (d, e),
+                    Ok(None) => return Err(Outcome::Retry("job state vanished".into())),
+                    Err(e) => return Err(Outcome::Retry(format!("job state: {e}"))),
+                },
+                Err(e) => return Err(Outcome::Retry(format!("job state: {e}"))),
+            }
+        }
+        Err(Outcome::Retry(format!(
+            "job {id} kept changing under {} attempts to claim it",
+            crate::state::MAX_UPDATE_ROUNDS
+        )))
+    }
+
+    /// Writes the run's end, frees the pool once an end is on record (so a
+    /// retire or the next job of the pool always comes after this job's
+    /// hand-off), and logs and counts the outcome.
+    async fn conclude(
+        &self,
+        job: &ValidatedJob,
+        live: &Mutex<JobDocument>,
+        checkpoint: &Checkpoint<'_>,
+        outcome: Outcome,
+    ) -> Outcome {
+        if let Err(e) = checkpoint.save(live).await {
             tracing::warn!(error = %e, "could not write the final job state; the job will be resumed");
             return match outcome {
                 Outcome::Completed | Outcome::Failed(_) | Outcome::Cancelled => {
@@ -97,13 +111,15 @@ impl Engine {
                 other => other,
             };
         }
-        // The job's end is on record: its pool is free for the next job or a
-        // retire, which therefore always comes after this job's hand-off.
-        if matches!(
-            outcome,
-            Outcome::Completed | Outcome::Failed(_) | Outcome::Cancelled
-        ) {
+        let ended = match &outcome {
+            Outcome::Completed => Some("completed"),
+            Outcome::Failed(_) => Some("failed"),
+            Outcome::Cancelled => Some("cancelled"),
+            _ => None,
+        };
+        if let Some(label) = ended {
             self.unlock_pool(job).await;
+            self.metrics.jobs_finished.with_label_values(&[label]).inc();
         }
         match &outcome {
             Outcome::Completed => tracing::info!("job completed"),
@@ -112,14 +128,6 @@ impl Engine {
             Outcome::Interrupted => tracing::info!("job interrupted; it will resume"),
             Outcome::Retry(r) => tracing::warn!(reason = %r, "job will be retried"),
             Outcome::AlreadyEnded(_) | Outcome::OwnedElsewhere(_) => {}
-        }
-        if let Some(label) = match &outcome {
-            Outcome::Completed => Some("completed"),
-            Outcome::Failed(_) => Some("failed"),
-            Outcome::Cancelled => Some("cancelled"),
-            _ => None,
-        } {
-            self.metrics.jobs_finished.with_label_values(&[label]).inc();
         }
         outcome
     }

@@ -2,58 +2,97 @@
 //! pool's `retiring` mark, then its record.
 
 use super::*;
+use crate::job::JobId;
 
 impl Engine {
     /// Runs a retire job: deletes every replica of the pool's image sets (only
     /// blobs whose metadata names the pool) and the sets' snapshots, then the
     /// pool's record. Idempotent, so a resumed retire finishes the work.
     #[tracing::instrument(skip_all, fields(job_id = %id, pool = %pool))]
-    pub async fn retire(&self, id: &crate::job::JobId, pool: &str) -> Outcome {
+    pub async fn retire(&self, id: &JobId, pool: &str) -> Outcome {
+        match self.retire_steps(id, pool).await {
+            Ok(outcome) | Err(outcome) => outcome,
+        }
+    }
+
+    async fn retire_steps(&self, id: &JobId, pool: &str) -> Result<Outcome, Outcome> {
+        let retry = |what: &str, e: &dyn std::fmt::Display| Outcome::Retry(format!("{what}: {e}"));
         let doc = match self.state.load(id.as_str()).await {
             Ok(Some((d, _))) => d,
             Ok(None) => {
                 let d = JobDocument::retire(id.clone(), pool);
                 match self.state.create(&d).await {
                     Ok(_) | Err(StateError::Exists(_)) => d,
-                    Err(e) => return Outcome::Retry(format!("job state: {e}")),
+                    Err(e) => return Err(retry("job state", &e)),
                 }
             }
-            Err(e) => return Outcome::Retry(format!("job state: {e}")),
+            Err(e) => return Err(retry("job state", &e)),
         };
         if doc.state().is_terminal() {
-            return Outcome::AlreadyEnded(doc.state());
+            return Ok(Outcome::AlreadyEnded(doc.state()));
         }
-        let mark = |state: JobState, error: Option<String>, note: Option<String>| {
-            move |d: &mut JobDocument| {
-                if let Err(e) = d.enter(state) {
-                    tracing::error!(error = %e, "refusing an illegal state change");
-                    return false;
-                }
-                d.phase = None;
-                d.error = error.clone();
-                if note.is_some() {
-                    d.image_set = note.clone();
-                }
-                true
-            }
-        };
-        if let Err(e) = self
-            .state
-            .update(id.as_str(), mark(JobState::Running, None, None))
+        self.state
+            .update(id.as_str(), mark(JobState::Running, None))
             .await
-        {
-            return Outcome::Retry(format!("job state: {e}"));
+            .map_err(|e| retry("job state", &e))?;
+        let (record, etag) = self.take_retiring_mark(id, pool).await?;
+        self.refuse_if_a_job_is_waiting(id, pool).await?;
+        tracing::info!("retiring the pool's image sets");
+        let owner = plan::owner_tag(&self.settings);
+        let doomed = retire_plan(self.store.as_ref(), &record, pool, &owner)
+            .await
+            .map_err(|e| retry("image sets", &e))?;
+        let mut deleted = 0;
+        for blob in &doomed {
+            match self.store.delete(blob).await {
+                Ok(()) => deleted += 1,
+                Err(e) if e.is_not_found() => {}
+                Err(e) if e.class.is_retryable() => return Err(retry("delete", &e)),
+                Err(e) => {
+                    return Err(self
+                        .fail_retire(id, format!("could not delete {blob}: {e}"))
+                        .await)
+                }
+            }
         }
-        // The pool's `retiring` mark: no job of the pool changes its image sets
-        // while it is held, and a job that holds it makes the retire fail.
+        // With the ETag of the mark: a record someone changed since is not ours
+        // to delete (the retire runs again and sees what changed).
+        self.state
+            .delete_pool_if(pool, &etag)
+            .await
+            .map_err(|e| retry("pool record", &e))?;
+        let note = format!(
+            "retired pool {pool}: deleted {deleted} of {} blobs (replicas and snapshots)",
+            doomed.len()
+        );
+        tracing::info!("{note}");
+        self.state
+            .update(id.as_str(), mark(JobState::Completed, Some(note)))
+            .await
+            .map_err(|e| retry("job state", &e))?;
+        self.metrics
+            .jobs_finished
+            .with_label_values(&["completed"])
+            .inc();
+        Ok(Outcome::Completed)
+    }
+
+    /// Takes the pool's `retiring` mark: no job of the pool changes its image sets
+    /// while it is held. A job that holds it fails the retire; one that has ended
+    /// is taken over. Returns the record as marked and its ETag.
+    async fn take_retiring_mark(
+        &self,
+        id: &JobId,
+        pool: &str,
+    ) -> Result<(PoolRecord, String), Outcome> {
         let mut stale: Option<String> = None;
-        let (record, etag) = loop {
+        loop {
             match self
                 .state
                 .lock_pool(pool, id.as_str(), true, stale.as_deref())
                 .await
             {
-                Ok(PoolClaim::Held(record, etag)) => break (record, etag),
+                Ok(PoolClaim::Held(record, etag)) => return Ok((record, etag)),
                 Ok(PoolClaim::Busy(holder)) => match self.job_has_ended(&holder.job_id).await {
                     Ok(true) => stale = Some(holder.job_id),
                     Ok(false) => {
@@ -61,77 +100,47 @@ impl Engine {
                             "pool {pool} has job {} running; retire the pool after that job ends (cancel it first to stop it)",
                             holder.job_id
                         );
-                        return self.fail_retire(id, reason).await;
+                        return Err(self.fail_retire(id, reason).await);
                     }
-                    Err(_) => return Outcome::Retry(format!("job state of {}", holder.job_id)),
+                    Err(e) => {
+                        return Err(Outcome::Retry(format!(
+                            "job state of {}: {e}",
+                            holder.job_id
+                        )))
+                    }
                 },
-                Err(e) => return Outcome::Retry(format!("pool record: {e}")),
+                Err(e) => return Err(Outcome::Retry(format!("pool record: {e}"))),
             }
-        };
-        // Never pull the replicas from under a job of the pool that is still to run.
+        }
+    }
+
+    /// Never pulls the replicas from under a job of the pool that is still to
+    /// run: with one queued or running, the mark is given up and the retire fails.
+    async fn refuse_if_a_job_is_waiting(&self, id: &JobId, pool: &str) -> Result<(), Outcome> {
         let busy = match self.state.list().await {
             Ok(listing) => listing.jobs.into_iter().find(|d| {
                 d.kind == "replicate"
                     && d.pool_id == pool
                     && matches!(d.state, JobState::Queued | JobState::Running)
             }),
-            Err(e) => return Outcome::Retry(format!("job state: {e}")),
+            Err(e) => return Err(Outcome::Retry(format!("job state: {e}"))),
         };
-        if let Some(d) = busy {
-            let reason = format!(
-                "pool {pool} has job {} {}; retire the pool after that job ends (cancel it first to stop it)",
-                d.job_id,
-                d.state.as_str()
-            );
-            if let Err(e) = self.state.unlock_pool(pool, id.as_str()).await {
-                tracing::warn!(error = %e, "could not clear the pool's retiring mark; the next job takes it over");
-            }
-            return self.fail_retire(id, reason).await;
-        }
-        tracing::info!("retiring the pool's image sets");
-        let owner = plan::owner_tag(&self.settings);
-        let plan = match retire_plan(self.store.as_ref(), &record, pool, &owner).await {
-            Ok(p) => p,
-            Err(e) => return Outcome::Retry(e),
+        let Some(d) = busy else {
+            return Ok(());
         };
-        let mut deleted = 0;
-        for blob in &plan {
-            match self.store.delete(blob).await {
-                Ok(()) => deleted += 1,
-                Err(e) if e.is_not_found() => {}
-                Err(e) if e.class.is_retryable() => return Outcome::Retry(e.to_string()),
-                Err(e) => {
-                    let reason = format!("could not delete {blob}: {e}");
-                    return self.fail_retire(id, reason).await;
-                }
-            }
-        }
-        // With the ETag of the mark: a record someone changed since is not ours
-        // to delete (the retire runs again and sees what changed).
-        if let Err(e) = self.state.delete_pool_if(pool, &etag).await {
-            return Outcome::Retry(format!("pool record: {e}"));
-        }
-        let note = format!(
-            "retired pool {pool}: deleted {deleted} of {} blobs (replicas and snapshots)",
-            plan.len()
+        let reason = format!(
+            "pool {pool} has job {} {}; retire the pool after that job ends (cancel it first to stop it)",
+            d.job_id,
+            d.state.as_str()
         );
-        tracing::info!("{note}");
-        if let Err(e) = self
-            .state
-            .update(id.as_str(), mark(JobState::Completed, None, Some(note)))
-            .await
-        {
-            return Outcome::Retry(format!("job state: {e}"));
+        if let Err(e) = self.state.unlock_pool(pool, id.as_str()).await {
+            tracing::warn!(error = %e, "could not clear the pool's retiring mark; the next job takes it over");
         }
-        self.metrics
-            .jobs_finished
-            .with_label_values(&["completed"])
-            .inc();
-        Outcome::Completed
+        Err(self.fail_retire(id, reason).await)
     }
 
     /// Ends a retire job as failed with `reason`.
-    async fn fail_retire(&self, id: &crate::job::JobId, reason: String) -> Outcome {
+    async fn fail_retire(&self, id: &JobId, reason: String) -> Outcome {
         let _ = self
             .state
             .update(id.as_str(), |d| {
@@ -158,7 +167,7 @@ pub async fn retire_plan(
     record: &PoolRecord,
     pool: &str,
     owner: &str,
-) -> Result<Vec<BlobPath>, String> {
+) -> Result<Vec<BlobPath>, StorageError> {
     let mut out = Vec::new();
     for set in &record.sets {
         for r in &set.replicas {
@@ -173,15 +182,32 @@ pub async fn retire_plan(
                     tracing::warn!(blob = %r.blob, "not retiring a blob whose metadata names another pool")
                 }
                 Err(e) if e.is_not_found() => {}
-                Err(e) => return Err(e.to_string()),
+                Err(e) => return Err(e),
             }
         }
         let snapshot = set.source_blob.at_snapshot(&set.source_snapshot);
         match store.properties(&snapshot).await {
             Ok(_) => out.push(snapshot),
             Err(e) if e.is_not_found() => {}
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(e),
         }
     }
     Ok(out)
+}
+
+/// A change of a retire job's document: into `state` (refused when the job's
+/// life does not allow it), leaving its phase, with a note for its `image_set`.
+fn mark(state: JobState, note: Option<String>) -> impl FnMut(&mut JobDocument) -> bool {
+    move |d: &mut JobDocument| {
+        if let Err(e) = d.enter(state) {
+            tracing::error!(error = %e, "refusing an illegal state change");
+            return false;
+        }
+        d.phase = None;
+        d.error = None;
+        if note.is_some() {
+            d.image_set = note.clone();
+        }
+        true
+    }
 }
