@@ -5,7 +5,7 @@
 use std::{collections::BTreeSet, time::Duration};
 use vhd_replicator::{
     engine::{schedule::Strategy, Outcome},
-    simulation::{run, Scenario},
+    simulation::{run, Report, Scenario},
     state::ReplicaState,
     storage::sim::SimConfig,
 };
@@ -41,130 +41,149 @@ fn property_seed() -> (u64, usize) {
 /// verified, and the source snapshot it copied from (one, tagged with the job);
 /// a failed job says why and leaves no replica and no snapshot. Both ends are
 /// reached in at least a fifth of the cases.
+/// One random case of the property test, and how to name it in a failure.
+fn random_case(rng: &mut rand::rngs::StdRng, case: usize, seed: u64) -> (Scenario, String) {
+    use rand::Rng;
+    let accounts = rng.random_range(1usize..6);
+    let replicas = rng.random_range(1u32..30);
+    let strategy = if rng.random_bool(0.5) {
+        Strategy::Fanout
+    } else {
+        Strategy::Naive
+    };
+    let transient = if rng.random_bool(0.5) {
+        0.0
+    } else {
+        rng.random_range(0.0..0.15)
+    };
+    let copy_failures = match rng.random_range(0..3) {
+        0 => 0.0,
+        1 => rng.random_range(0.0..0.5),
+        _ => rng.random_range(0.6..1.0),
+    };
+    let rps = if rng.random_bool(0.5) {
+        20_000
+    } else {
+        rng.random_range(20u32..200)
+    };
+    let mut scenario = Scenario::new(accounts, replicas, 64 * MIB, strategy);
+    scenario.max_reads_per_source = rng.random_range(1u32..3);
+    scenario.max_requests_per_second = rps.min(500);
+    scenario.sim = SimConfig {
+        seed: rng.random(),
+        transient_failure_rate: transient,
+        copy_failure_rate: copy_failures,
+        requests_per_second: rps,
+        retry_after: rng.random_bool(0.5).then_some(Duration::from_secs(1)),
+        ..SimConfig::default()
+    };
+    let what = format!("case {case} of seed {seed}: {accounts} accounts, {replicas} replicas, {strategy:?}, copy failures {copy_failures:.2}, transient {transient:.2}, {rps} rps");
+    (scenario, what)
+}
+
+/// A completed job holds exactly what the contract's naming and balanced
+/// placement say, all verified, and the snapshot it copied from.
+fn check_completed(scenario: &Scenario, report: &Report, what: &str) {
+    let expected: BTreeSet<String> = (0..scenario.replicas)
+        .map(|i| format!("sim/sim/disk-{i:04}.vhd"))
+        .collect();
+    let names: BTreeSet<String> = report
+        .destination_blobs
+        .iter()
+        .map(|b| b.name.clone())
+        .collect();
+    assert_eq!(names, expected, "{what}: exactly the planned replicas");
+    assert_eq!(
+        report.destination_blobs.len(),
+        scenario.replicas as usize,
+        "{what}: one blob per replica"
+    );
+    let mut per_account = vec![0u32; scenario.accounts];
+    for b in &report.destination_blobs {
+        let i: usize = b.account.trim_start_matches("dst").parse().unwrap();
+        per_account[i - 1] += 1;
+    }
+    let (lo, hi) = (
+        per_account.iter().min().unwrap(),
+        per_account.iter().max().unwrap(),
+    );
+    assert!(hi - lo <= 1, "{what}: unbalanced {per_account:?}");
+    let records: BTreeSet<(String, String)> = report
+        .replicas
+        .iter()
+        .map(|r| (r.account.clone(), r.blob.name.clone()))
+        .collect();
+    let stored: BTreeSet<(String, String)> = report
+        .destination_blobs
+        .iter()
+        .map(|b| (b.account.clone(), b.name.clone()))
+        .collect();
+    assert_eq!(records, stored, "{what}: records match storage");
+    assert!(
+        report
+            .replicas
+            .iter()
+            .all(|r| r.state == ReplicaState::Verified),
+        "{what}"
+    );
+    assert_eq!(
+        report.source_snapshots.len(),
+        1,
+        "{what}: one source snapshot"
+    );
+    assert_eq!(
+        report.source_snapshots[0]
+            .1
+            .get("vhdrep_job_id")
+            .map(String::as_str),
+        Some("sim"),
+        "{what}: the snapshot is the job's"
+    );
+}
+
+/// A failed job says why and leaves nothing behind, and only faults fail one.
+fn check_failed(scenario: &Scenario, report: &Report, reason: &str, what: &str) {
+    assert!(!reason.is_empty(), "{what}");
+    assert_eq!(report.error.as_deref(), Some(reason), "{what}");
+    assert!(
+        report.destination_blobs.is_empty(),
+        "{what}: a failed job leaves nothing: {:?}",
+        report.destination_blobs
+    );
+    assert!(
+        report.source_snapshots.is_empty(),
+        "{what}: nor its snapshot"
+    );
+    assert!(
+        scenario.sim.copy_failure_rate > 0.0 || scenario.sim.transient_failure_rate > 0.0,
+        "{what}: failed without faults: {reason}"
+    );
+}
+
 #[test]
 fn jobs_end_with_exactly_the_plan_or_a_reason() {
-    use rand::{Rng, SeedableRng};
+    use rand::SeedableRng;
     let (seed, cases) = property_seed();
     eprintln!("whole-engine property test: VHDREP_SIM_SEED={seed} VHDREP_SIM_CASES={cases}");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let (mut completed, mut failed) = (0, 0);
     for case in 0..cases {
-        let accounts = rng.random_range(1usize..6);
-        let replicas = rng.random_range(1u32..30);
-        let strategy = if rng.random_bool(0.5) {
-            Strategy::Fanout
-        } else {
-            Strategy::Naive
-        };
-        let transient = if rng.random_bool(0.5) {
-            0.0
-        } else {
-            rng.random_range(0.0..0.15)
-        };
-        let copy_failures = match rng.random_range(0..3) {
-            0 => 0.0,
-            1 => rng.random_range(0.0..0.5),
-            _ => rng.random_range(0.6..1.0),
-        };
-        let rps = if rng.random_bool(0.5) {
-            20_000
-        } else {
-            rng.random_range(20u32..200)
-        };
-        let mut scenario = Scenario::new(accounts, replicas, 64 * MIB, strategy);
-        scenario.max_reads_per_source = rng.random_range(1u32..3);
-        scenario.max_requests_per_second = rps.min(500);
-        scenario.sim = SimConfig {
-            seed: rng.random(),
-            transient_failure_rate: transient,
-            copy_failure_rate: copy_failures,
-            requests_per_second: rps,
-            retry_after: rng.random_bool(0.5).then_some(Duration::from_secs(1)),
-            ..SimConfig::default()
-        };
-        let what = format!("case {case} of seed {seed}: {accounts} accounts, {replicas} replicas, {strategy:?}, copy failures {copy_failures:.2}, transient {transient:.2}, {rps} rps");
+        let (scenario, what) = random_case(&mut rng, case, seed);
         let report = runtime().block_on(run(&scenario));
-        let left: Vec<String> = report
-            .destination_blobs
-            .iter()
-            .map(|b| format!("{}/{}", b.account, b.name))
-            .collect();
-        let distinct: BTreeSet<&String> = left.iter().collect();
-        assert_eq!(distinct.len(), left.len(), "{what}: duplicate listing");
+        let listed: BTreeSet<_> = report.destination_blobs.iter().collect();
+        assert_eq!(
+            listed.len(),
+            report.destination_blobs.len(),
+            "{what}: duplicate listing"
+        );
         match &report.outcome {
             Outcome::Completed => {
                 completed += 1;
-                let expected: BTreeSet<String> = (0..replicas)
-                    .map(|i| format!("sim/sim/disk-{i:04}.vhd"))
-                    .collect();
-                let names: BTreeSet<String> = report
-                    .destination_blobs
-                    .iter()
-                    .map(|b| b.name.clone())
-                    .collect();
-                assert_eq!(names, expected, "{what}: exactly the planned replicas");
-                assert_eq!(
-                    left.len(),
-                    replicas as usize,
-                    "{what}: one blob per replica"
-                );
-                let mut per_account = vec![0u32; accounts];
-                for b in &report.destination_blobs {
-                    let i: usize = b.account.trim_start_matches("dst").parse().unwrap();
-                    per_account[i - 1] += 1;
-                }
-                let (lo, hi) = (
-                    per_account.iter().min().unwrap(),
-                    per_account.iter().max().unwrap(),
-                );
-                assert!(hi - lo <= 1, "{what}: unbalanced {per_account:?}");
-                let records: BTreeSet<String> = report
-                    .replicas
-                    .iter()
-                    .map(|r| format!("{}/{}", r.account, r.blob.name))
-                    .collect();
-                assert_eq!(
-                    records,
-                    distinct.into_iter().cloned().collect(),
-                    "{what}: records match storage"
-                );
-                assert!(
-                    report
-                        .replicas
-                        .iter()
-                        .all(|r| r.state == ReplicaState::Verified),
-                    "{what}"
-                );
-                assert_eq!(
-                    report.source_snapshots.len(),
-                    1,
-                    "{what}: one source snapshot"
-                );
-                assert_eq!(
-                    report.source_snapshots[0]
-                        .1
-                        .get("vhdrep_job_id")
-                        .map(String::as_str),
-                    Some("sim"),
-                    "{what}: the snapshot is the job's"
-                );
+                check_completed(&scenario, &report, &what);
             }
             Outcome::Failed(reason) => {
                 failed += 1;
-                assert!(!reason.is_empty(), "{what}");
-                assert_eq!(report.error.as_deref(), Some(reason.as_str()), "{what}");
-                assert!(
-                    left.is_empty(),
-                    "{what}: a failed job leaves nothing: {left:?}"
-                );
-                assert!(
-                    report.source_snapshots.is_empty(),
-                    "{what}: nor its snapshot"
-                );
-                assert!(
-                    copy_failures > 0.0 || transient > 0.0,
-                    "{what}: failed without faults: {reason}"
-                );
+                check_failed(&scenario, &report, reason, &what);
             }
             other => panic!("{what}: unexpected outcome {other:?} ({:?})", report.error),
         }

@@ -12,39 +12,7 @@ async fn job_routes_metrics_and_health() {
     let source = env.source_url("api.vhd");
     upload_sample(&app.control, &source, 2, 1, 5).await;
 
-    let bad =
-        serde_json::json!({"source": source, "pool": {"id": "p", "os": "windows", "nodes": -1}});
-    let r = http
-        .post(app.url("/v1/jobs"))
-        .json(&bad)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 400);
-    let body: serde_json::Value = r.json().await.unwrap();
-    assert!(
-        body["error"].as_str().unwrap().starts_with("pool.nodes"),
-        "{body}"
-    );
-    let unknown = serde_json::json!({"source": source, "pool": {"id": "p", "os": "windows", "nodes": 1}, "colour": "red"});
-    let r = http
-        .post(app.url("/v1/jobs"))
-        .json(&unknown)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 400);
-    assert!(r.text().await.unwrap().contains("colour"));
-    let elsewhere = serde_json::json!({"source": "https://other.blob.core.windows.net/c/b.vhd", "pool": {"id": "p", "os": "windows", "nodes": 1}});
-    let r = http
-        .post(app.url("/v1/jobs"))
-        .json(&elsewhere)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 400);
-    assert!(r.text().await.unwrap().contains("source"));
-
+    bad_jobs_are_refused_naming_the_field(&app, &source).await;
     let id = format!("api-{}", env.id);
     let r = http
         .post(app.url("/v1/jobs"))
@@ -58,49 +26,7 @@ async fn job_routes_metrics_and_health() {
     let doc = wait_for_end(&app.control, &id, Duration::from_secs(60)).await;
     assert_eq!(doc.state(), JobState::Completed);
 
-    let view: serde_json::Value = http
-        .get(app.url(&format!("/v1/jobs/{id}")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(view["job_id"], id.as_str());
-    assert_eq!(view["state"], "completed");
-    assert!(view["error"].is_null());
-    assert!(view.get("phase").is_some());
-    let replicas = view["replicas"].as_array().unwrap();
-    assert_eq!(replicas.len(), 2);
-    for r in replicas {
-        for k in ["uri", "account", "state", "bytes_copied", "bytes_total"] {
-            assert!(r.get(k).is_some(), "replica view lacks {k}: {r}");
-        }
-        assert_eq!(r["bytes_copied"], r["bytes_total"]);
-        assert_eq!(r["state"], "verified");
-    }
-    let list: serde_json::Value = http
-        .get(app.url("/v1/jobs"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert!(list["jobs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|j| j["job_id"] == id.as_str()));
-    assert_eq!(
-        http.get(app.url("/v1/jobs/no-such-job"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        404
-    );
-
+    the_job_view_follows_the_contract(&app, &id).await;
     let metrics = metrics_showing(
         &app,
         &[
@@ -293,4 +219,90 @@ async fn the_job_list_pages_and_survives_a_corrupt_document() {
         "{page}"
     );
     app.shutdown().await;
+}
+
+/// `POST /v1/jobs` answers 400 naming the field for a bad value, an unknown
+/// field and a source in no configured account.
+async fn bad_jobs_are_refused_naming_the_field(app: &TestApp, source: &str) {
+    let http = reqwest::Client::new();
+    let bad =
+        serde_json::json!({"source": source, "pool": {"id": "p", "os": "windows", "nodes": -1}});
+    let r = http
+        .post(app.url("/v1/jobs"))
+        .json(&bad)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert!(
+        body["error"].as_str().unwrap().starts_with("pool.nodes"),
+        "{body}"
+    );
+    let unknown = serde_json::json!({"source": source, "pool": {"id": "p", "os": "windows", "nodes": 1}, "colour": "red"});
+    let r = http
+        .post(app.url("/v1/jobs"))
+        .json(&unknown)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(r.text().await.unwrap().contains("colour"));
+    let elsewhere = serde_json::json!({"source": "https://other.blob.core.windows.net/c/b.vhd", "pool": {"id": "p", "os": "windows", "nodes": 1}});
+    let r = http
+        .post(app.url("/v1/jobs"))
+        .json(&elsewhere)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(r.text().await.unwrap().contains("source"));
+}
+
+/// `GET /v1/jobs/{id}` is the job view of CONTRACT.md; the job is listed; an
+/// unknown job is 404.
+async fn the_job_view_follows_the_contract(app: &TestApp, id: &str) {
+    let http = reqwest::Client::new();
+    let view: serde_json::Value = http
+        .get(app.url(&format!("/v1/jobs/{id}")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(view["job_id"], id);
+    assert_eq!(view["state"], "completed");
+    assert!(view["error"].is_null());
+    assert!(view.get("phase").is_some());
+    let replicas = view["replicas"].as_array().unwrap();
+    assert_eq!(replicas.len(), 2);
+    for r in replicas {
+        for k in ["uri", "account", "state", "bytes_copied", "bytes_total"] {
+            assert!(r.get(k).is_some(), "replica view lacks {k}: {r}");
+        }
+        assert_eq!(r["bytes_copied"], r["bytes_total"]);
+        assert_eq!(r["state"], "verified");
+    }
+    let list: serde_json::Value = http
+        .get(app.url("/v1/jobs"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(list["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|j| j["job_id"] == id));
+    assert_eq!(
+        http.get(app.url("/v1/jobs/no-such-job"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
 }

@@ -17,91 +17,7 @@ async fn refused_messages_each_name_their_problem() {
     let app = TestApp::spawn(&env).await;
     let src = env.source_url("x.vhd");
     let novm = format!("novm-{}", env.id);
-    let job = |extra: serde_json::Value| {
-        let mut j =
-            serde_json::json!({"source": src, "pool": {"id": "p", "os": "windows", "nodes": 10}});
-        for (k, v) in extra.as_object().unwrap() {
-            if k == "pool" {
-                for (pk, pv) in v.as_object().unwrap() {
-                    j["pool"][pk] = pv.clone();
-                }
-            } else {
-                j[k] = v.clone();
-            }
-        }
-        j.to_string()
-    };
-    let cases: Vec<(String, &str)> = vec![
-        (
-            "not json at all".into(),
-            "message: the message is neither JSON nor base64",
-        ),
-        (
-            "\"a string\"".into(),
-            "message: the job must be a JSON object",
-        ),
-        (
-            job(serde_json::json!({"colour": "red"})),
-            "unknown field `colour`",
-        ),
-        (job(serde_json::json!({"job_id": "Bad_Id!"})), "job_id:"),
-        (
-            job(serde_json::json!({"source": "ftp://host/c/b.vhd"})),
-            "source: the source must be an http(s) blob URL",
-        ),
-        (
-            job(serde_json::json!({"source": "https://elsewhere.blob.core.windows.net/c/b.vhd"})),
-            "is not in any configured account",
-        ),
-        (job(serde_json::json!({"pool": {"os": "beos"}})), "pool.os:"),
-        (
-            job(serde_json::json!({"pool": {"nodes": 0}})),
-            "pool.nodes: must be at least 1",
-        ),
-        (
-            job(serde_json::json!({"pool": {"nodes": -3}})),
-            "pool.nodes:",
-        ),
-        (
-            job(serde_json::json!({"pool": {"nodes": 10_000_000}})),
-            "pool.nodes: 10000000 is more than any Batch pool holds",
-        ),
-        (
-            job(serde_json::json!({"replicas": 0})),
-            "replicas: must be at least 1",
-        ),
-        (
-            job(serde_json::json!({"replicas": 100_000})),
-            "replicas: 100000 is more than one job may make",
-        ),
-        (
-            job(serde_json::json!({"pool": {"nodes": 200}, "replicas": 3})),
-            "ask for at least 10",
-        ),
-        (
-            job(serde_json::json!({"accounts": ["nosuch"]})),
-            "accounts[0]: \"nosuch\" is not a configured account",
-        ),
-        (
-            job(serde_json::json!({"accounts": ["srconly"]})),
-            "not a destination account",
-        ),
-        (
-            job(serde_json::json!({"container": "Bad_Container"})),
-            "container:",
-        ),
-        (
-            job(serde_json::json!({"pool": {"id": "has space"}})),
-            "pool.id:",
-        ),
-        // Valid in every field but without a VM size, which Batch requires and
-        // this configuration has no default for; its valid job id gets a
-        // failed state document.
-        (
-            job(serde_json::json!({"job_id": novm.as_str()})),
-            "pool.vm_size: Batch's Add Pool requires vmSize",
-        ),
-    ];
+    let cases = refused_cases(&src, &novm);
     for (text, _) in &cases {
         app.control.intake.send(text).await.unwrap();
     }
@@ -242,4 +158,95 @@ async fn unusable_sources_fail_with_the_reason() {
         );
     }
     app.shutdown().await;
+}
+
+/// The refused messages and what each one's reason says: each field wrong in
+/// turn in an otherwise valid job (`src` its source, `novm` a valid job id of a
+/// job without a VM size).
+fn refused_cases(src: &str, novm: &str) -> Vec<(String, &'static str)> {
+    let job = |extra: serde_json::Value| {
+        let mut j =
+            serde_json::json!({"source": src, "pool": {"id": "p", "os": "windows", "nodes": 10}});
+        for (k, v) in extra.as_object().unwrap() {
+            if k == "pool" {
+                for (pk, pv) in v.as_object().unwrap() {
+                    j["pool"][pk] = pv.clone();
+                }
+            } else {
+                j[k] = v.clone();
+            }
+        }
+        j.to_string()
+    };
+    vec![
+        (
+            "not json at all".into(),
+            "message: the message is neither JSON nor base64",
+        ),
+        (
+            "\"a string\"".into(),
+            "message: the job must be a JSON object",
+        ),
+        (
+            job(serde_json::json!({"colour": "red"})),
+            "unknown field `colour`",
+        ),
+        (job(serde_json::json!({"job_id": "Bad_Id!"})), "job_id:"),
+        (
+            job(serde_json::json!({"source": "ftp://host/c/b.vhd"})),
+            "source: the source must be an http(s) blob URL",
+        ),
+        (
+            job(serde_json::json!({"source": "https://elsewhere.blob.core.windows.net/c/b.vhd"})),
+            "is not in any configured account",
+        ),
+        (job(serde_json::json!({"pool": {"os": "beos"}})), "pool.os:"),
+        (
+            job(serde_json::json!({"pool": {"nodes": 0}})),
+            "pool.nodes: must be at least 1",
+        ),
+        (
+            job(serde_json::json!({"pool": {"nodes": -3}})),
+            "pool.nodes:",
+        ),
+        (
+            job(serde_json::json!({"pool": {"nodes": 10_000_000}})),
+            "pool.nodes: 10000000 is more than any Batch pool holds",
+        ),
+        (
+            job(serde_json::json!({"replicas": 0})),
+            "replicas: must be at least 1",
+        ),
+        (
+            job(serde_json::json!({"replicas": 100_000})),
+            "replicas: 100000 is more than one job may make",
+        ),
+        (
+            job(serde_json::json!({"pool": {"nodes": 200}, "replicas": 3})),
+            "ask for at least 10",
+        ),
+        (
+            job(serde_json::json!({"accounts": ["nosuch"]})),
+            "accounts[0]: \"nosuch\" is not a configured account",
+        ),
+        (
+            job(serde_json::json!({"accounts": ["srconly"]})),
+            "not a destination account",
+        ),
+        (
+            job(serde_json::json!({"container": "Bad_Container"})),
+            "container:",
+        ),
+        (
+            job(serde_json::json!({"pool": {"id": "has space"}})),
+            "pool.id:",
+        ),
+        // Valid in every field but without a VM size, which Batch requires and
+        // this configuration has no default for; its valid job id gets a
+        // failed state document.
+        (
+            job(serde_json::json!({"job_id": novm})),
+            "pool.vm_size: Batch's Add Pool requires vmSize",
+        ),
+    ]
 }

@@ -111,55 +111,7 @@ async fn plan_submit_wait_and_status_through_the_binary() {
     let source = env.source_url("cli.vhd");
     upload_sample(&app.control, &source, 2, 1, 7).await;
 
-    let out = run(
-        &key_env(),
-        &[
-            "plan",
-            "--config",
-            &config,
-            "--source",
-            &source,
-            "--os",
-            "windows",
-            "--nodes",
-            "90",
-            "--pool-id",
-            "render",
-            "--vm-size",
-            "STANDARD_D2_V3",
-        ],
-    );
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.starts_with("5 replicas"), "{text}");
-    assert!(
-        text.contains("dst1: 2") && text.contains("dst2: 2") && text.contains("dst3: 1"),
-        "{text}"
-    );
-    assert!(text.contains("render/dry-run/cli-0004.vhd"), "{text}");
-    let out = run(
-        &key_env(),
-        &[
-            "plan",
-            "--config",
-            &config,
-            "--source",
-            &source,
-            "--os",
-            "windows",
-            "--nodes",
-            "0",
-            "--pool-id",
-            "render",
-        ],
-    );
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("pool.nodes"));
+    plan_prints_the_placement_and_refuses_bad_flags(&config, &source);
     // Batch's Add Pool requires a VM size; this configuration has no default.
     let out = run(
         &key_env(),
@@ -219,35 +171,7 @@ async fn plan_submit_wait_and_status_through_the_binary() {
     let job_id = stdout.lines().next().unwrap().trim().to_owned();
     assert!(stdout.contains("completed"), "{stdout}");
 
-    let out = run(
-        &key_env(),
-        &["status", "--config", &config, &job_id, "--json"],
-    );
-    assert_eq!(out.status.code(), Some(0));
-    let view: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(view["state"], "completed");
-    assert_eq!(view["replicas"].as_array().unwrap().len(), 2);
-
-    let out = run(&key_env(), &["status", "--config", &config]);
-    assert!(String::from_utf8_lossy(&out.stdout).contains(&job_id));
-    // --watch on a pipe prints JSON lines with --json, and exits 0 on a completed job.
-    let out = run(
-        &key_env(),
-        &["status", "--config", &config, &job_id, "--watch", "--json"],
-    );
-    assert_eq!(out.status.code(), Some(0));
-    let last = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .last()
-        .unwrap()
-        .to_owned();
-    let view: serde_json::Value = serde_json::from_str(&last).unwrap();
-    assert_eq!(view["state"], "completed");
-    let out = run(&key_env(), &["status", "--config", &config, "no-such-job"]);
-    assert_eq!(out.status.code(), Some(1));
-    let out = run(&key_env(), &["cancel", "--config", &config, &job_id]);
-    assert_eq!(out.status.code(), Some(0));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("already ended: completed"));
+    status_shows_the_job(&config, &job_id);
     // A bad submit is a usage error naming the field.
     let out = run(
         &key_env(),
@@ -393,4 +317,92 @@ async fn plan_prints_exactly_what_the_job_makes() {
         assert_eq!(made, planned, "{job}: the plan printed is the plan made");
     }
     app.shutdown().await;
+}
+
+/// `plan` prints replicas per account and names without writing, and refuses
+/// bad flags as a usage error naming the field.
+fn plan_prints_the_placement_and_refuses_bad_flags(config: &str, source: &str) {
+    let out = run(
+        &key_env(),
+        &[
+            "plan",
+            "--config",
+            config,
+            "--source",
+            source,
+            "--os",
+            "windows",
+            "--nodes",
+            "90",
+            "--pool-id",
+            "render",
+            "--vm-size",
+            "STANDARD_D2_V3",
+        ],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("5 replicas"), "{text}");
+    assert!(
+        text.contains("dst1: 2") && text.contains("dst2: 2") && text.contains("dst3: 1"),
+        "{text}"
+    );
+    assert!(text.contains("render/dry-run/cli-0004.vhd"), "{text}");
+    let out = run(
+        &key_env(),
+        &[
+            "plan",
+            "--config",
+            config,
+            "--source",
+            source,
+            "--os",
+            "windows",
+            "--nodes",
+            "0",
+            "--pool-id",
+            "render",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("pool.nodes"));
+}
+
+/// `status` shows the completed job (JSON, in the list, followed with --watch),
+/// an unknown job fails, and cancelling an ended job says so.
+fn status_shows_the_job(config: &str, job_id: &str) {
+    let out = run(
+        &key_env(),
+        &["status", "--config", config, job_id, "--json"],
+    );
+    assert_eq!(out.status.code(), Some(0));
+    let view: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(view["state"], "completed");
+    assert_eq!(view["replicas"].as_array().unwrap().len(), 2);
+
+    let out = run(&key_env(), &["status", "--config", config]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains(job_id));
+    // --watch on a pipe prints JSON lines with --json, and exits 0 on a completed job.
+    let out = run(
+        &key_env(),
+        &["status", "--config", config, job_id, "--watch", "--json"],
+    );
+    assert_eq!(out.status.code(), Some(0));
+    let last = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .unwrap()
+        .to_owned();
+    let view: serde_json::Value = serde_json::from_str(&last).unwrap();
+    assert_eq!(view["state"], "completed");
+    let out = run(&key_env(), &["status", "--config", config, "no-such-job"]);
+    assert_eq!(out.status.code(), Some(1));
+    let out = run(&key_env(), &["cancel", "--config", config, job_id]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("already ended: completed"));
 }

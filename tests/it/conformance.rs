@@ -58,19 +58,42 @@ async fn blob_store_suite(store: Arc<dyn BlobStore>, id: &str, expect_sas: bool)
     let at = src.at_snapshot(&snap);
     assert_eq!(store.properties(&at).await.unwrap().len, len);
 
+    copies_work(store.as_ref(), &c, &at, &image, expect_sas).await;
+    conditional_writes(store.as_ref(), &c).await;
+    listing_shows_what_is_there(store.as_ref(), &c, &snap).await;
+
+    // Deleting a blob takes its snapshots along.
+    store.delete(&src).await.unwrap();
+    assert!(store.properties(&src).await.unwrap_err().is_not_found());
+    assert!(store.properties(&at).await.unwrap_err().is_not_found());
+    assert!(store.delete(&src).await.unwrap_err().is_not_found());
+
+    let info = store.account_info("dst1").await.unwrap();
+    info.suits_batch_images().unwrap();
+}
+
+/// Copies within and across accounts, and the errors a copy can meet.
+async fn copies_work(
+    store: &dyn BlobStore,
+    c: &str,
+    at: &BlobPath,
+    image: &[u8],
+    expect_sas: bool,
+) {
+    let len = image.len() as u64;
     // A copy inside one account needs no SAS; across accounts it does.
     let meta = Metadata::from([("vhdrep_job_id".to_owned(), "conf".to_owned())]);
     let until = OffsetDateTime::now_utc() + time::Duration::hours(1);
-    let same_url = store.copy_source_url(&at, "src", until).await.unwrap();
+    let same_url = store.copy_source_url(at, "src", until).await.unwrap();
     assert!(!same_url.contains("sig="));
-    let same = BlobPath::new("src", &c, "copy-same.vhd");
+    let same = BlobPath::new("src", c, "copy-same.vhd");
     let started = store.start_copy(&same, &same_url, &meta).await.unwrap();
-    wait_copied(store.as_ref(), &same, &started.copy_id).await;
-    let cross_url = store.copy_source_url(&at, "dst1", until).await.unwrap();
+    wait_copied(store, &same, &started.copy_id).await;
+    let cross_url = store.copy_source_url(at, "dst1", until).await.unwrap();
     assert_eq!(cross_url.contains("sig="), expect_sas);
-    let cross = BlobPath::new("dst1", &c, "nested/copy-cross.vhd");
+    let cross = BlobPath::new("dst1", c, "nested/copy-cross.vhd");
     let started = store.start_copy(&cross, &cross_url, &meta).await.unwrap();
-    wait_copied(store.as_ref(), &cross, &started.copy_id).await;
+    wait_copied(store, &cross, &started.copy_id).await;
     let p = store.properties(&cross).await.unwrap();
     assert_eq!((p.kind, p.len), (BlobKind::Page, len));
     assert_eq!(
@@ -93,15 +116,15 @@ async fn blob_store_suite(store: Arc<dyn BlobStore>, id: &str, expect_sas: bool)
         .unwrap_err();
     assert_eq!(e.class, ErrorClass::Conflict, "{e}");
     let e = store
-        .properties(&BlobPath::new("dst1", &c, "nope"))
+        .properties(&BlobPath::new("dst1", c, "nope"))
         .await
         .unwrap_err();
     assert_eq!(e.class, ErrorClass::NotFound);
     let e = store
         .start_copy(
-            &BlobPath::new("dst1", &c, "x"),
+            &BlobPath::new("dst1", c, "x"),
             &store
-                .copy_source_url(&BlobPath::new("src", &c, "absent"), "dst1", until)
+                .copy_source_url(&BlobPath::new("src", c, "absent"), "dst1", until)
                 .await
                 .unwrap(),
             &meta,
@@ -112,9 +135,12 @@ async fn blob_store_suite(store: Arc<dyn BlobStore>, id: &str, expect_sas: bool)
         matches!(e.class, ErrorClass::NotFound | ErrorClass::Denied),
         "{e:?}"
     );
+}
 
+/// Conditional writes of small documents.
+async fn conditional_writes(store: &dyn BlobStore, c: &str) {
     // Conditional writes of small documents.
-    let doc = BlobPath::new("src", &c, "state/doc.json");
+    let doc = BlobPath::new("src", c, "state/doc.json");
     let e1 = store
         .put_block_blob(
             &doc,
@@ -157,16 +183,19 @@ async fn blob_store_suite(store: Arc<dyn BlobStore>, id: &str, expect_sas: bool)
     let (data, etag) = store.read(&doc, None).await.unwrap();
     assert_eq!((&data[..], etag), (&b"{\"v\":2}"[..], e2));
     assert_eq!(store.properties(&doc).await.unwrap().kind, BlobKind::Block);
+}
 
+/// Listing by prefix shows base blobs only; a detailed listing shows metadata and snapshots.
+async fn listing_shows_what_is_there(store: &dyn BlobStore, c: &str, snap: &str) {
     // Listing by prefix shows base blobs only.
-    let mut names = store.list("src", &c, "").await.unwrap();
+    let mut names = store.list("src", c, "").await.unwrap();
     names.sort();
     assert_eq!(
         names,
         vec!["copy-same.vhd", "dir/disk.vhd", "state/doc.json"]
     );
     assert_eq!(
-        store.list("src", &c, "state/").await.unwrap(),
+        store.list("src", c, "state/").await.unwrap(),
         vec!["state/doc.json"]
     );
     assert!(store
@@ -176,18 +205,16 @@ async fn blob_store_suite(store: Arc<dyn BlobStore>, id: &str, expect_sas: bool)
         .is_empty());
 
     // A detailed listing shows metadata, times and (when asked) snapshots.
-    let detailed = store.list_detailed("src", &c, "dir/", true).await.unwrap();
+    let detailed = store.list_detailed("src", c, "dir/", true).await.unwrap();
     assert!(
-        detailed
-            .iter()
-            .any(|b| b.snapshot.as_deref() == Some(snap.as_str())
-                && b.metadata.get("vhdrep_job_id").map(String::as_str) == Some("conf-snap")),
+        detailed.iter().any(|b| b.snapshot.as_deref() == Some(snap)
+            && b.metadata.get("vhdrep_job_id").map(String::as_str) == Some("conf-snap")),
         "the snapshot with its own metadata: {detailed:?}"
     );
     assert!(detailed
         .iter()
         .any(|b| b.snapshot.is_none() && b.name == "dir/disk.vhd" && b.last_modified.is_some()));
-    let bases = store.list_detailed("src", &c, "", false).await.unwrap();
+    let bases = store.list_detailed("src", c, "", false).await.unwrap();
     assert!(bases.iter().all(|b| b.snapshot.is_none()));
     assert_eq!(
         bases
@@ -197,15 +224,6 @@ async fn blob_store_suite(store: Arc<dyn BlobStore>, id: &str, expect_sas: bool)
             .map(String::as_str),
         Some("conf")
     );
-
-    // Deleting a blob takes its snapshots along.
-    store.delete(&src).await.unwrap();
-    assert!(store.properties(&src).await.unwrap_err().is_not_found());
-    assert!(store.properties(&at).await.unwrap_err().is_not_found());
-    assert!(store.delete(&src).await.unwrap_err().is_not_found());
-
-    let info = store.account_info("dst1").await.unwrap();
-    info.suits_batch_images().unwrap();
 }
 
 async fn queue_suite(q: Arc<dyn MessageQueue>) {

@@ -383,30 +383,7 @@ async fn two_instances_split_the_work_and_survive_one_dying() {
     let two = [("VHDREP__ENGINE__MAX_PARALLEL_JOBS", "2")];
     let a = Daemon::start(&config, env.dir.path().join("a.log"), &two);
     let b = Daemon::start(&config, env.dir.path().join("b.log"), &two);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    let owners = loop {
-        let mut owners = std::collections::BTreeMap::new();
-        for id in &ids {
-            if let Some((d, _)) = direct.state.load(id).await.unwrap() {
-                if let Some(o) = d
-                    .owner
-                    .filter(|_| d.replicas.iter().any(|r| r.copy_id.is_some()))
-                {
-                    owners.insert(id.clone(), o.instance);
-                }
-            }
-        }
-        if owners.len() == ids.len() {
-            break owners;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "both instances did not start copies: {owners:?}\n{}\n{}",
-            a.log(),
-            b.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let owners = copying_owners(&direct, &ids, &a, &b).await;
     let instances: BTreeSet<&String> = owners.values().collect();
     assert_eq!(instances.len(), 2, "both instances own jobs: {owners:?}");
     let mut before = std::collections::BTreeMap::new();
@@ -431,28 +408,7 @@ async fn two_instances_split_the_work_and_survive_one_dying() {
             assert!(names.insert(r.blob.clone()));
         }
     }
-    // Every job's replicas, and nothing else.
-    let mut expected = BTreeSet::new();
-    for id in &ids {
-        let (d, _) = direct.state.load(id).await.unwrap().unwrap();
-        expected.extend(
-            d.replicas
-                .iter()
-                .map(|r| format!("{}/{}", r.account, r.blob.name)),
-        );
-    }
-    let mut found = BTreeSet::new();
-    for account in ["dst1", "dst2", "dst3"] {
-        for name in direct
-            .store
-            .list(account, &env.container(), "")
-            .await
-            .unwrap()
-        {
-            found.insert(format!("{account}/{name}"));
-        }
-    }
-    assert_eq!(found, expected);
+    let expected = only_these_replicas(&direct, &env, &ids).await;
     assert!(
         ProxyStats::get(&proxy.stats.pending_answers) > pending_before,
         "copies were still pending after the kill"
@@ -683,4 +639,68 @@ async fn json_logs_carry_the_job_id_and_stay_quiet_while_polling() {
         of_job.len() <= 10,
         "one line per state change: {messages:?}"
     );
+}
+
+/// Waits until every job has an owner that has started copies, and returns the owners.
+async fn copying_owners(
+    direct: &vhd_replicator::control::Control,
+    ids: &[String],
+    a: &Daemon,
+    b: &Daemon,
+) -> std::collections::BTreeMap<String, String> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut owners = std::collections::BTreeMap::new();
+        for id in ids {
+            if let Some((d, _)) = direct.state.load(id).await.unwrap() {
+                if let Some(o) = d
+                    .owner
+                    .filter(|_| d.replicas.iter().any(|r| r.copy_id.is_some()))
+                {
+                    owners.insert(id.clone(), o.instance);
+                }
+            }
+        }
+        if owners.len() == ids.len() {
+            break owners;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "both instances did not start copies: {owners:?}\n{}\n{}",
+            a.log(),
+            b.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Every job's replicas exist in the destination accounts, and nothing else; returns them.
+async fn only_these_replicas(
+    direct: &vhd_replicator::control::Control,
+    env: &TestEnv,
+    ids: &[String],
+) -> BTreeSet<String> {
+    // Every job's replicas, and nothing else.
+    let mut expected = BTreeSet::new();
+    for id in ids {
+        let (d, _) = direct.state.load(id).await.unwrap().unwrap();
+        expected.extend(
+            d.replicas
+                .iter()
+                .map(|r| format!("{}/{}", r.account, r.blob.name)),
+        );
+    }
+    let mut found = BTreeSet::new();
+    for account in ["dst1", "dst2", "dst3"] {
+        for name in direct
+            .store
+            .list(account, &env.container(), "")
+            .await
+            .unwrap()
+        {
+            found.insert(format!("{account}/{name}"));
+        }
+    }
+    assert_eq!(found, expected);
+    expected
 }

@@ -86,27 +86,7 @@ async fn entra_id_end_to_end_over_https() {
     let ca = Path::new(env!("CARGO_MANIFEST_DIR")).join(".azurite/ca.pem");
     assert!(ca.exists(), "scripts/azurite.sh makes the test CA");
     let id = uuid::Uuid::new_v4().simple().to_string()[..10].to_owned();
-    let mut toml = format!(
-        "[batch]\nsubscription = \"s\"\nregion = \"local\"\n[control]\naccount = \"ops\"\nintake_queue = \"e-{id}-jobs\"\npoison_queue = \"e-{id}-poison\"\nhandoff_queue = \"e-{id}-handoff\"\nstate_container = \"e-{id}-state\"\n[engine]\nmin_poll_ms = 50\nidle_poll_ms = 100\n"
-    );
-    // The source account keeps a key (see the module note on user delegation SAS);
-    // the control and destination accounts have none: Entra ID only.
-    for (name, dest) in [
-        ("ops", false),
-        ("src", false),
-        ("dst1", true),
-        ("dst2", true),
-    ] {
-        let auth = if name == "src" {
-            "key_env = \"VHDREP_KEY_SRC\"".to_owned()
-        } else {
-            "auth = \"entra\"\ncredential = \"azure_cli\"".to_owned()
-        };
-        toml.push_str(&format!(
-            "[[accounts]]\nname = \"{name}\"\nblob_endpoint = \"{SECURE_BLOB}/{name}\"\nqueue_endpoint = \"{SECURE_QUEUE}/{name}\"\n{auth}\nca_file = \"{}\"\ndestination = {dest}\n",
-            ca.display()
-        ));
-    }
+    let toml = entra_config(&id, &ca);
     let mut settings = Settings::from_toml(&toml)
         .unwrap()
         .validate(&Keys(keys()))
@@ -187,9 +167,43 @@ async fn entra_id_end_to_end_over_https() {
         )
         .await
         .unwrap();
+    assert_user_delegation_sas(&url, &replica);
+    app.shutdown().await;
+}
+
+/// The config: the control and destination accounts on Entra ID only, over HTTPS.
+fn entra_config(id: &str, ca: &Path) -> String {
+    let mut toml = format!(
+        "[batch]\nsubscription = \"s\"\nregion = \"local\"\n[control]\naccount = \"ops\"\nintake_queue = \"e-{id}-jobs\"\npoison_queue = \"e-{id}-poison\"\nhandoff_queue = \"e-{id}-handoff\"\nstate_container = \"e-{id}-state\"\n[engine]\nmin_poll_ms = 50\nidle_poll_ms = 100\n"
+    );
+    // The source account keeps a key (see the module note on user delegation SAS);
+    // the control and destination accounts have none: Entra ID only.
+    for (name, dest) in [
+        ("ops", false),
+        ("src", false),
+        ("dst1", true),
+        ("dst2", true),
+    ] {
+        let auth = if name == "src" {
+            "key_env = \"VHDREP_KEY_SRC\"".to_owned()
+        } else {
+            "auth = \"entra\"\ncredential = \"azure_cli\"".to_owned()
+        };
+        toml.push_str(&format!(
+            "[[accounts]]\nname = \"{name}\"\nblob_endpoint = \"{SECURE_BLOB}/{name}\"\nqueue_endpoint = \"{SECURE_QUEUE}/{name}\"\n{auth}\nca_file = \"{}\"\ndestination = {dest}\n",
+            ca.display()
+        ));
+    }
+    toml
+}
+
+/// The exact query string of a user delegation SAS for a snapshot: every
+/// parameter once (a map would hide a second `snapshot=`, which Azure refuses),
+/// the snapshot scoped by the token, read-only, signed with a delegation key.
+fn assert_user_delegation_sas(url: &str, replica: &vhd_replicator::storage::BlobPath) {
     // The exact query string: every parameter once (a map would hide a second
     // `snapshot=`, which Azure refuses), the snapshot scoped by the token.
-    let parsed = url::Url::parse(&url).unwrap();
+    let parsed = url::Url::parse(url).unwrap();
     let pairs: Vec<(String, String)> = parsed.query_pairs().into_owned().collect();
     let mut names: Vec<&str> = pairs.iter().map(|(k, _)| k.as_str()).collect();
     let all = names.len();
@@ -223,5 +237,4 @@ async fn entra_id_end_to_end_over_https() {
         Some("00000000-0000-0000-0000-00000000beef")
     );
     assert!(q.contains_key("sig") && q.contains_key("ske") && q.contains_key("st"));
-    app.shutdown().await;
 }

@@ -76,39 +76,8 @@ async fn prometheus_scrapes_progress_and_bytes_and_promtool_agrees() {
     let (app, _proxy, id) = running_job(&env, Duration::from_secs(4), 80).await;
     let port = free_port();
     let dir = env.dir.path();
-    std::fs::write(
-        dir.join("prometheus.yml"),
-        format!("global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: vhd-replicator\n    static_configs:\n      - targets: [\"{}\"]\n", app.addr),
-    )
-    .unwrap();
-    let prometheus = Killed(
-        Command::new("prometheus")
-            .arg(format!(
-                "--config.file={}",
-                dir.join("prometheus.yml").display()
-            ))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.join("tsdb").display()
-            ))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("prometheus runs (scripts/test.sh installs it)"),
-    );
+    let prometheus = start_prometheus(dir, port, &app.addr.to_string()).await;
     let base = format!("http://127.0.0.1:{port}");
-    let ready = tokio::time::Instant::now() + Duration::from_secs(30);
-    while !reqwest::get(format!("{base}/-/ready"))
-        .await
-        .is_ok_and(|r| r.status().is_success())
-    {
-        assert!(
-            tokio::time::Instant::now() < ready,
-            "Prometheus did not become ready"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 
     // Mid-job: progress is exported per job, and promtool accepts the exposition.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -122,26 +91,7 @@ async fn prometheus_scrapes_progress_and_bytes_and_promtool_agrees() {
             .await
             .unwrap();
         if !checked && text.contains(&format!("vhdrep_job_progress_ratio{{job_id=\"{id}\"}}")) {
-            let mut promtool = Command::new("promtool")
-                .args(["check", "metrics"])
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap();
-            promtool
-                .stdin
-                .take()
-                .unwrap()
-                .write_all(text.as_bytes())
-                .unwrap();
-            let out = promtool.wait_with_output().unwrap();
-            assert!(
-                out.status.success(),
-                "promtool: {}{}\n{text}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
+            promtool_accepts(&text);
             checked = true;
         }
         if !seen_progress {
@@ -433,5 +383,68 @@ async fn known_series_start_at_zero_and_gauges_do_not_leak_on_shutdown() {
     assert!(
         !after.contains(&format!("job_id=\"{id}\"")),
         "the ended job's progress series is gone:\n{after}"
+    );
+}
+
+/// Starts Prometheus scraping `target` every second and waits until it is ready.
+async fn start_prometheus(dir: &std::path::Path, port: u16, target: &str) -> Killed {
+    std::fs::write(
+        dir.join("prometheus.yml"),
+        format!("global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: vhd-replicator\n    static_configs:\n      - targets: [\"{}\"]\n", target),
+    )
+    .unwrap();
+    let prometheus = Killed(
+        Command::new("prometheus")
+            .arg(format!(
+                "--config.file={}",
+                dir.join("prometheus.yml").display()
+            ))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("tsdb").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("prometheus runs (scripts/test.sh installs it)"),
+    );
+    let base = format!("http://127.0.0.1:{port}");
+    let ready = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !reqwest::get(format!("{base}/-/ready"))
+        .await
+        .is_ok_and(|r| r.status().is_success())
+    {
+        assert!(
+            tokio::time::Instant::now() < ready,
+            "Prometheus did not become ready"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    prometheus
+}
+
+/// `promtool check metrics` accepts the exposition.
+fn promtool_accepts(text: &str) {
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool: {}{}\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
     );
 }

@@ -24,23 +24,11 @@ async fn growing_a_pool_tops_up_from_existing_replicas() {
     let app = TestApp::spawn(&env).await;
     let source = env.source_url("grow.vhd");
     upload_sample(&app.control, &source, 2, 1, 90).await;
-    let first = format!("grow-1-{}", env.id);
-    app.control
-        .submit(parse_job_json(&job(&env, &first, &source, 200)).unwrap())
-        .await
-        .unwrap();
-    let d1 = wait_for_end(&app.control, &first, Duration::from_secs(60)).await;
-    assert_eq!(d1.state(), JobState::Completed, "{:?}", d1.error);
+    let d1 = completed(&app, &env, &format!("grow-1-{}", env.id), &source, 200).await;
     assert_eq!(d1.replicas.len(), 10);
     drain(app.control.handoff.as_ref()).await;
 
-    let second = format!("grow-2-{}", env.id);
-    app.control
-        .submit(parse_job_json(&job(&env, &second, &source, 600)).unwrap())
-        .await
-        .unwrap();
-    let d2 = wait_for_end(&app.control, &second, Duration::from_secs(60)).await;
-    assert_eq!(d2.state(), JobState::Completed, "{:?}", d2.error);
+    let d2 = completed(&app, &env, &format!("grow-2-{}", env.id), &source, 600).await;
     assert_eq!(d2.replicas.len(), 30);
     assert_eq!(
         d2.source_snapshot, d1.source_snapshot,
@@ -59,37 +47,7 @@ async fn growing_a_pool_tops_up_from_existing_replicas() {
         .map(|r| r.blob.clone())
         .collect();
     assert_eq!(kept, old, "the 10 existing replicas are kept");
-    let new: Vec<_> = d2.replicas.iter().filter(|r| !r.inherited).collect();
-    assert_eq!(new.len(), 20, "exactly 20 new copies");
-    for r in &new {
-        let from = app
-            .control
-            .store
-            .properties(&r.blob)
-            .await
-            .unwrap()
-            .copy
-            .unwrap()
-            .source
-            .unwrap();
-        assert!(
-            !from.contains("/src/"),
-            "replica {} was copied from the source, not an existing replica: {from}",
-            r.index
-        );
-        assert!(
-            from.contains(&format!("/{}/", r.account)),
-            "same-account copy first: {from}"
-        );
-    }
-    let mut per_account = std::collections::BTreeMap::new();
-    for r in &d2.replicas {
-        *per_account.entry(r.account.clone()).or_insert(0) += 1;
-    }
-    assert_eq!(
-        per_account.values().copied().collect::<Vec<_>>(),
-        vec![10, 10, 10]
-    );
+    assert_topped_up_from_replicas(&app, &d2).await;
     let handoff: serde_json::Value =
         serde_json::from_str(&drain(app.control.handoff.as_ref()).await[0]).unwrap();
     let uris: BTreeSet<String> = handoff["image_uris"]
@@ -100,70 +58,36 @@ async fn growing_a_pool_tops_up_from_existing_replicas() {
         .collect();
     assert_eq!(uris.len(), 30);
     assert_eq!(handoff["add_pool"]["targetDedicatedNodes"], 600);
-    let mut listed = 0;
-    for account in ["dst1", "dst2", "dst3"] {
-        listed += app
-            .control
-            .store
-            .list(account, &env.container(), "")
-            .await
-            .unwrap()
-            .len();
-    }
-    assert_eq!(listed, 30, "nothing else in the destination containers");
-    let pool: serde_json::Value = reqwest::get(app.url(&format!("/v1/pools/pool-{}", env.id)))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    assert_eq!(
+        all_blobs(&app, &env).await.len(),
+        30,
+        "nothing else in the destination containers"
+    );
+    let pool = pool_view(&app, &env).await;
     assert_eq!(pool["replicas"].as_array().unwrap().len(), 30);
     assert_eq!(pool["image_sets"].as_array().unwrap().len(), 1);
 
     // The pool shrinks to 100 nodes: 5 replicas handed off, the surplus 25 deleted.
-    let smaller = format!("grow-s-{}", env.id);
-    app.control
-        .submit(parse_job_json(&job(&env, &smaller, &source, 100)).unwrap())
-        .await
-        .unwrap();
-    let ds = wait_for_end(&app.control, &smaller, Duration::from_secs(60)).await;
-    assert_eq!(ds.state(), JobState::Completed, "{:?}", ds.error);
+    let ds = completed(&app, &env, &format!("grow-s-{}", env.id), &source, 100).await;
     assert_eq!(ds.replicas.len(), 5);
     assert!(
         ds.replicas.iter().all(|r| r.inherited),
         "nothing copied to shrink"
     );
-    let mut listed = 0;
-    for account in ["dst1", "dst2", "dst3"] {
-        listed += app
-            .control
-            .store
-            .list(account, &env.container(), "")
-            .await
-            .unwrap()
-            .len();
-    }
-    assert_eq!(listed, 5, "the surplus replicas were deleted");
+    assert_eq!(
+        all_blobs(&app, &env).await.len(),
+        5,
+        "the surplus replicas were deleted"
+    );
     let handoff: serde_json::Value =
         serde_json::from_str(&drain(app.control.handoff.as_ref()).await[0]).unwrap();
     assert_eq!(handoff["image_uris"].as_array().unwrap().len(), 5);
-    let pool: serde_json::Value = reqwest::get(app.url(&format!("/v1/pools/pool-{}", env.id)))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let pool = pool_view(&app, &env).await;
     assert_eq!(pool["replicas"].as_array().unwrap().len(), 5);
 
     // The source changes: a new image set, copied from the new snapshot.
     upload_sample(&app.control, &source, 2, 1, 91).await;
-    let third = format!("grow-3-{}", env.id);
-    app.control
-        .submit(parse_job_json(&job(&env, &third, &source, 100)).unwrap())
-        .await
-        .unwrap();
-    let d3 = wait_for_end(&app.control, &third, Duration::from_secs(60)).await;
-    assert_eq!(d3.state(), JobState::Completed, "{:?}", d3.error);
+    let d3 = completed(&app, &env, &format!("grow-3-{}", env.id), &source, 100).await;
     assert!(
         d3.image_set.as_deref().unwrap().contains("source changed"),
         "{:?}",
@@ -171,12 +95,7 @@ async fn growing_a_pool_tops_up_from_existing_replicas() {
     );
     assert_ne!(d3.source_snapshot, d1.source_snapshot);
     assert!(d3.replicas.iter().all(|r| !r.inherited));
-    let pool: serde_json::Value = reqwest::get(app.url(&format!("/v1/pools/pool-{}", env.id)))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let pool = pool_view(&app, &env).await;
     assert_eq!(
         pool["image_sets"].as_array().unwrap().len(),
         2,
@@ -252,29 +171,14 @@ async fn retire_removes_exactly_the_pools_blobs() {
 
     // Dry run through the binary: lists the 3 replicas and the snapshot, deletes nothing.
     let config = env.config_file();
-    let vars: Vec<(String, String)> = keys()
-        .into_iter()
-        .filter(|(k, _)| k.starts_with("VHDREP_KEY_"))
-        .collect();
-    let out = std::process::Command::new(binary())
-        .args([
-            "retire",
-            "--config",
-            config.to_str().unwrap(),
-            "--pool",
-            &gone_pool,
-            "--dry-run",
-        ])
-        .envs(vars)
-        .output()
-        .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let listed = String::from_utf8_lossy(&out.stdout).into_owned();
+    let listed = run_ok(&[
+        "retire",
+        "--config",
+        config.to_str().unwrap(),
+        "--pool",
+        &gone_pool,
+        "--dry-run",
+    ]);
     assert!(listed.contains("would delete 4 blobs"), "{listed}");
     for r in &ids[1].replicas {
         assert!(listed.contains(&r.blob.name), "{listed}");
@@ -315,39 +219,7 @@ async fn retire_removes_exactly_the_pools_blobs() {
         .chain(["dst1/someone-elses.vhd".to_owned()])
         .collect();
     assert_eq!(after, expected, "exactly the pool's blobs went");
-    let snapshot = ids[1].source_snapshot.clone().unwrap();
-    let src = vhd_replicator::job::locate_source(&source, &app.control.settings).unwrap();
-    assert!(
-        app.control
-            .store
-            .properties(&src.at_snapshot(&snapshot))
-            .await
-            .unwrap_err()
-            .is_not_found(),
-        "its snapshot went"
-    );
-    let kept_snapshot = ids[0].source_snapshot.clone().unwrap();
-    app.control
-        .store
-        .properties(&src.at_snapshot(&kept_snapshot))
-        .await
-        .expect("the other pool's snapshot stays");
-    assert_eq!(
-        reqwest::get(app.url(&format!("/v1/pools/{gone_pool}")))
-            .await
-            .unwrap()
-            .status(),
-        404
-    );
-    assert_eq!(
-        reqwest::Client::new()
-            .delete(app.url(&format!("/v1/pools/{gone_pool}")))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        404
-    );
+    assert_retired(&app, &source, &ids, &gone_pool).await;
     metrics_showing(
         &app,
         &["vhdrep_jobs_finished_total{outcome=\"completed\"} 3"],
@@ -381,13 +253,7 @@ async fn gc_removes_old_orphans_and_keeps_the_rest() {
     let app = TestApp::spawn(&env).await;
     let source = env.source_url("gc.vhd");
     upload_sample(&app.control, &source, 2, 1, 93).await;
-    let id = format!("gc-{}", env.id);
-    app.control
-        .submit(parse_job_json(&job(&env, &id, &source, 60)).unwrap())
-        .await
-        .unwrap();
-    let done = wait_for_end(&app.control, &id, Duration::from_secs(60)).await;
-    assert_eq!(done.state(), JobState::Completed);
+    let done = completed(&app, &env, &format!("gc-{}", env.id), &source, 60).await;
 
     // Leftovers of a job whose document is gone (a crash, a manual deletion).
     let ghost = vhd_replicator::storage::Metadata::from([
@@ -441,29 +307,14 @@ async fn gc_removes_old_orphans_and_keeps_the_rest() {
 
     // The binary's dry run lists them at age 0 and deletes nothing.
     let config = env.config_file();
-    let vars: Vec<(String, String)> = keys()
-        .into_iter()
-        .filter(|(k, _)| k.starts_with("VHDREP_KEY_"))
-        .collect();
-    let out = std::process::Command::new(binary())
-        .args([
-            "gc",
-            "--config",
-            config.to_str().unwrap(),
-            "--dry-run",
-            "--min-age-hours",
-            "0",
-        ])
-        .envs(vars.clone())
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = run_ok(&[
+        "gc",
+        "--config",
+        config.to_str().unwrap(),
+        "--dry-run",
+        "--min-age-hours",
+        "0",
+    ]);
     assert!(text.starts_with("would remove 2 orphans"), "{text}");
     assert!(text.contains("ghost/ghost-0000.vhd"), "{text}");
     app.control
@@ -491,28 +342,7 @@ async fn gc_removes_old_orphans_and_keeps_the_rest() {
         .await
         .unwrap_err()
         .is_not_found());
-    app.control
-        .store
-        .properties(&foreign)
-        .await
-        .expect("blobs that are not ours stay");
-    app.control
-        .store
-        .properties(&src.at_snapshot(done.source_snapshot.as_ref().unwrap()))
-        .await
-        .expect("the set's snapshot stays");
-    for r in &done.replicas {
-        app.control
-            .store
-            .properties(&r.blob)
-            .await
-            .expect("the image set stays");
-    }
-    app.control
-        .store
-        .properties(&src)
-        .await
-        .expect("the source stays");
+    assert_kept(&app, &done, &src, &foreign).await;
     let again = vhd_replicator::gc::collect(&app.control, time::Duration::ZERO, true)
         .await
         .unwrap();
@@ -524,10 +354,7 @@ async fn gc_removes_old_orphans_and_keeps_the_rest() {
 /// `delays` (ms) before the job and the retire are submitted. Returns whether
 /// the retire completed.
 async fn race_trial(job_delay: u64, retire_delay: u64) -> bool {
-    use vhd_replicator::{
-        handoff::HandOff,
-        proxy::{Proxy, ProxyConfig},
-    };
+    use vhd_replicator::proxy::{Proxy, ProxyConfig};
     let env = TestEnv::new("");
     let direct = env.control().await;
     // Copies held 1.5 s and replica deletions slowed to 1 s each: jobs and
@@ -593,45 +420,7 @@ async fn race_trial(job_delay: u64, retire_delay: u64) -> bool {
         .iter()
         .rposition(|r| r.starts_with(&job_doc))
         .expect("the job's document was written");
-    let handoffs: Vec<HandOff> = drain(direct.handoff.as_ref())
-        .await
-        .iter()
-        .map(|t| serde_json::from_str(t).unwrap())
-        .collect();
-    if let Some(h) = handoffs.iter().find(|h| h.job_id.as_str() == grow) {
-        for uri in &h.image_uris {
-            let path = url::Url::parse(uri).unwrap().path().to_owned();
-            let deletes: Vec<usize> = seen
-                .iter()
-                .enumerate()
-                .filter(|(_, r)| r.starts_with(&format!("DELETE {path}?")))
-                .map(|(i, _)| i)
-                .collect();
-            assert!(
-                deletes.iter().all(|i| *i > ended_at),
-                "{uri}, handed off by job {grow}, was deleted before that job ended (retire {:?})",
-                r.state()
-            );
-            if deletes.is_empty() {
-                let blob = d1
-                    .replicas
-                    .iter()
-                    .find(|x| &x.uri == uri)
-                    .map(|x| x.blob.clone())
-                    .expect("a handed-off URI is one of the job's replicas");
-                assert!(
-                    direct.store.properties(&blob).await.is_ok(),
-                    "{uri} is gone"
-                );
-            }
-        }
-    } else {
-        assert_ne!(
-            d1.state(),
-            JobState::Completed,
-            "a completed job handed off"
-        );
-    }
+    assert_handed_off_uris_kept(&direct, &d1, &grow, &seen, ended_at, r.state()).await;
     // Never two image sets at once for one source.
     if let Some((record, _)) = direct.state.load_pool(&pool).await.unwrap() {
         assert!(record.sets.len() <= 1, "{:?}", record.sets);
@@ -730,4 +519,217 @@ async fn two_jobs_of_one_pool_at_once_make_one_image_set() {
     );
     a.shutdown().await;
     b.shutdown().await;
+}
+
+/// Submits a job for `nodes` of the test pool and waits until it has completed.
+async fn completed(
+    app: &TestApp,
+    env: &TestEnv,
+    id: &str,
+    source: &str,
+    nodes: u32,
+) -> vhd_replicator::state::JobDocument {
+    app.control
+        .submit(parse_job_json(&job(env, id, source, nodes)).unwrap())
+        .await
+        .unwrap();
+    let d = wait_for_end(&app.control, id, Duration::from_secs(60)).await;
+    assert_eq!(d.state(), JobState::Completed, "{id}: {:?}", d.error);
+    d
+}
+
+/// The pool's view from the HTTP API.
+async fn pool_view(app: &TestApp, env: &TestEnv) -> serde_json::Value {
+    reqwest::get(app.url(&format!("/v1/pools/pool-{}", env.id)))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// The source a replica was copied from.
+async fn copied_from(app: &TestApp, blob: &vhd_replicator::storage::BlobPath) -> String {
+    app.control
+        .store
+        .properties(blob)
+        .await
+        .unwrap()
+        .copy
+        .unwrap()
+        .source
+        .unwrap()
+}
+
+/// Runs the binary with the accounts' keys in its environment; it must exit 0.
+fn run_ok(args: &[&str]) -> String {
+    let vars: Vec<(String, String)> = keys()
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("VHDREP_KEY_"))
+        .collect();
+    let out = std::process::Command::new(binary())
+        .args(args)
+        .envs(vars)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Exactly 20 new copies, each copied inside its account from a replica the pool
+/// already had (not from the source), and 10 replicas in each account.
+async fn assert_topped_up_from_replicas(app: &TestApp, d2: &vhd_replicator::state::JobDocument) {
+    let new: Vec<_> = d2.replicas.iter().filter(|r| !r.inherited).collect();
+    assert_eq!(new.len(), 20, "exactly 20 new copies");
+    for r in &new {
+        let from = copied_from(app, &r.blob).await;
+        assert!(
+            !from.contains("/src/"),
+            "replica {} was copied from the source, not an existing replica: {from}",
+            r.index
+        );
+        assert!(
+            from.contains(&format!("/{}/", r.account)),
+            "same-account copy first: {from}"
+        );
+    }
+    let mut per_account = std::collections::BTreeMap::new();
+    for r in &d2.replicas {
+        *per_account.entry(r.account.clone()).or_insert(0) += 1;
+    }
+    assert_eq!(
+        per_account.values().copied().collect::<Vec<_>>(),
+        vec![10, 10, 10]
+    );
+}
+
+/// The retired pool's snapshot and record are gone, the other pool's snapshot
+/// stays, and a second retire finds nothing.
+async fn assert_retired(
+    app: &TestApp,
+    source: &str,
+    ids: &[vhd_replicator::state::JobDocument],
+    gone_pool: &str,
+) {
+    let snapshot = ids[1].source_snapshot.clone().unwrap();
+    let src = vhd_replicator::job::locate_source(source, &app.control.settings).unwrap();
+    assert!(
+        app.control
+            .store
+            .properties(&src.at_snapshot(&snapshot))
+            .await
+            .unwrap_err()
+            .is_not_found(),
+        "its snapshot went"
+    );
+    let kept_snapshot = ids[0].source_snapshot.clone().unwrap();
+    app.control
+        .store
+        .properties(&src.at_snapshot(&kept_snapshot))
+        .await
+        .expect("the other pool's snapshot stays");
+    assert_eq!(
+        reqwest::get(app.url(&format!("/v1/pools/{gone_pool}")))
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+    assert_eq!(
+        reqwest::Client::new()
+            .delete(app.url(&format!("/v1/pools/{gone_pool}")))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+}
+
+/// What gc keeps: blobs that are not ours, the image set, its snapshot, the source.
+async fn assert_kept(
+    app: &TestApp,
+    done: &vhd_replicator::state::JobDocument,
+    src: &vhd_replicator::storage::BlobPath,
+    foreign: &vhd_replicator::storage::BlobPath,
+) {
+    app.control
+        .store
+        .properties(foreign)
+        .await
+        .expect("blobs that are not ours stay");
+    app.control
+        .store
+        .properties(&src.at_snapshot(done.source_snapshot.as_ref().unwrap()))
+        .await
+        .expect("the set's snapshot stays");
+    for r in &done.replicas {
+        app.control
+            .store
+            .properties(&r.blob)
+            .await
+            .expect("the image set stays");
+    }
+    app.control
+        .store
+        .properties(src)
+        .await
+        .expect("the source stays");
+}
+
+/// No URI the job handed off was deleted before the job ended (request
+/// `ended_at` in `seen`); one no request deleted still exists.
+async fn assert_handed_off_uris_kept(
+    direct: &vhd_replicator::control::Control,
+    d1: &vhd_replicator::state::JobDocument,
+    grow: &str,
+    seen: &[String],
+    ended_at: usize,
+    retire: JobState,
+) {
+    use vhd_replicator::handoff::HandOff;
+    let handoffs: Vec<HandOff> = drain(direct.handoff.as_ref())
+        .await
+        .iter()
+        .map(|t| serde_json::from_str(t).unwrap())
+        .collect();
+    if let Some(h) = handoffs.iter().find(|h| h.job_id.as_str() == grow) {
+        for uri in &h.image_uris {
+            let path = url::Url::parse(uri).unwrap().path().to_owned();
+            let deletes: Vec<usize> = seen
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| r.starts_with(&format!("DELETE {path}?")))
+                .map(|(i, _)| i)
+                .collect();
+            assert!(
+                deletes.iter().all(|i| *i > ended_at),
+                "{uri}, handed off by job {grow}, was deleted before that job ended (retire {:?})",
+                retire
+            );
+            if deletes.is_empty() {
+                let blob = d1
+                    .replicas
+                    .iter()
+                    .find(|x| &x.uri == uri)
+                    .map(|x| x.blob.clone())
+                    .expect("a handed-off URI is one of the job's replicas");
+                assert!(
+                    direct.store.properties(&blob).await.is_ok(),
+                    "{uri} is gone"
+                );
+            }
+        }
+    } else {
+        assert_ne!(
+            d1.state(),
+            JobState::Completed,
+            "a completed job handed off"
+        );
+    }
 }

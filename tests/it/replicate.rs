@@ -50,116 +50,8 @@ async fn windows_90_nodes_make_5_identical_replicas_over_3_accounts() {
             r.index
         );
     }
-    // Fan-out: each account got one copy from outside (the seed); the rest were
-    // copied from replicas inside the account.
-    let mut outside = BTreeMap::new();
-    for r in &doc.replicas {
-        let props = app.control.store.properties(&r.blob).await.unwrap();
-        let from = props
-            .copy
-            .and_then(|c| c.source)
-            .expect("copy source recorded");
-        assert!(
-            !from.contains("sig=") || from.contains("sig=REDACTED"),
-            "{from}"
-        );
-        let from_account = from
-            .trim_start_matches(BLOB)
-            .trim_start_matches('/')
-            .split('/')
-            .next()
-            .unwrap()
-            .to_owned();
-        if from_account != r.account {
-            *outside.entry(r.account.clone()).or_insert(0) += 1;
-        }
-    }
-    assert_eq!(
-        outside,
-        BTreeMap::from([
-            ("dst1".to_owned(), 1),
-            ("dst2".to_owned(), 1),
-            ("dst3".to_owned(), 1)
-        ])
-    );
-
-    // Nothing else in the destination containers.
-    for account in ["dst1", "dst2", "dst3"] {
-        let mut listed = app
-            .control
-            .store
-            .list(account, &env.container(), "")
-            .await
-            .unwrap();
-        listed.sort();
-        let mut expected: Vec<String> = doc
-            .replicas
-            .iter()
-            .filter(|r| r.account == account)
-            .map(|r| r.blob.name.clone())
-            .collect();
-        expected.sort();
-        assert_eq!(listed, expected);
-    }
-
-    // The hand-off message.
-    let messages = drain(app.control.handoff.as_ref()).await;
-    assert_eq!(messages.len(), 1, "{messages:?}");
-    let text = &messages[0];
-    assert!(!text.contains("sig="), "no SAS in the hand-off: {text}");
-    let h: serde_json::Value = serde_json::from_str(text).unwrap();
-    let keys: Vec<&str> = h.as_object().unwrap().keys().map(String::as_str).collect();
-    assert_eq!(keys.len(), 6, "{keys:?}");
-    for k in [
-        "job_id",
-        "source",
-        "source_snapshot",
-        "os",
-        "image_uris",
-        "add_pool",
-    ] {
-        assert!(h.get(k).is_some(), "hand-off lacks {k}");
-    }
-    assert_eq!(h["job_id"], job_id.as_str());
-    assert_eq!(h["source"], source.as_str());
-    assert_eq!(h["source_snapshot"], snapshot.as_str());
-    assert_eq!(h["os"], "windows");
-    let uris: Vec<String> = doc.replicas.iter().map(|r| r.uri.clone()).collect();
-    assert_eq!(h["image_uris"], serde_json::json!(uris));
-    for u in &uris {
-        assert!(!u.contains('?'), "URI carries a query: {u}");
-        let blob: Vec<&str> = u
-            .trim_start_matches(BLOB)
-            .trim_start_matches('/')
-            .splitn(3, '/')
-            .collect();
-        assert_eq!(blob[1], env.container());
-    }
-    let pool = &h["add_pool"];
-    assert_eq!(pool["id"], format!("pool-{}", env.id));
-    assert_eq!(pool["vmSize"], "STANDARD_D2_V3");
-    assert_eq!(pool["targetDedicatedNodes"], 90);
-    assert_eq!(
-        pool["virtualMachineConfiguration"]["osDisk"]["imageUris"],
-        serde_json::json!(uris)
-    );
-    assert_eq!(
-        pool["virtualMachineConfiguration"]["osDisk"]["caching"],
-        "none"
-    );
-    assert_eq!(
-        pool["virtualMachineConfiguration"]["nodeAgentSKUId"],
-        "batch.node.windows amd64"
-    );
-    // The same hand-off lands in the configured directory.
-    let file = env
-        .dir
-        .path()
-        .join("handoff")
-        .join(format!("{job_id}.json"));
-    let from_file: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(file).unwrap()).unwrap();
-    assert_eq!(from_file, h);
+    assert_fanned_out(&app, &env, &doc).await;
+    assert_handed_off(&app, &env, &doc, &source).await;
 
     // Resubmitting the id makes nothing new.
     let again = app
@@ -250,4 +142,130 @@ async fn bad_sources_fail_with_a_reason() {
         "no hand-off for failed jobs"
     );
     app.shutdown().await;
+}
+
+/// Fan-out: each account got one copy from outside (the seed), the rest from
+/// replicas inside the account; nothing else is in the destination containers.
+async fn assert_fanned_out(app: &TestApp, env: &TestEnv, doc: &vhd_replicator::state::JobDocument) {
+    // Fan-out: each account got one copy from outside (the seed); the rest were
+    // copied from replicas inside the account.
+    let mut outside = BTreeMap::new();
+    for r in &doc.replicas {
+        let props = app.control.store.properties(&r.blob).await.unwrap();
+        let from = props
+            .copy
+            .and_then(|c| c.source)
+            .expect("copy source recorded");
+        assert!(
+            !from.contains("sig=") || from.contains("sig=REDACTED"),
+            "{from}"
+        );
+        let from_account = from
+            .trim_start_matches(BLOB)
+            .trim_start_matches('/')
+            .split('/')
+            .next()
+            .unwrap()
+            .to_owned();
+        if from_account != r.account {
+            *outside.entry(r.account.clone()).or_insert(0) += 1;
+        }
+    }
+    assert_eq!(
+        outside,
+        BTreeMap::from([
+            ("dst1".to_owned(), 1),
+            ("dst2".to_owned(), 1),
+            ("dst3".to_owned(), 1)
+        ])
+    );
+
+    // Nothing else in the destination containers.
+    for account in ["dst1", "dst2", "dst3"] {
+        let mut listed = app
+            .control
+            .store
+            .list(account, &env.container(), "")
+            .await
+            .unwrap();
+        listed.sort();
+        let mut expected: Vec<String> = doc
+            .replicas
+            .iter()
+            .filter(|r| r.account == account)
+            .map(|r| r.blob.name.clone())
+            .collect();
+        expected.sort();
+        assert_eq!(listed, expected);
+    }
+}
+
+/// The hand-off message has the CONTRACT.md shape, no SAS, and lands in the
+/// configured directory too.
+async fn assert_handed_off(
+    app: &TestApp,
+    env: &TestEnv,
+    doc: &vhd_replicator::state::JobDocument,
+    source: &str,
+) {
+    let job_id = doc.job_id.as_str();
+    let snapshot = doc.source_snapshot.clone().expect("snapshot recorded");
+    // The hand-off message.
+    let messages = drain(app.control.handoff.as_ref()).await;
+    assert_eq!(messages.len(), 1, "{messages:?}");
+    let text = &messages[0];
+    assert!(!text.contains("sig="), "no SAS in the hand-off: {text}");
+    let h: serde_json::Value = serde_json::from_str(text).unwrap();
+    let keys: Vec<&str> = h.as_object().unwrap().keys().map(String::as_str).collect();
+    assert_eq!(keys.len(), 6, "{keys:?}");
+    for k in [
+        "job_id",
+        "source",
+        "source_snapshot",
+        "os",
+        "image_uris",
+        "add_pool",
+    ] {
+        assert!(h.get(k).is_some(), "hand-off lacks {k}");
+    }
+    assert_eq!(h["job_id"], job_id);
+    assert_eq!(h["source"], source);
+    assert_eq!(h["source_snapshot"], snapshot.as_str());
+    assert_eq!(h["os"], "windows");
+    let uris: Vec<String> = doc.replicas.iter().map(|r| r.uri.clone()).collect();
+    assert_eq!(h["image_uris"], serde_json::json!(uris));
+    for u in &uris {
+        assert!(!u.contains('?'), "URI carries a query: {u}");
+        let blob: Vec<&str> = u
+            .trim_start_matches(BLOB)
+            .trim_start_matches('/')
+            .splitn(3, '/')
+            .collect();
+        assert_eq!(blob[1], env.container());
+    }
+    let pool = &h["add_pool"];
+    assert_eq!(pool["id"], format!("pool-{}", env.id));
+    assert_eq!(pool["vmSize"], "STANDARD_D2_V3");
+    assert_eq!(pool["targetDedicatedNodes"], 90);
+    assert_eq!(
+        pool["virtualMachineConfiguration"]["osDisk"]["imageUris"],
+        serde_json::json!(uris)
+    );
+    assert_eq!(
+        pool["virtualMachineConfiguration"]["osDisk"]["caching"],
+        "none"
+    );
+    assert_eq!(
+        pool["virtualMachineConfiguration"]["nodeAgentSKUId"],
+        "batch.node.windows amd64"
+    );
+    // The same hand-off lands in the configured directory.
+    let file = env
+        .dir
+        .path()
+        .join("handoff")
+        .join(format!("{job_id}.json"));
+    let from_file: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(file).unwrap()).unwrap();
+    assert_eq!(from_file, h);
 }
