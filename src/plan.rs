@@ -181,6 +181,135 @@ mod tests {
         );
     }
 
+    struct Keys;
+    impl crate::config::SecretSource for Keys {
+        fn env(&self, _: &str) -> Option<String> {
+            Some("a2V5".into())
+        }
+        fn file(&self, _: &str) -> Result<String, String> {
+            Err("none".into())
+        }
+    }
+
+    fn settings() -> crate::config::ValidatedSettings {
+        crate::config::Settings::from_toml(
+            "[batch]\nsubscription = \"s\"\nregion = \"r\"\n[control]\naccount = \"ops\"\n\
+             [[accounts]]\nname = \"ops\"\nkey_env = \"K\"\ndestination = false\n\
+             [[accounts]]\nname = \"dst1\"\nkey_env = \"K\"\n[[accounts]]\nname = \"dst2\"\nkey_env = \"K\"\nmax_replicas = 3\n",
+        )
+        .unwrap()
+        .validate(&Keys)
+        .unwrap()
+    }
+
+    fn job(settings: &crate::config::ValidatedSettings, id: &str, nodes: u32) -> ValidatedJob {
+        crate::job::parse_job_json(&format!(
+            r#"{{"job_id":"{id}","source":"https://ops.blob.core.windows.net/i/disk.vhd","pool":{{"id":"render","os":"windows","nodes":{nodes},"vm_size":"STANDARD_D2_V3"}}}}"#
+        ))
+        .unwrap()
+        .validate(settings)
+        .unwrap()
+    }
+
+    #[test]
+    fn the_owner_tag_names_the_control_account_and_state_container() {
+        assert_eq!(owner_tag(&settings()), "ops/vhd-replicator-state");
+    }
+
+    #[test]
+    fn a_plan_keeps_what_the_set_holds_and_places_the_rest_within_capacity() {
+        let settings = settings();
+        let job = job(&settings, "j2", 100); // 5 Windows replicas
+        let cap = capacity(&job, &settings);
+        assert_eq!(
+            cap,
+            BTreeMap::from([("dst1".to_owned(), None), ("dst2".to_owned(), Some(3))])
+        );
+        let set = [
+            BlobPath::new("dst2", "c", "render/j1/disk-0000.vhd"),
+            BlobPath::new("dst2", "c", "render/j1/disk-0001.vhd"),
+        ];
+        let p = plan(&job, &set, &cap).unwrap();
+        assert_eq!(
+            p.per_account(),
+            BTreeMap::from([("dst1".to_owned(), 3), ("dst2".to_owned(), 2)])
+        );
+        let kept: Vec<_> = p.replicas.iter().filter(|r| r.kept).collect();
+        assert_eq!(kept.len(), 2);
+        assert_eq!((kept[0].index, &kept[0].blob), (0, &set[0]));
+        let names: Vec<_> = p.replicas[2..]
+            .iter()
+            .map(|r| r.blob.name.as_str())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "render/j2/disk-0002.vhd",
+                "render/j2/disk-0003.vhd",
+                "render/j2/disk-0004.vhd"
+            ]
+        );
+        assert!(p.surplus.is_empty());
+        // A smaller pool keeps the first replicas of the set; the rest are surplus.
+        let small = crate::job::parse_job_json(
+            r#"{"job_id":"j3","source":"https://ops.blob.core.windows.net/i/disk.vhd","pool":{"id":"render","os":"windows","nodes":20,"vm_size":"STANDARD_D2_V3"}}"#,
+        )
+        .unwrap()
+        .validate(&settings)
+        .unwrap();
+        let p = plan(&small, &set, &cap).unwrap();
+        assert_eq!(p.replicas.len(), 1);
+        assert!(p.replicas[0].kept);
+        assert_eq!(p.surplus, vec![set[1].clone()]);
+        assert_eq!(p.per_account(), BTreeMap::from([("dst2".to_owned(), 1)]));
+    }
+
+    #[test]
+    fn our_replicas_are_known_by_job_index_and_snapshot() {
+        let settings = settings();
+        let job = job(&settings, "j1", 20);
+        let meta = replica_metadata(&job, 3, "2026-01-01T00:00:00Z", "ops/state");
+        assert_eq!(meta.get(META_OWNER).map(String::as_str), Some("ops/state"));
+        assert_eq!(meta.get(META_POOL).map(String::as_str), Some("render"));
+        assert!(is_our_replica(&meta, &job, 3, "2026-01-01T00:00:00Z"));
+        assert!(!is_our_replica(&meta, &job, 4, "2026-01-01T00:00:00Z"));
+        assert!(!is_our_replica(&meta, &job, 3, "2026-02-02T00:00:00Z"));
+        assert!(!is_our_replica(
+            &meta,
+            &self::job(&settings, "j9", 20),
+            3,
+            "2026-01-01T00:00:00Z"
+        ));
+        for key in [META_JOB, META_REPLICA, META_SNAPSHOT] {
+            let mut without = meta.clone();
+            without.remove(key);
+            assert!(
+                !is_our_replica(&without, &job, 3, "2026-01-01T00:00:00Z"),
+                "{key}"
+            );
+        }
+        assert!(!is_our_replica(
+            &Metadata::new(),
+            &job,
+            3,
+            "2026-01-01T00:00:00Z"
+        ));
+    }
+
+    #[test]
+    fn placement_fills_exactly_and_names_the_accounts_missing() {
+        let accounts = names(2);
+        let cap = BTreeMap::from([("dst0".to_owned(), Some(5)), ("dst1".to_owned(), Some(5))]);
+        let held = BTreeMap::from([("dst0".to_owned(), 3)]);
+        // Room for exactly 7 more: 7 fit, 8 do not.
+        assert_eq!(place_more(7, &accounts, &held, &cap).unwrap().len(), 7);
+        let e = place_more(8, &accounts, &held, &cap).unwrap_err();
+        assert_eq!((e.capacity, e.wanted, e.accounts_needed), (7, 8, 1));
+        // 23 wanted, 7 fit: 16 more need 4 more accounts of 5.
+        let e = place_more(23, &accounts, &held, &cap).unwrap_err();
+        assert_eq!(e.accounts_needed, 4);
+    }
+
     #[test]
     fn names_are_deterministic_and_readable() {
         assert_eq!(

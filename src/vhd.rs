@@ -232,4 +232,100 @@ mod tests {
         let (c, h, s) = geometry(4 * MIB);
         assert!(c as u64 * h as u64 * s as u64 * 512 <= 4 * MIB);
     }
+
+    #[test]
+    fn the_limits_are_exact() {
+        assert_eq!(MAX_BLOB_BYTES, 8_796_093_022_208, "8 TiB");
+        assert_eq!(check_length(FOOTER_LEN + MIB), Ok(()));
+        assert_eq!(
+            check_length(FOOTER_LEN + MIB - 1),
+            Err(VhdError::TooShort(MIB + 511))
+        );
+        // The largest blob whose data is whole MiB, and the limit itself (not whole MiB).
+        assert_eq!(check_length(MAX_BLOB_BYTES - MIB + FOOTER_LEN), Ok(()));
+        assert_eq!(
+            check_length(MAX_BLOB_BYTES),
+            Err(VhdError::Unaligned(MAX_BLOB_BYTES - FOOTER_LEN))
+        );
+        assert_eq!(
+            check_length(MAX_BLOB_BYTES + FOOTER_LEN),
+            Err(VhdError::TooLarge(MAX_BLOB_BYTES + FOOTER_LEN))
+        );
+    }
+
+    #[test]
+    fn the_checksum_is_the_ones_complement_of_the_byte_sum_without_itself() {
+        assert_eq!(checksum(&[0u8; 512]), 0xFFFF_FFFF);
+        let mut f = [0u8; 512];
+        f[0..8].copy_from_slice(b"conectix");
+        // 'c'+'o'+'n'+'e'+'c'+'t'+'i'+'x' = 861.
+        assert_eq!(checksum(&f), !861u32);
+        f[64..68].copy_from_slice(&[0xFF; 4]);
+        assert_eq!(checksum(&f), !861u32, "the checksum field is left out");
+        let footer = fixed_footer(MIB, [0; 16]);
+        assert_eq!(be32(&footer, 64), checksum(&footer));
+    }
+
+    #[test]
+    fn differencing_disks_are_named() {
+        let img = sample_image(2, 1, 1);
+        let len = img.len() as u64;
+        let mut f = img[img.len() - 512..].to_vec();
+        f[60..64].copy_from_slice(&4u32.to_be_bytes());
+        let sum = checksum(&f);
+        f[64..68].copy_from_slice(&sum.to_be_bytes());
+        assert_eq!(
+            check_footer(&f, len),
+            Err(VhdError::NotFixed(4, "differencing"))
+        );
+        f[60..64].copy_from_slice(&9u32.to_be_bytes());
+        let sum = checksum(&f);
+        f[64..68].copy_from_slice(&sum.to_be_bytes());
+        assert_eq!(check_footer(&f, len), Err(VhdError::NotFixed(9, "unknown")));
+    }
+
+    /// Every branch of the specification's CHS algorithm (VHD format spec,
+    /// appendix "CHS calculation"): 17 sectors with at least 4 heads, 31 when
+    /// the heads would pass 16 or the cylinders fill, 63, and 255 for large disks.
+    #[test]
+    fn geometry_takes_every_branch_of_the_spec() {
+        for (size, chs) in [
+            (4 * MIB, (120, 4, 17)),
+            (20 * MIB, (602, 4, 17)),
+            (100 * MIB, (1003, 12, 17)),
+            (87_040 * 512, (175, 16, 31)),
+            (200 * MIB, (825, 16, 31)),
+            (1024 * MIB, (2080, 16, 63)),
+            (65_535 * 16 * 63 * 512 - 512, (65_534, 16, 63)),
+            (65_535 * 16 * 63 * 512, (16_191, 16, 255)),
+            (2 << 40, (65_535, 16, 255)),
+        ] {
+            assert_eq!(geometry(size), chs, "{size} bytes");
+        }
+        let footer = fixed_footer(1024 * MIB, [0; 16]);
+        assert_eq!(
+            (
+                u16::from_be_bytes([footer[56], footer[57]]),
+                footer[58],
+                footer[59]
+            ),
+            (2080, 16, 63)
+        );
+    }
+
+    /// Sample images: the given size, a xorshift32 pattern (Marsaglia) in the
+    /// data part that differs by seed, zeros after it, and a valid footer.
+    #[test]
+    fn sample_images_are_patterned_sparse_and_valid() {
+        let img = sample_image(3, 1, 7);
+        assert_eq!(img.len() as u64, 3 * MIB + FOOTER_LEN);
+        // x0 = 0x9E3779B9 ^ 7; x ^= x << 13; x ^= x >> 17; x ^= x << 5.
+        assert_eq!(img[0..4], 0x5110_a6fe_u32.to_le_bytes());
+        assert_eq!(img[4..8], 0xfc27_c739_u32.to_le_bytes());
+        let words: std::collections::HashSet<&[u8]> = img[..MIB as usize].chunks(4).collect();
+        assert!(words.len() > 250_000, "{} distinct words", words.len());
+        assert!(img[MIB as usize..3 * MIB as usize].iter().all(|b| *b == 0));
+        assert_ne!(img[..MIB as usize], sample_image(3, 1, 8)[..MIB as usize]);
+        check_footer(&img[3 * MIB as usize..], img.len() as u64).unwrap();
+    }
 }

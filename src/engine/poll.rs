@@ -46,6 +46,16 @@ mod tests {
             MAX,
         );
         assert_eq!(d, Duration::from_secs(5));
+        // The same rate seen over 4 s: 40 MB in 4 s, 100 MB left, poll in 5 s.
+        let d = next_poll(
+            MIN,
+            40_000_000,
+            Duration::from_secs(4),
+            100_000_000,
+            MIN,
+            MAX,
+        );
+        assert_eq!(d, Duration::from_secs(5));
         // Nearly done: poll at the minimum.
         let d = next_poll(MIN, 10_000_000, Duration::from_secs(1), 1000, MIN, MAX);
         assert_eq!(d, MIN);

@@ -7,7 +7,7 @@
 //! never read N times. `naive`: every replica straight from the snapshot, all at
 //! once within the account caps: what hand-written scripts do.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 pub use crate::config::Strategy;
 
@@ -39,7 +39,8 @@ pub struct Scheduler {
     sources: Vec<SourceSlot>,
     waiting: BTreeMap<String, VecDeque<u32>>,
     seeding: HashMap<String, u32>,
-    holds: HashMap<String, u32>,
+    /// Accounts that hold a finished replica.
+    holds: HashSet<String>,
 }
 
 impl Scheduler {
@@ -62,7 +63,7 @@ impl Scheduler {
             }],
             waiting: BTreeMap::new(),
             seeding: HashMap::new(),
-            holds: HashMap::new(),
+            holds: HashSet::new(),
         };
         for (index, account) in targets {
             s.waiting.entry(account).or_default().push_back(index);
@@ -96,7 +97,7 @@ impl Scheduler {
     pub fn seeded(&self) -> bool {
         self.waiting_accounts()
             .iter()
-            .all(|a| self.holds.contains_key(a))
+            .all(|a| self.holds.contains(a))
     }
 
     fn add_source(&mut self, index: u32, account: &str) {
@@ -105,7 +106,7 @@ impl Scheduler {
             reads: 0,
             replica: Some(index),
         });
-        *self.holds.entry(account.to_owned()).or_default() += 1;
+        self.holds.insert(account.to_owned());
     }
 
     fn least_read(&self, ok: impl Fn(&SourceSlot) -> bool, cap: Option<u32>) -> Option<usize> {
@@ -130,7 +131,7 @@ impl Scheduler {
                     Some(i) => Some(i),
                     None => {
                         let holds =
-                            self.holds.contains_key(account) || self.sources[0].account == account;
+                            self.holds.contains(account) || self.sources[0].account == account;
                         let seeding = self.seeding.get(account).copied().unwrap_or(0) > 0;
                         if holds || seeding {
                             None // wait for a source inside the account
@@ -284,6 +285,51 @@ mod tests {
         let x = s.next_for("a").unwrap();
         let y = s.next_for("a").unwrap();
         assert_eq!((x.source, y.source), (0, 0));
+        assert_eq!(s.next_for("a"), None);
+    }
+
+    #[test]
+    fn an_account_being_seeded_or_holding_a_busy_replica_waits_inside() {
+        // The snapshot could serve two reads, but b's second replica waits for
+        // b's seed rather than read across accounts again.
+        let mut s = Scheduler::new(Strategy::Fanout, 2, "src", targets(&[("b", 2)]), []);
+        assert!(!s.seeded() && !s.is_drained());
+        let seed = s.next_for("b").unwrap();
+        assert_eq!(s.next_for("b"), None, "one seed per account at a time");
+        s.finished(seed, "b", true);
+        assert!(s.seeded(), "b holds a replica");
+        let grow = s.next_for("b").unwrap();
+        assert_eq!(s.sources()[grow.source].account, "b");
+        assert!(s.is_drained());
+        // An account that holds a replica, busy at its read cap, waits for it
+        // rather than read the snapshot in another account.
+        let mut s = Scheduler::new(
+            Strategy::Fanout,
+            1,
+            "src",
+            targets(&[("c", 3)]),
+            [(7, "c".to_owned())],
+        );
+        assert!(s.seeded());
+        let grow = s.next_for("c").unwrap();
+        assert_eq!(s.sources()[grow.source].replica, Some(7));
+        assert_eq!(s.next_for("c"), None, "the snapshot is not read for c");
+        assert_eq!(s.sources()[0].reads, 0);
+    }
+
+    #[test]
+    fn clearing_drops_every_waiting_replica() {
+        let mut s = Scheduler::new(
+            Strategy::Naive,
+            4,
+            "src",
+            targets(&[("a", 2), ("b", 2)]),
+            [],
+        );
+        assert_eq!(s.waiting_accounts(), ["a", "b"]);
+        s.clear();
+        assert!(s.is_drained());
+        assert!(s.waiting_accounts().is_empty());
         assert_eq!(s.next_for("a"), None);
     }
 

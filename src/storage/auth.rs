@@ -460,6 +460,20 @@ mod tests {
         v
     }
 
+    /// Every symbol of the first level weighs something: a name that goes on
+    /// with one sorts after the name that ends there.
+    #[test]
+    fn first_level_symbols_are_not_ignored() {
+        for c in ["!", "#", "_", "0"] {
+            assert_eq!(
+                sorted(&[&format!("a{c}"), "a"]),
+                ["a".to_owned(), format!("a{c}")]
+            );
+        }
+        assert_eq!(sorted(&["a#", "a!"]), ["a!", "a#"]);
+        assert_eq!(sorted(&["a0", "a~"]), ["a~", "a0"]);
+    }
+
     /// Orders from the service's collation (checked with the weights the Python
     /// SDK uses, `0` weighted like the other digits), including the cases that
     /// broke SDKs sorting by code point.
@@ -621,6 +635,30 @@ mod tests {
             redact_sas("x?sig=a b?sig=c"),
             "x?sig=REDACTED b?sig=REDACTED"
         );
+        // At the very start, and ended by whatever can follow a URL in a log
+        // line, a JSON document or HTML.
+        assert_eq!(redact_sas("sig=abc&sp=r"), "sig=REDACTED&sp=r");
+        for (end, rest) in [
+            ("&", "&se=1"),
+            ("\"", "\"}"),
+            ("'", "'"),
+            (" ", " next"),
+            ("\t", "\t"),
+            ("<", "</a>"),
+        ] {
+            assert_eq!(
+                redact_sas(&format!("u?sig=abc{rest}")),
+                format!("u?sig=REDACTED{rest}"),
+                "ended by {end:?}"
+            );
+        }
+        assert_eq!(redact_sas("u;sig=abc"), "u;sig=REDACTED");
+        assert_eq!(redact_sas("u?SIG=abc"), "u?SIG=REDACTED");
+    }
+
+    #[test]
+    fn a_key_knows_its_account() {
+        assert_eq!(key().account(), "devstoreaccount1");
     }
 
     #[test]

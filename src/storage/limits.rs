@@ -45,7 +45,6 @@ struct GateState {
     max: u32,
     limit: f64,
     active: u32,
-    throttles: u64,
 }
 
 /// An adaptive concurrency cap for one account.
@@ -75,7 +74,6 @@ impl Gate {
                 max: max.max(1),
                 limit: max.max(1) as f64,
                 active: 0,
-                throttles: 0,
             }),
             released: Notify::new(),
         }
@@ -101,7 +99,6 @@ impl Gate {
     pub fn on_throttle(&self) {
         let mut s = self.state.lock().expect("gate lock");
         s.limit = (s.limit / 2.0).max(1.0);
-        s.throttles += 1;
     }
 
     /// A request succeeded: grow the limit by one slot per limit's worth of successes.
@@ -245,5 +242,70 @@ mod tests {
             "{took:?}"
         );
         limits.request("unlimited").await;
+    }
+
+    #[tokio::test]
+    async fn waiters_wake_when_a_slot_is_returned_or_the_limit_grows() {
+        let g = Arc::new(Gate::new(4));
+        g.on_throttle();
+        g.on_throttle();
+        assert_eq!(g.limit(), 1);
+        let slot = g.try_acquire().unwrap();
+        assert_eq!(g.active(), 1);
+        // A returned slot wakes a waiter.
+        let waiter = tokio::spawn({
+            let g = g.clone();
+            async move { g.released().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "nothing was released yet");
+        drop(slot);
+        tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("woken by the returned slot")
+            .unwrap();
+        assert_eq!(g.active(), 0);
+        // A success that grows the limit by a whole slot wakes a waiter (1 -> 2)…
+        let grow = tokio::spawn({
+            let g = g.clone();
+            async move { g.released().await }
+        });
+        tokio::task::yield_now().await;
+        g.on_success();
+        assert_eq!(g.limit(), 2);
+        tokio::time::timeout(Duration::from_secs(5), grow)
+            .await
+            .expect("woken by the larger limit")
+            .unwrap();
+        // …one that does not (2 -> 2.5) leaves it waiting.
+        let idle = tokio::spawn({
+            let g = g.clone();
+            async move { g.released().await }
+        });
+        tokio::task::yield_now().await;
+        g.on_success();
+        assert_eq!(g.limit(), 2);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!idle.is_finished(), "no slot came free");
+        idle.abort();
+    }
+
+    #[test]
+    fn each_account_has_its_own_gate_fed_by_its_requests() {
+        let limits = AccountLimits::new([("a".to_owned(), 10, 8), ("b".to_owned(), 10, 3)]);
+        let (a, b) = (limits.gate("a").unwrap(), limits.gate("b").unwrap());
+        assert_eq!((a.limit(), b.limit()), (8, 3));
+        assert!(limits.gate("c").is_none());
+        limits.feedback("a", true);
+        assert_eq!((a.limit(), b.limit()), (4, 3), "only a throttled");
+        for _ in 0..4 {
+            limits.feedback("a", false);
+        }
+        assert_eq!(a.limit(), 4, "each success adds 1/limit: 4.92 after four");
+        limits.feedback("a", false);
+        assert_eq!(a.limit(), 5, "and a whole slot after the fifth");
+        limits.feedback("c", true);
+        let _held = [a.try_acquire().unwrap(), a.try_acquire().unwrap()];
+        assert_eq!(a.active(), 2);
     }
 }

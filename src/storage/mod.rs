@@ -471,3 +471,110 @@ pub struct ListedBlob {
     /// Last change.
     pub last_modified: Option<OffsetDateTime>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_snapshot_path_is_the_same_blob_at_that_time() {
+        let base = BlobPath::new("a", "c", "dir/x.vhd");
+        let at = base.at_snapshot("2026-01-01T00:00:00.0000000Z");
+        assert_eq!(at.snapshot.as_deref(), Some("2026-01-01T00:00:00.0000000Z"));
+        assert_eq!(
+            (&at.account, &at.container, &at.name),
+            (&base.account, &base.container, &base.name)
+        );
+        assert_eq!(at.to_string(), "a/c/dir/x.vhd@2026-01-01T00:00:00.0000000Z");
+    }
+
+    #[test]
+    fn batch_images_need_a_standard_general_purpose_account() {
+        let info = |sku: &str, kind: &str| AccountInfo {
+            sku: sku.into(),
+            kind: kind.into(),
+        };
+        assert!(info("Standard_LRS", "StorageV2")
+            .suits_batch_images()
+            .is_ok());
+        assert!(info("Standard_GRS", "Storage").suits_batch_images().is_ok());
+        let e = info("Premium_LRS", "StorageV2")
+            .suits_batch_images()
+            .unwrap_err();
+        assert!(e.contains("Premium_LRS") && e.contains("standard"), "{e}");
+        let e = info("Standard_LRS", "BlobStorage")
+            .suits_batch_images()
+            .unwrap_err();
+        assert!(
+            e.contains("BlobStorage") && e.contains("general-purpose"),
+            "{e}"
+        );
+        assert!(info("Premium_LRS", "BlockBlobStorage")
+            .suits_batch_images()
+            .is_err());
+    }
+
+    #[test]
+    fn a_missing_data_role_is_named_as_such() {
+        let no_role = StorageError::http("account info", "dst1", 404, Some("ResourceNotFound"));
+        let m = account_info_problem("dst1", &no_role);
+        assert!(
+            m.contains("Storage Blob Data Contributor") && m.contains("dst1"),
+            "{m}"
+        );
+        for other in [
+            StorageError::http("account info", "dst1", 404, Some("ContainerNotFound")),
+            StorageError::http("account info", "dst1", 403, Some("ResourceNotFound")),
+            StorageError::http("account info", "dst1", 403, None),
+        ] {
+            let m = account_info_problem("dst1", &other);
+            assert!(!m.contains("Data Contributor"), "{m}");
+            assert!(
+                m.starts_with("account dst1: ") && m.contains(&other.message),
+                "{m}"
+            );
+        }
+    }
+
+    #[test]
+    fn statuses_are_classified_once() {
+        use ErrorClass::*;
+        for (status, code, class) in [
+            (404, None, NotFound),
+            (409, Some("PendingCopyOperation"), Conflict),
+            (409, None, Conflict),
+            (400, Some("PopReceiptMismatch"), Conflict),
+            (400, Some("InvalidHeaderValue"), Invalid),
+            (412, None, PreconditionFailed),
+            (429, None, Throttled),
+            (503, Some("ServerBusy"), Throttled),
+            (500, Some("CannotVerifyCopySource"), Transient),
+            (408, None, Transient),
+            (502, None, Transient),
+            (504, None, Transient),
+            (403, Some("CannotVerifyCopySource"), Denied),
+            (401, None, Denied),
+            (416, None, Invalid),
+        ] {
+            assert_eq!(
+                ErrorClass::from_status(status, code),
+                class,
+                "{status} {code:?}"
+            );
+        }
+        assert!(Throttled.is_retryable() && Transient.is_retryable());
+        assert!(!Denied.is_retryable() && !Conflict.is_retryable() && !NotFound.is_retryable());
+    }
+
+    #[test]
+    fn lost_messages_and_missing_blobs_are_told_apart() {
+        let e = |status, code| StorageError::http("op", "t", status, code);
+        assert!(e(404, None).is_not_found());
+        assert!(!e(409, None).is_not_found());
+        assert!(!e(412, None).is_not_found());
+        assert!(e(404, Some("MessageNotFound")).is_lost_message());
+        assert!(e(400, Some("PopReceiptMismatch")).is_lost_message());
+        assert!(!e(500, None).is_lost_message());
+        assert!(!e(403, None).is_lost_message());
+    }
+}

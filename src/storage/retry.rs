@@ -266,4 +266,44 @@ mod tests {
         let e = StorageError::http("start_copy", "d", 403, Some("CannotVerifyCopySource"));
         assert_eq!(e.class, ErrorClass::Denied, "403: a bad or expired SAS");
     }
+
+    /// No retry starts past `max_elapsed`: with Retry-After fixing each delay at
+    /// 1 s and a 3 s budget, attempts run at 0, 1, 2 and 3 s (the last retry
+    /// ends exactly at the budget), and a delay beyond the budget is not waited.
+    #[tokio::test(start_paused = true)]
+    async fn no_retry_starts_past_the_elapsed_budget() {
+        let policy = RetryPolicy {
+            max_attempts: 100,
+            base_delay: Duration::from_secs(1),
+            max_delay: Duration::from_secs(1),
+            max_elapsed: Duration::from_secs(3),
+            ..RetryPolicy::default()
+        };
+        let after = |secs| {
+            let mut e = busy();
+            e.retry_after = Some(Duration::from_secs(secs));
+            e
+        };
+        for (retry_after, calls_expected, elapsed) in [(1, 4, 3), (5, 1, 0)] {
+            let calls = AtomicU32::new(0);
+            let started = Instant::now();
+            let r: StorageResult<()> = policy
+                .run(
+                    Idempotency::Idempotent,
+                    |_| {},
+                    || async {
+                        calls.fetch_add(1, Ordering::SeqCst);
+                        Err(after(retry_after))
+                    },
+                )
+                .await;
+            assert!(r.is_err());
+            assert_eq!(
+                calls.load(Ordering::SeqCst),
+                calls_expected,
+                "Retry-After {retry_after} s"
+            );
+            assert_eq!(started.elapsed(), Duration::from_secs(elapsed));
+        }
+    }
 }
