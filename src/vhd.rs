@@ -285,14 +285,15 @@ mod tests {
     }
 
     /// Every branch of the specification's CHS algorithm (VHD format spec,
-    /// appendix "CHS calculation"): 17 sectors with at least 4 heads, 31 when
-    /// the heads would pass 16 or the cylinders fill, 63, and 255 for large disks.
+    /// appendix "CHS calculation"): 17 sectors with at least 4 heads (exactly
+    /// 16 heads still fits), 31 when the heads would pass 16 or the cylinders fill, 63, and 255 for large disks.
     #[test]
     fn geometry_takes_every_branch_of_the_spec() {
         for (size, chs) in [
             (4 * MIB, (120, 4, 17)),
             (20 * MIB, (602, 4, 17)),
             (100 * MIB, (1003, 12, 17)),
+            (272_000 * 512, (1000, 16, 17)),
             (87_040 * 512, (175, 16, 31)),
             (200 * MIB, (825, 16, 31)),
             (1024 * MIB, (2080, 16, 63)),

@@ -39,7 +39,7 @@ impl Engine {
         checkpoint
             .save(live)
             .await
-            .map_err(|e| Failure::Transient(format!("job state: {e}")))?;
+            .map_err(|e| Failure::from(JobError::job_state(e)))?;
         let token = CancellationToken::new();
         let ctx = CopyContext {
             transition: &checkpoint.transition,
@@ -151,9 +151,7 @@ impl Engine {
         };
         for account in run.sched.waiting_accounts() {
             let Some(gate) = self.limits.gate(&account) else {
-                return Err(Failure::Fatal(format!(
-                    "account {account} is not configured"
-                )));
+                return Err(JobError::AccountNotConfigured(account).into());
             };
             while let Some(slot) = gate.try_acquire() {
                 let Some(pick) = run.sched.next_for(&account) else {
@@ -240,13 +238,17 @@ impl Engine {
             Err(CopyError::Stop(Failure::Interrupted)) => {}
             Err(CopyError::Stop(Failure::Lost(by))) => run.lose(by, token),
             Err(CopyError::Stop(Failure::Cancelled)) => run.cancelled = true,
-            Err(CopyError::Stop(Failure::Fatal(reason))) => {
+            Err(CopyError::Stop(Failure::Job(e))) if !e.is_transient() => {
+                let reason = e.to_string();
                 self.replica_failed(live, pick.index, &reason);
                 run.fatal.push(reason);
                 run.sched.clear();
             }
-            Err(CopyError::Retry(reason)) | Err(CopyError::Stop(Failure::Transient(reason))) => {
+            Err(CopyError::Retry(reason)) => {
                 self.copy_failed(run, live, pick.index, &account, reason)
+            }
+            Err(CopyError::Stop(Failure::Job(e))) => {
+                self.copy_failed(run, live, pick.index, &account, e.to_string())
             }
         }
     }
@@ -329,12 +331,11 @@ impl Engine {
         if failed.is_empty() {
             return Ok(());
         }
-        Err(Failure::Fatal(format!(
-            "{} of {} replicas failed: {}",
-            failed.len(),
-            job.replicas,
-            failed.join("; ")
-        )))
+        Err(JobError::ReplicasFailed {
+            failed,
+            total: job.replicas,
+        }
+        .into())
     }
 
     /// Handles the end of a checkpoint write during copying: returns the instance
@@ -694,9 +695,8 @@ enum CopyError {
 impl CopyError {
     fn from_storage(e: &StorageError) -> Self {
         match e.class {
-            ErrorClass::Denied => CopyError::Stop(Failure::from_storage("copy", e)),
-            ErrorClass::Throttled | ErrorClass::Transient => {
-                CopyError::Stop(Failure::Transient(e.to_string()))
+            ErrorClass::Denied | ErrorClass::Throttled | ErrorClass::Transient => {
+                CopyError::Stop(Failure::from_storage("copy", e))
             }
             _ => CopyError::Retry(e.to_string()),
         }

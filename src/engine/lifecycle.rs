@@ -21,7 +21,8 @@ impl Engine {
         let result = self.execute(job, &live, &checkpoint, &stop).await;
         let outcome = match result {
             Ok(()) => Outcome::Completed,
-            Err(Failure::Fatal(reason)) => {
+            Err(Failure::Job(e)) if !e.is_transient() => {
+                let reason = e.to_string();
                 self.clean_up(&live, job).await;
                 self.finish(&live, JobState::Failed, Some(reason.clone()));
                 Outcome::Failed(reason)
@@ -40,7 +41,8 @@ impl Engine {
                 tracing::warn!(by = %by, "another instance took the job over; stopping here");
                 return Outcome::Interrupted;
             }
-            Err(Failure::Transient(reason)) => {
+            Err(Failure::Job(e)) => {
+                let reason = e.to_string();
                 live.lock().expect("live doc lock").error = Some(format!("will retry: {reason}"));
                 Outcome::Retry(reason)
             }
@@ -56,7 +58,7 @@ impl Engine {
         let (mut doc, mut etag) = self
             .load_or_create(job)
             .await
-            .map_err(|e| Outcome::Retry(format!("job state: {e}")))?;
+            .map_err(|e| Outcome::from(JobError::job_state(e)))?;
         for _ in 0..crate::state::MAX_UPDATE_ROUNDS {
             if doc.state().is_terminal() {
                 return Err(Outcome::AlreadyEnded(doc.state()));
@@ -80,16 +82,17 @@ impl Engine {
                 Ok(new) => return Ok((doc, new)),
                 Err(StateError::Conflict(_)) => match self.state.load(id).await {
                     Ok(Some((d, e))) => (doc, etag) = (d, e),
-                    Ok(None) => return Err(Outcome::Retry("job state vanished".into())),
-                    Err(e) => return Err(Outcome::Retry(format!("job state: {e}"))),
+                    Ok(None) => return Err(JobError::StateVanished.into()),
+                    Err(e) => return Err(JobError::job_state(e).into()),
                 },
-                Err(e) => return Err(Outcome::Retry(format!("job state: {e}"))),
+                Err(e) => return Err(JobError::job_state(e).into()),
             }
         }
-        Err(Outcome::Retry(format!(
-            "job {id} kept changing under {} attempts to claim it",
-            crate::state::MAX_UPDATE_ROUNDS
-        )))
+        Err(JobError::ClaimContended {
+            job: id.to_owned(),
+            rounds: crate::state::MAX_UPDATE_ROUNDS,
+        }
+        .into())
     }
 
     /// Writes the run's end, frees the pool once an end is on record (so a
@@ -106,7 +109,7 @@ impl Engine {
             tracing::warn!(error = %e, "could not write the final job state; the job will be resumed");
             return match outcome {
                 Outcome::Completed | Outcome::Failed(_) | Outcome::Cancelled => {
-                    Outcome::Retry(format!("job state: {e}"))
+                    JobError::job_state(e).into()
                 }
                 other => other,
             };
@@ -240,7 +243,7 @@ impl Engine {
         self.handoff
             .deliver(&handoff)
             .await
-            .map_err(|e| Failure::Transient(e.to_string()))
+            .map_err(|e| Failure::from(JobError::from(e)))
     }
 
     /// Writes the pool's image set: the current set (same snapshot) takes this job's

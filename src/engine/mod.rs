@@ -7,6 +7,7 @@
 pub use crate::storage::limits;
 mod checkpoint;
 mod copy;
+mod error;
 mod lifecycle;
 pub mod poll;
 mod prepare;
@@ -14,6 +15,7 @@ mod retire;
 pub mod schedule;
 
 use checkpoint::Checkpoint;
+pub use error::JobError;
 pub use retire::retire_plan;
 
 use crate::config::ValidatedSettings;
@@ -74,19 +76,32 @@ pub enum Outcome {
     Retry(String),
 }
 
+impl From<JobError> for Outcome {
+    /// Classified once: a transient error runs the job again later, any other fails it.
+    fn from(e: JobError) -> Self {
+        if e.is_transient() {
+            Outcome::Retry(e.to_string())
+        } else {
+            Outcome::Failed(e.to_string())
+        }
+    }
+}
+
+/// Why a run of a job stopped before its end.
 #[derive(Debug)]
 enum Failure {
-    Fatal(String),
-    Transient(String),
+    /// An error: transient or fatal as [`JobError::is_transient`] says.
+    Job(Box<JobError>),
     Cancelled,
     Interrupted,
+    /// Another instance took the job over.
     Lost(String),
 }
 
 impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Failure::Fatal(r) | Failure::Transient(r) => f.write_str(r),
+            Failure::Job(e) => e.fmt(f),
             Failure::Cancelled => f.write_str("cancelled"),
             Failure::Interrupted => f.write_str("interrupted"),
             Failure::Lost(by) => write!(f, "taken over by instance {by}"),
@@ -94,24 +109,22 @@ impl std::fmt::Display for Failure {
     }
 }
 
+impl From<JobError> for Failure {
+    fn from(e: JobError) -> Self {
+        Failure::Job(Box::new(e))
+    }
+}
+
 impl Failure {
     fn from_state(e: StateError) -> Self {
         match e {
             StateError::Lost(_, by) => Failure::Lost(by),
-            other => Failure::Transient(format!("job state: {other}")),
+            other => JobError::job_state(other).into(),
         }
     }
 
-    fn from_storage(context: &str, e: &StorageError) -> Self {
-        match e.class {
-            ErrorClass::Throttled | ErrorClass::Transient => {
-                Failure::Transient(format!("{context}: {e}"))
-            }
-            ErrorClass::Denied => Failure::Fatal(format!(
-                "{context}: access denied ({e}); check the account key or role assignment"
-            )),
-            _ => Failure::Fatal(format!("{context}: {e}")),
-        }
+    fn from_storage(context: impl Into<String>, e: &StorageError) -> Self {
+        JobError::storage(context, e.clone()).into()
     }
 }
 

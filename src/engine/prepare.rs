@@ -8,18 +8,19 @@ impl Engine {
     /// identity without a data role is told which role to assign.
     pub(super) async fn check_accounts(&self, job: &ValidatedJob) -> Result<(), Failure> {
         for account in &job.accounts {
-            let info = self
-                .store
-                .account_info(account)
-                .await
-                .map_err(|e| match e.class {
-                    ErrorClass::NotFound | ErrorClass::Denied => {
-                        Failure::Fatal(crate::storage::account_info_problem(account, &e))
-                    }
-                    _ => Failure::from_storage(&format!("account {account}"), &e),
-                })?;
+            let info =
+                self.store
+                    .account_info(account)
+                    .await
+                    .map_err(|source| JobError::AccountInfo {
+                        account: account.clone(),
+                        source,
+                    })?;
             info.suits_batch_images()
-                .map_err(|m| Failure::Fatal(format!("account {account}: {m}")))?;
+                .map_err(|reason| JobError::AccountUnsuitable {
+                    account: account.clone(),
+                    reason,
+                })?;
         }
         Ok(())
     }
@@ -31,27 +32,28 @@ impl Engine {
         let props = match self.store.properties(&job.source).await {
             Ok(p) => p,
             Err(e) if e.is_not_found() => {
-                return Err(Failure::Fatal(format!(
-                    "source {source_url} does not exist (HTTP 404); check the URL and that the blob was uploaded"
-                )))
+                return Err(JobError::SourceMissing(source_url.clone()).into())
             }
             Err(e) => return Err(Failure::from_storage("source", &e)),
         };
         if props.kind != BlobKind::Page {
-            return Err(Failure::Fatal(format!(
-                "source {source_url} is a {:?} blob; a VHD for Batch must be a page blob (upload it as a page blob, e.g. az storage blob upload --type page)",
-                props.kind
-            )));
+            return Err(JobError::SourceNotPageBlob {
+                url: source_url.clone(),
+                kind: props.kind,
+            }
+            .into());
         }
-        vhd::check_length(props.len)
-            .map_err(|e| Failure::Fatal(format!("source {source_url}: {e}")))?;
+        let not_vhd = |source| JobError::SourceNotVhd {
+            url: source_url.clone(),
+            source,
+        };
+        vhd::check_length(props.len).map_err(not_vhd)?;
         let (footer, _) = self
             .store
             .read(&job.source, Some(props.len - vhd::FOOTER_LEN..props.len))
             .await
             .map_err(|e| Failure::from_storage("source footer", &e))?;
-        vhd::check_footer(&footer, props.len)
-            .map_err(|e| Failure::Fatal(format!("source {source_url}: {e}")))?;
+        vhd::check_footer(&footer, props.len).map_err(not_vhd)?;
         Ok(props)
     }
 
@@ -155,9 +157,7 @@ impl Engine {
         if let Some(s) = existing {
             return match self.store.properties(&job.source.at_snapshot(&s)).await {
                 Ok(_) => Ok(s),
-                Err(e) if e.is_not_found() => Err(Failure::Fatal(format!(
-                    "the job's source snapshot {s} was deleted; resubmit the job under a new job_id"
-                ))),
+                Err(e) if e.is_not_found() => Err(JobError::SnapshotDeleted(s).into()),
                 Err(e) => Err(Failure::from_storage("source snapshot", &e)),
             };
         }
@@ -188,7 +188,7 @@ impl Engine {
             return Ok(());
         }
         let plan = plan::plan(job, keepable, &plan::capacity(job, &self.settings))
-            .map_err(|e| Failure::Fatal(e.to_string()))?;
+            .map_err(JobError::from)?;
         let records = plan
             .replicas
             .iter()
@@ -234,7 +234,7 @@ impl Engine {
                 .ensure_container(account, &job.container)
                 .await
                 .map_err(|e| {
-                    Failure::from_storage(&format!("container {account}/{}", job.container), &e)
+                    Failure::from_storage(format!("container {account}/{}", job.container), &e)
                 })?;
         }
         Ok(())
@@ -305,7 +305,11 @@ impl Engine {
                 }
                 PoolClaim::Busy(holder) => holder,
             };
-            if self.job_has_ended(&holder.job_id).await? {
+            if self
+                .job_has_ended(&holder.job_id)
+                .await
+                .map_err(|e| JobError::state(format!("job state of {}", holder.job_id), e))?
+            {
                 stale = Some(holder.job_id);
                 continue;
             }
@@ -334,11 +338,11 @@ impl Engine {
     }
 
     /// Whether the job holding a pool's lock has ended (or left no document).
-    pub(super) async fn job_has_ended(&self, job_id: &str) -> Result<bool, Failure> {
+    pub(super) async fn job_has_ended(&self, job_id: &str) -> Result<bool, StateError> {
         match self.state.load(job_id).await {
             Ok(None) | Err(StateError::Corrupt(..)) => Ok(true),
             Ok(Some((d, _))) => Ok(d.state().is_terminal()),
-            Err(e) => Err(Failure::from_state(e)),
+            Err(e) => Err(e),
         }
     }
 

@@ -16,17 +16,17 @@ impl Engine {
     }
 
     async fn retire_steps(&self, id: &JobId, pool: &str) -> Result<Outcome, Outcome> {
-        let retry = |what: &str, e: &dyn std::fmt::Display| Outcome::Retry(format!("{what}: {e}"));
+        let job_state = |e| Outcome::from(JobError::job_state(e));
         let doc = match self.state.load(id.as_str()).await {
             Ok(Some((d, _))) => d,
             Ok(None) => {
                 let d = JobDocument::retire(id.clone(), pool);
                 match self.state.create(&d).await {
                     Ok(_) | Err(StateError::Exists(_)) => d,
-                    Err(e) => return Err(retry("job state", &e)),
+                    Err(e) => return Err(job_state(e)),
                 }
             }
-            Err(e) => return Err(retry("job state", &e)),
+            Err(e) => return Err(job_state(e)),
         };
         if doc.state().is_terminal() {
             return Ok(Outcome::AlreadyEnded(doc.state()));
@@ -34,24 +34,26 @@ impl Engine {
         self.state
             .update(id.as_str(), mark(JobState::Running, None))
             .await
-            .map_err(|e| retry("job state", &e))?;
+            .map_err(job_state)?;
         let (record, etag) = self.take_retiring_mark(id, pool).await?;
         self.refuse_if_a_job_is_waiting(id, pool).await?;
         tracing::info!("retiring the pool's image sets");
         let owner = plan::owner_tag(&self.settings);
-        let doomed = retire_plan(self.store.as_ref(), &record, pool, &owner)
-            .await
-            .map_err(|e| retry("image sets", &e))?;
+        let doomed = match retire_plan(self.store.as_ref(), &record, pool, &owner).await {
+            Ok(doomed) => doomed,
+            Err(e) => {
+                let e = JobError::storage("image sets", e);
+                return Err(self.retire_error(id, e).await);
+            }
+        };
         let mut deleted = 0;
         for blob in &doomed {
             match self.store.delete(blob).await {
                 Ok(()) => deleted += 1,
                 Err(e) if e.is_not_found() => {}
-                Err(e) if e.class.is_retryable() => return Err(retry("delete", &e)),
                 Err(e) => {
-                    return Err(self
-                        .fail_retire(id, format!("could not delete {blob}: {e}"))
-                        .await)
+                    let e = JobError::storage(format!("could not delete {blob}"), e);
+                    return Err(self.retire_error(id, e).await);
                 }
             }
         }
@@ -60,7 +62,7 @@ impl Engine {
         self.state
             .delete_pool_if(pool, &etag)
             .await
-            .map_err(|e| retry("pool record", &e))?;
+            .map_err(|e| Outcome::from(JobError::state("pool record", e)))?;
         let note = format!(
             "retired pool {pool}: deleted {deleted} of {} blobs (replicas and snapshots)",
             doomed.len()
@@ -69,7 +71,7 @@ impl Engine {
         self.state
             .update(id.as_str(), mark(JobState::Completed, Some(note)))
             .await
-            .map_err(|e| retry("job state", &e))?;
+            .map_err(job_state)?;
         self.metrics
             .jobs_finished
             .with_label_values(&["completed"])
@@ -96,20 +98,19 @@ impl Engine {
                 Ok(PoolClaim::Busy(holder)) => match self.job_has_ended(&holder.job_id).await {
                     Ok(true) => stale = Some(holder.job_id),
                     Ok(false) => {
-                        let reason = format!(
-                            "pool {pool} has job {} running; retire the pool after that job ends (cancel it first to stop it)",
-                            holder.job_id
-                        );
-                        return Err(self.fail_retire(id, reason).await);
+                        let busy = JobError::PoolBusy {
+                            pool: pool.to_owned(),
+                            job: holder.job_id,
+                            state: JobState::Running.as_str(),
+                        };
+                        return Err(self.retire_error(id, busy).await);
                     }
                     Err(e) => {
-                        return Err(Outcome::Retry(format!(
-                            "job state of {}: {e}",
-                            holder.job_id
-                        )))
+                        let context = format!("job state of {}", holder.job_id);
+                        return Err(JobError::state(context, e).into());
                     }
                 },
-                Err(e) => return Err(Outcome::Retry(format!("pool record: {e}"))),
+                Err(e) => return Err(JobError::state("pool record", e).into()),
             }
         }
     }
@@ -123,24 +124,29 @@ impl Engine {
                     && d.pool_id == pool
                     && matches!(d.state, JobState::Queued | JobState::Running)
             }),
-            Err(e) => return Err(Outcome::Retry(format!("job state: {e}"))),
+            Err(e) => return Err(JobError::job_state(e).into()),
         };
         let Some(d) = busy else {
             return Ok(());
         };
-        let reason = format!(
-            "pool {pool} has job {} {}; retire the pool after that job ends (cancel it first to stop it)",
-            d.job_id,
-            d.state.as_str()
-        );
+        let busy = JobError::PoolBusy {
+            pool: pool.to_owned(),
+            job: d.job_id,
+            state: d.state.as_str(),
+        };
         if let Err(e) = self.state.unlock_pool(pool, id.as_str()).await {
             tracing::warn!(error = %e, "could not clear the pool's retiring mark; the next job takes it over");
         }
-        Err(self.fail_retire(id, reason).await)
+        Err(self.retire_error(id, busy).await)
     }
 
-    /// Ends a retire job as failed with `reason`.
-    async fn fail_retire(&self, id: &JobId, reason: String) -> Outcome {
+    /// The outcome of a retire that met `e`: run again later when it is
+    /// transient, else the retire job ends as failed with it.
+    async fn retire_error(&self, id: &JobId, e: JobError) -> Outcome {
+        if e.is_transient() {
+            return e.into();
+        }
+        let reason = e.to_string();
         let _ = self
             .state
             .update(id.as_str(), |d| {
