@@ -35,9 +35,111 @@ pub struct Settings {
     /// `[gc]`
     #[serde(default)]
     pub gc: GcSettings,
+    /// `[gallery]`: publish each job's image to an Azure Compute Gallery.
+    #[serde(default)]
+    pub gallery: Option<GallerySettings>,
     /// `[[accounts]]`
     #[serde(default)]
     pub accounts: Vec<AccountSettings>,
+}
+
+/// `[gallery]`: the Azure Compute Gallery image definition each job publishes
+/// a version of (the way Batch pools boot custom images today).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GallerySettings {
+    /// Subscription of the gallery; must be the Batch account's.
+    pub subscription: String,
+    /// Resource group of the gallery.
+    pub resource_group: String,
+    /// Gallery name.
+    pub gallery: String,
+    /// Image definition; created when missing.
+    pub image: String,
+    /// `identifier.publisher` of a new definition.
+    pub publisher: String,
+    /// `identifier.offer` of a new definition.
+    pub offer: String,
+    /// `identifier.sku` of a new definition.
+    pub sku: String,
+    /// Region of the gallery; must be the Batch account's.
+    pub region: String,
+    /// Gallery replicas = ceil(nodes / this), clamped to [`min_replicas`, 100].
+    #[serde(default = "default_nodes_per_replica")]
+    pub nodes_per_replica: u32,
+    /// Fewest gallery replicas of a version.
+    #[serde(default = "default_min_replicas")]
+    pub min_replicas: u32,
+    /// Storage type of the gallery replicas.
+    #[serde(default = "default_gallery_storage")]
+    pub storage_account_type: String,
+    /// Azure Resource Manager endpoint (tests point it at a local fake).
+    #[serde(default = "default_arm_endpoint")]
+    pub arm_endpoint: String,
+    /// Entra credential kind, as `accounts[].credential`.
+    #[serde(default)]
+    pub credential: Option<String>,
+    /// Extra CA (PEM) to trust for `arm_endpoint`.
+    #[serde(default)]
+    pub ca_file: Option<String>,
+}
+
+fn default_nodes_per_replica() -> u32 {
+    50
+}
+fn default_min_replicas() -> u32 {
+    3
+}
+fn default_gallery_storage() -> String {
+    "Standard_LRS".into()
+}
+fn default_arm_endpoint() -> String {
+    "https://management.azure.com".into()
+}
+
+/// `[gallery]`, validated: the credential resolved, each destination account's
+/// ARM resource id known.
+#[derive(Clone)]
+pub struct GalleryConfig {
+    /// The settings as given.
+    pub settings: GallerySettings,
+    /// ARM endpoint without a trailing `/`.
+    pub arm_endpoint: Url,
+    /// The Entra credential for `https://management.azure.com/.default`.
+    pub credential: Arc<dyn TokenCredential>,
+    /// Extra CA certificates (PEM) to trust.
+    pub ca_pem: Option<Vec<u8>>,
+    /// ARM id of each destination account (the version's `storageAccountId`).
+    pub storage_account_ids: std::collections::BTreeMap<String, String>,
+}
+
+impl fmt::Debug for GalleryConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GalleryConfig")
+            .field("settings", &self.settings)
+            .field("arm_endpoint", &self.arm_endpoint.as_str())
+            .finish_non_exhaustive()
+    }
+}
+
+impl GalleryConfig {
+    /// The image definition's ARM id.
+    pub fn image_id(&self) -> String {
+        let g = &self.settings;
+        format!(
+            "/subscriptions/{}/resourceGroups/{}/providers/Microsoft.Compute/galleries/{}/images/{}",
+            g.subscription, g.resource_group, g.gallery, g.image
+        )
+    }
+
+    /// Gallery replicas for a pool of `nodes`: one per `nodes_per_replica`, at
+    /// least `min_replicas`, at most 100 (the service's limit per version).
+    pub fn replicas_for(&self, nodes: u32) -> u32 {
+        nodes
+            .div_ceil(self.settings.nodes_per_replica.max(1))
+            .max(self.settings.min_replicas)
+            .clamp(1, 100)
+    }
 }
 
 /// `[service]`: the HTTP listener and process behaviour.
@@ -298,6 +400,10 @@ pub struct AccountSettings {
     /// Most replicas (of all pools) this account may hold; unlimited when unset.
     #[serde(default)]
     pub max_replicas: Option<u32>,
+    /// Resource group of the account: with `subscription`, its ARM id, which a
+    /// gallery image version names as the source of its VHD.
+    #[serde(default)]
+    pub resource_group: Option<String>,
 }
 
 fn default_true() -> bool {
@@ -343,6 +449,8 @@ pub struct ValidatedSettings {
     pub gc: GcSettings,
     /// All accounts, in configuration order.
     pub accounts: Vec<AccountConfig>,
+    /// `[gallery]`, when configured.
+    pub gallery: Option<GalleryConfig>,
 }
 
 impl ValidatedSettings {
@@ -480,6 +588,10 @@ impl Settings {
         self.engine.check(&mut problems);
         let handoff_webhook = self.handoff.check(&mut problems);
         let accounts = self.check_accounts(secrets, &mut problems);
+        let gallery = self
+            .gallery
+            .as_ref()
+            .and_then(|g| g.check(&self.batch, &self.accounts, secrets, &mut problems));
         let problems = problems.0;
         if !problems.is_empty() {
             return Err(ConfigError::Invalid(problems));
@@ -506,6 +618,7 @@ impl Settings {
             engine: self.engine.clone(),
             gc: self.gc.clone(),
             accounts,
+            gallery,
         })
     }
 }
@@ -570,6 +683,137 @@ impl BatchSettings {
                 "must name the Batch account's region, e.g. \"westeurope\"",
             );
         }
+    }
+}
+
+impl GallerySettings {
+    /// Checks `[gallery]` against `[batch]` and the accounts; the validated
+    /// form when nothing is wrong.
+    fn check(
+        &self,
+        batch: &BatchSettings,
+        accounts: &[AccountSettings],
+        secrets: &dyn SecretSource,
+        p: &mut Problems,
+    ) -> Option<GalleryConfig> {
+        let before = p.0.len();
+        for (key, value) in [
+            ("gallery.resource_group", &self.resource_group),
+            ("gallery.gallery", &self.gallery),
+            ("gallery.image", &self.image),
+            ("gallery.publisher", &self.publisher),
+            ("gallery.offer", &self.offer),
+            ("gallery.sku", &self.sku),
+        ] {
+            if value.trim().is_empty() {
+                p.add(key, "must not be empty");
+            }
+        }
+        if !self.subscription.eq_ignore_ascii_case(&batch.subscription) {
+            p.add("gallery.subscription", format!("{} differs from batch.subscription ({}); Batch boots gallery images only from its own subscription: use a gallery there", self.subscription, batch.subscription));
+        }
+        if !self.region.eq_ignore_ascii_case(&batch.region) {
+            p.add("gallery.region", format!("{} differs from batch.region ({}); the image version needs a replica in the Batch region and its VHD in the gallery's region: use a gallery in {}", self.region, batch.region, batch.region));
+        }
+        if self.nodes_per_replica == 0 {
+            p.add(
+                "gallery.nodes_per_replica",
+                "must be at least 1 (the gallery's guidance is 50)",
+            );
+        }
+        if !(1..=100).contains(&self.min_replicas) {
+            p.add(
+                "gallery.min_replicas",
+                "must be 1 to 100 (a version has at most 100 replicas per region)",
+            );
+        }
+        const TYPES: [&str; 4] = [
+            "Standard_LRS",
+            "Standard_ZRS",
+            "Premium_LRS",
+            "PremiumV2_LRS",
+        ];
+        if !TYPES.contains(&self.storage_account_type.as_str()) {
+            p.add(
+                "gallery.storage_account_type",
+                format!(
+                    "{:?} is not one of {}",
+                    self.storage_account_type,
+                    TYPES.join(", ")
+                ),
+            );
+        }
+        let arm_endpoint = match Url::parse(self.arm_endpoint.trim().trim_end_matches('/')) {
+            Ok(u)
+                if matches!(u.scheme(), "https" | "http")
+                    && u.host().is_some()
+                    && u.query().is_none() =>
+            {
+                Some(u)
+            }
+            _ => {
+                p.add(
+                    "gallery.arm_endpoint",
+                    format!(
+                        "{:?} is not an https URL such as \"https://management.azure.com\"",
+                        self.arm_endpoint
+                    ),
+                );
+                None
+            }
+        };
+        let credential = entra_credential(self.credential.as_deref().unwrap_or("auto"))
+            .map_err(|m| p.add("gallery.credential", m))
+            .ok();
+        let ca_pem = match &self.ca_file {
+            None => Some(None),
+            Some(path) => match secrets.file(path) {
+                Ok(text) if text.contains("-----BEGIN CERTIFICATE-----") => {
+                    Some(Some(text.into_bytes()))
+                }
+                Ok(_) => {
+                    p.add(
+                        "gallery.ca_file",
+                        format!("{path} holds no PEM certificate"),
+                    );
+                    None
+                }
+                Err(e) => {
+                    p.add("gallery.ca_file", format!("cannot read {path}: {e}"));
+                    None
+                }
+            },
+        };
+        let storage_account_ids = self.storage_account_ids(accounts, p);
+        if p.0.len() > before {
+            return None;
+        }
+        Some(GalleryConfig {
+            settings: self.clone(),
+            arm_endpoint: arm_endpoint?,
+            credential: credential?,
+            ca_pem: ca_pem?,
+            storage_account_ids,
+        })
+    }
+
+    /// The ARM id of every destination account: a version's VHD source names
+    /// its storage account, so each needs `subscription` and `resource_group`.
+    fn storage_account_ids(
+        &self,
+        accounts: &[AccountSettings],
+        p: &mut Problems,
+    ) -> std::collections::BTreeMap<String, String> {
+        let mut ids = std::collections::BTreeMap::new();
+        for (i, a) in accounts.iter().enumerate().filter(|(_, a)| a.destination) {
+            let Some(rg) = a.resource_group.as_deref().filter(|r| !r.trim().is_empty()) else {
+                p.add(&format!("accounts[{i}].resource_group"), format!("with [gallery], account {} may stage the image version's VHD and needs its resource group (the version names the account by its ARM id); set it, or destination = false", a.name));
+                continue;
+            };
+            let subscription = a.subscription.as_deref().unwrap_or(&self.subscription);
+            ids.insert(a.name.clone(), format!("/subscriptions/{subscription}/resourceGroups/{rg}/providers/Microsoft.Storage/storageAccounts/{}", a.name));
+        }
+        ids
     }
 }
 

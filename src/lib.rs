@@ -39,6 +39,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod engine;
+pub mod gallery;
 pub mod gc;
 pub mod handoff;
 pub mod intake;

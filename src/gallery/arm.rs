@@ -1,0 +1,410 @@
+//! Azure Resource Manager requests: an Entra bearer token for the management
+//! scope on every attempt, each attempt under the retry policy's timeout, 429,
+//! 5xx and 409 (another operation on the resource) retried with Retry-After, and
+//! long-running operations followed as ARM documents them: the
+//! `Azure-AsyncOperation` URL first, else `Location`, else the resource's
+//! `provisioningState`.
+
+use crate::config::GalleryConfig;
+use crate::storage::{
+    retry::{Idempotency, RetryPolicy},
+    ErrorClass, StorageError, StorageResult, TransportFailure,
+};
+use azure_core::credentials::TokenCredential;
+use reqwest::Method;
+use serde_json::Value;
+use std::{sync::Arc, time::Duration};
+use url::Url;
+
+/// The Compute (gallery) API version of every request.
+pub const API_VERSION: &str = "2025-03-03";
+
+/// One answer of ARM.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    /// HTTP status.
+    pub status: u16,
+    /// The JSON body (`Null` when empty).
+    pub body: Value,
+    /// How to follow the operation the request started.
+    pub operation: Operation,
+    /// Retry-After, when given.
+    pub retry_after: Option<Duration>,
+}
+
+/// A long-running operation, and where to ask about it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", content = "url", rename_all = "snake_case")]
+pub enum Operation {
+    /// `Azure-AsyncOperation`: its `status` says InProgress, Succeeded, Failed or Canceled.
+    AsyncOperation(String),
+    /// `Location`: 202 while running, 200/201/204 when done.
+    Location(String),
+    /// No header: the resource's `provisioningState` says.
+    Resource(String),
+}
+
+/// Where a long-running operation stands.
+#[derive(Debug, Clone, PartialEq)]
+pub enum OperationState {
+    /// Still running; ask again after this long (Retry-After, when given).
+    Running(Option<Duration>),
+    /// Done.
+    Succeeded,
+    /// Failed or cancelled, with ARM's reason.
+    Failed(String),
+}
+
+/// An ARM client for one deployment's `[gallery]`.
+pub struct Arm {
+    http: reqwest::Client,
+    endpoint: Url,
+    credential: Arc<dyn TokenCredential>,
+    scope: String,
+    retry: RetryPolicy,
+}
+
+impl std::fmt::Debug for Arm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Arm")
+            .field("endpoint", &self.endpoint.as_str())
+            .field("scope", &self.scope)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The token scope for an ARM endpoint: its origin's `.default`, and for a
+/// loopback endpoint (a local fake) the public cloud's.
+pub fn scope_for(endpoint: &Url) -> String {
+    let loopback = match endpoint.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        Some(url::Host::Domain(d)) => d == "localhost",
+        None => true,
+    };
+    if loopback {
+        "https://management.azure.com/.default".into()
+    } else {
+        format!("{}/.default", endpoint.origin().ascii_serialization())
+    }
+}
+
+impl Arm {
+    /// A client with the configured timeouts and extra CA.
+    pub fn new(
+        cfg: &GalleryConfig,
+        retry: RetryPolicy,
+        connect_timeout: Duration,
+    ) -> StorageResult<Self> {
+        let mut builder = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(connect_timeout);
+        if let Some(pem) = &cfg.ca_pem {
+            let bad = |e: reqwest::Error| {
+                StorageError::other("tls", "gallery.ca_file", ErrorClass::Invalid, e)
+            };
+            for cert in reqwest::Certificate::from_pem_bundle(pem).map_err(bad)? {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        let http = builder.build().map_err(|e| {
+            StorageError::other("tls", "gallery", ErrorClass::Invalid, e.to_string())
+        })?;
+        Ok(Self {
+            http,
+            endpoint: cfg.arm_endpoint.clone(),
+            credential: cfg.credential.clone(),
+            scope: scope_for(&cfg.arm_endpoint),
+            retry,
+        })
+    }
+
+    /// The URL of an ARM resource path (`/subscriptions/...`) with the API version.
+    pub fn url(&self, path: &str) -> Url {
+        let mut url = self.endpoint.clone();
+        url.set_path(path);
+        url.query_pairs_mut()
+            .append_pair("api-version", API_VERSION);
+        url
+    }
+
+    /// Sends one request under the retry policy. PUT, PATCH and DELETE of ARM
+    /// are idempotent (create-or-update with the same body).
+    pub async fn call(
+        &self,
+        operation: &'static str,
+        method: Method,
+        url: &Url,
+        body: Option<&Value>,
+    ) -> StorageResult<Answer> {
+        let shown = url.path().to_owned();
+        self.retry
+            .run(
+                Idempotency::Idempotent,
+                |e| tracing::debug!(operation, target = %shown, error = %e.message, "retrying an ARM request"),
+                || {
+                    self.retry.timed(
+                        operation,
+                        &shown,
+                        self.attempt(operation, method.clone(), url, body),
+                    )
+                },
+            )
+            .await
+    }
+
+    async fn attempt(
+        &self,
+        operation: &'static str,
+        method: Method,
+        url: &Url,
+        body: Option<&Value>,
+    ) -> StorageResult<Answer> {
+        let target = url.path();
+        let token = self
+            .credential
+            .get_token(&[self.scope.as_str()], None)
+            .await
+            .map_err(|e| {
+                StorageError::transport(
+                    operation,
+                    target,
+                    TransportFailure::Connect,
+                    format!("cannot get an Entra token for {}: {e}", self.scope),
+                )
+            })?;
+        let mut request = self
+            .http
+            .request(method, url.clone())
+            .bearer_auth(token.token.secret());
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let rsp = request.send().await.map_err(|e| {
+            let failure = if e.is_connect() {
+                TransportFailure::Connect
+            } else {
+                TransportFailure::Broken
+            };
+            StorageError::transport(operation, target, failure, e.without_url())
+        })?;
+        let status = rsp.status().as_u16();
+        let header = |name: &str| {
+            rsp.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let retry_after = header("retry-after")
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        let operation_header = header("azure-asyncoperation")
+            .map(Operation::AsyncOperation)
+            .or_else(|| header("location").map(Operation::Location))
+            .unwrap_or_else(|| Operation::Resource(url.to_string()));
+        let text = rsp
+            .text()
+            .await
+            .map_err(|e| StorageError::transport(operation, target, TransportFailure::Broken, e))?;
+        let body = if text.trim().is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
+        if (200..300).contains(&status) {
+            return Ok(Answer {
+                status,
+                body,
+                operation: operation_header,
+                retry_after,
+            });
+        }
+        Err(arm_error(operation, target, status, &body, retry_after))
+    }
+
+    /// Asks where a long-running operation stands.
+    pub async fn poll(&self, op: &Operation) -> StorageResult<OperationState> {
+        let parse = |u: &str| {
+            Url::parse(u)
+                .map_err(|e| StorageError::other("arm_poll", u, ErrorClass::Invalid, e.to_string()))
+        };
+        match op {
+            Operation::AsyncOperation(u) => {
+                let a = self.call("arm_poll", Method::GET, &parse(u)?, None).await?;
+                Ok(match a.body["status"].as_str().unwrap_or("InProgress") {
+                    "Succeeded" => OperationState::Succeeded,
+                    "Failed" | "Canceled" => OperationState::Failed(error_text(&a.body)),
+                    _ => OperationState::Running(a.retry_after),
+                })
+            }
+            Operation::Location(u) => {
+                let a = self.call("arm_poll", Method::GET, &parse(u)?, None).await?;
+                Ok(if a.status == 202 {
+                    OperationState::Running(a.retry_after)
+                } else {
+                    OperationState::Succeeded
+                })
+            }
+            Operation::Resource(u) => {
+                match self.call("arm_poll", Method::GET, &parse(u)?, None).await {
+                    Ok(a) => Ok(provisioning(&a.body, a.retry_after)),
+                    // A deleted resource is what a delete wanted.
+                    Err(e) if e.class == ErrorClass::NotFound => Ok(OperationState::Succeeded),
+                    Err(e) => Err(e),
+                }
+            }
+        }
+    }
+}
+
+/// The state a resource's `provisioningState` says.
+pub fn provisioning(body: &Value, retry_after: Option<Duration>) -> OperationState {
+    match body["properties"]["provisioningState"].as_str() {
+        Some("Succeeded") | None => OperationState::Succeeded,
+        Some("Failed") | Some("Canceled") => OperationState::Failed(format!(
+            "provisioning {}",
+            body["properties"]["provisioningState"]
+                .as_str()
+                .unwrap_or_default()
+                .to_lowercase()
+        )),
+        Some(_) => OperationState::Running(retry_after),
+    }
+}
+
+/// ARM's `error.code: error.message` (and the first detail), or the body.
+pub fn error_text(body: &Value) -> String {
+    let e = &body["error"];
+    let mut text = match (e["code"].as_str(), e["message"].as_str()) {
+        (Some(c), Some(m)) => format!("{c}: {m}"),
+        (None, Some(m)) => m.to_owned(),
+        (Some(c), None) => c.to_owned(),
+        (None, None) => body.to_string(),
+    };
+    if let Some(d) = e["details"].get(0) {
+        if let (Some(c), Some(m)) = (d["code"].as_str(), d["message"].as_str()) {
+            text.push_str(&format!(" ({c}: {m})"));
+        }
+    }
+    text
+}
+
+/// An ARM failure, classified for the retry policy and told in words a person
+/// can act on: which role is missing, which quota ran out.
+pub fn arm_error(
+    operation: &'static str,
+    target: &str,
+    status: u16,
+    body: &Value,
+    retry_after: Option<Duration>,
+) -> StorageError {
+    let code = body["error"]["code"].as_str();
+    let mut e = StorageError::http(operation, target, status, code);
+    let detail = error_text(body);
+    e.message = match (status, code) {
+        (403, Some("AuthorizationFailed" | "LinkedAuthorizationFailed")) => format!(
+            "{detail}; assign the daemon's identity \"Compute Gallery Artifacts Publisher\" (or Contributor) on the gallery's resource group, and Contributor on the staging storage accounts (the version reads its VHD by storageAccountId)"
+        ),
+        (401, _) => format!("{detail}; the Entra token was refused: check gallery.credential and the identity's tenant"),
+        _ if detail.to_ascii_lowercase().contains("quota") => format!(
+            "quota exceeded: {detail}; ask for an increase of that quota for the subscription and region (Azure portal, Usage + quotas), or lower gallery.min_replicas / nodes_per_replica's replica count"
+        ),
+        _ => detail,
+    };
+    if status == 409 {
+        // Another operation on the same resource is still running: wait for it.
+        e.class = ErrorClass::Throttled;
+    }
+    e.retry_after = retry_after;
+    e
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn errors_name_the_role_and_the_quota() {
+        let body = json!({"error": {"code": "AuthorizationFailed", "message": "The client 'x' does not have authorization to perform action 'Microsoft.Compute/galleries/images/versions/write' over scope '/subscriptions/s/resourceGroups/images'"}});
+        let e = arm_error("arm_put", "/v", 403, &body, None);
+        assert_eq!(e.class, ErrorClass::Denied);
+        assert!(
+            e.message.contains("Compute Gallery Artifacts Publisher"),
+            "{}",
+            e.message
+        );
+        assert!(
+            e.message.contains("/resourceGroups/images"),
+            "{}",
+            e.message
+        );
+        let body = json!({"error": {"code": "OperationNotAllowed", "message": "Operation could not be completed as it results in exceeding approved GalleryImageVersionReplicas quota."}});
+        let e = arm_error("arm_put", "/v", 400, &body, None);
+        assert_eq!(e.class, ErrorClass::Invalid);
+        assert!(
+            e.message.starts_with("quota exceeded: OperationNotAllowed"),
+            "{}",
+            e.message
+        );
+        assert!(
+            e.message.contains("GalleryImageVersionReplicas"),
+            "{}",
+            e.message
+        );
+    }
+
+    #[test]
+    fn throttling_and_conflicts_are_retried_with_retry_after() {
+        let body = json!({"error": {"code": "TooManyRequests", "message": "slow down"}});
+        let e = arm_error("arm_get", "/v", 429, &body, Some(Duration::from_secs(7)));
+        assert!(e.class.is_retryable());
+        assert_eq!(e.retry_after, Some(Duration::from_secs(7)));
+        let body =
+            json!({"error": {"code": "Conflict", "message": "another operation is in progress"}});
+        assert!(arm_error("arm_put", "/v", 409, &body, None)
+            .class
+            .is_retryable());
+        assert!(!arm_error("arm_put", "/v", 400, &body, None)
+            .class
+            .is_retryable());
+    }
+
+    #[test]
+    fn provisioning_states() {
+        let s = |v: &str| json!({"properties": {"provisioningState": v}});
+        assert_eq!(
+            provisioning(&s("Succeeded"), None),
+            OperationState::Succeeded
+        );
+        assert_eq!(
+            provisioning(&s("Creating"), None),
+            OperationState::Running(None)
+        );
+        assert_eq!(
+            provisioning(&s("Updating"), Some(Duration::from_secs(3))),
+            OperationState::Running(Some(Duration::from_secs(3)))
+        );
+        assert!(matches!(
+            provisioning(&s("Failed"), None),
+            OperationState::Failed(_)
+        ));
+    }
+
+    #[test]
+    fn the_scope_is_the_endpoints_and_loopback_is_the_public_clouds() {
+        let u = |s: &str| Url::parse(s).unwrap();
+        assert_eq!(
+            scope_for(&u("https://management.azure.com")),
+            "https://management.azure.com/.default"
+        );
+        assert_eq!(
+            scope_for(&u("https://management.usgovcloudapi.net/")),
+            "https://management.usgovcloudapi.net/.default"
+        );
+        assert_eq!(
+            scope_for(&u("https://127.0.0.1:8443")),
+            "https://management.azure.com/.default"
+        );
+    }
+}

@@ -1,0 +1,342 @@
+//! Azure Compute Gallery: the image definition jobs publish to, the image
+//! versions made from a staged VHD, their replica counts and their deletion.
+//! Batch pools boot custom images only from a gallery today; see the README,
+//! "Creating the Batch pool".
+
+pub mod arm;
+
+use crate::config::GalleryConfig;
+use crate::job::Os;
+use crate::storage::{retry::RetryPolicy, ErrorClass, StorageResult};
+use arm::{Arm, Operation, OperationState};
+use reqwest::Method;
+use serde_json::{json, Value};
+use std::{collections::BTreeMap, time::Duration};
+use time::OffsetDateTime;
+
+/// Tag naming the deployment that made a version (its control account and state container).
+pub const TAG_OWNER: &str = "vhdrep-owner";
+/// Tag naming the pool a version is for.
+pub const TAG_POOL: &str = "vhdrep-pool";
+/// Tag naming the job that made a version.
+pub const TAG_JOB: &str = "vhdrep-job";
+
+/// A gallery image version, as ARM describes it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Version {
+    /// Its tags.
+    pub tags: BTreeMap<String, String>,
+    /// `provisioningState`.
+    pub provisioning_state: String,
+    /// Replicas in the gallery's region.
+    pub replicas: u32,
+    /// Replication progress over every target region, 0 to 1.
+    pub progress: f64,
+    /// The VHD it was made from.
+    pub source_uri: Option<String>,
+}
+
+impl Version {
+    /// Whether this deployment made it for this pool.
+    pub fn is_ours(&self, owner: &str, pool: &str) -> bool {
+        self.tags.get(TAG_OWNER).map(String::as_str) == Some(owner)
+            && self.tags.get(TAG_POOL).map(String::as_str) == Some(pool)
+    }
+}
+
+/// The gallery of one deployment.
+#[derive(Debug)]
+pub struct Gallery {
+    arm: Arm,
+    cfg: GalleryConfig,
+}
+
+/// A version name `YYYY.MMDD.P` for `now`: the patch is the second of the day
+/// times ten plus `attempt` (a name taken by someone else moves on to the next
+/// attempt), so names sort by time and fit the 32-bit parts ARM requires.
+pub fn version_name(now: OffsetDateTime, attempt: u32) -> String {
+    let second =
+        u32::from(now.hour()) * 3600 + u32::from(now.minute()) * 60 + u32::from(now.second());
+    format!(
+        "{}.{}{:02}.{}",
+        now.year(),
+        u8::from(now.month()),
+        now.day(),
+        second * 10 + attempt % 10
+    )
+}
+
+/// `resizeTimeout` of the pool-create body: Batch asks for at least 15 minutes
+/// per 1,000 nodes of a large custom-image pool, and 15 minutes is its default.
+pub fn resize_timeout(nodes: u32) -> String {
+    format!("PT{}M", 15 * nodes.div_ceil(1000).max(1))
+}
+
+impl Gallery {
+    /// A client for `cfg` under the one retry policy.
+    pub fn new(
+        cfg: &GalleryConfig,
+        retry: RetryPolicy,
+        connect_timeout: Duration,
+    ) -> StorageResult<Self> {
+        Ok(Self {
+            arm: Arm::new(cfg, retry, connect_timeout)?,
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &GalleryConfig {
+        &self.cfg
+    }
+
+    /// ARM id of the version `name`.
+    pub fn version_id(&self, name: &str) -> String {
+        format!("{}/versions/{name}", self.cfg.image_id())
+    }
+
+    /// The body of a new image definition for a legacy (generation 1) VHD of
+    /// `os`: since API 2025-03-03 a definition defaults to Gen2 and Trusted
+    /// Launch, which a VHD made for Batch's VHD pools is not.
+    pub fn image_body(&self, os: Os) -> Value {
+        let g = &self.cfg.settings;
+        json!({
+            "location": g.region,
+            "properties": {
+                "osType": os_type(os),
+                "osState": "Generalized",
+                "hyperVGeneration": "V1",
+                "features": [{"name": "SecurityType", "value": "Standard"}],
+                "identifier": {"publisher": g.publisher, "offer": g.offer, "sku": g.sku},
+            }
+        })
+    }
+
+    /// The body of a version made from the VHD at `uri` in `account`, with
+    /// `replicas` in the gallery's region (the VHD's region, as ARM requires).
+    pub fn version_body(
+        &self,
+        uri: &str,
+        account: &str,
+        replicas: u32,
+        tags: &BTreeMap<String, String>,
+    ) -> Value {
+        let g = &self.cfg.settings;
+        json!({
+            "location": g.region,
+            "tags": tags,
+            "properties": {
+                "publishingProfile": {
+                    "targetRegions": [self.target_region(replicas)],
+                    "excludeFromLatest": false,
+                },
+                "storageProfile": {
+                    "osDiskImage": {
+                        "source": {
+                            "storageAccountId": self.cfg.storage_account_ids.get(account).cloned().unwrap_or_default(),
+                            "uri": uri,
+                        },
+                        "hostCaching": "ReadOnly",
+                    }
+                },
+                "safetyProfile": {"allowDeletionOfReplicatedLocations": true},
+            }
+        })
+    }
+
+    fn target_region(&self, replicas: u32) -> Value {
+        let g = &self.cfg.settings;
+        json!({
+            "name": g.region,
+            "regionalReplicaCount": replicas,
+            "storageAccountType": g.storage_account_type,
+        })
+    }
+
+    /// Makes sure the image definition exists and takes VHDs of `os`: created
+    /// when missing; an existing one of another OS or generation is refused.
+    pub async fn ensure_image(&self, os: Os) -> Result<(), GalleryError> {
+        let url = self.arm.url(&self.cfg.image_id());
+        match self
+            .arm
+            .call("gallery_image_get", Method::GET, &url, None)
+            .await
+        {
+            Ok(a) => {
+                let p = &a.body["properties"];
+                let (want_os, got_os) = (os_type(os), p["osType"].as_str().unwrap_or_default());
+                if !got_os.eq_ignore_ascii_case(want_os) {
+                    return Err(GalleryError::Unsuitable(format!("image definition {} is for {got_os}, this job's VHD is {want_os}: set gallery.image to a {want_os} definition (or a new name, which is created)", self.cfg.settings.image)));
+                }
+                let generation = p["hyperVGeneration"].as_str().unwrap_or("V1");
+                if generation != "V1" {
+                    return Err(GalleryError::Unsuitable(format!("image definition {} is hyperVGeneration {generation}; a VHD is generation 1 (V1): set gallery.image to a V1 definition (or a new name, which is created)", self.cfg.settings.image)));
+                }
+                Ok(())
+            }
+            Err(e) if e.class == ErrorClass::NotFound => {
+                tracing::info!(image = %self.cfg.settings.image, "creating the gallery image definition");
+                let a = self
+                    .arm
+                    .call(
+                        "gallery_image_put",
+                        Method::PUT,
+                        &url,
+                        Some(&self.image_body(os)),
+                    )
+                    .await?;
+                self.wait(&a.operation, |_| {}).await
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The version `name`, with its replication status; `None` when missing.
+    pub async fn version(&self, name: &str) -> StorageResult<Option<Version>> {
+        let mut url = self.arm.url(&self.version_id(name));
+        url.query_pairs_mut()
+            .append_pair("$expand", "ReplicationStatus");
+        match self
+            .arm
+            .call("gallery_version_get", Method::GET, &url, None)
+            .await
+        {
+            Ok(a) => Ok(Some(parse_version(&a.body))),
+            Err(e) if e.class == ErrorClass::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Starts making version `name` from a staged VHD.
+    pub async fn create_version(&self, name: &str, body: &Value) -> StorageResult<Operation> {
+        let url = self.arm.url(&self.version_id(name));
+        let a = self
+            .arm
+            .call("gallery_version_put", Method::PUT, &url, Some(body))
+            .await?;
+        Ok(a.operation)
+    }
+
+    /// Starts changing the replica count of version `name`.
+    pub async fn set_replicas(&self, name: &str, replicas: u32) -> StorageResult<Operation> {
+        let url = self.arm.url(&self.version_id(name));
+        let body = json!({"properties": {"publishingProfile": {"targetRegions": [self.target_region(replicas)]}}});
+        let a = self
+            .arm
+            .call("gallery_version_patch", Method::PATCH, &url, Some(&body))
+            .await?;
+        Ok(a.operation)
+    }
+
+    /// Starts deleting version `name`.
+    pub async fn delete_version(&self, name: &str) -> StorageResult<Operation> {
+        let url = self.arm.url(&self.version_id(name));
+        match self
+            .arm
+            .call("gallery_version_delete", Method::DELETE, &url, None)
+            .await
+        {
+            Ok(a) if a.status == 204 || a.status == 200 => Ok(Operation::Resource(url.to_string())),
+            Ok(a) => Ok(a.operation),
+            Err(e) if e.class == ErrorClass::NotFound => Ok(Operation::Resource(url.to_string())),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Where an operation stands.
+    pub async fn poll(&self, op: &Operation) -> StorageResult<OperationState> {
+        self.arm.poll(op).await
+    }
+
+    /// Follows `op` to its end, calling `on_poll` with each state, sleeping
+    /// Retry-After (else two seconds) between polls.
+    pub async fn wait(
+        &self,
+        op: &Operation,
+        mut on_poll: impl FnMut(&OperationState),
+    ) -> Result<(), GalleryError> {
+        loop {
+            let state = self.arm.poll(op).await?;
+            on_poll(&state);
+            match state {
+                OperationState::Succeeded => return Ok(()),
+                OperationState::Failed(m) => return Err(GalleryError::Failed(m)),
+                OperationState::Running(after) => {
+                    tokio::time::sleep(after.unwrap_or(Duration::from_secs(2))).await
+                }
+            }
+        }
+    }
+}
+
+fn os_type(os: Os) -> &'static str {
+    match os {
+        Os::Windows => "Windows",
+        Os::Linux => "Linux",
+    }
+}
+
+/// Reads what this daemon needs of a version's ARM body.
+pub fn parse_version(body: &Value) -> Version {
+    let p = &body["properties"];
+    let tags = body["tags"]
+        .as_object()
+        .map(|o| {
+            o.iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
+                .collect()
+        })
+        .unwrap_or_default();
+    let replicas = p["publishingProfile"]["targetRegions"]
+        .get(0)
+        .and_then(|r| r["regionalReplicaCount"].as_u64())
+        .or_else(|| p["publishingProfile"]["replicaCount"].as_u64())
+        .unwrap_or(1) as u32;
+    let summary = p["replicationStatus"]["summary"].as_array();
+    let progress = match summary {
+        Some(s) if !s.is_empty() => {
+            s.iter()
+                .map(|r| r["progress"].as_f64().unwrap_or(0.0))
+                .sum::<f64>()
+                / (100.0 * s.len() as f64)
+        }
+        _ if p["provisioningState"] == "Succeeded" => 1.0,
+        _ => 0.0,
+    };
+    Version {
+        tags,
+        provisioning_state: p["provisioningState"]
+            .as_str()
+            .unwrap_or("Unknown")
+            .to_owned(),
+        replicas,
+        progress: progress.clamp(0.0, 1.0),
+        source_uri: p["storageProfile"]["osDiskImage"]["source"]["uri"]
+            .as_str()
+            .map(str::to_owned),
+    }
+}
+
+/// Publishing failed.
+#[derive(Debug, thiserror::Error)]
+pub enum GalleryError {
+    /// An ARM request failed.
+    #[error("{0}")]
+    Arm(#[from] crate::storage::StorageError),
+    /// ARM ran the operation and it failed.
+    #[error("gallery operation failed: {0}")]
+    Failed(String),
+    /// The gallery's image definition cannot take this image.
+    #[error("{0}")]
+    Unsuitable(String),
+}
+
+impl GalleryError {
+    /// Whether trying again later may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, GalleryError::Arm(e) if e.class.is_retryable())
+    }
+}
+
+#[cfg(test)]
+mod tests;
