@@ -285,6 +285,16 @@ fn job_section(d: &JobDocument) -> String {
     if let Some(e) = &d.error {
         out.push_str(&format!("<p class=\"error\">{}</p>", escape(e)));
     }
+    if let Some(g) = crate::views::gallery_line(d) {
+        let pct = d
+            .gallery
+            .as_ref()
+            .map_or(0.0, |g| (g.progress * 100.0).round());
+        out.push_str(&format!(
+            "<p class=\"gallery\">{} <progress max=\"100\" value=\"{pct}\"></progress></p>",
+            escape(&g)
+        ));
+    }
     out.push_str(
         "<table><tr><th>#</th><th>account</th><th>state</th><th>progress</th><th></th></tr>",
     );

@@ -697,6 +697,66 @@ impl GallerySettings {
         p: &mut Problems,
     ) -> Option<GalleryConfig> {
         let before = p.0.len();
+        self.check_values(batch, p);
+        let arm_endpoint = match Url::parse(self.arm_endpoint.trim().trim_end_matches('/')) {
+            Ok(u)
+                if matches!(u.scheme(), "https" | "http")
+                    && u.host().is_some()
+                    && u.query().is_none() =>
+            {
+                Some(u)
+            }
+            _ => {
+                p.add(
+                    "gallery.arm_endpoint",
+                    format!(
+                        "{:?} is not an https URL such as \"https://management.azure.com\"",
+                        self.arm_endpoint
+                    ),
+                );
+                None
+            }
+        };
+        let credential = entra_credential(self.credential.as_deref().unwrap_or("auto"))
+            .map_err(|m| p.add("gallery.credential", m))
+            .ok();
+        let ca_pem = match &self.ca_file {
+            None => Some(None),
+            Some(path) => match secrets.file(path) {
+                Ok(text)
+                    if reqwest::Certificate::from_pem_bundle(text.as_bytes())
+                        .is_ok_and(|c| !c.is_empty()) =>
+                {
+                    Some(Some(text.into_bytes()))
+                }
+                Ok(_) => {
+                    p.add(
+                        "gallery.ca_file",
+                        format!("{path} holds no PEM certificate"),
+                    );
+                    None
+                }
+                Err(e) => {
+                    p.add("gallery.ca_file", format!("cannot read {path}: {e}"));
+                    None
+                }
+            },
+        };
+        let storage_account_ids = self.storage_account_ids(accounts, p);
+        if p.0.len() > before {
+            return None;
+        }
+        Some(GalleryConfig {
+            settings: self.clone(),
+            arm_endpoint: arm_endpoint?,
+            credential: credential?,
+            ca_pem: ca_pem?,
+            storage_account_ids,
+        })
+    }
+
+    /// The values that need nothing but themselves and `[batch]`.
+    fn check_values(&self, batch: &BatchSettings, p: &mut Problems) {
         for (key, value) in [
             ("gallery.resource_group", &self.resource_group),
             ("gallery.gallery", &self.gallery),
@@ -743,58 +803,6 @@ impl GallerySettings {
                 ),
             );
         }
-        let arm_endpoint = match Url::parse(self.arm_endpoint.trim().trim_end_matches('/')) {
-            Ok(u)
-                if matches!(u.scheme(), "https" | "http")
-                    && u.host().is_some()
-                    && u.query().is_none() =>
-            {
-                Some(u)
-            }
-            _ => {
-                p.add(
-                    "gallery.arm_endpoint",
-                    format!(
-                        "{:?} is not an https URL such as \"https://management.azure.com\"",
-                        self.arm_endpoint
-                    ),
-                );
-                None
-            }
-        };
-        let credential = entra_credential(self.credential.as_deref().unwrap_or("auto"))
-            .map_err(|m| p.add("gallery.credential", m))
-            .ok();
-        let ca_pem = match &self.ca_file {
-            None => Some(None),
-            Some(path) => match secrets.file(path) {
-                Ok(text) if text.contains("-----BEGIN CERTIFICATE-----") => {
-                    Some(Some(text.into_bytes()))
-                }
-                Ok(_) => {
-                    p.add(
-                        "gallery.ca_file",
-                        format!("{path} holds no PEM certificate"),
-                    );
-                    None
-                }
-                Err(e) => {
-                    p.add("gallery.ca_file", format!("cannot read {path}: {e}"));
-                    None
-                }
-            },
-        };
-        let storage_account_ids = self.storage_account_ids(accounts, p);
-        if p.0.len() > before {
-            return None;
-        }
-        Some(GalleryConfig {
-            settings: self.clone(),
-            arm_endpoint: arm_endpoint?,
-            credential: credential?,
-            ca_pem: ca_pem?,
-            storage_account_ids,
-        })
     }
 
     /// The ARM id of every destination account: a version's VHD source names

@@ -65,8 +65,55 @@ pub struct HandOff {
     pub os: Os,
     /// Replica URIs, by replica index.
     pub image_uris: Vec<String>,
-    /// Ready add-pool body.
-    pub add_pool: AddPool,
+    /// Ready add-pool body of Batch API 2017-05-01.5.0 (legacy: VHD URIs);
+    /// left out when the job published to a gallery.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub add_pool: Option<AddPool>,
+    /// The gallery image version the pool boots from, when the job published.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gallery_image_version_id: Option<String>,
+    /// Its replicas in the Batch region.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gallery_replicas: Option<u32>,
+    /// Ready body of Batch "Pool - Add", API 2025-06-01.21.0, when the job published.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool_create: Option<PoolCreate>,
+}
+
+/// The body of Batch "Pool - Add" (REST API 2025-06-01.21.0) for a pool booting
+/// a gallery image version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolCreate {
+    /// Pool id.
+    pub id: String,
+    /// VM size.
+    pub vm_size: String,
+    /// Dedicated nodes.
+    pub target_dedicated_nodes: u32,
+    /// ISO 8601 duration: 15 minutes per 1,000 nodes, at least 15.
+    pub resize_timeout: String,
+    /// The image and node agent.
+    pub virtual_machine_configuration: GalleryVmConfiguration,
+}
+
+/// `virtualMachineConfiguration` of [`PoolCreate`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GalleryVmConfiguration {
+    /// The gallery image version.
+    #[serde(rename = "imageReference")]
+    pub image_reference: ImageReference,
+    /// Node agent SKU.
+    #[serde(rename = "nodeAgentSKUId")]
+    pub node_agent_sku_id: String,
+}
+
+/// `imageReference` naming a gallery image version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageReference {
+    /// ARM id of the image version.
+    #[serde(rename = "virtualMachineImageId")]
+    pub virtual_machine_image_id: String,
 }
 
 impl HandOff {
@@ -80,7 +127,10 @@ impl HandOff {
             source_snapshot: source_snapshot.to_owned(),
             os: pool.os,
             image_uris: image_uris.clone(),
-            add_pool: AddPool {
+            gallery_image_version_id: None,
+            gallery_replicas: None,
+            pool_create: None,
+            add_pool: Some(AddPool {
                 id: pool.id.clone(),
                 vm_size: job.vm_size.clone(),
                 target_dedicated_nodes: pool.nodes,
@@ -91,8 +141,31 @@ impl HandOff {
                     },
                     node_agent_sku_id: job.node_agent_sku_id.clone(),
                 },
-            },
+            }),
         }
+    }
+
+    /// The hand-off of a job that published gallery image version
+    /// `version_id` with `replicas`: the pool-create body of today's Batch API
+    /// instead of the legacy add-pool body.
+    pub fn published(mut self, job: &ValidatedJob, version_id: &str, replicas: u32) -> Self {
+        let pool = &job.spec.pool;
+        self.add_pool = None;
+        self.gallery_image_version_id = Some(version_id.to_owned());
+        self.gallery_replicas = Some(replicas);
+        self.pool_create = Some(PoolCreate {
+            id: pool.id.clone(),
+            vm_size: job.vm_size.clone(),
+            target_dedicated_nodes: pool.nodes,
+            resize_timeout: crate::gallery::resize_timeout(pool.nodes),
+            virtual_machine_configuration: GalleryVmConfiguration {
+                image_reference: ImageReference {
+                    virtual_machine_image_id: version_id.to_owned(),
+                },
+                node_agent_sku_id: job.node_agent_sku_id.clone(),
+            },
+        });
+        self
     }
 }
 
@@ -476,9 +549,13 @@ mod tests {
             "t",
             uris.clone(),
         );
-        assert_eq!(h.add_pool.vm_size, "STANDARD_D2_V3");
+        assert_eq!(h.add_pool.as_ref().unwrap().vm_size, "STANDARD_D2_V3");
         assert_eq!(
-            h.add_pool.virtual_machine_configuration.node_agent_sku_id,
+            h.add_pool
+                .as_ref()
+                .unwrap()
+                .virtual_machine_configuration
+                .node_agent_sku_id,
             "batch.node.windows amd64"
         );
         // The checker itself refuses what Batch refuses.
@@ -499,6 +576,166 @@ mod tests {
 
     /// Without a default, a job that lacks what Batch requires is refused at
     /// submission, naming the field and the configuration key.
+    /// Checks a body against `BatchPoolCreateOptions` of Batch REST API
+    /// 2025-06-01.21.0 (azure-rest-api-specs, specification/batch/data-plane/
+    /// Azure.Batch/stable/2025-06-01/BatchService.json, and its example
+    /// `Pools_CreatePool_OSDisk.json`), as far as this body goes: known and
+    /// required properties, a gallery image version for `virtualMachineImageId`,
+    /// an ISO 8601 `resizeTimeout` of at least 15 minutes per 1,000 nodes.
+    fn check_pool_create_2025_06_01(body: &Value) -> Result<(), String> {
+        let pool = body.as_object().ok_or("not an object")?;
+        const POOL: [&str; 22] = [
+            "id",
+            "displayName",
+            "vmSize",
+            "virtualMachineConfiguration",
+            "resizeTimeout",
+            "resourceTags",
+            "targetDedicatedNodes",
+            "targetLowPriorityNodes",
+            "enableAutoScale",
+            "autoScaleFormula",
+            "autoScaleEvaluationInterval",
+            "enableInterNodeCommunication",
+            "networkConfiguration",
+            "startTask",
+            "applicationPackageReferences",
+            "taskSlotsPerNode",
+            "taskSchedulingPolicy",
+            "userAccounts",
+            "metadata",
+            "mountConfiguration",
+            "targetNodeCommunicationMode",
+            "upgradePolicy",
+        ];
+        if let Some(k) = pool.keys().find(|k| !POOL.contains(&k.as_str())) {
+            return Err(format!("BatchPoolCreateOptions.{k} is not a property"));
+        }
+        for r in ["id", "vmSize"] {
+            if pool
+                .get(r)
+                .and_then(Value::as_str)
+                .is_none_or(str::is_empty)
+            {
+                return Err(format!("BatchPoolCreateOptions.{r} is required"));
+            }
+        }
+        let vm = pool["virtualMachineConfiguration"]
+            .as_object()
+            .ok_or("virtualMachineConfiguration is missing")?;
+        for r in ["imageReference", "nodeAgentSKUId"] {
+            if vm.get(r).is_none_or(Value::is_null) {
+                return Err(format!("VirtualMachineConfiguration.{r} is required"));
+            }
+        }
+        if vm.contains_key("osDisk") && vm["osDisk"].get("imageUris").is_some() {
+            return Err("osDisk.imageUris was removed in 2017-09-01.6.0".into());
+        }
+        let image = vm["imageReference"]
+            .as_object()
+            .ok_or("imageReference is not an object")?;
+        const IMAGE: [&str; 7] = [
+            "publisher",
+            "offer",
+            "sku",
+            "version",
+            "virtualMachineImageId",
+            "sharedGalleryImageId",
+            "communityGalleryImageId",
+        ];
+        if let Some(k) = image.keys().find(|k| !IMAGE.contains(&k.as_str())) {
+            return Err(format!("BatchVmImageReference.{k} is not a property"));
+        }
+        let id = image
+            .get("virtualMachineImageId")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        let parts: Vec<&str> = id.split('/').collect();
+        let gallery_version = parts.len() == 13
+            && parts[1] == "subscriptions"
+            && parts[3] == "resourceGroups"
+            && parts[5] == "providers"
+            && parts[6] == "Microsoft.Compute"
+            && parts[7] == "galleries"
+            && parts[9] == "images"
+            && parts[11] == "versions";
+        if !gallery_version {
+            return Err(format!(
+                "virtualMachineImageId {id:?} is not a gallery image version id"
+            ));
+        }
+        let nodes = pool["targetDedicatedNodes"]
+            .as_u64()
+            .ok_or("targetDedicatedNodes must be an int32")?;
+        let minutes = pool["resizeTimeout"]
+            .as_str()
+            .and_then(|t| t.strip_prefix("PT")?.strip_suffix('M')?.parse::<u64>().ok())
+            .ok_or("resizeTimeout must be an ISO 8601 duration in minutes")?;
+        if minutes < 15 * nodes.div_ceil(1000).max(1) {
+            return Err(format!(
+                "resizeTimeout of {minutes} minutes is short for {nodes} nodes"
+            ));
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn pool_create_bodies_follow_batch_2025_06_01() {
+        let s = settings("windows_node_agent_sku_id = \"batch.node.windows amd64\"\nvm_size = \"STANDARD_D2_V3\"");
+        let id = "/subscriptions/s/resourceGroups/images/providers/Microsoft.Compute/galleries/g/images/render-win/versions/2026.1201.1";
+        for (nodes, timeout) in [(20, "PT15M"), (2500, "PT45M")] {
+            let job = job(
+                &s,
+                &format!(r#"{{"id":"w","os":"windows","nodes":{nodes}}}"#),
+            );
+            let h = HandOff::new(
+                &job,
+                "t",
+                vec!["https://dst1.blob.core.windows.net/v/a.vhd".into()],
+            )
+            .published(&job, id, 4);
+            let text = serde_json::to_value(&h).unwrap();
+            assert!(
+                text.get("add_pool").is_none(),
+                "the legacy body is left out: {text}"
+            );
+            assert_eq!(text["gallery_image_version_id"], id);
+            assert_eq!(text["gallery_replicas"], 4);
+            let body = &text["pool_create"];
+            check_pool_create_2025_06_01(body).unwrap();
+            assert_eq!(body["resizeTimeout"], timeout);
+            assert_eq!(
+                body["virtualMachineConfiguration"]["imageReference"]["virtualMachineImageId"],
+                id
+            );
+            assert_eq!(
+                body["virtualMachineConfiguration"]["nodeAgentSKUId"],
+                "batch.node.windows amd64"
+            );
+        }
+        // The checker refuses what Batch refuses.
+        let legacy = serde_json::to_value(
+            HandOff::new(
+                &job(&s, r#"{"id":"w","os":"windows","nodes":20}"#),
+                "t",
+                vec![],
+            )
+            .add_pool,
+        )
+        .unwrap();
+        assert!(check_pool_create_2025_06_01(&legacy).is_err());
+        let mut short = serde_json::json!({"id":"p","vmSize":"v","targetDedicatedNodes":1001,"resizeTimeout":"PT15M",
+            "virtualMachineConfiguration":{"imageReference":{"virtualMachineImageId":id},"nodeAgentSKUId":"a"}});
+        assert!(check_pool_create_2025_06_01(&short)
+            .unwrap_err()
+            .contains("short"));
+        short["resizeTimeout"] = "PT30M".into();
+        check_pool_create_2025_06_01(&short).unwrap();
+        short["virtualMachineConfiguration"]["imageReference"]["virtualMachineImageId"] =
+            "/subscriptions/s/resourceGroups/r/providers/Microsoft.Compute/images/legacy".into();
+        assert!(check_pool_create_2025_06_01(&short).is_err());
+    }
+
     #[test]
     fn jobs_without_vm_size_or_linux_sku_are_refused() {
         let s = settings("");

@@ -140,6 +140,9 @@ pub struct JobSpec {
     /// Destination container; default `vhd-replicas`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container: Option<String>,
+    /// Publish to the configured gallery (default: when `[gallery]` is configured).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gallery: Option<bool>,
 }
 
 /// Why a job was refused, naming the field.
@@ -181,6 +184,9 @@ pub struct ValidatedJob {
     /// `nodeAgentSKUId` of the add-pool body: the job's, else the configured
     /// default for its OS.
     pub node_agent_sku_id: String,
+    /// Publishes an image version to the configured gallery.
+    #[serde(default)]
+    pub publish: bool,
 }
 
 /// A message of the intake queue, decoded once.
@@ -373,6 +379,7 @@ fn lenient_spec(v: &serde_json::Value) -> JobSpec {
         replicas: None,
         accounts: None,
         container: s(v, "container"),
+        gallery: None,
     }
 }
 
@@ -439,7 +446,17 @@ impl JobSpec {
         };
         let source = locate_source(&self.source, settings)?;
         self.pool.check()?;
-        let replicas = self.replicas_for(settings)?;
+        let publish = match (self.gallery, &settings.gallery) {
+            (Some(true), None) => {
+                return Err(JobError::new(
+                    "gallery",
+                    "true needs a [gallery] section in the configuration; remove it to hand off VHD URIs only",
+                ))
+            }
+            (Some(false), _) | (None, None) => false,
+            (_, Some(_)) => true,
+        };
+        let replicas = self.replicas_for(settings, publish)?;
         let accounts = self.accounts_for(settings)?;
         let capacity: std::collections::BTreeMap<String, Option<u32>> = accounts
             .iter()
@@ -464,14 +481,20 @@ impl JobSpec {
             container,
             vm_size,
             node_agent_sku_id,
+            publish,
         })
     }
 
     /// Replicas to make: the default for the nodes, or as many as asked if that
-    /// serves them.
-    fn replicas_for(&self, settings: &ValidatedSettings) -> Result<u32, JobError> {
+    /// serves them. A job that publishes to a gallery stages one VHD (the
+    /// gallery makes the copies the nodes boot from), unless it asks for more.
+    fn replicas_for(&self, settings: &ValidatedSettings, publish: bool) -> Result<u32, JobError> {
         let pool = &self.pool;
-        let needed = replicas_needed(pool.os, pool.nodes, &settings.limits);
+        let needed = if publish {
+            1
+        } else {
+            replicas_needed(pool.os, pool.nodes, &settings.limits)
+        };
         match self.replicas {
             None => Ok(needed),
             Some(0) => Err(JobError::new(

@@ -33,6 +33,8 @@ pub struct Metrics {
     pub copy_duration: HistogramVec,
     /// `vhdrep_job_progress_ratio{job_id}` of active jobs.
     pub job_progress: GaugeVec,
+    /// `vhdrep_gallery_replication_ratio{job_id}` of active jobs that publish.
+    pub gallery_replication: GaugeVec,
     /// `vhdrep_storage_requests_total{account,operation,status_class}`.
     pub storage_requests: IntCounterVec,
     /// `vhdrep_storage_throttled_total{account}`.
@@ -69,6 +71,9 @@ impl Metrics {
         };
         let gauges = |name: &str, help: &str, labels: &[&str]| {
             register(&r, IntGaugeVec::new(Opts::new(name, help), labels))
+        };
+        let ratios = |name: &str, help: &str| {
+            register(&r, GaugeVec::new(Opts::new(name, help), &["job_id"]))
         };
         let m = Self {
             jobs: gauges(
@@ -107,15 +112,13 @@ impl Metrics {
                     &["kind"],
                 ),
             ),
-            job_progress: register(
-                &r,
-                GaugeVec::new(
-                    Opts::new(
-                        "vhdrep_job_progress_ratio",
-                        "Share of an active job's bytes copied (0 to 1).",
-                    ),
-                    &["job_id"],
-                ),
+            job_progress: ratios(
+                "vhdrep_job_progress_ratio",
+                "Share of an active job's bytes copied (0 to 1).",
+            ),
+            gallery_replication: ratios(
+                "vhdrep_gallery_replication_ratio",
+                "Replication progress of the gallery image version an active job publishes (0 to 1).",
             ),
             storage_requests: counters(
                 "vhdrep_storage_requests_total",

@@ -19,6 +19,14 @@ pub fn job_view(d: &JobDocument) -> Value {
         "cancel_requested": d.cancel_requested,
         "image_set": d.image_set,
         "progress": d.progress(),
+        "gallery": d.gallery.as_ref().map(|g| json!({
+            "version": g.version,
+            "version_id": g.version_id,
+            "replicas": g.replicas,
+            "state": g.state,
+            "replication_progress": g.progress,
+            "staged_uri": g.staged_uri,
+        })),
         "replicas": d.replicas.iter().map(|r| json!({
             "uri": r.uri,
             "account": r.account,
@@ -29,6 +37,20 @@ pub fn job_view(d: &JobDocument) -> Value {
             "status_requests": r.status_requests,
             "error": r.error,
         })).collect::<Vec<_>>(),
+    })
+}
+
+/// The gallery line of a job that publishes, for people: "gallery version
+/// 2026.1201.1: creating, 4 replicas, replication 40%".
+pub fn gallery_line(d: &JobDocument) -> Option<String> {
+    d.gallery.as_ref().map(|g| {
+        format!(
+            "gallery version {}: {}, {} replicas, replication {:.0}%",
+            g.version,
+            g.state,
+            g.replicas,
+            g.progress * 100.0
+        )
     })
 }
 
@@ -56,6 +78,7 @@ pub fn pool_view(r: &PoolRecord) -> Value {
             "created_at": s.created_at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
             "updated_at": s.updated_at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
             "replicas": s.replicas.iter().map(|x| json!({"uri": x.uri, "account": x.account, "job_id": x.job_id})).collect::<Vec<_>>(),
+            "gallery_version": s.gallery_version.as_ref().map(|v| json!({"version": v.version, "version_id": v.version_id, "replicas": v.replicas})),
         })).collect::<Vec<_>>(),
     })
 }

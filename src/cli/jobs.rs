@@ -241,6 +241,9 @@ fn print_job(d: &JobDocument, json: bool) {
         return;
     }
     println!("{}", summary_line(&crate::state::JobSummary::of(d)));
+    if let Some(g) = crate::views::gallery_line(d) {
+        println!("  {g}");
+    }
     for r in &d.replicas {
         println!(
             "  [{:>3}] {:<12} {:<10} {:>6.1}% {}",
@@ -319,8 +322,11 @@ impl Bars {
             "{}{}",
             d.state().as_str(),
             d.phase
-                .map(|p| format!(" / {}", format!("{p:?}").to_lowercase()))
+                .map(|p| format!(" / {}", p.as_str().replace('_', " ")))
                 .unwrap_or_default()
+                + &crate::views::gallery_line(d)
+                    .map(|g| format!(" · {g}"))
+                    .unwrap_or_default()
         ));
         while self.replicas.len() < d.replicas.len() {
             let bar = self.multi.add(indicatif::ProgressBar::new(1));
@@ -372,7 +378,10 @@ pub(super) async fn follow(control: &Control, id: &str, display: Display) -> Exi
                         }
                     }
                     (None, _) => {
-                        let line = summary_line(&crate::state::JobSummary::of(&d));
+                        let line = summary_line(&crate::state::JobSummary::of(&d))
+                            + &crate::views::gallery_line(&d)
+                                .map(|g| format!("  {g}"))
+                                .unwrap_or_default();
                         if line != last {
                             println!("{line}");
                             last = line;

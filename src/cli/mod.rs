@@ -194,6 +194,7 @@ impl JobArgs {
             replicas: self.replicas,
             accounts: self.accounts.clone(),
             container: None,
+            gallery: None,
         })
     }
 }

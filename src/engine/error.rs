@@ -91,6 +91,8 @@ pub enum JobError {
     },
     /// The hand-off could not be delivered.
     HandOff(HandoffError),
+    /// Publishing to the gallery failed.
+    Gallery(crate::gallery::GalleryError),
 }
 
 impl JobError {
@@ -128,6 +130,7 @@ impl JobError {
             | JobError::StateVanished
             | JobError::ClaimContended { .. }
             | JobError::HandOff(_) => true,
+            JobError::Gallery(e) => e.is_transient(),
             JobError::AccountUnsuitable { .. }
             | JobError::AccountNotConfigured(_)
             | JobError::SourceMissing(_)
@@ -191,6 +194,7 @@ impl fmt::Display for JobError {
                 write!(f, "job {job} kept changing under {rounds} attempts to claim it")
             }
             JobError::HandOff(e) => e.fmt(f),
+            JobError::Gallery(e) => write!(f, "gallery: {e}"),
         }
     }
 }
@@ -203,6 +207,7 @@ impl std::error::Error for JobError {
             JobError::Capacity(e) => Some(e),
             JobError::State { source, .. } => Some(source),
             JobError::HandOff(e) => Some(e),
+            JobError::Gallery(e) => Some(e),
             _ => None,
         }
     }

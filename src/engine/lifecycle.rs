@@ -200,6 +200,7 @@ impl Engine {
         self.ensure_containers(job).await?;
         self.copy_all(job, live, checkpoint, stop, &snapshot, source_len)
             .await?;
+        self.publish(job, live, checkpoint, stop, &record).await?;
         set_phase(live, Phase::HandingOff);
         self.record_image_set(job, live, &snapshot, source_len)
             .await?;
@@ -233,7 +234,11 @@ impl Engine {
                     .map(|r| (r.index, r.uri.clone()))
                     .collect();
                 uris.sort();
-                let h = HandOff::new(job, snapshot, uris.into_iter().map(|(_, u)| u).collect());
+                let mut h = HandOff::new(job, snapshot, uris.into_iter().map(|(_, u)| u).collect());
+                let published = live.lock().expect("live doc lock").gallery.clone();
+                if let Some(g) = published.filter(|g| g.state == "succeeded") {
+                    h = h.published(job, &g.version_id, g.replicas);
+                }
                 live.lock().expect("live doc lock").handoff =
                     Some(serde_json::to_value(&h).expect("hand-off serialises"));
                 checkpoint.save(live).await.map_err(Failure::from_state)?;
@@ -255,9 +260,14 @@ impl Engine {
         snapshot: &str,
         source_len: u64,
     ) -> Result<(), Failure> {
-        let (mut records, etag) = {
+        let (mut records, etag, version) = {
             let doc = live.lock().expect("live doc lock");
-            (doc.replicas.clone(), doc.source_etag.clone())
+            let version = doc.gallery.as_ref().map(|g| crate::state::SetVersion {
+                version: g.version.clone(),
+                version_id: g.version_id.clone(),
+                replicas: g.replicas,
+            });
+            (doc.replicas.clone(), doc.source_etag.clone(), version)
         };
         records.sort_by_key(|r| r.index);
         let now = OffsetDateTime::now_utc();
@@ -292,6 +302,9 @@ impl Engine {
                     Some(set) => {
                         set.replicas = replicas;
                         set.updated_at = now;
+                        if version.is_some() {
+                            set.gallery_version = version.clone();
+                        }
                     }
                     None => record.sets.push(crate::state::ImageSet {
                         source: job.spec.source.clone(),
@@ -302,6 +315,7 @@ impl Engine {
                         replicas,
                         created_at: now,
                         updated_at: now,
+                        gallery_version: version.clone(),
                     }),
                 }
             })
@@ -345,6 +359,11 @@ impl Drop for RunningJob<'_> {
             .engine
             .metrics
             .job_progress
+            .remove_label_values(&[&self.id]);
+        let _ = self
+            .engine
+            .metrics
+            .gallery_replication
             .remove_label_values(&[&self.id]);
     }
 }

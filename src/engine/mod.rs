@@ -11,6 +11,7 @@ mod error;
 mod lifecycle;
 pub mod poll;
 mod prepare;
+mod publish;
 mod retire;
 pub mod schedule;
 
@@ -139,6 +140,7 @@ pub struct Engine {
     limits: Arc<AccountLimits>,
     live: LiveJobs,
     instance: String,
+    gallery: Option<Arc<crate::gallery::Gallery>>,
 }
 
 fn set_phase(live: &Mutex<JobDocument>, phase: Phase) {
@@ -170,6 +172,16 @@ impl Engine {
         limits: Arc<AccountLimits>,
         settings: Arc<ValidatedSettings>,
     ) -> Self {
+        let gallery = settings.gallery.as_ref().map(|g| {
+            Arc::new(
+                crate::gallery::Gallery::new(
+                    g,
+                    settings.retry_policy(),
+                    settings.connect_timeout(),
+                )
+                .expect("validated: the gallery's CA file parses"),
+            )
+        });
         Self {
             store,
             state,
@@ -179,6 +191,7 @@ impl Engine {
             limits,
             live: LiveJobs::default(),
             instance: instance_id(),
+            gallery,
         }
     }
 

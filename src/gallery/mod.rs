@@ -95,6 +95,11 @@ impl Gallery {
         format!("{}/versions/{name}", self.cfg.image_id())
     }
 
+    /// The ARM URL of version `name` (with the API version).
+    pub fn version_url(&self, name: &str) -> String {
+        self.arm.url(&self.version_id(name)).to_string()
+    }
+
     /// The body of a new image definition for a legacy (generation 1) VHD of
     /// `os`: since API 2025-03-03 a definition defaults to Gen2 and Trusted
     /// Launch, which a VHD made for Batch's VHD pools is not.

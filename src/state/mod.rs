@@ -77,14 +77,17 @@ pub enum Phase {
     Verifying,
     /// Sending the hand-off.
     HandingOff,
+    /// Making the gallery image version and waiting for its replicas.
+    Publishing,
 }
 
 impl Phase {
-    const ALL: [Phase; 5] = [
+    const ALL: [Phase; 6] = [
         Phase::Planning,
         Phase::Seeding,
         Phase::Copying,
         Phase::Verifying,
+        Phase::Publishing,
         Phase::HandingOff,
     ];
 
@@ -96,6 +99,7 @@ impl Phase {
             Phase::Copying => "copying",
             Phase::Verifying => "verifying",
             Phase::HandingOff => "handing_off",
+            Phase::Publishing => "publishing",
         }
     }
 
@@ -202,6 +206,33 @@ pub struct JobDocument {
     /// The instance running the job and until when its claim holds (renewed by
     /// every checkpoint; cleared when the instance stops).
     pub owner: Option<Owner>,
+    /// The gallery image version the job publishes (its name is fixed here
+    /// before it is asked for, so a resumed job follows the same version).
+    pub gallery: Option<Publication>,
+}
+
+/// A gallery image version a job publishes or resizes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Publication {
+    /// Version name, `YYYY.MMDD.P`.
+    pub version: String,
+    /// Its ARM id.
+    pub version_id: String,
+    /// Replicas wanted in the gallery's region.
+    pub replicas: u32,
+    /// The staged VHD it is made from.
+    pub staged_uri: String,
+    /// `pending` (named, not asked for), `creating`, `updating`, `succeeded`.
+    pub state: String,
+    /// Replication progress, 0 to 1.
+    #[serde(default)]
+    pub progress: f64,
+    /// The long-running operation being followed, as ARM gave it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operation: Option<serde_json::Value>,
+    /// How many names were found taken by others before this one.
+    #[serde(default)]
+    pub attempt: u32,
 }
 
 /// A state change the job's life does not allow (a finished job never runs
@@ -253,6 +284,8 @@ struct StoredDocument {
     image_set: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     owner: Option<Owner>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    gallery: Option<Publication>,
 }
 
 impl TryFrom<StoredDocument> for JobDocument {
@@ -283,6 +316,7 @@ impl TryFrom<StoredDocument> for JobDocument {
             handoff: d.handoff,
             image_set: d.image_set,
             owner: d.owner,
+            gallery: d.gallery,
         })
     }
 }
@@ -311,6 +345,7 @@ impl From<JobDocument> for StoredDocument {
             handoff: d.handoff,
             image_set: d.image_set,
             owner: d.owner,
+            gallery: d.gallery,
         }
     }
 }
@@ -345,6 +380,7 @@ impl JobDocument {
             handoff: None,
             image_set: None,
             owner: None,
+            gallery: None,
         }
     }
 
@@ -726,6 +762,20 @@ pub struct ImageSet {
     /// Last change.
     #[serde(with = "time::serde::rfc3339")]
     pub updated_at: OffsetDateTime,
+    /// The gallery image version made from this set's staged VHD.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gallery_version: Option<SetVersion>,
+}
+
+/// A gallery image version of an image set.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetVersion {
+    /// Version name.
+    pub version: String,
+    /// Its ARM id.
+    pub version_id: String,
+    /// Replicas in the gallery's region.
+    pub replicas: u32,
 }
 
 /// Everything the daemon made for one pool: its image sets, newest last.

@@ -55,6 +55,8 @@ async fn a_hand_off_of_600_replicas_arrives_by_reference() {
     assert_eq!(
         handoff
             .add_pool
+            .as_ref()
+            .expect("a VHD hand-off has add_pool")
             .virtual_machine_configuration
             .os_disk
             .image_uris,
@@ -92,6 +94,8 @@ async fn the_hand_off_message_can_be_base64() {
     assert_eq!(
         handoff
             .add_pool
+            .as_ref()
+            .expect("a VHD hand-off has add_pool")
             .virtual_machine_configuration
             .node_agent_sku_id,
         "batch.node.ubuntu 22.04"

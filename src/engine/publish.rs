@@ -1,0 +1,304 @@
+//! Publishing: the staged VHD becomes an Azure Compute Gallery image version
+//! (or an existing version of the pool's image set gets the replica count the
+//! nodes need), followed to its end with its replication progress. The
+//! version's name is written to the job document before it is asked for, so a
+//! resumed job follows the same version and never makes a second.
+
+use super::*;
+use crate::gallery::{arm::Operation, arm::OperationState, version_name, Gallery, GalleryError};
+use crate::state::Publication;
+
+/// Names taken by others before a job gives up finding one.
+const MAX_NAME_ATTEMPTS: u32 = 10;
+
+/// Longest pause between two looks at a replicating version.
+const MAX_POLL: Duration = Duration::from_secs(30);
+
+impl Engine {
+    /// Publishes the job's staged VHD to the gallery, when the job publishes.
+    pub(super) async fn publish(
+        &self,
+        job: &ValidatedJob,
+        live: &Arc<Mutex<JobDocument>>,
+        checkpoint: &Checkpoint<'_>,
+        stop: &CancellationToken,
+        record: &PoolRecord,
+    ) -> Result<(), Failure> {
+        let Some(gallery) = self.gallery.as_deref().filter(|_| job.publish) else {
+            return Ok(());
+        };
+        set_phase(live, Phase::Publishing);
+        self.name_version(job, live, checkpoint, gallery, record)
+            .await?;
+        gallery
+            .ensure_image(job.spec.pool.os)
+            .await
+            .map_err(JobError::Gallery)?;
+        match self.start_or_adopt(job, live, checkpoint, gallery).await? {
+            Some(op) => self.follow(job, live, checkpoint, stop, gallery, op).await,
+            None => self.published(job, live, checkpoint, gallery).await,
+        }
+    }
+
+    /// Fixes the version's name in the document: the pool's version of this
+    /// image set when there is one (a grow or shrink changes its replicas),
+    /// else a new name.
+    async fn name_version(
+        &self,
+        job: &ValidatedJob,
+        live: &Mutex<JobDocument>,
+        checkpoint: &Checkpoint<'_>,
+        gallery: &Gallery,
+        record: &PoolRecord,
+    ) -> Result<(), Failure> {
+        let (snapshot, staged) = {
+            let doc = live.lock().expect("live doc lock");
+            if doc.gallery.is_some() {
+                return Ok(());
+            }
+            let staged = doc
+                .replicas
+                .iter()
+                .min_by_key(|r| r.index)
+                .map(|r| r.uri.clone())
+                .unwrap_or_default();
+            (doc.source_snapshot.clone().unwrap_or_default(), staged)
+        };
+        let existing = record
+            .sets
+            .iter()
+            .find(|s| s.source_snapshot == snapshot)
+            .and_then(|s| s.gallery_version.clone());
+        let version = match existing {
+            Some(v) => v.version,
+            None => version_name(OffsetDateTime::now_utc(), 0),
+        };
+        live.lock().expect("live doc lock").gallery = Some(Publication {
+            version_id: gallery.version_id(&version),
+            version,
+            replicas: gallery.config().replicas_for(job.spec.pool.nodes),
+            staged_uri: staged,
+            state: "pending".into(),
+            progress: 0.0,
+            operation: None,
+            attempt: 0,
+        });
+        checkpoint.save(live).await.map_err(Failure::from_state)
+    }
+
+    /// Asks for the version (or its new replica count) unless it is under way
+    /// already; returns the operation to follow, or `None` when nothing is left
+    /// to do.
+    async fn start_or_adopt(
+        &self,
+        job: &ValidatedJob,
+        live: &Mutex<JobDocument>,
+        checkpoint: &Checkpoint<'_>,
+        gallery: &Gallery,
+    ) -> Result<Option<Operation>, Failure> {
+        let owner = plan::owner_tag(&self.settings);
+        let pool = &job.spec.pool.id;
+        loop {
+            let p = publication(live);
+            let found = gallery
+                .version(&p.version)
+                .await
+                .map_err(|e| JobError::Gallery(e.into()))?;
+            let (state, op) = match found {
+                Some(v) if !v.is_ours(&owner, pool) => {
+                    self.next_name(live, checkpoint, gallery, &p).await?;
+                    continue;
+                }
+                None => {
+                    let (uri, account) = staged(job, live, &p)?;
+                    let tags = [
+                        (crate::gallery::TAG_OWNER, owner.clone()),
+                        (crate::gallery::TAG_POOL, pool.clone()),
+                        (crate::gallery::TAG_JOB, job.id.to_string()),
+                    ]
+                    .into_iter()
+                    .map(|(k, v)| (k.to_owned(), v))
+                    .collect();
+                    let body = gallery.version_body(&uri, &account, p.replicas, &tags);
+                    tracing::info!(version = %p.version, replicas = p.replicas, "creating the gallery image version");
+                    let op = gallery.create_version(&p.version, &body).await;
+                    ("creating", op)
+                }
+                Some(v) if v.provisioning_state == "Failed" => {
+                    return Err(JobError::Gallery(GalleryError::Failed(format!(
+                        "image version {} is in state Failed; delete it (or retire the pool) and submit the job again",
+                        p.version_id
+                    )))
+                    .into())
+                }
+                Some(v) if matches!(v.provisioning_state.as_str(), "Creating" | "Updating" | "Deleting") => {
+                    let op = p
+                        .operation
+                        .and_then(|o| serde_json::from_value(o).ok())
+                        .unwrap_or_else(|| Operation::Resource(gallery.version_url(&p.version)));
+                    return Ok(Some(op));
+                }
+                Some(v) if v.replicas != p.replicas => {
+                    tracing::info!(version = %p.version, from = v.replicas, to = p.replicas, "changing the gallery replica count");
+                    ("updating", gallery.set_replicas(&p.version, p.replicas).await)
+                }
+                Some(_) => return Ok(None),
+            };
+            let op = op.map_err(|e| JobError::Gallery(e.into()))?;
+            {
+                let mut doc = live.lock().expect("live doc lock");
+                let g = doc.gallery.as_mut().expect("named above");
+                g.state = state.into();
+                g.operation = serde_json::to_value(&op).ok();
+            }
+            checkpoint.save(live).await.map_err(Failure::from_state)?;
+            return Ok(Some(op));
+        }
+    }
+
+    /// The name is someone else's version: take the next one.
+    async fn next_name(
+        &self,
+        live: &Mutex<JobDocument>,
+        checkpoint: &Checkpoint<'_>,
+        gallery: &Gallery,
+        p: &Publication,
+    ) -> Result<(), Failure> {
+        if p.attempt + 1 >= MAX_NAME_ATTEMPTS {
+            return Err(JobError::Gallery(GalleryError::Unsuitable(format!(
+                "{MAX_NAME_ATTEMPTS} version names of image {} were taken by versions this deployment did not make for this pool; check the gallery's versions",
+                gallery.config().settings.image
+            )))
+            .into());
+        }
+        tracing::warn!(version = %p.version, "that version name is taken by another pool or deployment; taking the next");
+        {
+            let mut doc = live.lock().expect("live doc lock");
+            let g = doc.gallery.as_mut().expect("named above");
+            g.attempt += 1;
+            g.version = version_name(OffsetDateTime::now_utc(), g.attempt);
+            g.version_id = gallery.version_id(&g.version);
+        }
+        checkpoint.save(live).await.map_err(Failure::from_state)
+    }
+
+    /// Follows the operation to its end, reporting replication progress.
+    async fn follow(
+        &self,
+        job: &ValidatedJob,
+        live: &Arc<Mutex<JobDocument>>,
+        checkpoint: &Checkpoint<'_>,
+        stop: &CancellationToken,
+        gallery: &Gallery,
+        op: Operation,
+    ) -> Result<(), Failure> {
+        let name = publication(live).version;
+        loop {
+            let state = gallery
+                .poll(&op)
+                .await
+                .map_err(|e| JobError::Gallery(e.into()))?;
+            let after = match state {
+                OperationState::Succeeded => {
+                    return self.published(job, live, checkpoint, gallery).await
+                }
+                OperationState::Failed(m) => {
+                    return Err(JobError::Gallery(GalleryError::Failed(format!(
+                        "image version {name}: {m}"
+                    )))
+                    .into())
+                }
+                OperationState::Running(after) => after,
+            };
+            if let Ok(Some(v)) = gallery.version(&name).await {
+                self.set_progress(job, live, v.progress);
+            }
+            checkpoint.save(live).await.map_err(Failure::from_state)?;
+            if live.lock().expect("live doc lock").cancel_requested {
+                return Err(Failure::Cancelled);
+            }
+            let pause = after
+                .unwrap_or(MAX_POLL)
+                .clamp(Duration::from_millis(200), MAX_POLL);
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = stop.cancelled() => return Err(Failure::Interrupted),
+            }
+        }
+    }
+
+    /// The version is there with its replicas: recorded as done.
+    async fn published(
+        &self,
+        job: &ValidatedJob,
+        live: &Mutex<JobDocument>,
+        checkpoint: &Checkpoint<'_>,
+        gallery: &Gallery,
+    ) -> Result<(), Failure> {
+        let name = publication(live).version;
+        let v = gallery
+            .version(&name)
+            .await
+            .map_err(|e| JobError::Gallery(e.into()))?
+            .ok_or_else(|| {
+                JobError::Gallery(GalleryError::Failed(format!(
+                    "image version {name} disappeared once it was made"
+                )))
+            })?;
+        if v.provisioning_state != "Succeeded" {
+            return Err(JobError::Gallery(GalleryError::Failed(format!(
+                "image version {name} ended in state {}",
+                v.provisioning_state
+            )))
+            .into());
+        }
+        self.set_progress(job, live, 1.0);
+        {
+            let mut doc = live.lock().expect("live doc lock");
+            let g = doc.gallery.as_mut().expect("named above");
+            g.state = "succeeded".into();
+            g.replicas = v.replicas;
+            g.operation = None;
+        }
+        tracing::info!(version = %name, replicas = v.replicas, "the gallery image version is replicated");
+        checkpoint.save(live).await.map_err(Failure::from_state)
+    }
+
+    fn set_progress(&self, job: &ValidatedJob, live: &Mutex<JobDocument>, progress: f64) {
+        if let Some(g) = live.lock().expect("live doc lock").gallery.as_mut() {
+            g.progress = progress;
+        }
+        self.metrics
+            .gallery_replication
+            .with_label_values(&[job.id.as_str()])
+            .set(progress);
+    }
+}
+
+fn publication(live: &Mutex<JobDocument>) -> Publication {
+    live.lock()
+        .expect("live doc lock")
+        .gallery
+        .clone()
+        .expect("the version is named before it is asked for")
+}
+
+/// The staged VHD's URI and account.
+fn staged(
+    job: &ValidatedJob,
+    live: &Mutex<JobDocument>,
+    p: &Publication,
+) -> Result<(String, String), Failure> {
+    let doc = live.lock().expect("live doc lock");
+    doc.replicas
+        .iter()
+        .find(|r| r.uri == p.staged_uri)
+        .map(|r| (r.uri.clone(), r.account.clone()))
+        .ok_or_else(|| {
+            JobError::Gallery(GalleryError::Unsuitable(format!(
+                "job {} has no staged VHD {} to make the image version from",
+                job.id, p.staged_uri
+            )))
+            .into()
+        })
+}
