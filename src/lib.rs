@@ -24,6 +24,8 @@
 //! - [`metrics`]: every metric in one place.
 //! - [`vhd`]: the fixed-VHD footer.
 //! - [`views`]: the JSON views of jobs and pools the API and the CLI share.
+//! - [`gallery`]: Azure Compute Gallery image versions through Azure Resource Manager.
+//! - `fake_arm` (feature `testkit`): a fake Azure Resource Manager for the gallery tests.
 //! - `proxy` (feature `testkit`): an Azure behaviour proxy in front of Azurite, for tests.
 //! - `simulation` (feature `testkit`): whole-daemon runs on the simulated store, on
 //!   virtual time.
@@ -39,6 +41,8 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod engine;
+#[cfg(feature = "testkit")]
+pub mod fake_arm;
 pub mod gallery;
 pub mod gc;
 pub mod handoff;

@@ -619,6 +619,7 @@ impl Engine {
     /// Aborts copies still pending and deletes what the job made: its replicas
     /// and its source snapshot, so a failed or cancelled job leaves nothing behind.
     pub(super) async fn clean_up(&self, live: &Mutex<JobDocument>, job: &ValidatedJob) {
+        self.withdraw_version(live, job).await;
         let (replicas, snapshot) = {
             let doc = live.lock().expect("live doc lock");
             (doc.replicas.clone(), doc.source_snapshot.clone())

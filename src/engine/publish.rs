@@ -264,6 +264,37 @@ impl Engine {
         checkpoint.save(live).await.map_err(Failure::from_state)
     }
 
+    /// A job that ends without completing withdraws the version it made itself
+    /// (its tag names the job): nothing boots from it, and its VHD goes with
+    /// the job. A version of an earlier job (a grow or shrink) stays.
+    pub(super) async fn withdraw_version(&self, live: &Mutex<JobDocument>, job: &ValidatedJob) {
+        let (Some(gallery), Some(p)) = (
+            self.gallery.as_deref(),
+            live.lock().expect("live doc lock").gallery.clone(),
+        ) else {
+            return;
+        };
+        match gallery.version(&p.version).await {
+            Ok(Some(v))
+                if v.tags.get(crate::gallery::TAG_JOB).map(String::as_str)
+                    == Some(job.id.as_str()) =>
+            {
+                match gallery.delete_version(&p.version).await {
+                    Ok(_) => {
+                        tracing::info!(version = %p.version, "deleting the gallery image version of the ended job")
+                    }
+                    Err(e) => {
+                        tracing::warn!(version = %p.version, error = %e, "could not delete the gallery image version of the ended job")
+                    }
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(version = %p.version, error = %e, "could not check the gallery image version of the ended job")
+            }
+        }
+    }
+
     fn set_progress(&self, job: &ValidatedJob, live: &Mutex<JobDocument>, progress: f64) {
         if let Some(g) = live.lock().expect("live doc lock").gallery.as_mut() {
             g.progress = progress;

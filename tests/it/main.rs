@@ -7,6 +7,7 @@ mod cli;
 mod conformance;
 mod crash;
 mod entra;
+mod gallery;
 mod handoff;
 mod helpers;
 mod observe;

@@ -1,0 +1,386 @@
+//! Publishing to an Azure Compute Gallery: Azurite for the blobs, queues and
+//! state, and the test kit's fake Azure Resource Manager (HTTPS with the test
+//! CA, bearer tokens required, long-running operations as ARM documents them)
+//! for the gallery, since ARM has no emulator.
+
+use crate::helpers::*;
+use async_trait::async_trait;
+use azure_core::credentials::{AccessToken, Secret, TokenCredential, TokenRequestOptions};
+use serde_json::Value;
+use std::{path::Path, sync::Arc, time::Duration};
+use vhd_replicator::{
+    config::{Settings, ValidatedSettings},
+    fake_arm::{ArmFault, FakeArm, FakeArmConfig},
+    job::parse_job_json,
+    state::{JobDocument, JobState},
+};
+
+const TOKEN: &str = "arm-test-token";
+
+/// Hands out the token the fake expects, for the management scope only.
+#[derive(Debug)]
+struct ArmToken;
+
+#[async_trait]
+impl TokenCredential for ArmToken {
+    async fn get_token(
+        &self,
+        scopes: &[&str],
+        _: Option<TokenRequestOptions<'_>>,
+    ) -> azure_core::Result<AccessToken> {
+        assert_eq!(scopes, ["https://management.azure.com/.default"]);
+        Ok(AccessToken::new(
+            Secret::new(TOKEN),
+            time::OffsetDateTime::now_utc() + time::Duration::hours(1),
+        ))
+    }
+}
+
+fn test_ca() -> std::path::PathBuf {
+    let ca = Path::new(env!("CARGO_MANIFEST_DIR")).join(".azurite");
+    assert!(
+        ca.join("ca.pem").exists(),
+        "scripts/azurite.sh makes the test CA"
+    );
+    ca
+}
+
+async fn fake_arm(polls: u32) -> FakeArm {
+    let ca = test_ca();
+    FakeArm::start(FakeArmConfig {
+        token: TOKEN.into(),
+        tls: Some((ca.join("tls.pem"), ca.join("tls.key"))),
+        polls,
+        retry_after: 0,
+    })
+    .await
+    .expect("the fake ARM starts")
+}
+
+/// A test environment whose jobs publish to the fake's gallery.
+fn gallery_env(arm: &FakeArm) -> (TestEnv, ValidatedSettings) {
+    let mut env = TestEnv::new("");
+    env.toml = env.toml.replace(
+        "destination = true\n",
+        "destination = true\nresource_group = \"storage\"\n",
+    );
+    env.toml.push_str(&format!(
+        r#"
+[gallery]
+subscription = "00000000-0000-0000-0000-000000000000"
+resource_group = "images"
+gallery = "batchimages"
+image = "img-{id}"
+publisher = "contoso"
+offer = "render"
+sku = "win2016"
+region = "local"
+nodes_per_replica = 50
+min_replicas = 3
+arm_endpoint = "{endpoint}"
+credential = "azure_cli"
+ca_file = "{ca}"
+"#,
+        id = env.id,
+        endpoint = arm.endpoint(),
+        ca = test_ca().join("ca.pem").display(),
+    ));
+    let mut settings = Settings::from_toml(&env.toml)
+        .expect("gallery config parses")
+        .validate(&Keys(keys()))
+        .expect("gallery config validates");
+    settings.gallery.as_mut().expect("configured").credential = Arc::new(ArmToken);
+    (env, settings)
+}
+
+fn image_path(env: &TestEnv) -> String {
+    format!("/subscriptions/00000000-0000-0000-0000-000000000000/resourceGroups/images/providers/Microsoft.Compute/galleries/batchimages/images/img-{}", env.id)
+}
+
+async fn submit(app: &TestApp, env: &TestEnv, job_id: &str, source: &str, nodes: u32) {
+    app.control
+        .submit(parse_job_json(&env.job_json(job_id, source, "windows", nodes)).unwrap())
+        .await
+        .unwrap();
+}
+
+/// Waits for the job's end, noting every replication progress and gallery
+/// metric seen on the way.
+async fn watch(app: &TestApp, id: &str) -> (JobDocument, Vec<f64>, Vec<String>) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    let (mut progress, mut metric) = (Vec::new(), Vec::new());
+    let series = format!("vhdrep_gallery_replication_ratio{{job_id=\"{id}\"}}");
+    loop {
+        if let Some((d, _)) = app.control.state.load(id).await.unwrap() {
+            if let Some(g) = &d.gallery {
+                progress.push(g.progress);
+            }
+            if d.state().is_terminal() {
+                return (d, progress, metric);
+            }
+        }
+        let text = reqwest::get(app.url("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        metric.extend(
+            text.lines()
+                .filter(|l| l.starts_with(&series))
+                .map(str::to_owned),
+        );
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "job {id} did not end"
+        );
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+}
+
+fn version_puts(arm: &FakeArm) -> Vec<vhd_replicator::fake_arm::ArmRequest> {
+    arm.requests()
+        .into_iter()
+        .filter(|r| r.method == "PUT" && r.path.contains("/versions/") && r.status == 201)
+        .collect()
+}
+
+/// A 200-node Windows job stages one VHD, creates the image definition (V1,
+/// Standard security) and one version from the staged VHD with ceil(200/50) = 4
+/// replicas, meets a 429 with Retry-After and a 409 on the way and retries
+/// them, shows replication progress in its document and on /metrics, and
+/// hands off the 2025-06-01 pool-create body naming the version (no legacy
+/// add-pool body). Every ARM request carried the token.
+#[tokio::test]
+async fn a_job_publishes_a_gallery_version_and_hands_off_pool_create() {
+    let arm = fake_arm(8).await;
+    let (env, settings) = gallery_env(&arm);
+    arm.fault(ArmFault {
+        method: Some("PUT"),
+        path_contains: "/versions/".into(),
+        status: 429,
+        code: "TooManyRequests".into(),
+        retry_after: Some(1),
+    });
+    arm.fault(ArmFault {
+        method: Some("GET"),
+        path_contains: "/operations/".into(),
+        status: 409,
+        code: "Conflict".into(),
+        retry_after: None,
+    });
+    let app = TestApp::spawn_with(settings).await;
+    let source = env.source_url("gallery.vhd");
+    let image = upload_sample(&app.control, &source, 2, 1, 81).await;
+    let job_id = format!("gal-{}", env.id);
+    submit(&app, &env, &job_id, &source, 200).await;
+    let (doc, progress, metric) = watch(&app, &job_id).await;
+    assert_eq!(doc.state(), JobState::Completed, "{:?}", doc.error);
+    assert_eq!(doc.replicas.len(), 1, "one staged VHD");
+    assert_eq!(read_all(&app.control, &doc.replicas[0].blob).await, image);
+    let g = doc.gallery.clone().expect("published");
+    assert_eq!(
+        (g.state.as_str(), g.replicas, g.progress),
+        ("succeeded", 4, 1.0)
+    );
+    assert!(
+        progress.iter().any(|p| *p > 0.0 && *p < 1.0),
+        "replication progress seen on the way: {progress:?}"
+    );
+    assert!(
+        !metric.is_empty(),
+        "vhdrep_gallery_replication_ratio exported while publishing"
+    );
+
+    let definition = arm.resource(&image_path(&env)).expect("definition created");
+    assert_eq!(definition["properties"]["hyperVGeneration"], "V1");
+    assert_eq!(definition["properties"]["features"][0]["value"], "Standard");
+    let version = arm.resource(&g.version_id).expect("version created");
+    assert_eq!(version["properties"]["provisioningState"], "Succeeded");
+    assert_eq!(
+        version["properties"]["storageProfile"]["osDiskImage"]["source"]["uri"],
+        doc.replicas[0].uri
+    );
+    assert_eq!(
+        version["properties"]["storageProfile"]["osDiskImage"]["source"]["storageAccountId"],
+        format!("/subscriptions/00000000-0000-0000-0000-000000000000/resourceGroups/storage/providers/Microsoft.Storage/storageAccounts/{}", doc.replicas[0].account)
+    );
+    assert_eq!(version["tags"]["vhdrep-job"], job_id.as_str());
+    let requests = arm.requests();
+    assert!(
+        requests.iter().all(|r| r.authorized),
+        "every ARM request carried the token"
+    );
+    assert!(requests.iter().any(|r| r.status == 429) && requests.iter().any(|r| r.status == 409));
+    assert_eq!(
+        version_puts(&arm).len(),
+        1,
+        "one version, asked for once after the 429"
+    );
+
+    let handoff: Vec<Value> = drain(app.control.handoff.as_ref())
+        .await
+        .iter()
+        .map(|t| serde_json::from_str(t).unwrap())
+        .collect();
+    assert_eq!(handoff.len(), 1);
+    let h = &handoff[0];
+    assert!(h.get("add_pool").is_none(), "{h}");
+    assert_eq!(h["gallery_image_version_id"], g.version_id.as_str());
+    assert_eq!(h["gallery_replicas"], 4);
+    assert_eq!(
+        h["pool_create"]["virtualMachineConfiguration"]["imageReference"]["virtualMachineImageId"],
+        g.version_id.as_str()
+    );
+    assert_eq!(h["pool_create"]["targetDedicatedNodes"], 200);
+    assert_eq!(h["pool_create"]["resizeTimeout"], "PT15M");
+    let view: Value = reqwest::get(app.url(&format!("/v1/jobs/{job_id}")))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(view["gallery"]["replication_progress"], 1.0);
+    app.shutdown().await;
+}
+
+/// Growing the pool from 200 to 600 nodes with the same source changes the
+/// version's replica count (to 12) and copies nothing: no second version, no
+/// new VHD, the same staged blob.
+#[tokio::test]
+async fn growing_a_published_pool_changes_the_replica_count_only() {
+    let arm = fake_arm(2).await;
+    let (env, settings) = gallery_env(&arm);
+    let app = TestApp::spawn_with(settings).await;
+    let source = env.source_url("grow.vhd");
+    upload_sample(&app.control, &source, 2, 1, 82).await;
+    let first = format!("grow1-{}", env.id);
+    submit(&app, &env, &first, &source, 200).await;
+    let d1 = wait_for_end(&app.control, &first, Duration::from_secs(60)).await;
+    assert_eq!(d1.state(), JobState::Completed, "{:?}", d1.error);
+    let second = format!("grow2-{}", env.id);
+    submit(&app, &env, &second, &source, 600).await;
+    let d2 = wait_for_end(&app.control, &second, Duration::from_secs(60)).await;
+    assert_eq!(d2.state(), JobState::Completed, "{:?}", d2.error);
+    let (g1, g2) = (d1.gallery.unwrap(), d2.gallery.unwrap());
+    assert_eq!(g1.version, g2.version, "the same version");
+    assert_eq!((g1.replicas, g2.replicas), (4, 12));
+    assert_eq!(version_puts(&arm).len(), 1, "no second version");
+    let patches: Vec<_> = arm
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "PATCH")
+        .collect();
+    assert_eq!(patches.len(), 1);
+    assert_eq!(
+        patches[0].body["properties"]["publishingProfile"]["targetRegions"][0]
+            ["regionalReplicaCount"],
+        12
+    );
+    assert_eq!(d2.replicas.len(), 1);
+    assert_eq!(
+        d2.replicas[0].blob, d1.replicas[0].blob,
+        "the staged VHD is kept, nothing copied"
+    );
+    let version = arm.resource(&g2.version_id).unwrap();
+    assert_eq!(
+        version["properties"]["publishingProfile"]["targetRegions"][0]["regionalReplicaCount"],
+        12
+    );
+    app.shutdown().await;
+}
+
+/// A daemon stopped while the version replicates leaves the version's name in
+/// the job document; the daemon that resumes the job follows the same version
+/// to its end and never asks for a second.
+#[tokio::test]
+async fn a_resumed_job_adopts_the_version_it_named() {
+    let arm = fake_arm(40).await;
+    let (env, settings) = gallery_env(&arm);
+    let app = TestApp::spawn_with(settings.clone()).await;
+    let source = env.source_url("resume.vhd");
+    upload_sample(&app.control, &source, 2, 1, 83).await;
+    let job_id = format!("res-{}", env.id);
+    submit(&app, &env, &job_id, &source, 100).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let named = loop {
+        let (d, _) = app.control.state.load(&job_id).await.unwrap().unwrap();
+        if let Some(g) = d
+            .gallery
+            .filter(|g| g.state == "creating" && g.progress > 0.0)
+        {
+            break g;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the version never started replicating"
+        );
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    };
+    app.shutdown().await;
+    let (d, _) = {
+        let c = TestApp::spawn_with(settings).await;
+        let d = wait_for_end(&c.control, &job_id, Duration::from_secs(90)).await;
+        c.shutdown().await;
+        (d, ())
+    };
+    assert_eq!(d.state(), JobState::Completed, "{:?}", d.error);
+    let g = d.gallery.unwrap();
+    assert_eq!(
+        g.version, named.version,
+        "the resumed job followed the version it had named"
+    );
+    assert_eq!(version_puts(&arm).len(), 1, "never a second version");
+    assert_eq!(
+        arm.resources()
+            .iter()
+            .filter(|p| p.contains("/versions/"))
+            .count(),
+        1
+    );
+}
+
+/// A replication that fails fails the job with ARM's message; an identity
+/// without the role is told which role to assign and where.
+#[tokio::test]
+async fn failures_say_what_arm_said_and_what_to_do() {
+    let arm = fake_arm(2).await;
+    let (env, settings) = gallery_env(&arm);
+    let app = TestApp::spawn_with(settings).await;
+    let source = env.source_url("fail.vhd");
+    upload_sample(&app.control, &source, 2, 1, 84).await;
+    arm.fail_next_replication("The VHD is not a generalized OS disk.");
+    let failed = format!("fail-{}", env.id);
+    submit(&app, &env, &failed, &source, 100).await;
+    let d = wait_for_end(&app.control, &failed, Duration::from_secs(60)).await;
+    assert_eq!(d.state(), JobState::Failed);
+    let reason = d.error.unwrap();
+    assert!(
+        reason.contains("The VHD is not a generalized OS disk."),
+        "{reason}"
+    );
+
+    arm.fault(ArmFault {
+        method: Some("GET"),
+        path_contains: "/images/".into(),
+        status: 403,
+        code: "AuthorizationFailed".into(),
+        retry_after: None,
+    });
+    let denied = format!("deny-{}", env.id);
+    let mut job: Value =
+        serde_json::from_str(&env.job_json(&denied, &source, "windows", 100)).unwrap();
+    job["pool"]["id"] = format!("other-{}", env.id).into();
+    app.control
+        .submit(parse_job_json(&job.to_string()).unwrap())
+        .await
+        .unwrap();
+    let d = wait_for_end(&app.control, &denied, Duration::from_secs(60)).await;
+    assert_eq!(d.state(), JobState::Failed);
+    let reason = d.error.unwrap();
+    assert!(
+        reason.contains("Compute Gallery Artifacts Publisher"),
+        "{reason}"
+    );
+    app.shutdown().await;
+}
