@@ -46,6 +46,11 @@ impl Engine {
                 return Err(self.retire_error(id, e).await);
             }
         };
+        // The gallery versions first: they were made from the staged VHDs.
+        let versions = match self.retire_versions(&record, pool, &owner).await {
+            Ok(v) => v,
+            Err(e) => return Err(self.retire_error(id, JobError::Gallery(e)).await),
+        };
         let mut deleted = 0;
         for blob in &doomed {
             match self.store.delete(blob).await {
@@ -64,8 +69,13 @@ impl Engine {
             .await
             .map_err(|e| Outcome::from(JobError::state("pool record", e)))?;
         let note = format!(
-            "retired pool {pool}: deleted {deleted} of {} blobs (replicas and snapshots)",
-            doomed.len()
+            "retired pool {pool}: deleted {deleted} of {} blobs (replicas and snapshots){}",
+            doomed.len(),
+            if versions.is_empty() {
+                String::new()
+            } else {
+                format!(" and gallery image versions {}", versions.join(", "))
+            }
         );
         tracing::info!("{note}");
         self.state
@@ -138,6 +148,46 @@ impl Engine {
             tracing::warn!(error = %e, "could not clear the pool's retiring mark; the next job takes it over");
         }
         Err(self.retire_error(id, busy).await)
+    }
+
+    /// Deletes the gallery image versions of the pool's image sets that this
+    /// deployment made for this pool (their tags say so; any other version is
+    /// left alone and named in the log), each followed to its end. Returns the
+    /// versions deleted.
+    async fn retire_versions(
+        &self,
+        record: &PoolRecord,
+        pool: &str,
+        owner: &str,
+    ) -> Result<Vec<String>, crate::gallery::GalleryError> {
+        let names: Vec<String> = record
+            .sets
+            .iter()
+            .filter_map(|s| s.gallery_version.as_ref().map(|v| v.version.clone()))
+            .collect();
+        if names.is_empty() {
+            return Ok(names);
+        }
+        let Some(gallery) = self.gallery.as_deref() else {
+            tracing::warn!(versions = ?names, "the pool has gallery image versions but [gallery] is not configured; they are left in place");
+            return Ok(Vec::new());
+        };
+        let mut deleted = Vec::new();
+        for name in names {
+            match gallery.version(&name).await? {
+                None => {}
+                Some(v) if !v.is_ours(owner, pool) => {
+                    tracing::warn!(version = %name, "a gallery image version of this name was not made by this deployment for this pool; left in place");
+                }
+                Some(_) => {
+                    tracing::info!(version = %name, "deleting the gallery image version");
+                    let op = gallery.delete_version(&name).await?;
+                    gallery.wait(&op, |_| {}).await?;
+                    deleted.push(name);
+                }
+            }
+        }
+        Ok(deleted)
     }
 
     /// The outcome of a retire that met `e`: run again later when it is

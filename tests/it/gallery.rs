@@ -384,3 +384,71 @@ async fn failures_say_what_arm_said_and_what_to_do() {
     );
     app.shutdown().await;
 }
+
+/// Retiring a published pool deletes its gallery version (followed to its end)
+/// and its staged VHD, and leaves another pool's version and VHD, and a
+/// version this deployment did not make, in place.
+#[tokio::test]
+async fn retire_deletes_the_pools_version_and_nothing_else() {
+    let arm = fake_arm(2).await;
+    let (env, settings) = gallery_env(&arm);
+    let app = TestApp::spawn_with(settings).await;
+    let source = env.source_url("retire.vhd");
+    upload_sample(&app.control, &source, 2, 1, 85).await;
+    let mut docs = Vec::new();
+    for (job, pool) in [("keep", "other"), ("gone", "doomed")] {
+        let job_id = format!("{job}-{}", env.id);
+        let mut spec: Value =
+            serde_json::from_str(&env.job_json(&job_id, &source, "windows", 100)).unwrap();
+        spec["pool"]["id"] = format!("{pool}-{}", env.id).into();
+        app.control
+            .submit(parse_job_json(&spec.to_string()).unwrap())
+            .await
+            .unwrap();
+        let d = wait_for_end(&app.control, &job_id, Duration::from_secs(60)).await;
+        assert_eq!(d.state(), JobState::Completed, "{:?}", d.error);
+        docs.push(d);
+    }
+    let foreign = format!("{}/versions/1.0.0", image_path(&env));
+    arm.put_resource(
+        &foreign,
+        serde_json::json!({"properties": {"provisioningState": "Succeeded"}}),
+    );
+    let retire = app
+        .control
+        .submit_retire(&format!("doomed-{}", env.id), None)
+        .await
+        .unwrap();
+    let r = wait_for_end(&app.control, &retire.job_id, Duration::from_secs(60)).await;
+    assert_eq!(r.state(), JobState::Completed, "{:?}", r.error);
+    let (kept, gone) = (&docs[0], &docs[1]);
+    let (kept_v, gone_v) = (kept.gallery.clone().unwrap(), gone.gallery.clone().unwrap());
+    assert_ne!(kept_v.version, gone_v.version);
+    assert!(
+        arm.resource(&gone_v.version_id).is_none(),
+        "the retired pool's version is deleted"
+    );
+    assert!(
+        arm.resource(&kept_v.version_id).is_some(),
+        "another pool's version stays"
+    );
+    assert!(
+        arm.resource(&foreign).is_some(),
+        "a version we did not make stays"
+    );
+    assert!(
+        app.control
+            .store
+            .properties(&gone.replicas[0].blob)
+            .await
+            .is_err(),
+        "the staged VHD is deleted"
+    );
+    app.control
+        .store
+        .properties(&kept.replicas[0].blob)
+        .await
+        .expect("another pool's staged VHD stays");
+    assert!(r.error.is_none());
+    app.shutdown().await;
+}
