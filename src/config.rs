@@ -1271,6 +1271,64 @@ region = "westeurope"
         assert!(v.admin_token.is_none());
     }
 
+    const GALLERY: &str = r#"
+[gallery]
+subscription = "00000000-0000-0000-0000-000000000000"
+resource_group = "images"
+gallery = "g"
+image = "render-win"
+publisher = "contoso"
+offer = "render"
+sku = "win2016"
+region = "westeurope"
+credential = "azure_cli"
+"#;
+
+    /// A gallery must be the Batch account's (subscription and region), and
+    /// every destination account needs its resource group for the version's
+    /// `storageAccountId`; each problem names its key.
+    #[test]
+    fn a_gallery_elsewhere_or_without_staging_ids_is_refused() {
+        let bad = GALLERY
+            .replace("region = \"westeurope\"", "region = \"eastus\"")
+            .replace(
+                "subscription = \"00000000-0000-0000-0000-000000000000\"",
+                "subscription = \"11111111-0000-0000-0000-000000000000\"",
+            )
+            .replace(
+                "[gallery]",
+                "[gallery]\nmin_replicas = 0\nstorage_account_type = \"Standard_GRS\"",
+            );
+        let got = problems(&format!("{GOOD}{bad}"));
+        let keys: Vec<&str> = got.iter().map(|p| p.key.as_str()).collect();
+        for k in [
+            "gallery.subscription",
+            "gallery.region",
+            "gallery.min_replicas",
+            "gallery.storage_account_type",
+            "accounts[1].resource_group",
+        ] {
+            assert!(keys.contains(&k), "{k} in {got:?}");
+        }
+        let region = got.iter().find(|p| p.key == "gallery.region").unwrap();
+        assert!(region.message.contains("westeurope"), "{}", region.message);
+        let good = format!("{GOOD}{GALLERY}").replace(
+            "name = \"dst1\"",
+            "name = \"dst1\"\nresource_group = \"storage\"",
+        );
+        let v = Settings::from_toml(&good)
+            .unwrap()
+            .validate(&secrets())
+            .unwrap();
+        let g = v.gallery.expect("configured");
+        assert_eq!(
+            g.storage_account_ids["dst1"],
+            "/subscriptions/00000000-0000-0000-0000-000000000000/resourceGroups/storage/providers/Microsoft.Storage/storageAccounts/dst1"
+        );
+        assert_eq!(g.arm_endpoint.as_str(), "https://management.azure.com/");
+        assert_eq!(g.replicas_for(200), 4);
+    }
+
     #[test]
     fn unknown_keys_are_rejected() {
         let err = Settings::from_toml(&format!("{GOOD}\nbogus = 1\n")).unwrap_err();
