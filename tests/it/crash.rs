@@ -15,17 +15,17 @@ use vhd_replicator::{
 };
 
 /// Engine settings that make crash tests quick: a short lease, frequent checkpoints.
-const FAST: &str =
+pub(crate) const FAST: &str =
     "[engine]\nmin_poll_ms = 100\nidle_poll_ms = 100\nlease_seconds = 10\ncheckpoint_seconds = 1\n";
 
 /// A daemon process of the binary.
-struct Daemon {
+pub(crate) struct Daemon {
     child: Child,
     log: std::path::PathBuf,
 }
 
 impl Daemon {
-    fn start(
+    pub(crate) fn start(
         config: &std::path::Path,
         log: std::path::PathBuf,
         extra_env: &[(&str, &str)],
@@ -48,7 +48,7 @@ impl Daemon {
         }
     }
 
-    fn kill9(mut self) {
+    pub(crate) fn kill9(mut self) {
         self.child.kill().expect("SIGKILL");
         self.child.wait().unwrap();
     }
@@ -73,7 +73,7 @@ impl Daemon {
         None
     }
 
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }

@@ -452,3 +452,103 @@ async fn retire_deletes_the_pools_version_and_nothing_else() {
     assert!(r.error.is_none());
     app.shutdown().await;
 }
+
+/// A stand-in `az` for the Azure CLI credential of a daemon process: it hands
+/// out the fake's token for the management scope only.
+fn fake_az(dir: &Path) -> String {
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let script = format!(
+        "#!/bin/sh\ncase \"$*\" in *\"--scope https://management.azure.com/.default\"*) ;; *) echo \"unexpected: $*\" >&2; exit 1;; esac\n\
+         echo \"{{\\\"accessToken\\\":\\\"{TOKEN}\\\",\\\"expires_on\\\":$(( $(date +%s) + 3600 )),\\\"tokenType\\\":\\\"Bearer\\\"}}\"\n"
+    );
+    let az = bin.join("az");
+    std::fs::write(&az, script).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&az, std::fs::Permissions::from_mode(0o755)).unwrap();
+    format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    )
+}
+
+/// SIGKILL while the version replicates: the kill lands in phase
+/// `publishing` with the version named in the job document; a new daemon
+/// process resumes the job after the lease, follows the same version to its
+/// end and never asks for a second. The daemons get their ARM token from the
+/// Azure CLI credential (a stand-in `az`).
+#[tokio::test]
+async fn sigkill_mid_replication_then_the_same_version_is_adopted() {
+    let arm = fake_arm(30).await;
+    let (env, settings) = gallery_env(&arm);
+    let control = vhd_replicator::control::Control::azure(
+        Arc::new(settings),
+        vhd_replicator::metrics::Metrics::new(),
+    )
+    .unwrap();
+    control.ensure().await.unwrap();
+    let config = env.dir.path().join("gallery.toml");
+    std::fs::write(&config, merge_toml(&env.toml, crate::crash::FAST)).unwrap();
+    let path = fake_az(env.dir.path());
+    let source = env.source_url("kill.vhd");
+    upload_sample(&control, &source, 2, 1, 86).await;
+    let job_id = format!("kill-{}", env.id);
+    control
+        .submit(parse_job_json(&env.job_json(&job_id, &source, "windows", 100)).unwrap())
+        .await
+        .unwrap();
+    let first = crate::crash::Daemon::start(
+        &config,
+        env.dir.path().join("first.log"),
+        &[("PATH", &path)],
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let (phase, named) = loop {
+        let (d, _) = control.state.load(&job_id).await.unwrap().unwrap();
+        if let Some(g) = d
+            .gallery
+            .clone()
+            .filter(|g| g.state == "creating" && g.progress > 0.0)
+        {
+            break (d.phase, g);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never replicating; log:\n{}",
+            first.log()
+        );
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    };
+    first.kill9();
+    assert_eq!(phase, Some(vhd_replicator::state::Phase::Publishing));
+    let second = crate::crash::Daemon::start(
+        &config,
+        env.dir.path().join("second.log"),
+        &[("PATH", &path)],
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    let d = loop {
+        let (d, _) = control.state.load(&job_id).await.unwrap().unwrap();
+        if d.state().is_terminal() {
+            break d;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not resumed; log:\n{}",
+            second.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        d.state(),
+        JobState::Completed,
+        "{:?}\n{}",
+        d.error,
+        second.log()
+    );
+    assert_eq!(d.gallery.unwrap().version, named.version);
+    assert_eq!(version_puts(&arm).len(), 1, "never a second version");
+    assert!(arm.requests().iter().all(|r| r.authorized));
+    drop(second);
+}
