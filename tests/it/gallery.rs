@@ -104,11 +104,11 @@ async fn submit(app: &TestApp, env: &TestEnv, job_id: &str, source: &str, nodes:
         .unwrap();
 }
 
-/// Waits for the job's end, noting every replication progress and gallery
-/// metric seen on the way.
-async fn watch(app: &TestApp, id: &str) -> (JobDocument, Vec<f64>, Vec<String>) {
+/// Waits for the job's end, noting every replication progress, gallery metric
+/// and status-page gallery line seen on the way.
+async fn watch(app: &TestApp, id: &str) -> (JobDocument, Vec<f64>, Vec<String>, Vec<String>) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
-    let (mut progress, mut metric) = (Vec::new(), Vec::new());
+    let (mut progress, mut metric, mut page) = (Vec::new(), Vec::new(), Vec::new());
     let series = format!("vhdrep_gallery_replication_ratio{{job_id=\"{id}\"}}");
     loop {
         if let Some((d, _)) = app.control.state.load(id).await.unwrap() {
@@ -116,7 +116,7 @@ async fn watch(app: &TestApp, id: &str) -> (JobDocument, Vec<f64>, Vec<String>) 
                 progress.push(g.progress);
             }
             if d.state().is_terminal() {
-                return (d, progress, metric);
+                return (d, progress, metric, page);
             }
         }
         let text = reqwest::get(app.url("/metrics"))
@@ -174,7 +174,7 @@ async fn a_job_publishes_a_gallery_version_and_hands_off_pool_create() {
     let image = upload_sample(&app.control, &source, 2, 1, 81).await;
     let job_id = format!("gal-{}", env.id);
     submit(&app, &env, &job_id, &source, 200).await;
-    let (doc, progress, metric) = watch(&app, &job_id).await;
+    let (doc, progress, metric, page) = watch(&app, &job_id).await;
     assert_eq!(doc.state(), JobState::Completed, "{:?}", doc.error);
     assert_eq!(doc.replicas.len(), 1, "one staged VHD");
     assert_eq!(read_all(&app.control, &doc.replicas[0].blob).await, image);
