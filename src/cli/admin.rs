@@ -73,6 +73,25 @@ pub(super) async fn validate(path: &std::path::Path, online: bool) -> ExitCode {
             }
         }
     }
+    if let Some(g) = &control.settings.gallery {
+        let checked = crate::gallery::Gallery::new(
+            g,
+            control.settings.retry_policy(),
+            control.settings.connect_timeout(),
+        )
+        .map_err(crate::gallery::GalleryError::from);
+        let checked = match checked {
+            Ok(gallery) => gallery.check_gallery().await,
+            Err(e) => Err(e),
+        };
+        match checked {
+            Ok(found) => println!("  {found}: reachable"),
+            Err(e) => {
+                bad += 1;
+                println!("  GALLERY NOT USABLE: {e}");
+            }
+        }
+    }
     if bad > 0 {
         ExitCode::from(EXIT_USAGE)
     } else {

@@ -158,6 +158,39 @@ impl Gallery {
         })
     }
 
+    /// Checks that the gallery exists and is in the configured region (for
+    /// `validate --online`); says what it found.
+    pub async fn check_gallery(&self) -> Result<String, GalleryError> {
+        let g = &self.cfg.settings;
+        let path = format!(
+            "/subscriptions/{}/resourceGroups/{}/providers/Microsoft.Compute/galleries/{}",
+            g.subscription, g.resource_group, g.gallery
+        );
+        let url = self.arm.url(&path);
+        let found = match self.arm.call("gallery_get", Method::GET, &url, None).await {
+            Ok(a) => a.body,
+            Err(e) if e.class == ErrorClass::NotFound => {
+                return Err(GalleryError::Unsuitable(format!(
+                    "gallery {} not found in resource group {} of subscription {}: create it in {} (az sig create) or fix [gallery]",
+                    g.gallery, g.resource_group, g.subscription, g.region
+                )))
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let location = found["location"].as_str().unwrap_or_default();
+        let norm = |r: &str| r.to_lowercase().replace(' ', "");
+        if norm(location) != norm(&g.region) {
+            return Err(GalleryError::Unsuitable(format!(
+                "gallery {} is in {location}, not in {} (the Batch region): use a gallery in {}",
+                g.gallery, g.region, g.region
+            )));
+        }
+        Ok(format!(
+            "gallery {} in {location}, image definition {}",
+            g.gallery, g.image
+        ))
+    }
+
     /// Makes sure the image definition exists and takes VHDs of `os`: created
     /// when missing; an existing one of another OS or generation is refused.
     pub async fn ensure_image(&self, os: Os) -> Result<(), GalleryError> {

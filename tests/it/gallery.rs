@@ -552,3 +552,35 @@ async fn sigkill_mid_replication_then_the_same_version_is_adopted() {
     assert!(arm.requests().iter().all(|r| r.authorized));
     drop(second);
 }
+
+/// `validate --online`'s gallery check: a missing gallery and one in another
+/// region are named with what to do; the right one is reported.
+#[tokio::test]
+async fn the_online_check_finds_the_gallery_and_its_region() {
+    let arm = fake_arm(1).await;
+    let (_env, settings) = gallery_env(&arm);
+    let g = vhd_replicator::gallery::Gallery::new(
+        settings.gallery.as_ref().unwrap(),
+        settings.retry_policy(),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let missing = g.check_gallery().await.unwrap_err().to_string();
+    assert!(
+        missing.contains("not found") && missing.contains("az sig create"),
+        "{missing}"
+    );
+    let path = "/subscriptions/00000000-0000-0000-0000-000000000000/resourceGroups/images/providers/Microsoft.Compute/galleries/batchimages";
+    arm.put_resource(path, serde_json::json!({"location": "westeurope"}));
+    let elsewhere = g.check_gallery().await.unwrap_err().to_string();
+    assert!(
+        elsewhere.contains("is in westeurope, not in local"),
+        "{elsewhere}"
+    );
+    arm.put_resource(path, serde_json::json!({"location": "local"}));
+    assert!(g
+        .check_gallery()
+        .await
+        .unwrap()
+        .contains("gallery batchimages in local"));
+}
