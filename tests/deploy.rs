@@ -63,6 +63,7 @@ fn exported() -> BTreeSet<String> {
         .with_label_values(&["same_account"])
         .observe(1.0);
     m.job_progress.with_label_values(&["j"]).set(0.5);
+    m.gallery_replication.with_label_values(&["j"]).set(0.5);
     m.replicas_finished.with_label_values(&["completed"]).inc();
     m.storage_request("a", "op", Some(503));
     m.storage_retries

@@ -130,6 +130,17 @@ async fn watch(app: &TestApp, id: &str) -> (JobDocument, Vec<f64>, Vec<String>, 
                 .filter(|l| l.starts_with(&series))
                 .map(str::to_owned),
         );
+        let html = reqwest::get(app.url("/"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        page.extend(
+            html.lines()
+                .filter(|l| l.contains("gallery version"))
+                .map(str::to_owned),
+        );
         assert!(
             tokio::time::Instant::now() < deadline,
             "job {id} did not end"
@@ -190,6 +201,11 @@ async fn a_job_publishes_a_gallery_version_and_hands_off_pool_create() {
     assert!(
         !metric.is_empty(),
         "vhdrep_gallery_replication_ratio exported while publishing"
+    );
+    assert!(
+        page.iter()
+            .any(|l| l.contains("replication") && l.contains("<progress")),
+        "the status page shows the replication: {page:?}"
     );
 
     let definition = arm.resource(&image_path(&env)).expect("definition created");
