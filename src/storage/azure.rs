@@ -700,6 +700,63 @@ impl BlobStore for AzureStore {
         Ok(())
     }
 
+    async fn page_ranges(&self, blob: &BlobPath) -> StorageResult<Vec<std::ops::Range<u64>>> {
+        const OP: &str = "get_page_ranges";
+        let client = self.blob_client(blob, OP)?.page_blob_client();
+        let mut pager = client
+            .list_page_ranges(None)
+            .map_err(|e| map_error(OP, blob, e))?;
+        let mut ranges = Vec::new();
+        while let Some(page) = pager.try_next().await.map_err(|e| map_error(OP, blob, e))? {
+            let list = page.into_model().map_err(|e| map_error(OP, blob, e))?;
+            // The service gives inclusive ends.
+            ranges.extend(list.page_ranges.iter().filter_map(|r| {
+                Some(u64::try_from(r.start?).ok()?..u64::try_from(r.end?).ok()? + 1)
+            }));
+        }
+        Ok(super::merge_ranges(ranges))
+    }
+
+    async fn create_page_blob(
+        &self,
+        blob: &BlobPath,
+        len: u64,
+        metadata: &Metadata,
+    ) -> StorageResult<()> {
+        const OP: &str = "create_page_blob";
+        let client = self.blob_client(blob, OP)?.page_blob_client();
+        let options = azure_storage_blob::models::PageBlobClientCreateOptions {
+            metadata: Some(metadata.clone().into_iter().collect()),
+            ..Default::default()
+        };
+        client
+            .create(len, Some(options))
+            .await
+            .map_err(|e| map_error(OP, blob, e))?;
+        Ok(())
+    }
+
+    async fn put_pages_from_url(
+        &self,
+        dest: &BlobPath,
+        range: std::ops::Range<u64>,
+        source_url: &str,
+    ) -> StorageResult<()> {
+        const OP: &str = "put_page_from_url";
+        let client = self.blob_client(dest, OP)?.page_blob_client();
+        client
+            .upload_pages_from_url(
+                source_url.to_owned(),
+                HttpRange::from(range.clone()),
+                0,
+                HttpRange::from(range),
+                None,
+            )
+            .await
+            .map_err(|e| map_error(OP, dest, e))?;
+        Ok(())
+    }
+
     async fn read(
         &self,
         blob: &BlobPath,

@@ -232,6 +232,38 @@ impl BlobStore for Instrumented {
         .await
     }
 
+    async fn page_ranges(&self, blob: &BlobPath) -> StorageResult<Vec<std::ops::Range<u64>>> {
+        self.call(&blob.account, "get_page_ranges", || {
+            self.inner.page_ranges(blob)
+        })
+        .await
+    }
+
+    async fn create_page_blob(
+        &self,
+        blob: &BlobPath,
+        len: u64,
+        metadata: &Metadata,
+    ) -> StorageResult<()> {
+        self.call(&blob.account, "create_page_blob", || {
+            self.inner.create_page_blob(blob, len, metadata)
+        })
+        .await
+    }
+
+    async fn put_pages_from_url(
+        &self,
+        dest: &BlobPath,
+        range: std::ops::Range<u64>,
+        source_url: &str,
+    ) -> StorageResult<()> {
+        self.call(&dest.account, "put_page_from_url", || {
+            self.inner
+                .put_pages_from_url(dest, range.clone(), source_url)
+        })
+        .await
+    }
+
     async fn read(
         &self,
         blob: &BlobPath,

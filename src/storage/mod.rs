@@ -363,6 +363,22 @@ impl StorageError {
 /// Result of a storage operation.
 pub type StorageResult<T> = Result<T, StorageError>;
 
+/// The largest range one Put Page From URL may write.
+pub const MAX_PAGES_FROM_URL: u64 = 4 * 1024 * 1024;
+
+/// Merges touching or overlapping ranges (sorted by start) into as few as possible.
+pub fn merge_ranges(mut ranges: Vec<std::ops::Range<u64>>) -> Vec<std::ops::Range<u64>> {
+    ranges.sort_by_key(|r| r.start);
+    let mut out: Vec<std::ops::Range<u64>> = Vec::with_capacity(ranges.len());
+    for r in ranges.into_iter().filter(|r| r.start < r.end) {
+        match out.last_mut() {
+            Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
+            _ => out.push(r),
+        }
+    }
+    out
+}
+
 /// Everything the daemon asks of blob storage.
 #[async_trait]
 pub trait BlobStore: Send + Sync + fmt::Debug {
@@ -420,6 +436,30 @@ pub trait BlobStore: Send + Sync + fmt::Debug {
     /// Creates a page blob holding `data` (a whole number of 512-byte pages).
     async fn put_page_blob(&self, blob: &BlobPath, data: Bytes) -> StorageResult<()>;
 
+    /// The written ranges of a page blob (or of one snapshot of it), in order
+    /// and merged: what a ranged copy must carry (Get Page Ranges).
+    async fn page_ranges(&self, blob: &BlobPath) -> StorageResult<Vec<std::ops::Range<u64>>>;
+
+    /// Creates an empty page blob of `len` bytes (a whole number of pages)
+    /// tagged with `metadata`, replacing any blob of that name.
+    async fn create_page_blob(
+        &self,
+        blob: &BlobPath,
+        len: u64,
+        metadata: &Metadata,
+    ) -> StorageResult<()>;
+
+    /// Writes `range` of the page blob `dest` from the same range of the blob
+    /// at `source_url` (Put Page From URL: synchronous, server-side, at most
+    /// [`MAX_PAGES_FROM_URL`] bytes, 512-byte aligned). Writing the same range
+    /// again gives the same result, so it is idempotent.
+    async fn put_pages_from_url(
+        &self,
+        dest: &BlobPath,
+        range: std::ops::Range<u64>,
+        source_url: &str,
+    ) -> StorageResult<()>;
+
     /// Reads a blob, or a byte range of it, with its ETag.
     async fn read(
         &self,
@@ -475,6 +515,15 @@ pub struct ListedBlob {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ranges_merge_when_they_touch_or_overlap() {
+        assert_eq!(
+            merge_ranges(vec![2048..4096, 0..512, 512..1024, 3000..5000, 9..9]),
+            vec![0..1024, 2048..5000]
+        );
+        assert!(merge_ranges(Vec::new()).is_empty());
+    }
 
     #[test]
     fn a_snapshot_path_is_the_same_blob_at_that_time() {

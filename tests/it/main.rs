@@ -14,5 +14,6 @@ mod observe;
 mod poison;
 mod pools;
 mod proxy;
+mod ranges;
 mod replicate;
 mod timeouts;
