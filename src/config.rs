@@ -295,6 +295,9 @@ pub struct EngineSettings {
     /// Seconds one attempt of any outbound call may wait for its answer; then it
     /// counts as a timeout and is retried under the retry policy.
     pub request_timeout_seconds: u64,
+    /// How replicas are copied: `auto` (ranged across accounts, asynchronous
+    /// Copy Blob inside one), `async` (always Copy Blob), `ranges` (always ranged).
+    pub copy_method: CopyMethod,
 }
 
 impl Default for EngineSettings {
@@ -312,6 +315,7 @@ impl Default for EngineSettings {
             checkpoint_seconds: 10,
             connect_timeout_seconds: 10,
             request_timeout_seconds: 30,
+            copy_method: CopyMethod::Auto,
         }
     }
 }
@@ -325,6 +329,30 @@ pub enum Strategy {
     Fanout,
     /// Every replica from the snapshot.
     Naive,
+}
+
+/// How replicas are copied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum CopyMethod {
+    /// Ranged (Put Page From URL) across accounts, Copy Blob inside one.
+    #[default]
+    Auto,
+    /// Always the asynchronous Copy Blob.
+    Async,
+    /// Always ranged.
+    Ranges,
+}
+
+impl CopyMethod {
+    /// Whether a copy from `source_account` into `dest_account` is ranged.
+    pub fn ranged(self, source_account: &str, dest_account: &str) -> bool {
+        match self {
+            CopyMethod::Auto => source_account != dest_account,
+            CopyMethod::Async => false,
+            CopyMethod::Ranges => true,
+        }
+    }
 }
 
 /// `[gc]`: garbage collection of orphaned replicas and snapshots.

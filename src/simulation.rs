@@ -129,7 +129,7 @@ pub fn account_names(n: usize) -> Vec<String> {
 fn settings_for(scenario: &Scenario) -> crate::config::ValidatedSettings {
     let mut toml = format!(
         "[batch]\nsubscription = \"sim\"\nregion = \"sim\"\n[control]\naccount = \"ops\"\n\
-         [handoff]\nvm_size = \"STANDARD_D2_V3\"\n[engine]\nstrategy = \"{}\"\nmax_reads_per_source = {}\n",
+         [handoff]\nvm_size = \"STANDARD_D2_V3\"\n[engine]\n# The model has no ranged copies yet (Step 9).\ncopy_method = \"async\"\nstrategy = \"{}\"\nmax_reads_per_source = {}\n",
         match scenario.strategy {
             Strategy::Fanout => "fanout",
             Strategy::Naive => "naive",

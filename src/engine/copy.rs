@@ -377,6 +377,9 @@ impl Engine {
         rec: &ReplicaRecord,
         source: &BlobPath,
     ) -> Result<bool, CopyError> {
+        if self.ranged(source, &rec.blob) {
+            return self.copy_ranged(ctx, rec, source).await;
+        }
         let dest = &rec.blob;
         let ours =
             |p: &BlobProperties| is_our_replica(&p.metadata, ctx.job, rec.index, ctx.snapshot);
@@ -476,6 +479,7 @@ impl Engine {
         };
         with_replica(ctx.live, rec.index, |r| {
             r.copy_id = Some(started.copy_id.clone());
+            r.method = Some("async".into());
             r.attempts += 1;
             r.state = ReplicaState::Copying;
             r.bytes_total = ctx.source_len;
@@ -678,23 +682,23 @@ impl Engine {
     }
 }
 
-struct CopyContext<'a> {
+pub(super) struct CopyContext<'a> {
     /// Set when a replica changes state, so the next tick writes the document.
-    transition: &'a std::sync::atomic::AtomicBool,
-    job: &'a ValidatedJob,
-    live: &'a Arc<Mutex<JobDocument>>,
-    snapshot: &'a str,
-    source_len: u64,
-    token: &'a CancellationToken,
+    pub(super) transition: &'a std::sync::atomic::AtomicBool,
+    pub(super) job: &'a ValidatedJob,
+    pub(super) live: &'a Arc<Mutex<JobDocument>>,
+    pub(super) snapshot: &'a str,
+    pub(super) source_len: u64,
+    pub(super) token: &'a CancellationToken,
 }
 
-enum CopyError {
+pub(super) enum CopyError {
     Retry(String),
     Stop(Failure),
 }
 
 impl CopyError {
-    fn from_storage(e: &StorageError) -> Self {
+    pub(super) fn from_storage(e: &StorageError) -> Self {
         match e.class {
             ErrorClass::Denied | ErrorClass::Throttled | ErrorClass::Transient => {
                 CopyError::Stop(Failure::from_storage("copy", e))

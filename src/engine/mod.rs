@@ -12,6 +12,7 @@ mod lifecycle;
 pub mod poll;
 mod prepare;
 mod publish;
+mod ranged;
 mod retire;
 pub mod schedule;
 

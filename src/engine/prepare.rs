@@ -213,6 +213,8 @@ impl Engine {
                 status_requests: 0,
                 error: None,
                 inherited: r.kept,
+                method: None,
+                ranges_done: Vec::new(),
             })
             .collect();
         live.lock().expect("live doc lock").replicas = records;

@@ -157,6 +157,13 @@ pub struct ReplicaRecord {
     /// Made by an earlier job of the pool's image set and reused by this one.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub inherited: bool,
+    /// How it was copied: `async` (Copy Blob) or `ranges` (Put Page From URL).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    /// Ranges of a ranged copy written so far (merged), so a resumed copy
+    /// writes only the rest.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ranges_done: Vec<std::ops::Range<u64>>,
 }
 
 /// What a job does.

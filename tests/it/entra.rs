@@ -174,7 +174,7 @@ async fn entra_id_end_to_end_over_https() {
 /// The config: the control and destination accounts on Entra ID only, over HTTPS.
 fn entra_config(id: &str, ca: &Path) -> String {
     let mut toml = format!(
-        "[batch]\nsubscription = \"s\"\nregion = \"local\"\n[control]\naccount = \"ops\"\nintake_queue = \"e-{id}-jobs\"\npoison_queue = \"e-{id}-poison\"\nhandoff_queue = \"e-{id}-handoff\"\nstate_container = \"e-{id}-state\"\n[engine]\nmin_poll_ms = 50\nidle_poll_ms = 100\n"
+        "[batch]\nsubscription = \"s\"\nregion = \"local\"\n[control]\naccount = \"ops\"\nintake_queue = \"e-{id}-jobs\"\npoison_queue = \"e-{id}-poison\"\nhandoff_queue = \"e-{id}-handoff\"\nstate_container = \"e-{id}-state\"\n[engine]\ncopy_method = \"async\"\nmin_poll_ms = 50\nidle_poll_ms = 100\n"
     );
     // The source account keeps a key (see the module note on user delegation SAS);
     // the control and destination accounts have none: Entra ID only.

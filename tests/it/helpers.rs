@@ -95,6 +95,8 @@ dir = "{handoff}"
 linux_node_agent_sku_id = "batch.node.ubuntu 22.04"
 
 [engine]
+# Azurite has no Put Page From URL; ranged copies are tested behind the proxy.
+copy_method = "async"
 min_poll_ms = 50
 idle_poll_ms = 100
 lease_seconds = 30

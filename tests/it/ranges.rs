@@ -125,3 +125,77 @@ async fn a_ranged_copy_is_identical_and_as_sparse_as_its_source() {
         "{e}"
     );
 }
+
+/// A job with `copy_method = "auto"`: the first replica in each account is a
+/// ranged copy across accounts (Put Page From URL, through 503s), the second
+/// an asynchronous Copy Blob inside the account; the job records each method,
+/// every replica is byte-identical, the ranged ones exactly as sparse as the
+/// source, and no Copy Blob ever crossed accounts.
+#[tokio::test]
+async fn auto_copies_ranged_across_accounts_and_async_inside() {
+    let env = TestEnv::new("[engine]\ncopy_method = \"auto\"\n");
+    let direct = env.control().await;
+    let source_url = env.source_url("auto.vhd");
+    let image = upload_sample(&direct, &source_url, 16, 3, 92).await;
+    let proxy = Proxy::start(ProxyConfig {
+        signers: signers(),
+        busy_rate: 0.1,
+        seed: 92,
+        ..ProxyConfig::transparent(BLOB)
+    })
+    .await
+    .unwrap();
+    let app = TestApp::spawn_with(env.proxied(&proxy.url(), "")).await;
+    let id = format!("auto-{}", env.id);
+    let via_proxy = source_url.replace(BLOB, &proxy.url());
+    app.control
+        .submit(
+            vhd_replicator::job::parse_job_json(&env.job_json(&id, &via_proxy, "windows", 120))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let doc = wait_for_end(&direct, &id, std::time::Duration::from_secs(90)).await;
+    assert_eq!(
+        doc.state(),
+        vhd_replicator::state::JobState::Completed,
+        "{:?}",
+        doc.error
+    );
+    assert_eq!(doc.replicas.len(), 6);
+    let source = vhd_replicator::job::locate_source(&source_url, &direct.settings).unwrap();
+    let source_ranges = direct.store.page_ranges(&source).await.unwrap();
+    let mut methods = std::collections::BTreeMap::new();
+    for r in &doc.replicas {
+        assert_eq!(
+            read_all(&direct, &r.blob).await,
+            image,
+            "replica {}",
+            r.index
+        );
+        let method = r.method.clone().expect("method recorded");
+        if method == "ranges" {
+            assert_eq!(
+                direct.store.page_ranges(&r.blob).await.unwrap(),
+                source_ranges,
+                "replica {} sparse",
+                r.index
+            );
+        }
+        *methods.entry(method).or_insert(0) += 1;
+    }
+    assert_eq!(methods.get("ranges"), Some(&3), "{methods:?}");
+    assert_eq!(methods.get("async"), Some(&3), "{methods:?}");
+    // Copy Blob (Start Copy) reached storage only for the replicas made inside
+    // their account.
+    let started: std::collections::BTreeSet<String> = proxy.copy_starts().into_keys().collect();
+    let async_paths: std::collections::BTreeSet<String> = doc
+        .replicas
+        .iter()
+        .filter(|r| r.method.as_deref() == Some("async"))
+        .map(|r| format!("/{}/{}/{}", r.blob.account, r.blob.container, r.blob.name))
+        .collect();
+    assert_eq!(started, async_paths);
+    assert!(proxy.seen().iter().any(|l| l.contains("comp=page")));
+    app.shutdown().await;
+}
