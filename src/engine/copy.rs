@@ -414,6 +414,35 @@ impl Engine {
         Ok(copied_now)
     }
 
+    /// A URL the service reads `source` from when copying into `dest`, with a
+    /// SAS valid for `engine.sas_hours` across accounts.
+    pub(super) async fn source_url(
+        &self,
+        source: &BlobPath,
+        dest: &BlobPath,
+    ) -> Result<String, CopyError> {
+        let expiry = OffsetDateTime::now_utc()
+            + time::Duration::hours(self.settings.engine.sas_hours as i64);
+        self.store
+            .copy_source_url(source, &dest.account, expiry)
+            .await
+            .map_err(|e| CopyError::Stop(Failure::from_storage("copy source", &e)))
+    }
+
+    /// The tags of `rec`'s blob: this deployment, job, pool, replica, snapshot.
+    pub(super) fn replica_tags(
+        &self,
+        ctx: &CopyContext<'_>,
+        rec: &ReplicaRecord,
+    ) -> crate::storage::Metadata {
+        replica_metadata(
+            ctx.job,
+            rec.index,
+            ctx.snapshot,
+            &plan::owner_tag(&self.settings),
+        )
+    }
+
     /// Starts the copy into `rec`'s blob. `previous` is the copy id the
     /// destination showed before (if any), so a copy this call started can be
     /// told from an older one.
@@ -425,19 +454,8 @@ impl Engine {
         previous: Option<&str>,
     ) -> Result<String, CopyError> {
         let dest = &rec.blob;
-        let expiry = OffsetDateTime::now_utc()
-            + time::Duration::hours(self.settings.engine.sas_hours as i64);
-        let url = self
-            .store
-            .copy_source_url(source, &dest.account, expiry)
-            .await
-            .map_err(|e| CopyError::Stop(Failure::from_storage("copy source", &e)))?;
-        let metadata = replica_metadata(
-            ctx.job,
-            rec.index,
-            ctx.snapshot,
-            &plan::owner_tag(&self.settings),
-        );
+        let url = self.source_url(source, dest).await?;
+        let metadata = self.replica_tags(ctx, rec);
         let started = match self.store.start_copy(dest, &url, &metadata).await {
             Ok(s) => s,
             // The answer was lost (a timeout, a broken connection, a 500): the copy

@@ -106,13 +106,7 @@ impl Engine {
         let done = self.ranged_start(ctx, rec).await?;
         let todo = remaining(&wanted, &done, MAX_PAGES_FROM_URL);
         let total: u64 = wanted.iter().map(|r| r.end - r.start).sum();
-        let expiry = OffsetDateTime::now_utc()
-            + time::Duration::hours(self.settings.engine.sas_hours as i64);
-        let url = self
-            .store
-            .copy_source_url(source, &dest.account, expiry)
-            .await
-            .map_err(|e| CopyError::Stop(Failure::from_storage("copy source", &e)))?;
+        let url = self.source_url(source, dest).await?;
         tracing::debug!(replica = rec.index, account = %dest.account, ranges = todo.len(), "ranged copy");
         self.write_ranges(ctx, rec, todo, &url, total).await?;
         self.verify_ranged(ctx, rec, &wanted).await?;
@@ -149,12 +143,7 @@ impl Engine {
                 let _ = self.store.abort_copy(dest, &c.id).await;
             }
         }
-        let mut metadata = replica_metadata(
-            ctx.job,
-            rec.index,
-            ctx.snapshot,
-            &plan::owner_tag(&self.settings),
-        );
+        let mut metadata = self.replica_tags(ctx, rec);
         metadata.insert(META_METHOD.to_owned(), "ranges".to_owned());
         self.store
             .create_page_blob(dest, ctx.source_len, &metadata)
