@@ -3,7 +3,7 @@
 //! production, only the storage is a model. Used by property tests and benchmarks;
 //! call [`run`] inside a tokio runtime whose clock is paused.
 
-use crate::config::{SecretSource, Settings};
+use crate::config::{CopyMethod, SecretSource, Settings};
 use crate::control::Control;
 use crate::engine::{schedule::Strategy, Outcome};
 use crate::job::parse_job_json;
@@ -41,6 +41,13 @@ pub struct Scenario {
     pub account_info: Vec<(String, crate::storage::AccountInfo)>,
     /// Faults injected into the store's requests.
     pub faults: Vec<crate::storage::sim::SimFault>,
+    /// `engine.copy_method`.
+    pub copy_method: CopyMethod,
+    /// `engine.relays`.
+    pub relays: bool,
+    /// Share of the VHD's data that is written (the rest is sparse): 1.0 for a
+    /// full disk.
+    pub data_fraction: f64,
 }
 
 impl Scenario {
@@ -57,21 +64,56 @@ impl Scenario {
             max_reads_per_source: 1,
             account_info: Vec::new(),
             faults: Vec::new(),
+            copy_method: CopyMethod::Auto,
+            relays: false,
+            data_fraction: 1.0,
         }
     }
 
-    /// The model's lower bound on the makespan: the first complete copy outside the
-    /// source account needs the whole VHD through one blob's read bandwidth; with
-    /// two or more accounts, the last account's first copy needs a second full read
-    /// (from the snapshot, which then serves twice, or from a replica that exists
-    /// only after the first read).
+    /// The written pages of the VHD: `data_fraction` of each 64 MiB stretch,
+    /// and the footer.
+    pub fn written(&self) -> Vec<std::ops::Range<u64>> {
+        const STRETCH: u64 = 64 * 1024 * 1024;
+        let len = self.vhd_bytes + 512;
+        if self.data_fraction >= 1.0 {
+            return std::iter::once(0..len).collect();
+        }
+        let per = ((STRETCH as f64 * self.data_fraction) as u64 / 512) * 512;
+        let mut out: Vec<_> = (0..self.vhd_bytes)
+            .step_by(STRETCH as usize)
+            .map(|at| at..(at + per).min(self.vhd_bytes))
+            .filter(|r| !r.is_empty())
+            .collect();
+        out.push(self.vhd_bytes..len);
+        out
+    }
+
+    /// Bytes of data the VHD holds (its written pages).
+    pub fn data_bytes(&self) -> u64 {
+        self.written().iter().map(|r| r.end - r.start).sum()
+    }
+
+    /// The physical lower bound on the makespan: every destination account must
+    /// receive the data from outside at least once, and no number of parallel
+    /// sources writes one blob faster than its write bandwidth (nor reads one
+    /// faster than its read bandwidth): one cross-account transfer of the data.
+    /// Then each account grows to its share of replicas by copies inside it,
+    /// doubling at most (every copy needs a finished source) and at most
+    /// `max_concurrent_copies` at once.
     pub fn lower_bound(&self) -> Duration {
-        let used = self.accounts.min(self.replicas as usize).max(1);
-        let rounds = if used >= 2 { 2.0 } else { 1.0 };
-        let bytes = (self.vhd_bytes + 512) as f64;
-        let by_blob = rounds * bytes / self.sim.blob_read_bps;
-        let by_ingress = bytes / self.sim.account_ingress_bps;
-        Duration::from_secs_f64(by_blob.max(by_ingress))
+        let data = self.data_bytes() as f64;
+        let per_blob = self.sim.blob_read_bps.min(self.sim.blob_write_bps);
+        let cross = data / per_blob.min(self.sim.account_ingress_bps);
+        let used = self.accounts.min(self.replicas as usize).max(1) as u64;
+        let per_account = u64::from(self.replicas).div_ceil(used);
+        let cap = u64::from(self.max_concurrent_copies.max(1));
+        let (mut held, mut rounds) = (1u64, 0u32);
+        while held < per_account {
+            held += held.min(cap).min(per_account - held);
+            rounds += 1;
+        }
+        let grow = f64::from(rounds) * data / self.sim.same_account_bps;
+        Duration::from_secs_f64(cross + grow)
     }
 }
 
@@ -129,7 +171,12 @@ pub fn account_names(n: usize) -> Vec<String> {
 fn settings_for(scenario: &Scenario) -> crate::config::ValidatedSettings {
     let mut toml = format!(
         "[batch]\nsubscription = \"sim\"\nregion = \"sim\"\n[control]\naccount = \"ops\"\n\
-         [handoff]\nvm_size = \"STANDARD_D2_V3\"\n[engine]\n# The model has no ranged copies yet (Step 9).\ncopy_method = \"async\"\nstrategy = \"{}\"\nmax_reads_per_source = {}\n",
+         [handoff]\nvm_size = \"STANDARD_D2_V3\"\n[engine]\ncopy_method = \"{}\"\nstrategy = \"{}\"\nmax_reads_per_source = {}\n",
+        match scenario.copy_method {
+            CopyMethod::Auto => "auto",
+            CopyMethod::Async => "async",
+            CopyMethod::Ranges => "ranges",
+        },
         match scenario.strategy {
             Strategy::Fanout => "fanout",
             Strategy::Naive => "naive",
@@ -167,10 +214,11 @@ pub async fn run(scenario: &Scenario) -> Report {
     }
     let source = BlobPath::new("src", "images", "disk.vhd");
     let footer = crate::vhd::fixed_footer(scenario.vhd_bytes, [7; 16]);
-    store.put_virtual_page_blob(
+    store.put_virtual_sparse_page_blob(
         &source,
         scenario.vhd_bytes + 512,
         Bytes::copy_from_slice(&footer),
+        scenario.written(),
     );
     let control = Control::with_retry(
         Arc::new(settings),

@@ -4,6 +4,7 @@
 
 use std::{collections::BTreeSet, time::Duration};
 use vhd_replicator::{
+    config::CopyMethod,
     engine::{schedule::Strategy, Outcome},
     simulation::{run, Report, Scenario},
     state::ReplicaState,
@@ -67,6 +68,13 @@ fn random_case(rng: &mut rand::rngs::StdRng, case: usize, seed: u64) -> (Scenari
         rng.random_range(20u32..200)
     };
     let mut scenario = Scenario::new(accounts, replicas, 64 * MIB, strategy);
+    // A third ranged: their writes fail only transiently (the model's copy
+    // failures are of async copies), and failed jobs must stay common.
+    scenario.copy_method = if rng.random_range(0..3) == 0 {
+        CopyMethod::Auto
+    } else {
+        CopyMethod::Async
+    };
     scenario.max_reads_per_source = rng.random_range(1u32..3);
     scenario.max_requests_per_second = rps.min(500);
     scenario.sim = SimConfig {
@@ -77,7 +85,7 @@ fn random_case(rng: &mut rand::rngs::StdRng, case: usize, seed: u64) -> (Scenari
         retry_after: rng.random_bool(0.5).then_some(Duration::from_secs(1)),
         ..SimConfig::default()
     };
-    let what = format!("case {case} of seed {seed}: {accounts} accounts, {replicas} replicas, {strategy:?}, copy failures {copy_failures:.2}, transient {transient:.2}, {rps} rps");
+    let what = format!("case {case} of seed {seed}: {accounts} accounts, {replicas} replicas, {strategy:?}, {:?} copies, copy failures {copy_failures:.2}, transient {transient:.2}, {rps} rps", scenario.copy_method);
     (scenario, what)
 }
 
@@ -195,29 +203,26 @@ fn jobs_end_with_exactly_the_plan_or_a_reason() {
     );
 }
 
-/// Without faults, fan-out makes 100 replicas over 10 accounts close to the model's
-/// lower bound and far faster than naive (the benchmark prints the figures; this
-/// guards the shape of the schedule, not a speed).
+/// Without faults, fan-out of async copies makes 100 replicas over 10 accounts
+/// far faster than naive, each replica in one try (the benchmark prints the
+/// figures; this guards the shape of the schedule, not a speed).
 #[test]
 fn fanout_reads_each_blob_once_at_a_time_and_seeds_every_account_once() {
-    let scenario = Scenario::new(10, 100, 1024 * MIB, Strategy::Fanout);
+    let mut scenario = Scenario::new(10, 100, 1024 * MIB, Strategy::Fanout);
+    scenario.copy_method = CopyMethod::Async;
     let report = runtime().block_on(run(&scenario));
     assert_eq!(report.outcome, Outcome::Completed, "{:?}", report.error);
     assert_eq!(report.replicas.len(), 100);
     assert!(report.replicas.iter().all(|r| r.attempts <= 1));
-    let naive = runtime().block_on(run(&Scenario::new(10, 100, 1024 * MIB, Strategy::Naive)));
+    let mut naive = scenario.clone();
+    naive.strategy = Strategy::Naive;
+    let naive = runtime().block_on(run(&naive));
     assert_eq!(naive.outcome, Outcome::Completed);
     assert!(
         report.makespan * 5 < naive.makespan,
         "fanout {:?} vs naive {:?}",
         report.makespan,
         naive.makespan
-    );
-    assert!(
-        report.makespan < scenario.lower_bound() * 2,
-        "{:?} vs bound {:?}",
-        report.makespan,
-        scenario.lower_bound()
     );
 }
 
@@ -226,6 +231,7 @@ fn fanout_reads_each_blob_once_at_a_time_and_seeds_every_account_once() {
 #[test]
 fn copies_that_keep_failing_fail_the_job_cleanly() {
     let mut scenario = Scenario::new(3, 6, 64 * MIB, Strategy::Fanout);
+    scenario.copy_method = CopyMethod::Async;
     scenario.sim.copy_failure_rate = 1.0;
     let report = runtime().block_on(run(&scenario));
     let Outcome::Failed(reason) = &report.outcome else {
@@ -258,6 +264,7 @@ fn copies_that_keep_failing_fail_the_job_cleanly() {
 #[test]
 fn transient_errors_and_throttling_are_survived() {
     let mut scenario = Scenario::new(8, 16, 64 * MIB, Strategy::Fanout);
+    scenario.copy_method = CopyMethod::Async;
     scenario.sim.transient_failure_rate = 0.1;
     // 20% of copies fail: some replicas need a second try, and three failures
     // in a row (0.8%) are rare enough for the seed to complete.
@@ -382,10 +389,12 @@ fn a_hung_checkpoint_write_does_not_stall_the_copies() {
 #[test]
 fn polls_follow_the_copy_progress() {
     const GIB: u64 = 1024 * MIB;
-    let scenario = Scenario::new(1, 1, 6 * GIB, Strategy::Fanout);
+    let mut scenario = Scenario::new(1, 1, 6 * GIB, Strategy::Fanout);
+    scenario.copy_method = CopyMethod::Async;
     let report = runtime().block_on(run(&scenario));
     assert_eq!(report.outcome, Outcome::Completed, "{:?}", report.error);
-    let copy = Duration::from_secs_f64((6 * GIB + 512) as f64 / (60 * MIB) as f64);
+    let copy =
+        Duration::from_secs_f64((6 * GIB + 512) as f64 / scenario.sim.async_cross_account_bps);
     // The rest of the job (checks, snapshot, documents, hand-off) is a few dozen
     // requests of 5 ms each.
     let overhead = Duration::from_millis(500);

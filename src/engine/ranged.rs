@@ -19,8 +19,9 @@ pub(super) const META_METHOD: &str = "vhdrep_method";
 /// Writes in flight per blob at first, and at most.
 const PACER_START: f64 = 8.0;
 const PACER_MAX: f64 = 32.0;
-/// Writes of one range that failed transiently (after the request retries)
-/// before the copy gives up.
+/// Times one range may fail transiently (after the request retries) before
+/// the copy gives up; a long copy meets many passing failures, so the count is
+/// per range (AzCopy likewise retries each chunk).
 const MAX_RANGE_RETRIES: u32 = 8;
 
 /// The per-blob pacer: one more write in flight per window of successes, half
@@ -176,7 +177,7 @@ impl Engine {
         let mut pending: VecDeque<Range<u64>> = todo.into();
         let mut inflight = FuturesUnordered::new();
         let mut pacer = Pacer::default();
-        let mut retries = 0u32;
+        let mut retries: std::collections::HashMap<u64, u32> = std::collections::HashMap::new();
         loop {
             while inflight.len() < pacer.limit() {
                 let Some(r) = pending.pop_front() else { break };
@@ -213,8 +214,11 @@ impl Engine {
                         x.state = ReplicaState::Copying;
                     });
                 }
-                Err(e) if e.class.is_retryable() && retries < MAX_RANGE_RETRIES => {
-                    retries += 1;
+                Err(e)
+                    if e.class.is_retryable()
+                        && *retries.entry(r.start).or_default() < MAX_RANGE_RETRIES =>
+                {
+                    *retries.entry(r.start).or_default() += 1;
                     pacer.on_busy();
                     tracing::debug!(replica = rec.index, error = %e, "a range write failed; writing it again later");
                     pending.push_back(r);

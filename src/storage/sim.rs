@@ -7,6 +7,13 @@
 //! - a cross-account copy moves at the smallest of its shares of the source blob's
 //!   read bandwidth (60 MiB/s by default, shared by every copy reading that blob),
 //!   the source account's egress and the destination account's ingress;
+//! - an async cross-account copy also runs at most at a best-effort rate (users
+//!   report 35-45 MB/s), and optionally one at a time per destination account;
+//! - a ranged write (Put Page From URL) is synchronous: it returns when its bytes
+//!   have flowed at the smallest of its shares of the source blob's read
+//!   bandwidth, the destination blob's write bandwidth (60 MiB/s) and the
+//!   accounts' egress and ingress; one blob answers at most
+//!   `blob_requests_per_second` writes per second and 503 ServerBusy beyond;
 //! - a copy inside one account is fast (its own rate, no shared limit);
 //! - each account answers at most `requests_per_second` requests per second and
 //!   503 ServerBusy beyond (with Retry-After when configured);
@@ -47,6 +54,16 @@ pub struct SimConfig {
     pub account_egress_bps: f64,
     /// Rate of one copy inside an account, bytes per second.
     pub same_account_bps: f64,
+    /// Write bandwidth of one page blob, bytes per second (Azure: a 60 MiB/s target).
+    pub blob_write_bps: f64,
+    /// Writes one blob answers per second before 503 ServerBusy (Azure: 500).
+    pub blob_requests_per_second: u32,
+    /// Best-effort rate of one async copy between accounts, bytes per second
+    /// (users report 35-45 MB/s).
+    pub async_cross_account_bps: f64,
+    /// Async copies into one account run one after another (reported by users;
+    /// off by default).
+    pub async_serial_per_account: bool,
     /// Requests one account answers per second before 503 ServerBusy.
     pub requests_per_second: u32,
     /// Retry-After sent with a 503, if any.
@@ -80,6 +97,10 @@ impl Default for SimConfig {
             account_ingress_bps: 25e9 / 8.0,
             account_egress_bps: 50e9 / 8.0,
             same_account_bps: 2048.0 * MIB,
+            blob_write_bps: 60.0 * MIB,
+            blob_requests_per_second: 500,
+            async_cross_account_bps: 40e6,
+            async_serial_per_account: false,
             requests_per_second: 20_000,
             retry_after: None,
             transient_failure_rate: 0.0,
@@ -137,14 +158,22 @@ pub struct SimStats {
 #[derive(Debug, Clone)]
 enum Content {
     Real(Bytes),
-    Virtual { len: u64, tail: Bytes },
+    Virtual {
+        len: u64,
+        tail: Bytes,
+    },
+    /// A page blob written page by page: only its non-zero pieces are kept.
+    Sparse {
+        len: u64,
+        pieces: BTreeMap<u64, Bytes>,
+    },
 }
 
 impl Content {
     fn len(&self) -> u64 {
         match self {
             Content::Real(b) => b.len() as u64,
-            Content::Virtual { len, .. } => *len,
+            Content::Virtual { len, .. } | Content::Sparse { len, .. } => *len,
         }
     }
 
@@ -152,17 +181,70 @@ impl Content {
         let len = self.len();
         let r = range.unwrap_or(0..len);
         let (start, end) = (r.start.min(len), r.end.min(len));
+        if let Content::Real(b) = self {
+            return b.slice(start as usize..end as usize);
+        }
+        let mut out = vec![0u8; (end - start) as usize];
+        for (at, piece) in self.pieces(start..end) {
+            let o = (at - start) as usize;
+            out[o..o + piece.len()].copy_from_slice(&piece);
+        }
+        Bytes::from(out)
+    }
+
+    /// The pieces of `range` that may hold non-zero bytes, with their offsets.
+    fn pieces(&self, range: std::ops::Range<u64>) -> Vec<(u64, Bytes)> {
+        let cut = |at: u64, b: &Bytes| -> Option<(u64, Bytes)> {
+            let end = at + b.len() as u64;
+            let (s, e) = (at.max(range.start), end.min(range.end));
+            (s < e).then(|| (s, b.slice((s - at) as usize..(e - at) as usize)))
+        };
         match self {
-            Content::Real(b) => b.slice(start as usize..end as usize),
+            Content::Real(b) => cut(0, b).into_iter().collect(),
             Content::Virtual { len, tail } => {
-                let tail_start = len - tail.len() as u64;
-                let mut out = vec![0u8; (end - start) as usize];
-                for (i, pos) in (start..end).enumerate() {
-                    if pos >= tail_start {
-                        out[i] = tail[(pos - tail_start) as usize];
+                cut(len - tail.len() as u64, tail).into_iter().collect()
+            }
+            Content::Sparse { pieces, .. } => pieces
+                .range(..range.end)
+                .filter_map(|(at, b)| cut(*at, b))
+                .collect(),
+        }
+    }
+
+    /// Writes `data` at `at` (a page write).
+    fn write(&mut self, at: u64, data: &[(u64, Bytes)], len: u64) {
+        match self {
+            Content::Real(old) => {
+                let mut bytes = old.to_vec();
+                bytes[at as usize..(at + len) as usize].fill(0);
+                for (o, piece) in data {
+                    bytes[*o as usize..*o as usize + piece.len()].copy_from_slice(piece);
+                }
+                *old = Bytes::from(bytes);
+            }
+            Content::Virtual { .. } => unreachable!("virtual blobs are not written"),
+            Content::Sparse { pieces, .. } => {
+                let end = at + len;
+                let hit: Vec<u64> = pieces
+                    .range(..end)
+                    .filter(|(s, b)| **s + b.len() as u64 > at)
+                    .map(|(s, _)| *s)
+                    .collect();
+                for s in hit {
+                    let b = pieces.remove(&s).expect("listed piece");
+                    let e = s + b.len() as u64;
+                    if s < at {
+                        pieces.insert(s, b.slice(..(at - s) as usize));
+                    }
+                    if e > end {
+                        pieces.insert(end, b.slice((end - s) as usize..));
                     }
                 }
-                Bytes::from(out)
+                for (o, piece) in data {
+                    if piece.iter().any(|b| *b != 0) {
+                        pieces.insert(*o, piece.clone());
+                    }
+                }
             }
         }
     }
@@ -205,6 +287,12 @@ struct Flow {
     done: f64,
     same_account: bool,
     fails_at: Option<f64>,
+    /// A synchronous ranged write (Put Page From URL), not an async copy.
+    ranged: bool,
+    /// Order of starting.
+    seq: u64,
+    /// The source's written pages, given to the destination at the end.
+    written: Option<Vec<std::ops::Range<u64>>>,
 }
 
 #[derive(Debug)]
@@ -215,6 +303,7 @@ struct State {
     flows: Vec<Flow>,
     last: Instant,
     next_etag: u64,
+    next_flow: u64,
     next_snapshot: u64,
     windows: HashMap<String, (u64, u32)>,
     stats: SimStats,
@@ -242,6 +331,7 @@ impl SimStore {
                 flows: Vec::new(),
                 last: now,
                 next_etag: 0,
+                next_flow: 0,
                 next_snapshot: 0,
                 windows: HashMap::new(),
                 stats: SimStats::default(),
@@ -416,34 +506,179 @@ fn finish(s: &mut State, f: Flow) {
                 c.copied = c.total;
                 b.content = f.content;
                 b.kind = f.kind;
+                b.written = f.written;
             }
         }
     }
 }
 
 /// Each flow's rate: same-account copies at their own rate; cross-account copies
-/// at the smallest of their fair shares of blob read, egress and ingress bandwidth.
+/// and ranged writes at the smallest of their fair shares of blob read, egress and
+/// ingress bandwidth, ranged writes also of the destination blob's write
+/// bandwidth, async copies also at most their best-effort rate (and, when
+/// serialized, only the oldest into each account moving).
 fn rates(cfg: &SimConfig, flows: &[Flow]) -> Vec<f64> {
+    let mut oldest: HashMap<&str, u64> = HashMap::new();
+    if cfg.async_serial_per_account {
+        for f in flows.iter().filter(|f| !f.same_account && !f.ranged) {
+            let o = oldest.entry(&f.dest.account).or_insert(f.seq);
+            *o = (*o).min(f.seq);
+        }
+    }
+    let waiting = |f: &Flow| {
+        !f.same_account
+            && !f.ranged
+            && oldest
+                .get(f.dest.account.as_str())
+                .is_some_and(|o| *o != f.seq)
+    };
     let mut readers: HashMap<&BlobPath, u32> = HashMap::new();
+    let mut writers: HashMap<&BlobPath, u32> = HashMap::new();
     let mut egress: HashMap<&str, u32> = HashMap::new();
     let mut ingress: HashMap<&str, u32> = HashMap::new();
-    for f in flows.iter().filter(|f| !f.same_account) {
+    for f in flows
+        .iter()
+        .filter(|f| (f.ranged || !f.same_account) && !waiting(f))
+    {
         *readers.entry(&f.source).or_default() += 1;
         *egress.entry(&f.source.account).or_default() += 1;
         *ingress.entry(&f.dest.account).or_default() += 1;
+        if f.ranged {
+            *writers.entry(&f.dest).or_default() += 1;
+        }
     }
     flows
         .iter()
         .map(|f| {
-            if f.same_account {
-                cfg.same_account_bps
+            if f.same_account && !f.ranged {
+                return cfg.same_account_bps;
+            }
+            if waiting(f) {
+                return 0.0;
+            }
+            let mut r = cfg.account_egress_bps
+                / egress.get(f.source.account.as_str()).copied().unwrap_or(1) as f64;
+            r = r.min(
+                cfg.account_ingress_bps
+                    / ingress.get(f.dest.account.as_str()).copied().unwrap_or(1) as f64,
+            );
+            r = r.min(cfg.blob_read_bps / readers.get(&f.source).copied().unwrap_or(1) as f64);
+            if f.ranged {
+                r.min(cfg.blob_write_bps / writers.get(&f.dest).copied().unwrap_or(1) as f64)
             } else {
-                (cfg.blob_read_bps / readers[&f.source] as f64)
-                    .min(cfg.account_egress_bps / egress[f.source.account.as_str()] as f64)
-                    .min(cfg.account_ingress_bps / ingress[f.dest.account.as_str()] as f64)
+                r.min(cfg.async_cross_account_bps)
             }
         })
         .collect()
+}
+
+/// Takes a ranged write out of the flows when its request ends or is dropped.
+struct FlowGuard<'a> {
+    store: &'a SimStore,
+    id: String,
+}
+
+impl Drop for FlowGuard<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut s) = self.store.state.lock() {
+            s.flows.retain(|f| f.id != self.id);
+        }
+    }
+}
+
+impl SimStore {
+    /// Creates a page blob of `len` bytes whose last bytes are `tail` and whose
+    /// written pages are `written` (the rest of the data reads as zeroes), without
+    /// storing them: a sparse VHD.
+    pub fn put_virtual_sparse_page_blob(
+        &self,
+        blob: &BlobPath,
+        len: u64,
+        tail: Bytes,
+        written: Vec<std::ops::Range<u64>>,
+    ) {
+        self.put_virtual_page_blob(blob, len, tail);
+        let mut s = self.state.lock().expect("sim lock");
+        if let Some(b) = s.blobs.get_mut(blob) {
+            b.written = Some(super::merge_ranges(written));
+        }
+    }
+
+    /// The checks of Put Page From URL, in the service's order: the range, the
+    /// source and its authorization, the blob's request rate, the destination.
+    fn check_page_write(
+        &self,
+        s: &mut State,
+        dest: &BlobPath,
+        range: &std::ops::Range<u64>,
+        source_url: &str,
+    ) -> StorageResult<BlobPath> {
+        const OP: &str = "put_page_from_url";
+        let aligned = range.start.is_multiple_of(512) && range.end.is_multiple_of(512);
+        if !aligned || range.is_empty() || range.end - range.start > super::MAX_PAGES_FROM_URL {
+            return Err(StorageError::http(OP, dest, 400, Some("InvalidPageRange")));
+        }
+        let source = copy_source(OP, dest, source_url)?;
+        let second = Instant::now()
+            .saturating_duration_since(self.epoch)
+            .as_secs();
+        let window = s
+            .windows
+            .entry(format!("blob {dest}"))
+            .or_insert((second, 0));
+        if window.0 != second {
+            *window = (second, 0);
+        }
+        window.1 += 1;
+        if window.1 > self.cfg.blob_requests_per_second {
+            s.stats.throttled += 1;
+            let mut e = StorageError::http(OP, dest, 503, Some("ServerBusy"));
+            e.message = "HTTP 503 ServerBusy: the blob is over its request rate.".into();
+            e.retry_after = self.cfg.retry_after;
+            return Err(e);
+        }
+        if !s.blobs.contains_key(&source) {
+            return Err(StorageError::http(
+                OP,
+                dest,
+                404,
+                Some("CannotVerifyCopySource"),
+            ));
+        }
+        match s.blobs.get(dest) {
+            None => return Err(not_found(OP, dest)),
+            Some(b) if matches!(b.content, Content::Virtual { .. }) => {
+                return Err(StorageError::other(
+                    OP,
+                    dest,
+                    ErrorClass::Invalid,
+                    "a simulated blob without real content",
+                ))
+            }
+            Some(b) if range.end > b.content.len() => {
+                return Err(StorageError::http(OP, dest, 416, Some("InvalidPageRange")))
+            }
+            Some(_) => {}
+        }
+        Ok(source)
+    }
+
+    /// Waits until the ranged write `id` has moved its bytes.
+    async fn flow_done(&self, id: &str) {
+        loop {
+            let wait = {
+                let mut s = self.state.lock().expect("sim lock");
+                advance(&self.cfg, &mut s, Instant::now());
+                let Some(i) = s.flows.iter().position(|f| f.id == id) else {
+                    return;
+                };
+                let rate = rates(&self.cfg, &s.flows)[i];
+                let f = &s.flows[i];
+                ((f.total - f.done).max(0.0) / rate.max(1.0)).min(3600.0)
+            };
+            tokio::time::sleep(Duration::from_secs_f64(wait).max(Duration::from_millis(1))).await;
+        }
+    }
 }
 
 fn not_found(op: &'static str, blob: &BlobPath) -> StorageError {
@@ -475,14 +710,18 @@ impl BlobStore for SimStore {
     async fn properties(&self, blob: &BlobPath) -> StorageResult<BlobProperties> {
         let mut s = self.admit("get_properties", &blob.account, blob).await?;
         s.stats.status_requests += 1;
-        let flows: HashMap<String, f64> = s.flows.iter().map(|f| (f.id.clone(), f.done)).collect();
+        let flows: HashMap<String, f64> = s
+            .flows
+            .iter()
+            .map(|f| (f.id.clone(), f.done / f.total.max(1.0)))
+            .collect();
         let b = s
             .blobs
             .get(blob)
             .ok_or_else(|| not_found("get_properties", blob))?;
         let copy = b.copy.clone().map(|mut c| {
-            if let Some(done) = flows.get(&c.id) {
-                c.copied = *done as u64;
+            if let Some(share) = flows.get(&c.id) {
+                c.copied = (c.total as f64 * share) as u64;
             }
             c
         });
@@ -522,22 +761,7 @@ impl BlobStore for SimStore {
     ) -> StorageResult<CopyStarted> {
         const OP: &str = "start_copy";
         let mut s = self.admit(OP, &dest.account, dest).await?;
-        let source = parse_source(source_url).ok_or_else(|| {
-            StorageError::other(
-                OP,
-                dest,
-                ErrorClass::Invalid,
-                "copy source is not a URL of this store",
-            )
-        })?;
-        if source.account != dest.account && !source_url.contains("sig=") {
-            return Err(StorageError::http(
-                OP,
-                dest,
-                403,
-                Some("CannotVerifyCopySource"),
-            ));
-        }
+        let source = copy_source(OP, dest, source_url)?;
         if !s
             .containers
             .contains(&(dest.account.clone(), dest.container.clone()))
@@ -591,16 +815,25 @@ impl BlobStore for SimStore {
                 written: None,
             },
         );
+        // Only a page blob's written pages move.
+        let moved: u64 = src
+            .written
+            .as_ref()
+            .map_or(total, |w| w.iter().map(|r| r.end - r.start).sum());
+        s.next_flow += 1;
         let flow = Flow {
             id: id.clone(),
             dest: dest.clone(),
             source,
             content: src.content,
             kind: src.kind,
-            total: total as f64,
+            total: moved as f64,
             done: 0.0,
             same_account,
             fails_at,
+            ranged: false,
+            seq: s.next_flow,
+            written: src.written,
         };
         if self.cfg.instant_copies {
             finish(&mut s, flow);
@@ -747,6 +980,12 @@ impl BlobStore for SimStore {
             // unwritten, as our own uploads leave them.
             Content::Real(data) => written_pages(data),
             Content::Virtual { len, .. } => std::iter::once(0..*len).collect(),
+            Content::Sparse { pieces, .. } => super::merge_ranges(
+                pieces
+                    .iter()
+                    .map(|(at, b)| *at..*at + b.len() as u64)
+                    .collect(),
+            ),
         }))
     }
 
@@ -777,7 +1016,10 @@ impl BlobStore for SimStore {
         s.blobs.insert(
             blob.clone(),
             Blob {
-                content: Content::Real(Bytes::from(vec![0u8; len as usize])),
+                content: Content::Sparse {
+                    len,
+                    pieces: BTreeMap::new(),
+                },
                 kind: BlobKind::Page,
                 etag,
                 metadata: metadata.clone(),
@@ -796,50 +1038,51 @@ impl BlobStore for SimStore {
         source_url: &str,
     ) -> StorageResult<()> {
         const OP: &str = "put_page_from_url";
-        let mut s = self.admit(OP, &dest.account, dest).await?;
-        let aligned = range.start.is_multiple_of(512) && range.end.is_multiple_of(512);
-        if !aligned || range.is_empty() || range.end - range.start > super::MAX_PAGES_FROM_URL {
-            return Err(StorageError::http(OP, dest, 400, Some("InvalidPageRange")));
+        let len = range.end - range.start;
+        let (source, flow) = {
+            let mut s = self.admit(OP, &dest.account, dest).await?;
+            let source = self.check_page_write(&mut s, dest, &range, source_url)?;
+            // The bytes flow for as long as the shared bandwidths say; the call
+            // returns when they have.
+            s.next_flow += 1;
+            let seq = s.next_flow;
+            let id = format!("range-{seq}");
+            if !self.cfg.instant_copies {
+                s.flows.push(Flow {
+                    id: id.clone(),
+                    dest: dest.clone(),
+                    source: source.clone(),
+                    content: Content::Real(Bytes::new()),
+                    kind: BlobKind::Page,
+                    total: len as f64,
+                    done: 0.0,
+                    same_account: source.account == dest.account,
+                    fails_at: None,
+                    ranged: true,
+                    seq,
+                    written: None,
+                });
+            }
+            (source, (!self.cfg.instant_copies).then_some(id))
+        };
+        if let Some(id) = flow {
+            let guard = FlowGuard { store: self, id };
+            self.flow_done(&guard.id).await;
         }
-        let source = parse_source(source_url).ok_or_else(|| {
-            StorageError::other(
-                OP,
-                dest,
-                ErrorClass::Invalid,
-                "source is not a URL of this store",
-            )
-        })?;
-        if source.account != dest.account && !source_url.contains("sig=") {
-            return Err(StorageError::http(
-                OP,
-                dest,
-                403,
-                Some("CannotVerifyCopySource"),
-            ));
-        }
+        let mut s = self.state.lock().expect("sim lock");
         let data = s
             .blobs
             .get(&source)
             .ok_or_else(|| StorageError::http(OP, dest, 404, Some("CannotVerifyCopySource")))?
             .content
-            .read(Some(range.clone()));
+            .pieces(range.clone());
         s.next_etag += 1;
         let etag = s.next_etag;
         let b = s.blobs.get_mut(dest).ok_or_else(|| not_found(OP, dest))?;
-        let Content::Real(old) = &b.content else {
-            return Err(StorageError::other(
-                OP,
-                dest,
-                ErrorClass::Invalid,
-                "a simulated blob without real content",
-            ));
-        };
-        if range.end > old.len() as u64 {
+        if range.end > b.content.len() || matches!(b.content, Content::Virtual { .. }) {
             return Err(StorageError::http(OP, dest, 416, Some("InvalidPageRange")));
         }
-        let mut bytes = old.to_vec();
-        bytes[range.start as usize..range.end as usize].copy_from_slice(&data);
-        b.content = Content::Real(Bytes::from(bytes));
+        b.content.write(range.start, &data, len);
         let mut written = b.written.take().unwrap_or_default();
         written.push(range);
         b.written = Some(super::merge_ranges(written));
@@ -923,6 +1166,28 @@ fn check_condition(
         }
         _ => Ok(()),
     }
+}
+
+/// The blob a copy source URL names, refused as the service does when it
+/// crosses accounts without a signature.
+fn copy_source(op: &'static str, dest: &BlobPath, source_url: &str) -> StorageResult<BlobPath> {
+    let source = parse_source(source_url).ok_or_else(|| {
+        StorageError::other(
+            op,
+            dest,
+            ErrorClass::Invalid,
+            "copy source is not a URL of this store",
+        )
+    })?;
+    if source.account != dest.account && !source_url.contains("sig=") {
+        return Err(StorageError::http(
+            op,
+            dest,
+            403,
+            Some("CannotVerifyCopySource"),
+        ));
+    }
+    Ok(source)
 }
 
 /// Parses a URL made by [`url_of`] (query parameters such as a SAS ignored).
@@ -1072,13 +1337,13 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(started.state, CopyState::Pending);
-        tokio::time::advance(Duration::from_secs(51)).await;
+        tokio::time::advance(Duration::from_secs(160)).await;
         let p = store.properties(&dest).await.unwrap();
         let c = p.copy.unwrap();
         assert_eq!(c.state, CopyState::Pending);
         assert!(c.copied > 0 && c.copied < c.total);
-        // 6 GiB at 60 MiB/s: 102.4 s.
-        tokio::time::advance(Duration::from_secs(52)).await;
+        // 6 GiB at the best-effort 40 MB/s (under the blob's 60 MiB/s): 161.1 s.
+        tokio::time::advance(Duration::from_secs(2)).await;
         let p = store.properties(&dest).await.unwrap();
         assert_eq!(p.copy.unwrap().state, CopyState::Success);
         assert_eq!(p.len, len);
@@ -1145,5 +1410,176 @@ mod tests {
         tokio::time::advance(Duration::from_secs(1)).await;
         store.ensure_container("a", "c").await.unwrap();
         assert_eq!(store.stats().throttled, 3);
+    }
+
+    /// A ranged write is synchronous and takes its share of the destination
+    /// blob's write bandwidth; the blob's request rate answers 503 beyond; a
+    /// sparse virtual source moves only its written pages, and its replica
+    /// (ranged or async) has the same page ranges and footer.
+    #[tokio::test(start_paused = true)]
+    async fn ranged_writes_take_the_blobs_bandwidth_and_keep_sparseness() {
+        const M: u64 = 1024 * 1024;
+        let store = std::sync::Arc::new(SimStore::new(SimConfig {
+            latency: Duration::ZERO,
+            blob_requests_per_second: 4,
+            ..Default::default()
+        }));
+        let src = BlobPath::new("src", "c", "d.vhd");
+        let len = 1024 * M + 512;
+        let footer = crate::vhd::fixed_footer(len - 512, [1; 16]);
+        let written = vec![0..8 * M, 512 * M..520 * M, len - 512..len];
+        store.put_virtual_sparse_page_blob(
+            &src,
+            len,
+            Bytes::copy_from_slice(&footer),
+            written.clone(),
+        );
+        store.ensure_container("dst", "c").await.unwrap();
+        let dest = BlobPath::new("dst", "c", "d.vhd");
+        store
+            .create_page_blob(&dest, len, &Metadata::new())
+            .await
+            .unwrap();
+        let url = store
+            .copy_source_url(&src, "dst", OffsetDateTime::now_utc())
+            .await
+            .unwrap();
+        // One 4 MiB write alone: 4 MiB at 60 MiB/s.
+        let t = Instant::now();
+        store
+            .put_pages_from_url(&dest, 0..4 * M, &url)
+            .await
+            .unwrap();
+        let one = t.elapsed().as_secs_f64();
+        assert!((one - 4.0 / 60.0).abs() < 0.01, "{one}");
+        // Two at once share the blob: both take twice as long.
+        let t = Instant::now();
+        let (a, b) = tokio::join!(
+            store.put_pages_from_url(&dest, 4 * M..8 * M, &url),
+            store.put_pages_from_url(&dest, 512 * M..516 * M, &url)
+        );
+        a.unwrap();
+        b.unwrap();
+        let two = t.elapsed().as_secs_f64();
+        assert!((two - 8.0 / 60.0).abs() < 0.01, "{two}");
+        // The fourth write in one second is refused (the blob's rate is 4/s here).
+        let busy = store
+            .put_pages_from_url(&dest, 516 * M..520 * M, &url)
+            .await;
+        let busy = match busy {
+            Err(e) => e,
+            Ok(()) => store
+                .put_pages_from_url(&dest, 516 * M..520 * M, &url)
+                .await
+                .unwrap_err(),
+        };
+        assert_eq!(
+            (busy.status, busy.code.as_deref()),
+            (Some(503), Some("ServerBusy"))
+        );
+        tokio::time::advance(Duration::from_secs(1)).await;
+        store
+            .put_pages_from_url(&dest, 516 * M..520 * M, &url)
+            .await
+            .unwrap();
+        store
+            .put_pages_from_url(&dest, len - 512..len, &url)
+            .await
+            .unwrap();
+        assert_eq!(store.page_ranges(&dest).await.unwrap(), written);
+        let (tail, _) = store.read(&dest, Some(len - 512..len)).await.unwrap();
+        crate::vhd::check_footer(&tail, len).unwrap();
+        // An async copy of the sparse source moves 16 MiB (at the best-effort
+        // rate), not 1 GiB, and keeps the page ranges.
+        let copy = BlobPath::new("dst", "c", "async.vhd");
+        let t = Instant::now();
+        store
+            .start_copy(&copy, &url, &Metadata::new())
+            .await
+            .unwrap();
+        loop {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            let p = store.properties(&copy).await.unwrap();
+            if p.copy.unwrap().state == CopyState::Success {
+                break;
+            }
+        }
+        let took = t.elapsed().as_secs_f64();
+        assert!((took - (16 * M + 512) as f64 / 40e6).abs() < 0.02, "{took}");
+        assert_eq!(store.page_ranges(&copy).await.unwrap(), written);
+    }
+
+    /// A dropped ranged write (a cancelled copy) stops taking bandwidth.
+    #[tokio::test(start_paused = true)]
+    async fn a_dropped_ranged_write_leaves_the_bandwidth() {
+        const M: u64 = 1024 * 1024;
+        let store = SimStore::new(SimConfig {
+            latency: Duration::ZERO,
+            ..Default::default()
+        });
+        let src = BlobPath::new("src", "c", "d.vhd");
+        vhd(&store, &src, 1);
+        store.ensure_container("dst", "c").await.unwrap();
+        let dest = BlobPath::new("dst", "c", "d.vhd");
+        store
+            .create_page_blob(&dest, 1024 * M + 512, &Metadata::new())
+            .await
+            .unwrap();
+        let url = store
+            .copy_source_url(&src, "dst", OffsetDateTime::now_utc())
+            .await
+            .unwrap();
+        let dropped = tokio::time::timeout(
+            Duration::from_millis(10),
+            store.put_pages_from_url(&dest, 0..4 * M, &url),
+        )
+        .await;
+        assert!(dropped.is_err(), "the write was still moving");
+        assert!(store.state.lock().unwrap().flows.is_empty());
+        assert!(store.page_ranges(&dest).await.unwrap().is_empty());
+    }
+
+    /// With async copies serialized per account, the second copy into an
+    /// account starts moving only when the first is done.
+    #[tokio::test(start_paused = true)]
+    async fn serialized_async_copies_run_one_after_another() {
+        let store = SimStore::new(SimConfig {
+            latency: Duration::ZERO,
+            async_serial_per_account: true,
+            ..Default::default()
+        });
+        let src = BlobPath::new("src", "c", "d.vhd");
+        vhd(&store, &src, 1);
+        store.ensure_container("dst", "c").await.unwrap();
+        let url = store
+            .copy_source_url(&src, "dst", OffsetDateTime::now_utc())
+            .await
+            .unwrap();
+        for n in ["x", "y"] {
+            store
+                .start_copy(&BlobPath::new("dst", "c", n), &url, &Metadata::new())
+                .await
+                .unwrap();
+        }
+        // 1 GiB at 40 MB/s: 26.8 s for the first; the second has not moved.
+        tokio::time::advance(Duration::from_secs(27)).await;
+        let x = store
+            .properties(&BlobPath::new("dst", "c", "x"))
+            .await
+            .unwrap();
+        let y = store
+            .properties(&BlobPath::new("dst", "c", "y"))
+            .await
+            .unwrap();
+        assert_eq!(x.copy.unwrap().state, CopyState::Success);
+        let y = y.copy.unwrap();
+        assert_eq!(y.state, CopyState::Pending);
+        assert!(y.copied < y.total / 50, "{}", y.copied);
+        tokio::time::advance(Duration::from_secs(27)).await;
+        let y = store
+            .properties(&BlobPath::new("dst", "c", "y"))
+            .await
+            .unwrap();
+        assert_eq!(y.copy.unwrap().state, CopyState::Success);
     }
 }
