@@ -298,6 +298,10 @@ pub struct EngineSettings {
     /// How replicas are copied: `auto` (ranged across accounts, asynchronous
     /// Copy Blob inside one), `async` (always Copy Blob), `ranges` (always ranged).
     pub copy_method: CopyMethod,
+    /// Seed accounts in parallel from short-lived same-account copies (relays)
+    /// when every blob that could seed them is busy (fan-out only).
+    #[serde(default = "default_true")]
+    pub relays: bool,
 }
 
 impl Default for EngineSettings {
@@ -316,6 +320,7 @@ impl Default for EngineSettings {
             connect_timeout_seconds: 10,
             request_timeout_seconds: 30,
             copy_method: CopyMethod::Auto,
+            relays: true,
         }
     }
 }

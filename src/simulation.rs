@@ -136,6 +136,9 @@ pub struct Report {
     pub metrics: String,
     /// Snapshots of the source left at the end, with their metadata.
     pub source_snapshots: Vec<(String, crate::storage::Metadata)>,
+    /// Relays left beside the source at the end (those in destination
+    /// containers are among `destination_blobs`).
+    pub relays_left: Vec<String>,
 }
 
 impl Report {
@@ -171,12 +174,13 @@ pub fn account_names(n: usize) -> Vec<String> {
 fn settings_for(scenario: &Scenario) -> crate::config::ValidatedSettings {
     let mut toml = format!(
         "[batch]\nsubscription = \"sim\"\nregion = \"sim\"\n[control]\naccount = \"ops\"\n\
-         [handoff]\nvm_size = \"STANDARD_D2_V3\"\n[engine]\ncopy_method = \"{}\"\nstrategy = \"{}\"\nmax_reads_per_source = {}\n",
+         [handoff]\nvm_size = \"STANDARD_D2_V3\"\n[engine]\ncopy_method = \"{}\"\nrelays = {}\nstrategy = \"{}\"\nmax_reads_per_source = {}\n",
         match scenario.copy_method {
             CopyMethod::Auto => "auto",
             CopyMethod::Async => "async",
             CopyMethod::Ranges => "ranges",
         },
+        scenario.relays,
         match scenario.strategy {
             Strategy::Fanout => "fanout",
             Strategy::Naive => "naive",
@@ -200,6 +204,16 @@ fn settings_for(scenario: &Scenario) -> crate::config::ValidatedSettings {
         .expect("simulation config parses")
         .validate(&DummyKeys)
         .expect("simulation config validates")
+}
+
+/// The names under `prefix`, asked until the (faulty) store answers.
+async fn list(store: &SimStore, account: &str, container: &str, prefix: &str) -> Vec<String> {
+    loop {
+        match store.list(account, container, prefix).await {
+            Ok(n) => return n,
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
 }
 
 /// Runs one job of `scenario` to its end on the simulated store.
@@ -265,15 +279,7 @@ pub async fn run(scenario: &Scenario) -> Report {
     };
     let mut destination_blobs = Vec::new();
     for account in account_names(scenario.accounts) {
-        let names = loop {
-            match store
-                .list(&account, crate::job::DEFAULT_CONTAINER, "")
-                .await
-            {
-                Ok(n) => break n,
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-            }
-        };
+        let names = list(&store, &account, crate::job::DEFAULT_CONTAINER, "").await;
         destination_blobs.extend(
             names
                 .into_iter()
@@ -294,7 +300,15 @@ pub async fn run(scenario: &Scenario) -> Report {
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     };
+    let relays_left = list(
+        &store,
+        &source.account,
+        &source.container,
+        crate::engine::relay::RELAY_PREFIX,
+    )
+    .await;
     Report {
+        relays_left,
         source_snapshots,
         outcome,
         makespan,

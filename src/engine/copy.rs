@@ -19,15 +19,22 @@ impl Engine {
     ) -> Result<(), Failure> {
         let records = live.lock().expect("live doc lock").replicas.clone();
         let (verified, targets) = self.recheck(job, &records, snapshot, source_len).await?;
+        // Relays an interrupted run left are deleted first: new ones take their names.
+        self.delete_relays(live).await;
         let strategy = self.settings.engine.strategy;
+        let mut sched = Scheduler::new(
+            strategy,
+            self.settings.engine.max_reads_per_source,
+            &job.source.account,
+            targets,
+            verified,
+        );
+        if self.settings.engine.relays {
+            sched.enable_relays(self.relay_room(job, &records));
+        }
         let mut run = CopyRun {
-            sched: Scheduler::new(
-                strategy,
-                self.settings.engine.max_reads_per_source,
-                &job.source.account,
-                targets,
-                verified,
-            ),
+            sched,
+            relay_blobs: HashMap::new(),
             fanout: strategy == Strategy::Fanout,
             attempts: HashMap::new(),
             fatal: Vec::new(),
@@ -69,7 +76,10 @@ impl Engine {
             tokio::select! {
                 Some(done) = copies.next(), if !copies.is_empty() => {
                     checkpoint.note_transition();
-                    self.copy_done(&mut run, done, live, &token, source_len);
+                    match done {
+                        Finished::Copy(done) => self.copy_done(&mut run, done, live, &token, source_len),
+                        Finished::Relay(pick, result) => self.relay_done(&mut run, &pick, result, &token),
+                    }
                 },
                 written = in_flight(&mut saving), if saving.is_some() => {
                     saving = None;
@@ -94,6 +104,9 @@ impl Engine {
         // carries the same state and more (a write dropped after it landed only
         // costs that next write one ETag round).
         drop(saving);
+        if run.lost.is_none() {
+            self.delete_relays(live).await;
+        }
         self.copy_run_end(run, job, live, checkpoint, stop).await
     }
 
@@ -137,7 +150,7 @@ impl Engine {
     fn launch_ready<'a>(
         &'a self,
         run: &mut CopyRun,
-        copies: &mut FuturesUnordered<futures::future::BoxFuture<'a, CopyDone>>,
+        copies: &mut FuturesUnordered<futures::future::BoxFuture<'a, Finished>>,
         ctx: &'a CopyContext<'a>,
         records: &[ReplicaRecord],
         snapshot_blob: &BlobPath,
@@ -157,10 +170,7 @@ impl Engine {
                 let Some(pick) = run.sched.next_for(&account) else {
                     break;
                 };
-                let source = match run.sched.sources()[pick.source].replica {
-                    None => snapshot_blob.clone(),
-                    Some(i) => blob_of(i).blob,
-                };
+                let source = run.source_blob(pick.source, snapshot_blob, &blob_of);
                 let record = blob_of(pick.index);
                 let account = account.clone();
                 copies.push(Box::pin(async move {
@@ -171,17 +181,70 @@ impl Engine {
                     let result = self.copy_once(ctx, &record, &source).await;
                     drop(in_flight);
                     drop(slot);
-                    CopyDone {
+                    Finished::Copy(CopyDone {
                         pick,
                         account,
                         source_account: source.account.clone(),
                         took: started.elapsed(),
                         result,
-                    }
+                    })
                 }));
             }
         }
+        self.launch_relays(run, copies, ctx, snapshot_blob, &blob_of);
         Ok(())
+    }
+
+    /// Starts the relays the scheduler asks for, within the account gates.
+    fn launch_relays<'a>(
+        &'a self,
+        run: &mut CopyRun,
+        copies: &mut FuturesUnordered<futures::future::BoxFuture<'a, Finished>>,
+        ctx: &'a CopyContext<'a>,
+        snapshot_blob: &BlobPath,
+        blob_of: &dyn Fn(u32) -> ReplicaRecord,
+    ) {
+        let free = |a: &str| self.limits.gate(a).is_some_and(|g| g.active() < g.limit());
+        while let Some(pick) = run.sched.next_relay(free) {
+            let Some(slot) = self
+                .limits
+                .gate(&pick.account)
+                .and_then(|g| g.try_acquire())
+            else {
+                run.sched.relay_finished(&pick, false);
+                break;
+            };
+            let source = run.source_blob(pick.source, snapshot_blob, blob_of);
+            let dest = relay::relay_blob(ctx.job, &source, pick.relay);
+            run.relay_blobs.insert(pick.relay, dest.clone());
+            copies.push(Box::pin(async move {
+                let result = self.make_relay(ctx, &source, &dest, pick.relay).await;
+                drop(slot);
+                Finished::Relay(pick, result)
+            }));
+        }
+    }
+
+    /// A relay copy ended: a source now, or (failed) a blob to delete.
+    fn relay_done(
+        &self,
+        run: &mut CopyRun,
+        pick: &schedule::RelayPick,
+        result: Result<(), CopyError>,
+        token: &CancellationToken,
+    ) {
+        match result {
+            Ok(()) => run.sched.relay_finished(pick, true),
+            Err(CopyError::Stop(Failure::Lost(by))) => run.lose(by, token),
+            Err(e) => {
+                let reason = match e {
+                    CopyError::Retry(r) => r,
+                    CopyError::Stop(f) => f.to_string(),
+                };
+                tracing::warn!(relay = pick.relay, account = %pick.account, %reason, "a relay could not be made; seeding goes on from the other blobs");
+                run.sched.relay_finished(pick, false);
+            }
+        }
     }
 
     /// Resolves when a copy slot frees up in one of `waiting`'s accounts.
@@ -738,6 +801,8 @@ async fn in_flight<F: std::future::Future + Unpin>(slot: &mut Option<F>) -> F::O
 /// One copy phase's state: what is left, what failed, and why it stops.
 struct CopyRun {
     sched: Scheduler,
+    /// The blob of each relay made or being made, by number.
+    relay_blobs: HashMap<u32, BlobPath>,
     fanout: bool,
     attempts: HashMap<u32, u32>,
     fatal: Vec<String>,
@@ -746,7 +811,28 @@ struct CopyRun {
     lost: Option<String>,
 }
 
+/// What a copy future ends with.
+enum Finished {
+    Copy(CopyDone),
+    Relay(schedule::RelayPick, Result<(), CopyError>),
+}
+
 impl CopyRun {
+    /// The blob of source `i`: the snapshot, a replica or a relay.
+    fn source_blob(
+        &self,
+        i: usize,
+        snapshot_blob: &BlobPath,
+        blob_of: &dyn Fn(u32) -> ReplicaRecord,
+    ) -> BlobPath {
+        let slot = &self.sched.sources()[i];
+        match (slot.replica, slot.relay) {
+            (Some(r), _) => blob_of(r).blob,
+            (None, Some(n)) => self.relay_blobs[&n].clone(),
+            (None, None) => snapshot_blob.clone(),
+        }
+    }
+
     /// Seeding until every account has its first replica (fan-out), then copying.
     fn phase(&self) -> Phase {
         if self.fanout && !self.sched.seeded() {

@@ -13,6 +13,7 @@ pub mod poll;
 mod prepare;
 mod publish;
 mod ranged;
+pub mod relay;
 mod retire;
 pub mod schedule;
 

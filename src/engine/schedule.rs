@@ -6,6 +6,13 @@
 //! replicas (every finished replica is a source: doubling), so one hot source is
 //! never read N times. `naive`: every replica straight from the snapshot, all at
 //! once within the account caps: what hand-written scripts do.
+//!
+//! Relays (fan-out only): when accounts wait for a seed and every blob that could
+//! seed them is busy, short-lived copies of a finished blob are made inside an
+//! account that holds one (the snapshot's account first), each then read for
+//! cross-account seeds like any other source, so every account can be seeded at
+//! once from distinct blobs. A copy inside one account does not read its source
+//! across the network, so a relay copy does not take a read of its source.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
@@ -18,9 +25,39 @@ pub struct SourceSlot {
     pub account: String,
     /// Copies reading it now.
     pub reads: u32,
-    /// `None` for the source snapshot, else the replica index.
+    /// `None` for the source snapshot or a relay, else the replica index.
     pub replica: Option<u32>,
+    /// The relay's number, for a relay.
+    pub relay: Option<u32>,
 }
+
+/// A relay to make: relay `relay` in `account`, copied from source `source`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayPick {
+    /// Relay number (from 0 within the job run).
+    pub relay: u32,
+    /// Its account.
+    pub account: String,
+    /// Source position (a finished blob in the same account).
+    pub source: usize,
+}
+
+/// How many relays may exist in which accounts.
+#[derive(Debug, Clone, Default)]
+struct Relays {
+    /// Relays may still be made in these accounts, this many more (room left
+    /// under `max_replicas`; `None` without a limit).
+    room: BTreeMap<String, Option<u32>>,
+    /// Relays being made.
+    pending: u32,
+    /// Relays made or being made.
+    made: u32,
+    /// Relay copies that failed; after [`MAX_RELAY_FAILURES`] no more are tried.
+    failures: u32,
+}
+
+/// Relay copies that may fail before a job stops making relays.
+const MAX_RELAY_FAILURES: u32 = 3;
 
 /// A copy to start: replica `index` from source `source` (an index into [`Scheduler::sources`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,6 +78,8 @@ pub struct Scheduler {
     seeding: HashMap<String, u32>,
     /// Accounts that hold a finished replica.
     holds: HashSet<String>,
+    /// Relays, when enabled.
+    relays: Option<Relays>,
 }
 
 impl Scheduler {
@@ -60,10 +99,12 @@ impl Scheduler {
                 account: snapshot_account.to_owned(),
                 reads: 0,
                 replica: None,
+                relay: None,
             }],
             waiting: BTreeMap::new(),
             seeding: HashMap::new(),
             holds: HashSet::new(),
+            relays: None,
         };
         for (index, account) in targets {
             s.waiting.entry(account).or_default().push_back(index);
@@ -105,6 +146,7 @@ impl Scheduler {
             account: account.to_owned(),
             reads: 0,
             replica: Some(index),
+            relay: None,
         });
         self.holds.insert(account.to_owned());
     }
@@ -175,6 +217,91 @@ impl Scheduler {
     /// Drops every waiting replica (the job is stopping).
     pub fn clear(&mut self) {
         self.waiting.clear();
+    }
+
+    /// Lets the job make relays (fan-out only) in the accounts of `room`, as
+    /// many as each names (`None`: no limit).
+    pub fn enable_relays(&mut self, room: impl IntoIterator<Item = (String, Option<u32>)>) {
+        if self.strategy == Strategy::Fanout {
+            self.relays = Some(Relays {
+                room: room.into_iter().collect(),
+                ..Relays::default()
+            });
+        }
+    }
+
+    /// Accounts waiting for their first cross-account seed, with nothing
+    /// inside them to copy from and no seed on the way.
+    fn unseeded(&self) -> usize {
+        self.waiting
+            .iter()
+            .filter(|(a, q)| {
+                !q.is_empty()
+                    && !self.holds.contains(*a)
+                    && self.sources[0].account != **a
+                    && self.seeding.get(*a).copied().unwrap_or(0) == 0
+            })
+            .count()
+    }
+
+    /// The next relay to make, if accounts wait for a seed that no blob is
+    /// free to give and a relay may be made. Call after [`Self::next_for`] has
+    /// handed out every seed it could.
+    pub fn next_relay(&mut self, may_copy_in: impl Fn(&str) -> bool) -> Option<RelayPick> {
+        let unseeded = self.unseeded() as u32;
+        let r = self.relays.as_ref()?;
+        if r.failures >= MAX_RELAY_FAILURES || unseeded <= r.pending {
+            return None;
+        }
+        // Where: an account with room that holds a finished blob, the one with
+        // the fewest relays so far (the snapshot's account wins ties).
+        let made_in = |a: &str| {
+            self.sources
+                .iter()
+                .filter(|s| s.relay.is_some() && s.account == a)
+                .count()
+        };
+        let (account, source) = r
+            .room
+            .iter()
+            .filter(|(a, room)| room.is_none_or(|n| n > 0) && may_copy_in(a))
+            .filter_map(|(a, _)| {
+                let i = self.sources.iter().position(|s| &s.account == a)?;
+                Some((a.clone(), i))
+            })
+            .min_by_key(|(a, _)| (made_in(a), *a != self.sources[0].account))?;
+        let r = self.relays.as_mut()?;
+        if let Some(Some(n)) = r.room.get_mut(&account) {
+            *n -= 1;
+        }
+        r.pending += 1;
+        r.made += 1;
+        Some(RelayPick {
+            relay: r.made - 1,
+            account,
+            source,
+        })
+    }
+
+    /// A relay copy ended; made, it is a source for cross-account seeds.
+    pub fn relay_finished(&mut self, pick: &RelayPick, ok: bool) {
+        let Some(r) = self.relays.as_mut() else {
+            return;
+        };
+        r.pending = r.pending.saturating_sub(1);
+        if ok {
+            self.sources.push(SourceSlot {
+                account: pick.account.clone(),
+                reads: 0,
+                replica: None,
+                relay: Some(pick.relay),
+            });
+        } else {
+            r.failures += 1;
+            if let Some(Some(n)) = r.room.get_mut(&pick.account) {
+                *n += 1;
+            }
+        }
     }
 }
 
@@ -331,6 +458,68 @@ mod tests {
         assert!(s.is_drained());
         assert!(s.waiting_accounts().is_empty());
         assert_eq!(s.next_for("a"), None);
+    }
+
+    #[test]
+    fn relays_seed_every_account_at_once_from_distinct_blobs() {
+        let mut s = Scheduler::new(
+            Strategy::Fanout,
+            1,
+            "src",
+            targets(&[("a", 2), ("b", 1), ("c", 1)]),
+            [],
+        );
+        s.enable_relays([("src".to_owned(), None), ("a".to_owned(), Some(0))]);
+        let a = s.next_for("a").unwrap();
+        assert_eq!(a.source, 0, "the first seed reads the snapshot");
+        assert_eq!(s.next_for("b"), None, "the snapshot is busy");
+        assert_eq!(s.next_for("c"), None);
+        let free = |_: &str| true;
+        let r1 = s.next_relay(free).unwrap();
+        let r2 = s.next_relay(free).unwrap();
+        assert_eq!(s.next_relay(free), None, "one relay per waiting account");
+        assert_eq!((r1.account.as_str(), r1.source), ("src", 0));
+        assert_ne!(r1.relay, r2.relay);
+        assert_eq!(s.sources()[0].reads, 1, "a relay copy takes no read");
+        s.relay_finished(&r1, true);
+        s.relay_finished(&r2, true);
+        let b = s.next_for("b").unwrap();
+        let c = s.next_for("c").unwrap();
+        let (sb, sc) = (&s.sources()[b.source], &s.sources()[c.source]);
+        assert!(sb.relay.is_some() && sc.relay.is_some() && sb.relay != sc.relay);
+        assert_eq!(s.next_relay(free), None, "every account is being seeded");
+    }
+
+    #[test]
+    fn relays_respect_room_gates_and_give_up_after_failures() {
+        let mut s = Scheduler::new(
+            Strategy::Fanout,
+            1,
+            "src",
+            targets(&[("a", 1), ("b", 1), ("c", 1), ("d", 1), ("e", 1)]),
+            [],
+        );
+        s.enable_relays([("src".to_owned(), Some(1))]);
+        s.next_for("a").unwrap();
+        assert_eq!(s.next_relay(|_| false), None, "no free copy slot");
+        let r = s.next_relay(|_| true).unwrap();
+        assert_eq!(s.next_relay(|_| true), None, "room for one relay only");
+        s.relay_finished(&r, false);
+        for _ in 0..2 {
+            let r = s
+                .next_relay(|_| true)
+                .expect("a failed relay frees its room");
+            s.relay_finished(&r, false);
+        }
+        assert_eq!(
+            s.next_relay(|_| true),
+            None,
+            "three failures: no more relays"
+        );
+        // Without relays enabled, or with naive, none are asked for.
+        let mut n = Scheduler::new(Strategy::Naive, 1, "src", targets(&[("a", 2)]), []);
+        n.enable_relays([("src".to_owned(), None)]);
+        assert_eq!(n.next_relay(|_| true), None);
     }
 
     proptest! {

@@ -216,6 +216,9 @@ pub struct JobDocument {
     /// The gallery image version the job publishes (its name is fixed here
     /// before it is asked for, so a resumed job follows the same version).
     pub gallery: Option<Publication>,
+    /// Relays the job made and has not deleted yet (short-lived same-account
+    /// copies of the snapshot that seed other accounts).
+    pub relays: Vec<BlobPath>,
 }
 
 /// A gallery image version a job publishes or resizes.
@@ -293,6 +296,8 @@ struct StoredDocument {
     owner: Option<Owner>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     gallery: Option<Publication>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    relays: Vec<BlobPath>,
 }
 
 impl TryFrom<StoredDocument> for JobDocument {
@@ -324,6 +329,7 @@ impl TryFrom<StoredDocument> for JobDocument {
             image_set: d.image_set,
             owner: d.owner,
             gallery: d.gallery,
+            relays: d.relays,
         })
     }
 }
@@ -353,6 +359,7 @@ impl From<JobDocument> for StoredDocument {
             image_set: d.image_set,
             owner: d.owner,
             gallery: d.gallery,
+            relays: d.relays,
         }
     }
 }
@@ -388,6 +395,7 @@ impl JobDocument {
             image_set: None,
             owner: None,
             gallery: None,
+            relays: Vec::new(),
         }
     }
 

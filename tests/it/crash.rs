@@ -123,7 +123,7 @@ fn assert_adopted(
             );
         }
     }
-    let starts = proxy.copy_starts();
+    let starts = replica_starts(proxy);
     assert!(
         starts.values().all(|n| *n == 1),
         "{context}: a replica's copy was started twice: {starts:?}"
@@ -414,7 +414,7 @@ async fn two_instances_split_the_work_and_survive_one_dying() {
         "copies were still pending after the kill"
     );
     // No double copying: exactly one Start Copy reached storage per replica.
-    let starts = proxy.copy_starts();
+    let starts = replica_starts(&proxy);
     assert_eq!(starts.len(), expected.len(), "{starts:?}");
     assert!(
         starts.values().all(|n| *n == 1),

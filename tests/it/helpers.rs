@@ -412,3 +412,15 @@ pub async fn metrics_showing(app: &TestApp, lines: &[&str]) -> String {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Start Copy requests per replica blob. Relays (short-lived same-account
+/// copies of the snapshot) are left out: a resumed run makes them again.
+pub fn replica_starts(
+    proxy: &vhd_replicator::proxy::Proxy,
+) -> std::collections::HashMap<String, u32> {
+    proxy
+        .copy_starts()
+        .into_iter()
+        .filter(|(blob, _)| !blob.contains(vhd_replicator::engine::relay::RELAY_PREFIX))
+        .collect()
+}

@@ -244,7 +244,27 @@ async fn all_blobs(app: &TestApp, env: &TestEnv) -> BTreeSet<String> {
     out
 }
 
-/// Garbage collection removes replicas and snapshots of jobs that no longer exist
+/// Copies `from` to `to` inside one account, with `tags`.
+async fn copy_inside(
+    app: &TestApp,
+    from: &vhd_replicator::storage::BlobPath,
+    to: &vhd_replicator::storage::BlobPath,
+    tags: &vhd_replicator::storage::Metadata,
+) {
+    let url = app
+        .control
+        .store
+        .copy_source_url(
+            from,
+            &from.account,
+            time::OffsetDateTime::now_utc() + time::Duration::hours(1),
+        )
+        .await
+        .unwrap();
+    app.control.store.start_copy(to, &url, tags).await.unwrap();
+}
+
+/// Garbage collection removes replicas, relays and snapshots of jobs that no longer exist
 /// once they are older than the minimum age, and keeps everything else: the pools'
 /// image sets, younger orphans, blobs that are not ours.
 #[tokio::test]
@@ -270,23 +290,22 @@ async fn gc_removes_old_orphans_and_keeps_the_rest() {
         &env.container(),
         "ghost/ghost-0000.vhd",
     );
-    let url = app
-        .control
-        .store
-        .copy_source_url(
-            from,
-            &from.account,
-            time::OffsetDateTime::now_utc() + time::Duration::hours(1),
-        )
-        .await
-        .unwrap();
-    app.control
-        .store
-        .start_copy(&orphan, &url, &ghost)
-        .await
-        .unwrap();
+    copy_inside(&app, from, &orphan, &ghost).await;
     let src = vhd_replicator::job::locate_source(&source, &app.control.settings).unwrap();
     let orphan_snapshot = app.control.store.snapshot(&src, &ghost).await.unwrap();
+    // A relay a crash left beside the source (relays carry no pool tag).
+    let mut relay_tags = ghost.clone();
+    relay_tags.remove("vhdrep_pool_id");
+    relay_tags.insert("vhdrep_relay".to_owned(), "0".to_owned());
+    let relay = vhd_replicator::storage::BlobPath::new(
+        &src.account,
+        &src.container,
+        &format!(
+            "{}ghost-job/relay-0000.vhd",
+            vhd_replicator::engine::relay::RELAY_PREFIX
+        ),
+    );
+    copy_inside(&app, &src, &relay, &relay_tags).await;
     let foreign = vhd_replicator::storage::BlobPath::new("dst2", &env.container(), "not-ours.vhd");
     app.control
         .store
@@ -299,7 +318,7 @@ async fn gc_removes_old_orphans_and_keeps_the_rest() {
         .await
         .unwrap();
     assert!(r.orphans.is_empty(), "{r:?}");
-    assert_eq!(r.young.len(), 2, "{r:?}");
+    assert_eq!(r.young.len(), 3, "{r:?}");
     assert!(
         r.needed >= 4,
         "the image set and its snapshot are needed: {r:?}"
@@ -315,7 +334,7 @@ async fn gc_removes_old_orphans_and_keeps_the_rest() {
         "--min-age-hours",
         "0",
     ]);
-    assert!(text.starts_with("would remove 2 orphans"), "{text}");
+    assert!(text.starts_with("would remove 3 orphans"), "{text}");
     assert!(text.contains("ghost/ghost-0000.vhd"), "{text}");
     app.control
         .store
@@ -327,14 +346,16 @@ async fn gc_removes_old_orphans_and_keeps_the_rest() {
     let r = vhd_replicator::gc::collect(&app.control, time::Duration::ZERO, false)
         .await
         .unwrap();
-    assert_eq!(r.orphans.len(), 2, "{r:?}");
-    assert!(app
-        .control
-        .store
-        .properties(&orphan)
-        .await
-        .unwrap_err()
-        .is_not_found());
+    assert_eq!(r.orphans.len(), 3, "{r:?}");
+    for gone in [&orphan, &relay] {
+        assert!(app
+            .control
+            .store
+            .properties(gone)
+            .await
+            .unwrap_err()
+            .is_not_found());
+    }
     assert!(app
         .control
         .store

@@ -130,7 +130,8 @@ async fn a_ranged_copy_is_identical_and_as_sparse_as_its_source() {
 /// ranged copy across accounts (Put Page From URL, through 503s), the second
 /// an asynchronous Copy Blob inside the account; the job records each method,
 /// every replica is byte-identical, the ranged ones exactly as sparse as the
-/// source, and no Copy Blob ever crossed accounts.
+/// source, and no Copy Blob ever crossed accounts; the relays that let every
+/// account be seeded at once are gone at the end.
 #[tokio::test]
 async fn auto_copies_ranged_across_accounts_and_async_inside() {
     let env = TestEnv::new("[engine]\ncopy_method = \"auto\"\n");
@@ -188,7 +189,7 @@ async fn auto_copies_ranged_across_accounts_and_async_inside() {
     assert_eq!(methods.get("async"), Some(&3), "{methods:?}");
     // Copy Blob (Start Copy) reached storage only for the replicas made inside
     // their account.
-    let started: std::collections::BTreeSet<String> = proxy.copy_starts().into_keys().collect();
+    let started: std::collections::BTreeSet<String> = replica_starts(&proxy).into_keys().collect();
     let async_paths: std::collections::BTreeSet<String> = doc
         .replicas
         .iter()
@@ -197,5 +198,20 @@ async fn auto_copies_ranged_across_accounts_and_async_inside() {
         .collect();
     assert_eq!(started, async_paths);
     assert!(proxy.seen().iter().any(|l| l.contains("comp=page")));
+    // Three accounts wait for a seed while the snapshot serves one: relays
+    // were made beside the source, and none is left.
+    let relay = vhd_replicator::engine::relay::RELAY_PREFIX;
+    assert!(
+        proxy.copy_starts().keys().any(|k| k.contains(relay)),
+        "{:?}",
+        proxy.copy_starts()
+    );
+    let left = direct
+        .store
+        .list(&source.account, &source.container, relay)
+        .await
+        .unwrap();
+    assert!(left.is_empty(), "relays left: {left:?}");
+    assert!(doc.relays.is_empty(), "{:?}", doc.relays);
     app.shutdown().await;
 }

@@ -115,7 +115,7 @@ async fn calls_without_an_answer_time_out_and_are_retried() {
         "every scripted fault was met"
     );
     // The lost Start Copy answer was reconciled, not sent again.
-    let starts = blob_proxy.copy_starts();
+    let starts = replica_starts(&blob_proxy);
     assert_eq!(starts.len(), 3, "{starts:?}");
     assert!(starts.values().all(|n| *n == 1), "{starts:?}");
     assert_eq!(

@@ -38,6 +38,9 @@ use time::OffsetDateTime;
 use tokio::time::Instant;
 use url::Url;
 
+mod flows;
+use flows::{Flow, Flows};
+
 const BASE: &str = "http://sim.invalid";
 const MIB: f64 = 1024.0 * 1024.0;
 
@@ -277,30 +280,11 @@ fn written_pages(data: &[u8]) -> Vec<std::ops::Range<u64>> {
 }
 
 #[derive(Debug)]
-struct Flow {
-    id: String,
-    dest: BlobPath,
-    source: BlobPath,
-    content: Content,
-    kind: BlobKind,
-    total: f64,
-    done: f64,
-    same_account: bool,
-    fails_at: Option<f64>,
-    /// A synchronous ranged write (Put Page From URL), not an async copy.
-    ranged: bool,
-    /// Order of starting.
-    seq: u64,
-    /// The source's written pages, given to the destination at the end.
-    written: Option<Vec<std::ops::Range<u64>>>,
-}
-
-#[derive(Debug)]
 struct State {
     rng: StdRng,
     blobs: BTreeMap<BlobPath, Blob>,
     containers: HashSet<(String, String)>,
-    flows: Vec<Flow>,
+    flows: Flows,
     last: Instant,
     next_etag: u64,
     next_flow: u64,
@@ -328,7 +312,7 @@ impl SimStore {
                 rng: StdRng::seed_from_u64(cfg.seed),
                 blobs: BTreeMap::new(),
                 containers: HashSet::new(),
-                flows: Vec::new(),
+                flows: Flows::default(),
                 last: now,
                 next_etag: 0,
                 next_flow: 0,
@@ -455,38 +439,27 @@ fn advance(cfg: &SimConfig, s: &mut State, now: Instant) {
             s.last = s.last.max(now);
             return;
         }
-        let rates = rates(cfg, &s.flows);
+        let rates = s.flows.rates(cfg);
         // Earliest end (finish or failure) among the flows.
-        let mut first: Option<(f64, usize)> = None;
-        for (i, (f, r)) in s.flows.iter().zip(&rates).enumerate() {
-            let end = f.fails_at.map(|x| x * f.total).unwrap_or(f.total);
-            let t = ((end - f.done).max(0.0)) / r.max(1e-9);
-            if first.is_none_or(|(best, _)| t < best) {
-                first = Some((t, i));
+        let mut first: Option<f64> = None;
+        for (f, r) in s.flows.iter().zip(&rates) {
+            let t = ((f.end() - f.done).max(0.0)) / r.max(1e-9);
+            if first.is_none_or(|best| t < best) {
+                first = Some(t);
             }
         }
         let span = now.saturating_duration_since(s.last).as_secs_f64();
-        let (t, _) = first.expect("flows are not empty");
+        let t = first.expect("flows are not empty");
         let step = t.min(span);
-        for (f, r) in s.flows.iter_mut().zip(&rates) {
-            f.done = (f.done + r * step).min(f.total);
-        }
+        s.flows.move_on(&rates, step);
         s.last += Duration::from_secs_f64(step);
         if t > span {
             s.last = now;
             return;
         }
         // End every flow that has reached its end.
-        let mut i = 0;
-        while i < s.flows.len() {
-            let f = &s.flows[i];
-            let end = f.fails_at.map(|x| x * f.total).unwrap_or(f.total);
-            if f.done + 1e-6 >= end {
-                let f = s.flows.swap_remove(i);
-                finish(s, f);
-            } else {
-                i += 1;
-            }
+        for f in s.flows.remove_where(cfg, |f| f.done + 1e-6 >= f.end()) {
+            finish(s, f);
         }
     }
 }
@@ -512,76 +485,17 @@ fn finish(s: &mut State, f: Flow) {
     }
 }
 
-/// Each flow's rate: same-account copies at their own rate; cross-account copies
-/// and ranged writes at the smallest of their fair shares of blob read, egress and
-/// ingress bandwidth, ranged writes also of the destination blob's write
-/// bandwidth, async copies also at most their best-effort rate (and, when
-/// serialized, only the oldest into each account moving).
-fn rates(cfg: &SimConfig, flows: &[Flow]) -> Vec<f64> {
-    let mut oldest: HashMap<&str, u64> = HashMap::new();
-    if cfg.async_serial_per_account {
-        for f in flows.iter().filter(|f| !f.same_account && !f.ranged) {
-            let o = oldest.entry(&f.dest.account).or_insert(f.seq);
-            *o = (*o).min(f.seq);
-        }
-    }
-    let waiting = |f: &Flow| {
-        !f.same_account
-            && !f.ranged
-            && oldest
-                .get(f.dest.account.as_str())
-                .is_some_and(|o| *o != f.seq)
-    };
-    let mut readers: HashMap<&BlobPath, u32> = HashMap::new();
-    let mut writers: HashMap<&BlobPath, u32> = HashMap::new();
-    let mut egress: HashMap<&str, u32> = HashMap::new();
-    let mut ingress: HashMap<&str, u32> = HashMap::new();
-    for f in flows
-        .iter()
-        .filter(|f| (f.ranged || !f.same_account) && !waiting(f))
-    {
-        *readers.entry(&f.source).or_default() += 1;
-        *egress.entry(&f.source.account).or_default() += 1;
-        *ingress.entry(&f.dest.account).or_default() += 1;
-        if f.ranged {
-            *writers.entry(&f.dest).or_default() += 1;
-        }
-    }
-    flows
-        .iter()
-        .map(|f| {
-            if f.same_account && !f.ranged {
-                return cfg.same_account_bps;
-            }
-            if waiting(f) {
-                return 0.0;
-            }
-            let mut r = cfg.account_egress_bps
-                / egress.get(f.source.account.as_str()).copied().unwrap_or(1) as f64;
-            r = r.min(
-                cfg.account_ingress_bps
-                    / ingress.get(f.dest.account.as_str()).copied().unwrap_or(1) as f64,
-            );
-            r = r.min(cfg.blob_read_bps / readers.get(&f.source).copied().unwrap_or(1) as f64);
-            if f.ranged {
-                r.min(cfg.blob_write_bps / writers.get(&f.dest).copied().unwrap_or(1) as f64)
-            } else {
-                r.min(cfg.async_cross_account_bps)
-            }
-        })
-        .collect()
-}
-
 /// Takes a ranged write out of the flows when its request ends or is dropped.
 struct FlowGuard<'a> {
     store: &'a SimStore,
-    id: String,
+    seq: u64,
 }
 
 impl Drop for FlowGuard<'_> {
     fn drop(&mut self) {
         if let Ok(mut s) = self.store.state.lock() {
-            s.flows.retain(|f| f.id != self.id);
+            let cfg = &self.store.cfg;
+            s.flows.remove_where(cfg, |f| f.seq == self.seq);
         }
     }
 }
@@ -663,17 +577,17 @@ impl SimStore {
         Ok(source)
     }
 
-    /// Waits until the ranged write `id` has moved its bytes.
-    async fn flow_done(&self, id: &str) {
+    /// Waits until the ranged write `seq` has moved its bytes.
+    async fn flow_done(&self, seq: u64) {
         loop {
             let wait = {
                 let mut s = self.state.lock().expect("sim lock");
                 advance(&self.cfg, &mut s, Instant::now());
-                let Some(i) = s.flows.iter().position(|f| f.id == id) else {
+                let Some(i) = s.flows.position(seq) else {
                     return;
                 };
-                let rate = rates(&self.cfg, &s.flows)[i];
-                let f = &s.flows[i];
+                let rate = s.flows.rate(&self.cfg, i);
+                let f = s.flows.get(i);
                 ((f.total - f.done).max(0.0) / rate.max(1.0)).min(3600.0)
             };
             tokio::time::sleep(Duration::from_secs_f64(wait).max(Duration::from_millis(1))).await;
@@ -838,7 +752,7 @@ impl BlobStore for SimStore {
         if self.cfg.instant_copies {
             finish(&mut s, flow);
         } else {
-            s.flows.push(flow);
+            s.flows.push(&self.cfg, flow);
             // A tiny copy may be done at once.
             let now = Instant::now();
             advance(&self.cfg, &mut s, now);
@@ -854,19 +768,17 @@ impl BlobStore for SimStore {
 
     async fn abort_copy(&self, dest: &BlobPath, copy_id: &str) -> StorageResult<()> {
         let mut s = self.admit("abort_copy", &dest.account, dest).await?;
-        let pending = s
-            .flows
-            .iter()
-            .position(|f| f.id == copy_id && &f.dest == dest);
-        let Some(i) = pending else {
+        let pending = s.flows.iter().any(|f| f.id == copy_id && &f.dest == dest);
+        if !pending {
             return Err(StorageError::http(
                 "abort_copy",
                 dest,
                 409,
                 Some("NoPendingCopyOperation"),
             ));
-        };
-        s.flows.swap_remove(i);
+        }
+        s.flows
+            .remove_where(&self.cfg, |f| f.id == copy_id && &f.dest == dest);
         if let Some(b) = s.blobs.get_mut(dest) {
             b.content = Content::Real(Bytes::new());
             if let Some(c) = b.copy.as_mut() {
@@ -885,7 +797,7 @@ impl BlobStore for SimStore {
             s.blobs.retain(|k, _| {
                 !(k.account == blob.account && k.container == blob.container && k.name == blob.name)
             });
-            s.flows.retain(|f| &f.dest != blob);
+            s.flows.remove_where(&self.cfg, |f| &f.dest == blob);
         }
         Ok(())
     }
@@ -902,7 +814,7 @@ impl BlobStore for SimStore {
         s.blobs.retain(|k, _| {
             !(k.account == blob.account && k.container == blob.container && k.name == blob.name)
         });
-        s.flows.retain(|f| &f.dest != blob);
+        s.flows.remove_where(&self.cfg, |f| &f.dest == blob);
         Ok(())
     }
 
@@ -1048,26 +960,30 @@ impl BlobStore for SimStore {
             let seq = s.next_flow;
             let id = format!("range-{seq}");
             if !self.cfg.instant_copies {
-                s.flows.push(Flow {
-                    id: id.clone(),
-                    dest: dest.clone(),
-                    source: source.clone(),
-                    content: Content::Real(Bytes::new()),
-                    kind: BlobKind::Page,
-                    total: len as f64,
-                    done: 0.0,
-                    same_account: source.account == dest.account,
-                    fails_at: None,
-                    ranged: true,
-                    seq,
-                    written: None,
-                });
+                let cfg = &self.cfg;
+                s.flows.push(
+                    cfg,
+                    Flow {
+                        id: id.clone(),
+                        dest: dest.clone(),
+                        source: source.clone(),
+                        content: Content::Real(Bytes::new()),
+                        kind: BlobKind::Page,
+                        total: len as f64,
+                        done: 0.0,
+                        same_account: source.account == dest.account,
+                        fails_at: None,
+                        ranged: true,
+                        seq,
+                        written: None,
+                    },
+                );
             }
-            (source, (!self.cfg.instant_copies).then_some(id))
+            (source, (!self.cfg.instant_copies).then_some(seq))
         };
-        if let Some(id) = flow {
-            let guard = FlowGuard { store: self, id };
-            self.flow_done(&guard.id).await;
+        if let Some(seq) = flow {
+            let guard = FlowGuard { store: self, seq };
+            self.flow_done(guard.seq).await;
         }
         let mut s = self.state.lock().expect("sim lock");
         let data = s
