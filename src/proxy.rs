@@ -191,6 +191,8 @@ struct Shared {
     /// Every Start Copy's destination path and `x-ms-copy-source`, in order.
     copy_sources: Mutex<Vec<(String, String)>>,
     starts: Mutex<HashMap<String, u32>>,
+    /// Every Put Page From URL the proxy performed: destination path and range.
+    page_writes: Mutex<Vec<(String, String)>>,
     rng: Mutex<StdRng>,
     held: Mutex<HashMap<String, Held>>,
     stats: Arc<ProxyStats>,
@@ -224,6 +226,7 @@ impl Proxy {
             seen: Mutex::new(Vec::new()),
             copy_sources: Mutex::new(Vec::new()),
             starts: Mutex::new(HashMap::new()),
+            page_writes: Mutex::new(Vec::new()),
             rng: Mutex::new(StdRng::seed_from_u64(cfg.seed)),
             cfg,
             held: Mutex::new(HashMap::new()),
@@ -268,6 +271,16 @@ impl Proxy {
     /// (SAS signatures included: tests look for them in what the daemon writes).
     pub fn seen(&self) -> Vec<String> {
         self.shared.seen.lock().expect("seen lock").clone()
+    }
+
+    /// Every Put Page From URL the proxy performed, in order: destination path
+    /// and range (`bytes=<first>-<last>`).
+    pub fn page_writes(&self) -> Vec<(String, String)> {
+        self.shared
+            .page_writes
+            .lock()
+            .expect("page writes lock")
+            .clone()
     }
 
     /// Every Start Copy that reached the proxy (forwarded or not): destination
@@ -684,6 +697,13 @@ async fn put_page_from_url(
     let status = rsp.status();
     let (parts, body) = rsp.into_parts();
     let bytes = body.collect().await.map_err(|_| Reset)?.to_bytes();
+    if status.is_success() {
+        shared
+            .page_writes
+            .lock()
+            .expect("page writes lock")
+            .push((seen.path.clone(), range));
+    }
     Ok((status, parts.headers, bytes))
 }
 

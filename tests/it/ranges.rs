@@ -8,7 +8,7 @@ use std::{collections::HashMap, sync::Arc};
 use vhd_replicator::{
     control::Control,
     metrics::Metrics,
-    proxy::{Proxy, ProxyAction, ProxyConfig, ProxyRule},
+    proxy::{Proxy, ProxyAction, ProxyConfig, ProxyRule, ProxyStats},
     storage::{auth::SharedKey, BlobPath, ErrorClass, MAX_PAGES_FROM_URL},
 };
 
@@ -213,5 +213,192 @@ async fn auto_copies_ranged_across_accounts_and_async_inside() {
         .unwrap();
     assert!(left.is_empty(), "relays left: {left:?}");
     assert!(doc.relays.is_empty(), "{:?}", doc.relays);
+    app.shutdown().await;
+}
+
+/// The `bytes=<first>-<last>` of a page write, as a range.
+fn parse_range(r: &str) -> std::ops::Range<u64> {
+    let (a, b) = r
+        .trim_start_matches("bytes=")
+        .split_once('-')
+        .expect("a page range");
+    a.parse().unwrap()..b.parse::<u64>().unwrap() + 1
+}
+
+/// Page writes into the one replica slowed (1.5 s each) and its first two
+/// answered 500 (a range that fails, then succeeds): the daemon is killed
+/// with SIGKILL once the document records ranges done, and a new daemon
+/// resumes the same replica. Nothing recorded done is written again, the
+/// resumed run writes only what was left (fewer writes than the whole), and
+/// the replica is identical to the source and exactly as sparse.
+#[tokio::test]
+async fn a_ranged_copy_killed_midway_resumes_with_the_ranges_left() {
+    use std::time::Duration;
+    let env = TestEnv::new(&format!(
+        "{}copy_method = \"ranges\"\nrelays = false\n",
+        crate::crash::FAST
+    ));
+    let direct = env.control().await;
+    let source_url = env.source_url("resume.vhd");
+    let image = upload_sample(&direct, &source_url, 96, 64, 93).await;
+    let page_write = |action, times| ProxyRule {
+        query_contains: Some("comp=page".into()),
+        header: Some("x-ms-copy-source"),
+        ..ProxyRule::new("PUT", "resume-", action, times)
+    };
+    let proxy = Proxy::start(ProxyConfig {
+        signers: signers(),
+        rules: vec![
+            page_write(ProxyAction::Answer(500, "OperationTimedOut"), 2),
+            page_write(ProxyAction::Delay(Duration::from_millis(1500)), 10_000),
+        ],
+        ..ProxyConfig::transparent(BLOB)
+    })
+    .await
+    .unwrap();
+    let config = env.proxied_config_file(&proxy.url());
+    let id = format!("resume-{}", env.id);
+    let via_proxy = source_url.replace(BLOB, &proxy.url());
+    direct
+        .intake
+        .send(&env.job_json(&id, &via_proxy, "windows", 20))
+        .await
+        .unwrap();
+    let first = crate::crash::Daemon::start(&config, env.dir.path().join("first.log"), &[]);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let done_at_kill = loop {
+        let doc = direct.state.load(&id).await.unwrap().map(|(d, _)| d);
+        if let Some(done) = doc
+            .and_then(|d| d.replicas.first().map(|r| r.ranges_done.clone()))
+            .filter(|d| !d.is_empty())
+        {
+            break done;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no ranges recorded done\n{}",
+            first.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    first.kill9();
+    let before = proxy.page_writes().len();
+    let second = crate::crash::Daemon::start(&config, env.dir.path().join("second.log"), &[]);
+    let doc = wait_for_end(&direct, &id, Duration::from_secs(120)).await;
+    assert_eq!(
+        doc.state(),
+        vhd_replicator::state::JobState::Completed,
+        "{:?}\n{}",
+        doc.error,
+        second.log()
+    );
+    let r = &doc.replicas[0];
+    assert_eq!(r.method.as_deref(), Some("ranges"));
+    assert_eq!(read_all(&direct, &r.blob).await, image);
+    let source = vhd_replicator::job::locate_source(&source_url, &direct.settings).unwrap();
+    let wanted = direct.store.page_ranges(&source).await.unwrap();
+    assert_eq!(direct.store.page_ranges(&r.blob).await.unwrap(), wanted);
+    let pieces: u64 = wanted
+        .iter()
+        .map(|w| (w.end - w.start).div_ceil(MAX_PAGES_FROM_URL))
+        .sum();
+    let writes = proxy.page_writes();
+    let after: Vec<_> = writes[before..]
+        .iter()
+        .map(|(_, r)| parse_range(r))
+        .collect();
+    for w in &after {
+        assert!(
+            !done_at_kill
+                .iter()
+                .any(|d| d.start < w.end && w.start < d.end),
+            "{w:?} was recorded done before the kill ({done_at_kill:?}) and written again"
+        );
+    }
+    assert!(
+        !after.is_empty() && (after.len() as u64) < pieces,
+        "the resumed run wrote {} of {pieces} pieces",
+        after.len()
+    );
+    assert!(ProxyStats::get(&proxy.stats.rule_hits) >= 2);
+    drop(second);
+}
+
+/// Cancelling a job in the middle of a ranged copy (65 page writes, each
+/// slowed to 1 s) stops it at once: the job is cancelled within seconds, no
+/// page write is sent once it has ended, far fewer than all were made, and the
+/// replica is deleted.
+#[tokio::test]
+async fn a_cancelled_ranged_copy_stops_at_once() {
+    use std::time::Duration;
+    let env = TestEnv::new("[engine]\ncopy_method = \"ranges\"\nrelays = false\n");
+    let direct = env.control().await;
+    let source_url = env.source_url("cancel.vhd");
+    upload_sample(&direct, &source_url, 288, 256, 94).await;
+    let proxy = Proxy::start(ProxyConfig {
+        signers: signers(),
+        rules: vec![ProxyRule {
+            query_contains: Some("comp=page".into()),
+            header: Some("x-ms-copy-source"),
+            ..ProxyRule::new(
+                "PUT",
+                "cancel-",
+                ProxyAction::Delay(Duration::from_secs(1)),
+                10_000,
+            )
+        }],
+        ..ProxyConfig::transparent(BLOB)
+    })
+    .await
+    .unwrap();
+    let app = TestApp::spawn_with(env.proxied(&proxy.url(), "")).await;
+    let id = format!("cancel-{}", env.id);
+    let via_proxy = source_url.replace(BLOB, &proxy.url());
+    app.control
+        .submit(
+            vhd_replicator::job::parse_job_json(&env.job_json(&id, &via_proxy, "windows", 20))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while proxy.page_writes().is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "no page written");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let cancelled_at = tokio::time::Instant::now();
+    app.control.cancel(&id).await.unwrap();
+    let doc = wait_for_end(&direct, &id, Duration::from_secs(30)).await;
+    let took = cancelled_at.elapsed();
+    assert_eq!(doc.state(), vhd_replicator::state::JobState::Cancelled);
+    assert!(took < Duration::from_secs(8), "cancel took {took:?}");
+    let seen_at_end = proxy
+        .seen()
+        .iter()
+        .filter(|l| l.contains("cancel-") && l.contains("comp=page"))
+        .count();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let seen_later = proxy
+        .seen()
+        .iter()
+        .filter(|l| l.contains("cancel-") && l.contains("comp=page"))
+        .count();
+    assert_eq!(
+        seen_at_end, seen_later,
+        "page writes went on after the cancel"
+    );
+    let pieces = 256 / 4 + 1;
+    assert!(
+        proxy.page_writes().len() < pieces,
+        "the copy did not run to its end: {} writes",
+        proxy.page_writes().len()
+    );
+    let r = &doc.replicas[0];
+    assert!(direct
+        .store
+        .properties(&r.blob)
+        .await
+        .unwrap_err()
+        .is_not_found());
     app.shutdown().await;
 }
