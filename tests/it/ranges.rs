@@ -402,3 +402,54 @@ async fn a_cancelled_ranged_copy_stops_at_once() {
         .is_not_found());
     app.shutdown().await;
 }
+
+/// A storm of 503 ServerBusy on the page writes (the first 40 of them, more
+/// than one per range): the pacer backs off, every range is written in the
+/// end exactly once, and the replica is identical to the source.
+#[tokio::test]
+async fn a_storm_of_server_busy_is_ridden_out() {
+    let env = TestEnv::new("[engine]\ncopy_method = \"ranges\"\nrelays = false\n");
+    let direct = env.control().await;
+    let source_url = env.source_url("storm.vhd");
+    let image = upload_sample(&direct, &source_url, 48, 32, 95).await;
+    let proxy = Proxy::start(ProxyConfig {
+        signers: signers(),
+        rules: vec![ProxyRule {
+            query_contains: Some("comp=page".into()),
+            header: Some("x-ms-copy-source"),
+            ..ProxyRule::new("PUT", "storm-", ProxyAction::Answer(503, "ServerBusy"), 40)
+        }],
+        ..ProxyConfig::transparent(BLOB)
+    })
+    .await
+    .unwrap();
+    let app = TestApp::spawn_with(env.proxied(&proxy.url(), "")).await;
+    let id = format!("storm-{}", env.id);
+    let via_proxy = source_url.replace(BLOB, &proxy.url());
+    app.control
+        .submit(
+            vhd_replicator::job::parse_job_json(&env.job_json(&id, &via_proxy, "windows", 20))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let doc = wait_for_end(&direct, &id, std::time::Duration::from_secs(120)).await;
+    assert_eq!(
+        doc.state(),
+        vhd_replicator::state::JobState::Completed,
+        "{:?}",
+        doc.error
+    );
+    assert_eq!(ProxyStats::get(&proxy.stats.rule_hits), 40);
+    let r = &doc.replicas[0];
+    assert_eq!(read_all(&direct, &r.blob).await, image);
+    let writes: Vec<_> = proxy.page_writes().into_iter().map(|(_, r)| r).collect();
+    let distinct: std::collections::BTreeSet<_> = writes.iter().collect();
+    assert_eq!(
+        distinct.len(),
+        writes.len(),
+        "a range written twice: {writes:?}"
+    );
+    assert_eq!(writes.len(), 32 / 4 + 1, "{writes:?}");
+    app.shutdown().await;
+}
