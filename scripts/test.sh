@@ -19,6 +19,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# The status-page tests keep their Chromium screenshots here for people to open.
+export VHDREP_SCREENSHOT_DIR="${VHDREP_SCREENSHOT_DIR:-$root/target/screenshots}"
+
 set +e
 cargo test --locked "$@" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}

@@ -4,8 +4,8 @@
 use crate::control::{Control, SubmitError};
 use crate::engine::LiveJobs;
 use crate::job::parse_job_json;
-use crate::state::{JobDocument, JobListing, JobState, JobSummary, StateError};
-use crate::views::{human_bytes, job_view, pool_view, summary_view};
+use crate::state::{JobDocument, JobListing, JobSummary, StateError};
+use crate::views::{job_view, pool_view, summary_view};
 use axum::{
     body::Bytes,
     extract::{Path, Query, State},
@@ -53,6 +53,8 @@ impl AppState {
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/", get(status_page))
+        .route("/jobs/{id}", get(job_page))
+        .route("/pools", get(pools_page))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -258,143 +260,43 @@ async fn readyz(State(state): State<AppState>) -> Response {
     }
 }
 
-fn escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
+#[derive(serde::Deserialize)]
+struct PoolFilter {
+    pool: Option<String>,
 }
 
-/// "state · pool P · phase", the phase left out when there is none.
-fn headline(state: JobState, pool: &str, phase: Option<crate::state::Phase>) -> String {
-    let mut parts = vec![state.as_str().to_owned(), format!("pool {}", escape(pool))];
-    if let Some(p) = phase {
-        parts.push(p.as_str().replace('_', " "));
+/// The overview: one listing of the job summaries, no document read.
+async fn status_page(State(state): State<AppState>, Query(f): Query<PoolFilter>) -> Response {
+    match state.summaries().await {
+        Ok(listing) => Html(crate::pages::overview(
+            &listing,
+            f.pool.as_deref(),
+            time::OffsetDateTime::now_utc(),
+        ))
+        .into_response(),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
-    parts.join(" · ")
 }
 
-/// A job with its replica table.
-fn job_section(d: &JobDocument) -> String {
-    let pct = (d.progress() * 100.0).round();
-    let mut out = format!(
-        "<section><h2>{} <small>{}</small></h2><progress max=\"100\" value=\"{pct}\"></progress> {pct}%",
-        escape(d.job_id.as_str()),
-        headline(d.state(), d.pool_id(), d.phase),
-    );
-    if let Some(e) = &d.error {
-        out.push_str(&format!("<p class=\"error\">{}</p>", escape(e)));
-    }
-    if let Some(g) = crate::views::gallery_line(d) {
-        let pct = d
-            .gallery
-            .as_ref()
-            .map_or(0.0, |g| (g.progress * 100.0).round());
-        out.push_str(&format!(
-            "<p class=\"gallery\">{} <progress max=\"100\" value=\"{pct}\"></progress></p>",
-            escape(&g)
-        ));
-    }
-    out.push_str(
-        "<table><tr><th>#</th><th>account</th><th>state</th><th>progress</th><th></th></tr>",
-    );
-    for r in &d.replicas {
-        let p = if r.bytes_total == 0 {
-            0.0
-        } else {
-            r.bytes_copied as f64 * 100.0 / r.bytes_total as f64
-        };
-        out.push_str(&format!(
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td><progress max=\"100\" value=\"{p:.0}\"></progress></td><td>{p:.0}% of {}{}</td></tr>",
-            r.index,
-            escape(&r.account),
-            format!("{:?}", r.state).to_lowercase(),
-            human_bytes(r.bytes_total),
-            r.error.as_ref().map(|e| format!(" <span class=\"error\">{}</span>", escape(e))).unwrap_or_default(),
-        ));
-    }
-    out.push_str("</table></section>");
-    out
-}
-
-/// A job in one line, from its summary.
-fn summary_row(s: &JobSummary) -> String {
-    let pct = (s.progress() * 100.0).round();
-    format!(
-        "<p><b>{}</b> {} · {}/{} replicas <progress max=\"100\" value=\"{pct}\"></progress> {pct}%{}</p>",
-        escape(&s.job_id),
-        headline(s.state, &s.pool_id, s.phase),
-        s.verified,
-        s.replicas,
-        s.error
-            .as_ref()
-            .map(|e| format!(" <span class=\"error\">{}</span>", escape(e)))
-            .unwrap_or_default()
-    )
-}
-
-/// Jobs whose replica tables the status page shows (running and queued first).
-const PAGE_ACTIVE: usize = 20;
-/// Finished jobs the status page lists, newest first.
-const PAGE_FINISHED: usize = 50;
-
-async fn status_page(State(state): State<AppState>) -> Response {
-    // One listing of summaries, then one read per active job shown: bounded
-    // however long the job history grows.
-    let listing = match state.summaries().await {
-        Ok(l) => l,
-        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
-    };
-    let (active, finished): (Vec<&JobSummary>, Vec<&JobSummary>) = listing
-        .jobs
-        .iter()
-        .partition(|s| matches!(s.state, JobState::Queued | JobState::Running));
-    let mut rows = String::new();
-    for s in active.iter().take(PAGE_ACTIVE) {
-        match state.job(&s.job_id).await {
-            Ok(Some(d)) => rows.push_str(&job_section(&d)),
-            _ => rows.push_str(&summary_row(s)),
+/// One job's page: one document read.
+async fn job_page(State(state): State<AppState>, Path(id): Path<String>) -> Response {
+    match state.job(&id).await {
+        Ok(Some(d)) => {
+            Html(crate::pages::job_page(&d, time::OffsetDateTime::now_utc())).into_response()
         }
+        Ok(None) => error(StatusCode::NOT_FOUND, format!("no job {id}")),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
-    if active.len() > PAGE_ACTIVE {
-        rows.push_str(&format!(
-            "<p>and {} more active jobs (GET /v1/jobs lists them all)</p>",
-            active.len() - PAGE_ACTIVE
-        ));
+}
+
+/// The pools page: the pool records.
+async fn pools_page(State(state): State<AppState>) -> Response {
+    match state.control.state.list_pools().await {
+        Ok(pools) => Html(crate::pages::pools_page(
+            &pools,
+            time::OffsetDateTime::now_utc(),
+        ))
+        .into_response(),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
-    if !finished.is_empty() {
-        rows.push_str("<h2>Finished</h2>");
-        for s in finished.iter().take(PAGE_FINISHED) {
-            rows.push_str(&summary_row(s));
-        }
-        if finished.len() > PAGE_FINISHED {
-            rows.push_str(&format!(
-                "<p>and {} older jobs</p>",
-                finished.len() - PAGE_FINISHED
-            ));
-        }
-    }
-    if !listing.skipped.is_empty() {
-        rows.push_str(&format!(
-            "<p class=\"error\">{} job documents could not be read: {}</p>",
-            listing.skipped.len(),
-            escape(
-                &listing
-                    .skipped
-                    .iter()
-                    .map(|k| k.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )
-        ));
-    }
-    if rows.is_empty() {
-        rows.push_str("<p>No jobs yet.</p>");
-    }
-    Html(format!(
-        "<!doctype html><html><head><meta charset=\"utf-8\"><meta http-equiv=\"refresh\" content=\"3\"><title>vhd-replicator</title>\
-         <style>body{{font-family:sans-serif;margin:2em}}progress{{width:14em}}.error{{color:#b00}}td,th{{padding:0 .8em;text-align:left}}</style>\
-         </head><body><h1>vhd-replicator</h1>{rows}</body></html>"
-    ))
-    .into_response()
 }

@@ -20,9 +20,10 @@
 //! - [`state`]: job documents with ETag concurrency.
 //! - [`gc`]: orphaned replicas and snapshots, found and removed.
 //! - [`handoff`]: the pool-creation hand-off and its sinks.
-//! - [`api`]: HTTP routes, status page, metrics, health.
+//! - [`api`]: HTTP routes, metrics, health; [`pages`]: the status pages (HTML).
 //! - [`metrics`]: every metric in one place.
 //! - [`vhd`]: the fixed-VHD footer.
+//! - [`estimate`]: throughput and ETA from observed progress (pure).
 //! - [`views`]: the JSON views of jobs and pools the API and the CLI share.
 //! - [`gallery`]: Azure Compute Gallery image versions through Azure Resource Manager.
 //! - `fake_arm` (feature `testkit`): a fake Azure Resource Manager for the gallery tests.
@@ -41,6 +42,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod engine;
+pub mod estimate;
 #[cfg(feature = "testkit")]
 pub mod fake_arm;
 pub mod gallery;
@@ -49,6 +51,7 @@ pub mod handoff;
 pub mod intake;
 pub mod job;
 pub mod metrics;
+pub mod pages;
 pub mod placement;
 pub mod plan;
 #[cfg(feature = "testkit")]

@@ -4,8 +4,48 @@
 use crate::state::{JobDocument, JobSummary, PoolRecord};
 use serde_json::{json, Value};
 
+/// Adds a job's timing (elapsed, throughput, ETA, estimating) to its view.
+fn with_timing(mut v: Value, s: &JobSummary) -> Value {
+    let t = s.timing(time::OffsetDateTime::now_utc());
+    if let (Value::Object(m), Ok(Value::Object(t))) = (&mut v, serde_json::to_value(t)) {
+        m.extend(t);
+        m.insert(
+            "started_at".into(),
+            json!(s.started_at.map(|t| t
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default())),
+        );
+    }
+    v
+}
+
+/// Elapsed time, throughput and ETA in words: "elapsed 3 min 05 s, 61.2 MiB/s,
+/// ETA 2 min 10 s" (or "estimating" while there is too little to go on).
+pub fn timing_words(t: &crate::estimate::Timing) -> String {
+    use crate::estimate::{human_duration, human_rate};
+    let mut parts = Vec::new();
+    if let Some(e) = t.elapsed_seconds {
+        parts.push(format!("elapsed {}", human_duration(e)));
+    }
+    if t.estimating {
+        parts.push("throughput and ETA: estimating".to_owned());
+    } else {
+        if let Some(r) = t.throughput_bytes_per_second {
+            parts.push(human_rate(r));
+        }
+        if let Some(e) = t.eta_seconds {
+            parts.push(format!("ETA {}", human_duration(e)));
+        }
+    }
+    parts.join(", ")
+}
+
 /// The JSON view of a job (CONTRACT.md `GET /v1/jobs/{id}`, plus extras).
 pub fn job_view(d: &JobDocument) -> Value {
+    with_timing(job_fields(d), &JobSummary::of(d))
+}
+
+fn job_fields(d: &JobDocument) -> Value {
     json!({
         "job_id": d.job_id,
         "state": d.state(),
@@ -35,6 +75,8 @@ pub fn job_view(d: &JobDocument) -> Value {
             "bytes_total": r.bytes_total,
             "attempts": r.attempts,
             "status_requests": r.status_requests,
+            "method": r.method,
+            "copied_from": r.copied_from,
             "error": r.error,
         })).collect::<Vec<_>>(),
     })
@@ -59,7 +101,7 @@ pub fn gallery_line(d: &JobDocument) -> Option<String> {
 pub fn summary_view(s: &JobSummary) -> Value {
     let mut v = serde_json::to_value(s).expect("summaries serialise");
     v["progress"] = json!(s.progress());
-    v
+    with_timing(v, s)
 }
 
 /// The JSON view of a pool's image sets (CONTRACT.md `GET /v1/pools/{id}`).

@@ -133,7 +133,7 @@ pub(super) async fn status(
                     println!("no jobs");
                 } else {
                     for d in &docs {
-                        println!("{}", summary_line(d));
+                        println!("{}", status_line(d));
                     }
                 }
                 ExitCode::SUCCESS
@@ -224,7 +224,7 @@ fn summary_line(s: &crate::state::JobSummary) -> String {
         "{:<40} {:<10} {:<12} {:>3}% {}/{} replicas{}",
         s.job_id,
         s.state.as_str(),
-        s.phase.map(|p| p.as_str()).unwrap_or("-"),
+        s.phase.map(|p| p.words()).unwrap_or_else(|| "-".into()),
         (s.progress() * 100.0).round(),
         s.verified,
         s.replicas,
@@ -235,12 +235,22 @@ fn summary_line(s: &crate::state::JobSummary) -> String {
     )
 }
 
+/// A summary line with the job's elapsed time, throughput and ETA.
+fn status_line(s: &crate::state::JobSummary) -> String {
+    let t = crate::views::timing_words(&s.timing(time::OffsetDateTime::now_utc()));
+    if t.is_empty() {
+        summary_line(s)
+    } else {
+        format!("{}  {t}", summary_line(s))
+    }
+}
+
 fn print_job(d: &JobDocument, json: bool) {
     if json {
         println!("{}", serde_json::to_string_pretty(&job_view(d)).unwrap());
         return;
     }
-    println!("{}", summary_line(&crate::state::JobSummary::of(d)));
+    println!("{}", status_line(&crate::state::JobSummary::of(d)));
     if let Some(g) = crate::views::gallery_line(d) {
         println!("  {g}");
     }
@@ -318,15 +328,22 @@ impl Bars {
         self.job.set_prefix("job");
         self.job.set_length(total.max(1));
         self.job.set_position(done);
+        let summary = crate::state::JobSummary::of(d);
+        let timing = crate::views::timing_words(&summary.timing(time::OffsetDateTime::now_utc()));
         self.job.set_message(format!(
-            "{}{}",
+            "{}{}{}",
             d.state().as_str(),
             d.phase
-                .map(|p| format!(" / {}", p.as_str().replace('_', " ")))
+                .map(|p| format!(" / {}", p.words()))
                 .unwrap_or_default()
                 + &crate::views::gallery_line(d)
                     .map(|g| format!(" · {g}"))
-                    .unwrap_or_default()
+                    .unwrap_or_default(),
+            if timing.is_empty() {
+                String::new()
+            } else {
+                format!(" · {timing}")
+            }
         ));
         while self.replicas.len() < d.replicas.len() {
             let bar = self.multi.add(indicatif::ProgressBar::new(1));
@@ -378,20 +395,28 @@ pub(super) async fn follow(control: &Control, id: &str, display: Display) -> Exi
                         }
                     }
                     (None, _) => {
-                        let line = summary_line(&crate::state::JobSummary::of(&d))
-                            + &crate::views::gallery_line(&d)
-                                .map(|g| format!("  {g}"))
-                                .unwrap_or_default();
-                        if line != last {
-                            println!("{line}");
-                            last = line;
+                        // A new line when something other than the clock
+                        // changed (elapsed and ETA count down by themselves).
+                        let s = crate::state::JobSummary::of(&d);
+                        let gallery = crate::views::gallery_line(&d)
+                            .map(|g| format!("  {g}"))
+                            .unwrap_or_default();
+                        let key = format!(
+                            "{}{gallery}{:?}{:?}",
+                            summary_line(&s),
+                            s.throughput_bytes_per_second,
+                            s.eta_at
+                        );
+                        if key != last {
+                            println!("{}{gallery}", status_line(&s));
+                            last = key;
                         }
                     }
                 }
                 if d.state().is_terminal() {
                     if let Some(b) = &bars {
                         b.finish();
-                        println!("{}", summary_line(&crate::state::JobSummary::of(&d)));
+                        println!("{}", status_line(&crate::state::JobSummary::of(&d)));
                     }
                     return if d.state() == JobState::Completed {
                         ExitCode::SUCCESS

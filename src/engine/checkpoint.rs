@@ -60,6 +60,7 @@ impl Checkpoint<'_> {
             }
             let mut doc = {
                 let mut live = live.lock().expect("live doc lock");
+                live.note_progress(OffsetDateTime::now_utc());
                 if !live.state().is_terminal() {
                     if let Some(owner) = live.owner.as_mut().filter(|o| o.instance == self.instance)
                     {

@@ -440,6 +440,12 @@ impl Engine {
         rec: &ReplicaRecord,
         source: &BlobPath,
     ) -> Result<bool, CopyError> {
+        let from = if source.snapshot.is_some() {
+            "snapshot".to_owned()
+        } else {
+            format!("{}/{}", source.account, source.name)
+        };
+        with_replica(ctx.live, rec.index, |r| r.copied_from = Some(from));
         if self.ranged(source, &rec.blob) {
             return self.copy_ranged(ctx, rec, source).await;
         }

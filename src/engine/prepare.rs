@@ -215,6 +215,7 @@ impl Engine {
                 inherited: r.kept,
                 method: None,
                 ranges_done: Vec::new(),
+                copied_from: None,
             })
             .collect();
         live.lock().expect("live doc lock").replicas = records;

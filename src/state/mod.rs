@@ -91,6 +91,11 @@ impl Phase {
         Phase::HandingOff,
     ];
 
+    /// The phase in words: "handing off".
+    pub fn words(self) -> String {
+        self.as_str().replace('_', " ")
+    }
+
     /// The phase's name, as the contract spells it.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -164,6 +169,10 @@ pub struct ReplicaRecord {
     /// writes only the rest.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ranges_done: Vec<std::ops::Range<u64>>,
+    /// The blob its last copy read: `snapshot`, or `<account>/<name>` of a
+    /// replica or relay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub copied_from: Option<String>,
 }
 
 /// What a job does.
@@ -219,6 +228,11 @@ pub struct JobDocument {
     /// Relays the job made and has not deleted yet (short-lived same-account
     /// copies of the snapshot that seed other accounts).
     pub relays: Vec<BlobPath>,
+    /// When the job first started running.
+    pub started_at: Option<OffsetDateTime>,
+    /// Bytes copied over time, one sample per checkpoint (the last few), for
+    /// throughput and ETA.
+    pub progress_log: Vec<crate::estimate::Sample>,
 }
 
 /// A gallery image version a job publishes or resizes.
@@ -298,6 +312,14 @@ struct StoredDocument {
     gallery: Option<Publication>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     relays: Vec<BlobPath>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "time::serde::rfc3339::option"
+    )]
+    started_at: Option<OffsetDateTime>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    progress_log: Vec<crate::estimate::Sample>,
 }
 
 impl TryFrom<StoredDocument> for JobDocument {
@@ -330,6 +352,8 @@ impl TryFrom<StoredDocument> for JobDocument {
             owner: d.owner,
             gallery: d.gallery,
             relays: d.relays,
+            started_at: d.started_at,
+            progress_log: d.progress_log,
         })
     }
 }
@@ -360,6 +384,8 @@ impl From<JobDocument> for StoredDocument {
             owner: d.owner,
             gallery: d.gallery,
             relays: d.relays,
+            started_at: d.started_at,
+            progress_log: d.progress_log,
         }
     }
 }
@@ -396,6 +422,8 @@ impl JobDocument {
             owner: None,
             gallery: None,
             relays: Vec::new(),
+            started_at: None,
+            progress_log: Vec::new(),
         }
     }
 
@@ -440,7 +468,27 @@ impl JobDocument {
         if to.is_terminal() {
             self.phase = None;
         }
+        if to == Running && self.started_at.is_none() {
+            self.started_at = Some(OffsetDateTime::now_utc());
+        }
         Ok(())
+    }
+
+    /// Bytes copied so far, over every replica.
+    pub fn bytes_copied(&self) -> u64 {
+        self.replicas
+            .iter()
+            .map(|r| r.bytes_copied.min(r.bytes_total))
+            .sum()
+    }
+
+    /// Notes the progress at `now` in the log throughput and ETA come from
+    /// (while running).
+    pub fn note_progress(&mut self, now: OffsetDateTime) {
+        if self.state == JobState::Running {
+            let bytes = self.bytes_copied();
+            crate::estimate::record(&mut self.progress_log, now, bytes);
+        }
     }
 
     /// The pool the job is for.

@@ -24,6 +24,10 @@ mod key {
     pub(super) const CONTAINER: &str = "vhdrep_container";
     pub(super) const SOURCE: &str = "vhdrep_source";
     pub(super) const ERROR: &str = "vhdrep_error";
+    pub(super) const NODES: &str = "vhdrep_nodes";
+    pub(super) const STARTED: &str = "vhdrep_started";
+    pub(super) const RATE: &str = "vhdrep_rate";
+    pub(super) const ETA: &str = "vhdrep_eta";
 }
 
 /// The longest error text a summary keeps (the document has all of it).
@@ -66,18 +70,29 @@ pub struct JobSummary {
     pub source: Option<String>,
     /// The error, its first few hundred characters.
     pub error: Option<String>,
+    /// Nodes of the pool (0 for a retire).
+    pub nodes: u32,
+    /// When it started running.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub started_at: Option<OffsetDateTime>,
+    /// Observed copy throughput when last written, bytes per second.
+    pub throughput_bytes_per_second: Option<u64>,
+    /// When the copying will be done at that throughput.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub eta_at: Option<OffsetDateTime>,
 }
 
 impl JobSummary {
     /// The summary of a document.
     pub fn of(doc: &JobDocument) -> Self {
         let total: u64 = doc.replicas.iter().map(|r| r.bytes_total).sum();
-        let copied: u64 = doc
-            .replicas
-            .iter()
-            .map(|r| r.bytes_copied.min(r.bytes_total))
-            .sum();
+        let copied = doc.bytes_copied();
+        let rate = crate::estimate::throughput(&doc.progress_log);
         Self {
+            nodes: doc.spec().map_or(0, |s| s.pool.nodes),
+            started_at: doc.started_at,
+            throughput_bytes_per_second: rate.map(|r| r as u64),
+            eta_at: crate::estimate::eta(&doc.progress_log, total, rate),
             job_id: doc.job_id.to_string(),
             state: doc.state,
             phase: doc.phase,
@@ -154,7 +169,30 @@ impl JobSummary {
         if let Some(e) = &self.error {
             m.insert(key::ERROR.into(), encode(e));
         }
+        m.insert(key::NODES.into(), self.nodes.to_string());
+        if let Some(t) = self.started_at {
+            m.insert(key::STARTED.into(), time(t));
+        }
+        if let Some(r) = self.throughput_bytes_per_second {
+            m.insert(key::RATE.into(), r.to_string());
+        }
+        if let Some(t) = self.eta_at {
+            m.insert(key::ETA.into(), time(t));
+        }
         m
+    }
+
+    /// Elapsed time, throughput and ETA at `now`, for people.
+    pub fn timing(&self, now: OffsetDateTime) -> crate::estimate::Timing {
+        crate::estimate::timing(
+            self.state == JobState::Running,
+            self.started_at,
+            self.state.is_terminal().then_some(self.updated_at),
+            self.throughput_bytes_per_second.map(|r| r as f64),
+            self.eta_at,
+            self.bytes_total == 0 || self.bytes_copied < self.bytes_total,
+            now,
+        )
     }
 
     /// Reads a summary back from the metadata of `jobs/<job_id>.json`; `None`
@@ -183,6 +221,10 @@ impl JobSummary {
             container: get(key::CONTAINER).map(decode),
             source: get(key::SOURCE).map(decode),
             error: get(key::ERROR).map(decode),
+            nodes: num(key::NODES) as u32,
+            started_at: time(key::STARTED),
+            throughput_bytes_per_second: get(key::RATE).and_then(|v| v.parse().ok()),
+            eta_at: time(key::ETA),
         })
     }
 }

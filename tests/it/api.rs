@@ -56,7 +56,25 @@ async fn job_routes_metrics_and_health() {
         .text()
         .await
         .unwrap();
-    assert!(page.contains(&id) && page.contains("<progress"));
+    assert!(
+        page.contains(&id) && page.contains("class=\"bar\""),
+        "{page}"
+    );
+    let job_page = http
+        .get(app.url(&format!("/jobs/{id}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(job_page.status(), 200);
+    assert!(job_page.text().await.unwrap().contains("Replicas"));
+    assert_eq!(
+        http.get(app.url("/jobs/no-such-job"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
     app.shutdown().await;
 }
 

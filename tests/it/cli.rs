@@ -384,6 +384,10 @@ fn status_shows_the_job(config: &str, job_id: &str) {
     let view: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(view["state"], "completed");
     assert_eq!(view["replicas"].as_array().unwrap().len(), 2);
+    // An ended job has its elapsed time and no throughput or ETA to promise.
+    assert!(view["elapsed_seconds"].is_u64(), "{view}");
+    assert!(view["eta_seconds"].is_null() && view["throughput_bytes_per_second"].is_null());
+    assert_eq!(view["estimating"], false);
 
     let out = run(&key_env(), &["status", "--config", config]);
     assert!(String::from_utf8_lossy(&out.stdout).contains(job_id));

@@ -130,16 +130,16 @@ async fn watch(app: &TestApp, id: &str) -> (JobDocument, Vec<f64>, Vec<String>, 
                 .filter(|l| l.starts_with(&series))
                 .map(str::to_owned),
         );
-        let html = reqwest::get(app.url("/"))
+        let html = reqwest::get(app.url(&format!("/jobs/{id}")))
             .await
             .unwrap()
             .text()
             .await
             .unwrap();
         page.extend(
-            html.lines()
-                .filter(|l| l.contains("gallery version"))
-                .map(str::to_owned),
+            html.split("<p class=\"gallery\">")
+                .skip(1)
+                .filter_map(|p| p.split_once("</p>").map(|(p, _)| p.to_owned())),
         );
         assert!(
             tokio::time::Instant::now() < deadline,
@@ -204,7 +204,7 @@ async fn a_job_publishes_a_gallery_version_and_hands_off_pool_create() {
     );
     assert!(
         page.iter()
-            .any(|l| l.contains("replication") && l.contains("<progress")),
+            .any(|l| l.contains("replication") && l.contains("class=\"bar\"")),
         "the status page shows the replication: {page:?}"
     );
 

@@ -424,3 +424,126 @@ pub fn replica_starts(
         .filter(|(blob, _)| !blob.contains(vhd_replicator::engine::relay::RELAY_PREFIX))
         .collect()
 }
+
+/// What a screenshot holds, by kind of pixel.
+#[derive(Debug)]
+pub struct Pixels {
+    pub width: usize,
+    pub height: usize,
+    /// Near black (text).
+    pub dark: usize,
+    /// Strongly blue (a progress bar's fill).
+    pub blue: usize,
+    /// Near white (background).
+    pub light: usize,
+}
+
+impl Pixels {
+    pub fn read(path: &std::path::Path) -> Self {
+        let decoder = png::Decoder::new(std::io::BufReader::new(
+            std::fs::File::open(path).expect("the screenshot exists"),
+        ));
+        let mut reader = decoder.read_info().expect("a PNG");
+        let mut buf = vec![0; reader.output_buffer_size().expect("a size")];
+        let info = reader.next_frame(&mut buf).expect("a frame");
+        let channels = info.color_type.samples();
+        let mut p = Pixels {
+            width: info.width as usize,
+            height: info.height as usize,
+            dark: 0,
+            blue: 0,
+            light: 0,
+        };
+        for px in buf[..info.buffer_size()].chunks(channels) {
+            let (r, g, b) = if channels >= 3 {
+                (px[0], px[1], px[2])
+            } else {
+                (px[0], px[0], px[0])
+            };
+            if r < 90 && g < 90 && b < 90 {
+                p.dark += 1;
+            } else if b > 170 && r < 110 && g < 170 {
+                p.blue += 1;
+            } else if r > 230 && g > 230 && b > 230 {
+                p.light += 1;
+            }
+        }
+        p
+    }
+}
+
+/// Loads `url` in headless Chromium at `size`: its DOM after scripts ran, and
+/// whether a screenshot was written to `shot`.
+pub async fn chromium_capture(
+    url: &str,
+    profile: &std::path::Path,
+    shot: &std::path::Path,
+    size: (u32, u32),
+) -> (String, bool) {
+    let (url, profile, shot) = (url.to_owned(), profile.to_owned(), shot.to_owned());
+    tokio::task::spawn_blocking(move || {
+        let common = |c: &mut std::process::Command| {
+            c.args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--hide-scrollbars",
+            ])
+            .arg(format!("--user-data-dir={}", profile.display()));
+        };
+        let mut dump = std::process::Command::new("chromium");
+        common(&mut dump);
+        let dom = dump
+            .args(["--dump-dom", &url])
+            .output()
+            .expect("chromium runs (scripts/test.sh installs it)");
+        let mut take = std::process::Command::new("chromium");
+        common(&mut take);
+        let taken = take
+            .arg(format!("--screenshot={}", shot.display()))
+            .arg(format!("--window-size={},{}", size.0, size.1))
+            .arg(&url)
+            .output()
+            .unwrap();
+        (
+            String::from_utf8_lossy(&dom.stdout).into_owned(),
+            taken.status.success() && shot.exists(),
+        )
+    })
+    .await
+    .unwrap()
+}
+
+/// Copies a screenshot into `VHDREP_SCREENSHOT_DIR`, when set, for people to
+/// look at (scripts/test.sh sets it to `target/screenshots`).
+pub fn keep_screenshot(shot: &std::path::Path, name: &str) {
+    if let Ok(dir) = std::env::var("VHDREP_SCREENSHOT_DIR") {
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::copy(shot, std::path::Path::new(&dir).join(name)).unwrap();
+    }
+}
+
+/// Runs the binary with the accounts' keys in its environment; it must exit 0.
+pub fn run_ok(args: &[&str]) -> String {
+    let vars: Vec<(String, String)> = keys()
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("VHDREP_KEY_"))
+        .collect();
+    let out = std::process::Command::new(binary())
+        .args(args)
+        .envs(vars)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

@@ -11,6 +11,7 @@ mod gallery;
 mod handoff;
 mod helpers;
 mod observe;
+mod pages;
 mod poison;
 mod pools;
 mod proxy;

@@ -147,8 +147,9 @@ async fn prometheus_scrapes_progress_and_bytes_and_promtool_agrees() {
     app.shutdown().await;
 }
 
-/// The status page, loaded in headless Chromium during a job, shows the job, its
-/// state and a progress bar per replica with its account.
+/// The status pages, loaded in headless Chromium during a job: the overview
+/// shows the job, its state and a progress bar; its page shows a bar per
+/// replica with its account; both refresh themselves and use no external assets.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_status_page_shows_the_running_job_in_chromium() {
     let env = TestEnv::new("[engine]\ncheckpoint_seconds = 1\n");
@@ -171,125 +172,56 @@ async fn the_status_page_shows_the_running_job_in_chromium() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let profile = env.dir.path().join("chromium");
-    let screenshot = env.dir.path().join("status.png");
-    let url = app.url("/");
-    let (dom, shot) = tokio::task::spawn_blocking(move || {
-        let common = |c: &mut Command| {
-            c.args([
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-            ])
-            .arg(format!("--user-data-dir={}", profile.display()));
-        };
-        let mut dump = Command::new("chromium");
-        common(&mut dump);
-        let dom = dump
-            .args(["--dump-dom", &url])
-            .output()
-            .expect("chromium runs (scripts/test.sh installs it)");
-        let mut shot = Command::new("chromium");
-        common(&mut shot);
-        let shot = shot
-            .arg(format!("--screenshot={}", screenshot.display()))
-            .args(["--window-size=1200,800", &url])
-            .output()
-            .unwrap();
-        (
-            String::from_utf8_lossy(&dom.stdout).into_owned(),
-            (shot.status.success(), screenshot),
-        )
-    })
-    .await
-    .unwrap();
-    assert!(dom.contains("<h1>vhd-replicator</h1>"), "{dom}");
+    let overview = env.dir.path().join("status.png");
+    let (dom, shot) = chromium_capture(&app.url("/"), &profile, &overview, (1200, 800)).await;
+    assert!(
+        dom.contains("<h1><a href=\"/\">vhd-replicator</a></h1>"),
+        "{dom}"
+    );
     assert!(dom.contains(&id), "the job is listed: {dom}");
     assert!(dom.contains("running"), "its state is shown: {dom}");
     assert_eq!(
-        dom.matches("<progress").count(),
-        1 + 3,
-        "a bar for the job and one per replica: {dom}"
+        dom.matches("class=\"bar\"").count(),
+        1,
+        "a bar for the job: {dom}"
     );
-    for account in ["dst1", "dst2", "dst3"] {
-        assert!(dom.contains(account), "replica account {account} shown");
-    }
-    assert!(
-        dom.contains("http-equiv=\"refresh\""),
-        "the page refreshes itself"
-    );
+    assert!(dom.contains("setInterval"), "the page refreshes itself");
     assert!(
         !dom.contains("<script src") && !dom.contains("<link"),
         "no external assets"
     );
-    assert!(shot.0, "a screenshot was taken");
-    if let Ok(dir) = std::env::var("VHDREP_SCREENSHOT_DIR") {
-        std::fs::copy(&shot.1, std::path::Path::new(&dir).join("status-page.png")).unwrap();
+    assert!(shot, "a screenshot was taken");
+    let job_shot = env.dir.path().join("job.png");
+    let (job_dom, shot) = chromium_capture(
+        &app.url(&format!("/jobs/{id}")),
+        &profile,
+        &job_shot,
+        (1200, 800),
+    )
+    .await;
+    assert!(shot);
+    assert_eq!(
+        job_dom.matches("class=\"bar\"").count(),
+        1 + 3,
+        "a bar for the job and one per replica: {job_dom}"
+    );
+    for account in ["dst1", "dst2", "dst3"] {
+        assert!(job_dom.contains(account), "replica account {account} shown");
     }
-    let pixels = Pixels::read(&shot.1);
+    keep_screenshot(&overview, "running-job-overview.png");
+    keep_screenshot(&job_shot, "running-job.png");
+    let pixels = Pixels::read(&job_shot);
     eprintln!("screenshot: {pixels:?}");
     assert_eq!((pixels.width, pixels.height), (1200, 800));
-    // Not a blank page: dark text (the heading, the job, the accounts) and the
-    // filled part of progress bars (Chromium draws it in its blue accent).
+    // Not a blank page: dark text (the heading, the job, the accounts, the
+    // filled part of the bars) on a light page.
     assert!(pixels.dark > 2_000, "text on the page: {pixels:?}");
-    assert!(pixels.blue > 200, "filled progress bars: {pixels:?}");
     assert!(
         pixels.light * 2 > pixels.width * pixels.height,
         "a light page: {pixels:?}"
     );
     wait_for_end(&app.control, &id, Duration::from_secs(60)).await;
     app.shutdown().await;
-}
-
-/// What a screenshot holds, by kind of pixel.
-#[derive(Debug)]
-struct Pixels {
-    width: usize,
-    height: usize,
-    /// Near black (text).
-    dark: usize,
-    /// Strongly blue (a progress bar's fill).
-    blue: usize,
-    /// Near white (background).
-    light: usize,
-}
-
-impl Pixels {
-    fn read(path: &std::path::Path) -> Self {
-        let decoder = png::Decoder::new(std::io::BufReader::new(
-            std::fs::File::open(path).expect("the screenshot exists"),
-        ));
-        let mut reader = decoder.read_info().expect("a PNG");
-        let mut buf = vec![0; reader.output_buffer_size().expect("a size")];
-        let info = reader.next_frame(&mut buf).expect("a frame");
-        let channels = info.color_type.samples();
-        let mut p = Pixels {
-            width: info.width as usize,
-            height: info.height as usize,
-            dark: 0,
-            blue: 0,
-            light: 0,
-        };
-        for px in buf[..info.buffer_size()].chunks(channels) {
-            let (r, g, b) = if channels >= 3 {
-                (px[0], px[1], px[2])
-            } else {
-                (px[0], px[0], px[0])
-            };
-            if r < 90 && g < 90 && b < 90 {
-                p.dark += 1;
-            } else if b > 170 && r < 110 && g < 170 {
-                p.blue += 1;
-            } else if r > 230 && g > 230 && b > 230 {
-                p.light += 1;
-            }
-        }
-        p
-    }
 }
 
 /// The sum of every series of `name` in an exposition, and how many there are.

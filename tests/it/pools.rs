@@ -582,26 +582,6 @@ async fn copied_from(app: &TestApp, blob: &vhd_replicator::storage::BlobPath) ->
         .unwrap()
 }
 
-/// Runs the binary with the accounts' keys in its environment; it must exit 0.
-fn run_ok(args: &[&str]) -> String {
-    let vars: Vec<(String, String)> = keys()
-        .into_iter()
-        .filter(|(k, _)| k.starts_with("VHDREP_KEY_"))
-        .collect();
-    let out = std::process::Command::new(binary())
-        .args(args)
-        .envs(vars)
-        .output()
-        .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// Exactly 20 new copies, each copied inside its account from a replica the pool
 /// already had (not from the source), and 10 replicas in each account.
 async fn assert_topped_up_from_replicas(app: &TestApp, d2: &vhd_replicator::state::JobDocument) {
