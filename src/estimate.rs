@@ -114,20 +114,6 @@ pub fn timing(
     }
 }
 
-/// A duration for people: "42 s", "3 min 05 s", "2 h 07 min".
-pub fn human_duration(seconds: u64) -> String {
-    match seconds {
-        s if s < 60 => format!("{s} s"),
-        s if s < 3600 => format!("{} min {:02} s", s / 60, s % 60),
-        s => format!("{} h {:02} min", s / 3600, s / 60 % 60),
-    }
-}
-
-/// A throughput for people: "61.2 MiB/s".
-pub fn human_rate(bytes_per_second: u64) -> String {
-    format!("{}/s", crate::views::human_bytes(bytes_per_second))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -255,8 +241,5 @@ mod tests {
         );
         let queued = timing(false, None, None, None, None, true, t(5));
         assert_eq!(queued.elapsed_seconds, None);
-        assert_eq!(human_duration(42), "42 s");
-        assert_eq!(human_duration(185), "3 min 05 s");
-        assert_eq!(human_duration(7620), "2 h 07 min");
     }
 }

@@ -7,9 +7,9 @@
 //! 5,000 job documents, whatever the jobs hold), a job page reads one
 //! document, the pools page lists the pool records and reads each.
 
-use crate::estimate::{human_duration, human_rate, Timing};
+use crate::estimate::Timing;
 use crate::state::{JobDocument, JobListing, JobState, JobSummary, PoolRecord, ReplicaRecord};
-use crate::views::human_bytes;
+use crate::views::{human_bytes, human_duration, human_rate};
 use std::collections::BTreeMap;
 use time::OffsetDateTime;
 
@@ -27,7 +27,7 @@ const CSS: &str = "\
 *{box-sizing:border-box}body{font:15px/1.45 system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;color:var(--fg);background:var(--bg);margin:0}\
 header{display:flex;flex-wrap:wrap;gap:.4em 1.5em;align-items:baseline;padding:.8em 1.2em;border-bottom:1px solid var(--line)}\
 header h1{font-size:1.15em;margin:0}header a{color:var(--fg)}main{padding:0 1.2em 2em;max-width:1400px}\
-h2{font-size:1.05em;margin:1.4em 0 .5em}a{color:#0b4f9c}.muted{color:var(--muted)}\
+h2{font-size:1.05em;margin:1.4em 0 .5em}a{color:var(--fg)}.muted{color:var(--muted)}\
 .scroll{overflow-x:auto}table{border-collapse:collapse;width:100%}\
 th,td{padding:.35em .6em;text-align:left;border-bottom:1px solid var(--line);vertical-align:top;white-space:nowrap}\
 th{font-weight:600;font-size:.85em;color:var(--muted)}td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}\
@@ -141,6 +141,37 @@ fn job_row(s: &JobSummary, now: OffsetDateTime) -> String {
 const JOB_HEAD: &str = "<div class=\"scroll\"><table class=\"cards\"><tr><th>job</th><th>pool</th><th class=\"num\">nodes</th><th>state</th><th>progress</th>\
 <th class=\"num\">copied</th><th class=\"num\">throughput</th><th class=\"num\">elapsed</th><th class=\"num\">ETA</th><th>error</th></tr>";
 
+/// A titled table of `jobs`, the first `shown` of them, the rest counted.
+fn jobs_section(
+    body: &mut String,
+    title: &str,
+    jobs: &[&JobSummary],
+    shown: usize,
+    none: &str,
+    rest: &str,
+    now: OffsetDateTime,
+) {
+    body.push_str(&format!(
+        "<h2>{title} <span class=\"muted\">{}</span></h2>",
+        jobs.len()
+    ));
+    if jobs.is_empty() {
+        body.push_str(&format!("<p class=\"muted\">{none}</p>"));
+        return;
+    }
+    body.push_str(JOB_HEAD);
+    for s in jobs.iter().take(shown) {
+        body.push_str(&job_row(s, now));
+    }
+    body.push_str("</table></div>");
+    if jobs.len() > shown {
+        body.push_str(&format!(
+            "<p class=\"muted\">and {} {rest} (GET /v1/jobs lists them all)</p>",
+            jobs.len() - shown
+        ));
+    }
+}
+
 /// The overview: running and queued jobs, then the most recent finished ones,
 /// each bounded; only `pool`'s when given.
 pub fn overview(listing: &JobListing, pool: Option<&str>, now: OffsetDateTime) -> String {
@@ -165,44 +196,24 @@ pub fn overview(listing: &JobListing, pool: Option<&str>, now: OffsetDateTime) -
             escape(p)
         ));
     }
-    body.push_str(&format!(
-        "<h2>Active <span class=\"muted\">{}</span></h2>",
-        active.len()
-    ));
-    if active.is_empty() {
-        body.push_str("<p class=\"muted\">No job is running or queued.</p>");
-    } else {
-        body.push_str(JOB_HEAD);
-        for s in active.iter().take(ACTIVE_SHOWN) {
-            body.push_str(&job_row(s, now));
-        }
-        body.push_str("</table></div>");
-        if active.len() > ACTIVE_SHOWN {
-            body.push_str(&format!(
-                "<p class=\"muted\">and {} more (GET /v1/jobs lists them all)</p>",
-                active.len() - ACTIVE_SHOWN
-            ));
-        }
-    }
-    body.push_str(&format!(
-        "<h2>Recently finished <span class=\"muted\">{}</span></h2>",
-        finished.len()
-    ));
-    if finished.is_empty() {
-        body.push_str("<p class=\"muted\">None yet.</p>");
-    } else {
-        body.push_str(JOB_HEAD);
-        for s in finished.iter().take(FINISHED_SHOWN) {
-            body.push_str(&job_row(s, now));
-        }
-        body.push_str("</table></div>");
-        if finished.len() > FINISHED_SHOWN {
-            body.push_str(&format!(
-                "<p class=\"muted\">and {} older (GET /v1/jobs lists them all)</p>",
-                finished.len() - FINISHED_SHOWN
-            ));
-        }
-    }
+    jobs_section(
+        &mut body,
+        "Active",
+        &active,
+        ACTIVE_SHOWN,
+        "No job is running or queued.",
+        "more",
+        now,
+    );
+    jobs_section(
+        &mut body,
+        "Recently finished",
+        &finished,
+        FINISHED_SHOWN,
+        "None yet.",
+        "older",
+        now,
+    );
     if !listing.skipped.is_empty() {
         body.push_str(&format!(
             "<p class=\"error\">{} job documents could not be read: {}</p>",

@@ -22,7 +22,6 @@ fn with_timing(mut v: Value, s: &JobSummary) -> Value {
 /// Elapsed time, throughput and ETA in words: "elapsed 3 min 05 s, 61.2 MiB/s,
 /// ETA 2 min 10 s" (or "estimating" while there is too little to go on).
 pub fn timing_words(t: &crate::estimate::Timing) -> String {
-    use crate::estimate::{human_duration, human_rate};
     let mut parts = Vec::new();
     if let Some(e) = t.elapsed_seconds {
         parts.push(format!("elapsed {}", human_duration(e)));
@@ -138,5 +137,32 @@ pub fn human_bytes(n: u64) -> String {
         format!("{n} B")
     } else {
         format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// A duration for people: "42 s", "3 min 05 s", "2 h 07 min".
+pub fn human_duration(seconds: u64) -> String {
+    match seconds {
+        s if s < 60 => format!("{s} s"),
+        s if s < 3600 => format!("{} min {:02} s", s / 60, s % 60),
+        s => format!("{} h {:02} min", s / 3600, s / 60 % 60),
+    }
+}
+
+/// A throughput for people: "61.2 MiB/s".
+pub fn human_rate(bytes_per_second: u64) -> String {
+    format!("{}/s", human_bytes(bytes_per_second))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_and_rates_read_as_people_say_them() {
+        assert_eq!(human_duration(42), "42 s");
+        assert_eq!(human_duration(185), "3 min 05 s");
+        assert_eq!(human_duration(7620), "2 h 07 min");
+        assert_eq!(human_rate(3 * 1024 * 1024 / 2), "1.5 MiB/s");
     }
 }

@@ -22,6 +22,49 @@ fn signers() -> HashMap<String, SharedKey> {
         .collect()
 }
 
+/// A rule for the ranged writes (Put Page From URL) into blobs whose path
+/// contains `path`.
+fn page_writes(path: &str, action: ProxyAction, times: u32) -> ProxyRule {
+    ProxyRule {
+        query_contains: Some("comp=page".into()),
+        header: Some("x-ms-copy-source"),
+        ..ProxyRule::new("PUT", path, action, times)
+    }
+}
+
+/// A daemon in this process behind a proxy that performs Put Page From URL
+/// (with `rules` and a `busy_rate` of random 503s), running job
+/// `<name>-<env id>` of `source_url` for `nodes` Windows nodes.
+async fn ranged_job(
+    env: &TestEnv,
+    name: &str,
+    source_url: &str,
+    rules: Vec<ProxyRule>,
+    busy_rate: f64,
+    nodes: u32,
+) -> (Proxy, TestApp, String) {
+    let proxy = Proxy::start(ProxyConfig {
+        signers: signers(),
+        rules,
+        busy_rate,
+        seed: 92,
+        ..ProxyConfig::transparent(BLOB)
+    })
+    .await
+    .unwrap();
+    let app = TestApp::spawn_with(env.proxied(&proxy.url(), "")).await;
+    let id = format!("{name}-{}", env.id);
+    let via_proxy = source_url.replace(BLOB, &proxy.url());
+    app.control
+        .submit(
+            vhd_replicator::job::parse_job_json(&env.job_json(&id, &via_proxy, "windows", nodes))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    (proxy, app, id)
+}
+
 /// A sparse VHD's snapshot copied into another account range by range, only
 /// its written ranges, at most 4 MiB each, with two of the writes answered 503
 /// (retried): the replica is byte-identical, has exactly the source's page
@@ -138,24 +181,7 @@ async fn auto_copies_ranged_across_accounts_and_async_inside() {
     let direct = env.control().await;
     let source_url = env.source_url("auto.vhd");
     let image = upload_sample(&direct, &source_url, 16, 3, 92).await;
-    let proxy = Proxy::start(ProxyConfig {
-        signers: signers(),
-        busy_rate: 0.1,
-        seed: 92,
-        ..ProxyConfig::transparent(BLOB)
-    })
-    .await
-    .unwrap();
-    let app = TestApp::spawn_with(env.proxied(&proxy.url(), "")).await;
-    let id = format!("auto-{}", env.id);
-    let via_proxy = source_url.replace(BLOB, &proxy.url());
-    app.control
-        .submit(
-            vhd_replicator::job::parse_job_json(&env.job_json(&id, &via_proxy, "windows", 120))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    let (proxy, app, id) = ranged_job(&env, "auto", &source_url, Vec::new(), 0.1, 120).await;
     let doc = wait_for_end(&direct, &id, std::time::Duration::from_secs(90)).await;
     assert_eq!(
         doc.state(),
@@ -241,16 +267,15 @@ async fn a_ranged_copy_killed_midway_resumes_with_the_ranges_left() {
     let direct = env.control().await;
     let source_url = env.source_url("resume.vhd");
     let image = upload_sample(&direct, &source_url, 96, 64, 93).await;
-    let page_write = |action, times| ProxyRule {
-        query_contains: Some("comp=page".into()),
-        header: Some("x-ms-copy-source"),
-        ..ProxyRule::new("PUT", "resume-", action, times)
-    };
     let proxy = Proxy::start(ProxyConfig {
         signers: signers(),
         rules: vec![
-            page_write(ProxyAction::Answer(500, "OperationTimedOut"), 2),
-            page_write(ProxyAction::Delay(Duration::from_millis(1500)), 10_000),
+            page_writes("resume-", ProxyAction::Answer(500, "OperationTimedOut"), 2),
+            page_writes(
+                "resume-",
+                ProxyAction::Delay(Duration::from_millis(1500)),
+                10_000,
+            ),
         ],
         ..ProxyConfig::transparent(BLOB)
     })
@@ -335,32 +360,12 @@ async fn a_cancelled_ranged_copy_stops_at_once() {
     let direct = env.control().await;
     let source_url = env.source_url("cancel.vhd");
     upload_sample(&direct, &source_url, 288, 256, 94).await;
-    let proxy = Proxy::start(ProxyConfig {
-        signers: signers(),
-        rules: vec![ProxyRule {
-            query_contains: Some("comp=page".into()),
-            header: Some("x-ms-copy-source"),
-            ..ProxyRule::new(
-                "PUT",
-                "cancel-",
-                ProxyAction::Delay(Duration::from_secs(1)),
-                10_000,
-            )
-        }],
-        ..ProxyConfig::transparent(BLOB)
-    })
-    .await
-    .unwrap();
-    let app = TestApp::spawn_with(env.proxied(&proxy.url(), "")).await;
-    let id = format!("cancel-{}", env.id);
-    let via_proxy = source_url.replace(BLOB, &proxy.url());
-    app.control
-        .submit(
-            vhd_replicator::job::parse_job_json(&env.job_json(&id, &via_proxy, "windows", 20))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    let rule = page_writes(
+        "cancel-",
+        ProxyAction::Delay(Duration::from_secs(1)),
+        10_000,
+    );
+    let (proxy, app, id) = ranged_job(&env, "cancel", &source_url, vec![rule], 0.0, 20).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while proxy.page_writes().is_empty() {
         assert!(tokio::time::Instant::now() < deadline, "no page written");
@@ -412,27 +417,8 @@ async fn a_storm_of_server_busy_is_ridden_out() {
     let direct = env.control().await;
     let source_url = env.source_url("storm.vhd");
     let image = upload_sample(&direct, &source_url, 48, 32, 95).await;
-    let proxy = Proxy::start(ProxyConfig {
-        signers: signers(),
-        rules: vec![ProxyRule {
-            query_contains: Some("comp=page".into()),
-            header: Some("x-ms-copy-source"),
-            ..ProxyRule::new("PUT", "storm-", ProxyAction::Answer(503, "ServerBusy"), 40)
-        }],
-        ..ProxyConfig::transparent(BLOB)
-    })
-    .await
-    .unwrap();
-    let app = TestApp::spawn_with(env.proxied(&proxy.url(), "")).await;
-    let id = format!("storm-{}", env.id);
-    let via_proxy = source_url.replace(BLOB, &proxy.url());
-    app.control
-        .submit(
-            vhd_replicator::job::parse_job_json(&env.job_json(&id, &via_proxy, "windows", 20))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    let rule = page_writes("storm-", ProxyAction::Answer(503, "ServerBusy"), 40);
+    let (proxy, app, id) = ranged_job(&env, "storm", &source_url, vec![rule], 0.0, 20).await;
     let doc = wait_for_end(&direct, &id, std::time::Duration::from_secs(120)).await;
     assert_eq!(
         doc.state(),
