@@ -211,7 +211,7 @@ impl Engine {
                 .gate(&pick.account)
                 .and_then(|g| g.try_acquire())
             else {
-                run.sched.relay_finished(&pick, false);
+                run.sched.relay_unmade(&pick);
                 break;
             };
             let source = run.source_blob(pick.source, snapshot_blob, blob_of);
@@ -225,7 +225,8 @@ impl Engine {
         }
     }
 
-    /// A relay copy ended: a source now, or (failed) a blob to delete.
+    /// A relay copy ended: a source now, or not (its blob, if any, is deleted
+    /// with the others at the end of the copy phase).
     fn relay_done(
         &self,
         run: &mut CopyRun,
@@ -236,6 +237,10 @@ impl Engine {
         match result {
             Ok(()) => run.sched.relay_finished(pick, true),
             Err(CopyError::Stop(Failure::Lost(by))) => run.lose(by, token),
+            // The job is stopping: not a failure of the relay.
+            Err(CopyError::Stop(Failure::Interrupted | Failure::Cancelled)) => {
+                run.sched.relay_unmade(pick);
+            }
             Err(e) => {
                 let reason = match e {
                     CopyError::Retry(r) => r,

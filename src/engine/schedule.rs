@@ -283,6 +283,18 @@ impl Scheduler {
         })
     }
 
+    /// A relay asked for was not made after all (no copy slot, the job
+    /// stopping): its room is given back, and it does not count as a failure.
+    pub fn relay_unmade(&mut self, pick: &RelayPick) {
+        let Some(r) = self.relays.as_mut() else {
+            return;
+        };
+        r.pending = r.pending.saturating_sub(1);
+        if let Some(Some(n)) = r.room.get_mut(&pick.account) {
+            *n += 1;
+        }
+    }
+
     /// A relay copy ended; made, it is a source for cross-account seeds.
     pub fn relay_finished(&mut self, pick: &RelayPick, ok: bool) {
         let Some(r) = self.relays.as_mut() else {
@@ -504,6 +516,10 @@ mod tests {
         assert_eq!(s.next_relay(|_| false), None, "no free copy slot");
         let r = s.next_relay(|_| true).unwrap();
         assert_eq!(s.next_relay(|_| true), None, "room for one relay only");
+        s.relay_unmade(&r);
+        let r = s
+            .next_relay(|_| true)
+            .expect("an unmade relay gives its room back");
         s.relay_finished(&r, false);
         for _ in 0..2 {
             let r = s
