@@ -60,7 +60,11 @@ impl Checkpoint<'_> {
             }
             let mut doc = {
                 let mut live = live.lock().expect("live doc lock");
-                live.note_progress(OffsetDateTime::now_utc());
+                // The live document (what this instance's pages show) carries
+                // what the stored one will: the time and the progress sample.
+                let now = OffsetDateTime::now_utc();
+                live.updated_at = now;
+                live.note_progress(now);
                 if !live.state().is_terminal() {
                     if let Some(owner) = live.owner.as_mut().filter(|o| o.instance == self.instance)
                     {
