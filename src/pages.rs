@@ -31,7 +31,7 @@ h2{font-size:1.05em;margin:1.4em 0 .5em}a{color:var(--fg)}.muted{color:var(--mut
 .scroll{overflow-x:auto}table{border-collapse:collapse;width:100%}\
 th,td{padding:.35em .6em;text-align:left;border-bottom:1px solid var(--line);vertical-align:top;white-space:nowrap}\
 th{font-weight:600;font-size:.85em;color:var(--muted)}td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}\
-td.err{white-space:normal;max-width:28em;overflow:hidden;text-overflow:ellipsis}\
+td.err{max-width:34em;overflow:hidden;text-overflow:ellipsis}\
 .bar{display:inline-block;width:8em;height:.6em;background:#e9edf1;border-radius:.3em;vertical-align:middle;overflow:hidden}\
 .bar i{display:block;height:100%;background:#3d4752}.pct{display:inline-block;min-width:3.2em;text-align:right}\
 .state{font-weight:600}.running{color:#0b62c4}.queued{color:#5b6570}.completed,.verified{color:#1a7f37}\
@@ -115,6 +115,8 @@ fn timing_cells(t: &Timing) -> String {
     format!("<td class=\"num\" data-k=\"throughput\">{rate}</td><td class=\"num\" data-k=\"elapsed\">{elapsed}</td><td class=\"num\" data-k=\"ETA\">{eta}</td>")
 }
 
+/// A job's row; a finished job's has no throughput or ETA (it has none), so
+/// its error has the room.
 fn job_row(s: &JobSummary, now: OffsetDateTime) -> String {
     let error = s.error.as_deref().map_or(String::new(), |e| {
         let line = e.lines().next().unwrap_or_default();
@@ -134,12 +136,20 @@ fn job_row(s: &JobSummary, now: OffsetDateTime) -> String {
         bar = bar(s.progress()),
         done = human_bytes(s.bytes_copied),
         total = human_bytes(s.bytes_total),
-        timing = timing_cells(&s.timing(now)),
+        timing = if s.state.is_terminal() {
+            let [_, elapsed, _] = timing_parts(&s.timing(now));
+            format!("<td class=\"num\" data-k=\"elapsed\">{elapsed}</td>")
+        } else {
+            timing_cells(&s.timing(now))
+        },
     )
 }
 
 const JOB_HEAD: &str = "<div class=\"scroll\"><table class=\"cards\"><tr><th>job</th><th>pool</th><th class=\"num\">nodes</th><th>state</th><th>progress</th>\
 <th class=\"num\">copied</th><th class=\"num\">throughput</th><th class=\"num\">elapsed</th><th class=\"num\">ETA</th><th>error</th></tr>";
+
+const FINISHED_HEAD: &str = "<div class=\"scroll\"><table class=\"cards\"><tr><th>job</th><th>pool</th><th class=\"num\">nodes</th><th>state</th><th>progress</th>\
+<th class=\"num\">copied</th><th class=\"num\">took</th><th>error</th></tr>";
 
 /// A titled table of `jobs`, the first `shown` of them, the rest counted.
 fn jobs_section(
@@ -159,7 +169,11 @@ fn jobs_section(
         body.push_str(&format!("<p class=\"muted\">{none}</p>"));
         return;
     }
-    body.push_str(JOB_HEAD);
+    body.push_str(if jobs[0].state.is_terminal() {
+        FINISHED_HEAD
+    } else {
+        JOB_HEAD
+    });
     for s in jobs.iter().take(shown) {
         body.push_str(&job_row(s, now));
     }
@@ -262,7 +276,7 @@ fn replica_row(r: &ReplicaRecord) -> String {
         escape(r.method.as_deref().unwrap_or("–")),
         escape(r.copied_from.as_deref().unwrap_or("–")),
         r.attempts,
-        r.error.as_deref().map_or(String::new(), |e| format!("<span class=\"failed\">{}</span>", escape(e))),
+        r.error.as_deref().map_or(String::new(), |e| format!("<span class=\"failed\" title=\"{0}\">{0}</span>", escape(e))),
     )
 }
 

@@ -125,12 +125,20 @@ async fn serve(control: Control) -> (String, tokio::task::JoinHandle<()>) {
     (format!("http://{addr}"), handle)
 }
 
-/// Screenshots of `path` at 1280 px (and at phone width when `phone`), kept
-/// under `name`; returns the 1280 px DOM.
-async fn look(base: &str, path: &str, dir: &std::path::Path, name: &str, phone: bool) -> String {
+/// Screenshots of `path` at 1280 px wide and `height` tall (and at phone width
+/// when `phone`), kept under `name`; returns the 1280 px DOM.
+async fn look(
+    base: &str,
+    path: &str,
+    dir: &std::path::Path,
+    name: &str,
+    phone: bool,
+    height: u32,
+) -> String {
     let profile = dir.join("chromium");
     let shot = dir.join(format!("{name}.png"));
-    let (dom, ok) = chromium_capture(&format!("{base}{path}"), &profile, &shot, (1280, 900)).await;
+    let (dom, ok) =
+        chromium_capture(&format!("{base}{path}"), &profile, &shot, (1280, height)).await;
     assert!(ok, "a screenshot of {path}");
     let px = Pixels::read(&shot);
     assert!(
@@ -158,7 +166,7 @@ async fn the_overview_and_a_job_page_with_one_job() {
     let d = job("one-job", 200, 10, 5, JobState::Running, 0.5);
     control.state.create(&d).await.unwrap();
     let (base, server) = serve(control).await;
-    let dom = look(&base, "/", env.dir.path(), "overview-1-job", true).await;
+    let dom = look(&base, "/", env.dir.path(), "overview-1-job", true, 900).await;
     assert!(dom.contains("href=\"/jobs/one-job\""), "{dom}");
     assert!(
         dom.contains("running</span> · copying"),
@@ -177,6 +185,7 @@ async fn the_overview_and_a_job_page_with_one_job() {
         env.dir.path(),
         "job-10-replicas",
         true,
+        900,
     )
     .await;
     assert_eq!(page.matches("class=\"bar\"").count(), 1 + 10, "{page}");
@@ -224,7 +233,7 @@ async fn the_overview_with_fifty_jobs() {
         control.state.create(&d).await.unwrap();
     }
     let (base, server) = serve(control).await;
-    let dom = look(&base, "/", env.dir.path(), "overview-50-jobs", true).await;
+    let dom = look(&base, "/", env.dir.path(), "overview-50-jobs", true, 1900).await;
     let rows = dom.matches("<tr class=\"job\"").count();
     assert_eq!(
         rows,
@@ -270,6 +279,7 @@ async fn a_job_page_with_six_hundred_replicas() {
         env.dir.path(),
         "job-600-replicas",
         true,
+        900,
     )
     .await;
     for a in 1..=10 {
@@ -285,7 +295,15 @@ async fn a_job_page_with_six_hundred_replicas() {
     assert_eq!(page.matches("<details").count(), 10);
     assert_eq!(page.matches("class=\"bar\"").count(), 1 + 10 + 600);
     assert!(page.contains("class=\"eta\""));
-    let overview = look(&base, "/", env.dir.path(), "overview-600-replicas", false).await;
+    let overview = look(
+        &base,
+        "/",
+        env.dir.path(),
+        "overview-600-replicas",
+        false,
+        900,
+    )
+    .await;
     assert!(overview.contains("class=\"eta\"") && overview.contains("big-job"));
     server.abort();
 }
