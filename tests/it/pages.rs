@@ -125,6 +125,15 @@ async fn serve(control: Control) -> (String, tokio::task::JoinHandle<()>) {
     (format!("http://{addr}"), handle)
 }
 
+/// The API alone for `env`, its state holding `docs`.
+async fn serve_docs(env: &TestEnv, docs: &[JobDocument]) -> (String, tokio::task::JoinHandle<()>) {
+    let control = env.control().await;
+    for d in docs {
+        control.state.create(d).await.unwrap();
+    }
+    serve(control).await
+}
+
 /// Screenshots of `path` at 1280 px wide and `height` tall (and at phone width
 /// when `phone`), kept under `name`; returns the 1280 px DOM.
 async fn look(
@@ -162,10 +171,8 @@ async fn look(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_overview_and_a_job_page_with_one_job() {
     let env = TestEnv::new("");
-    let control = env.control().await;
-    let d = job("one-job", 200, 10, 5, JobState::Running, 0.5);
-    control.state.create(&d).await.unwrap();
-    let (base, server) = serve(control).await;
+    let (base, server) =
+        serve_docs(&env, &[job("one-job", 200, 10, 5, JobState::Running, 0.5)]).await;
     let dom = look(&base, "/", env.dir.path(), "overview-1-job", true, 900).await;
     assert!(dom.contains("href=\"/jobs/one-job\""), "{dom}");
     assert!(
@@ -269,10 +276,11 @@ async fn the_overview_with_fifty_jobs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_page_with_six_hundred_replicas() {
     let env = TestEnv::new("");
-    let control = env.control().await;
-    let d = job("big-job", 12_000, 600, 10, JobState::Running, 0.6);
-    control.state.create(&d).await.unwrap();
-    let (base, server) = serve(control).await;
+    let (base, server) = serve_docs(
+        &env,
+        &[job("big-job", 12_000, 600, 10, JobState::Running, 0.6)],
+    )
+    .await;
     let page = look(
         &base,
         "/jobs/big-job",

@@ -1168,6 +1168,14 @@ fn percent_decode(s: &str) -> String {
 mod tests {
     use super::*;
 
+    /// A signed source URL of `src` for a copy into `account`.
+    async fn signed(store: &SimStore, src: &BlobPath, account: &str) -> String {
+        store
+            .copy_source_url(src, account, OffsetDateTime::now_utc())
+            .await
+            .unwrap()
+    }
+
     fn vhd(store: &SimStore, blob: &BlobPath, gib: u64) -> u64 {
         let len = gib * 1024 * 1024 * 1024 + 512;
         let footer = crate::vhd::fixed_footer(len - 512, [1; 16]);
@@ -1199,10 +1207,7 @@ mod tests {
             .await
             .unwrap();
         assert!(store.page_ranges(&dest).await.unwrap().is_empty());
-        let url = store
-            .copy_source_url(&src, "dst", OffsetDateTime::now_utc())
-            .await
-            .unwrap();
+        let url = signed(&store, &src, "dst").await;
         for r in &ranges {
             store
                 .put_pages_from_url(&dest, r.clone(), &url)
@@ -1244,10 +1249,7 @@ mod tests {
         let len = vhd(&store, &src, 6);
         store.ensure_container("dst", "c").await.unwrap();
         let dest = BlobPath::new("dst", "c", "d.vhd");
-        let url = store
-            .copy_source_url(&src, "dst", OffsetDateTime::now_utc())
-            .await
-            .unwrap();
+        let url = signed(&store, &src, "dst").await;
         let started = store
             .start_copy(&dest, &url, &Metadata::new())
             .await
@@ -1277,10 +1279,7 @@ mod tests {
         vhd(&store, &src, 6);
         for a in ["d1", "d2"] {
             store.ensure_container(a, "c").await.unwrap();
-            let url = store
-                .copy_source_url(&src, a, OffsetDateTime::now_utc())
-                .await
-                .unwrap();
+            let url = signed(&store, &src, a).await;
             store
                 .start_copy(&BlobPath::new(a, "c", "x"), &url, &Metadata::new())
                 .await
@@ -1356,10 +1355,7 @@ mod tests {
             .create_page_blob(&dest, len, &Metadata::new())
             .await
             .unwrap();
-        let url = store
-            .copy_source_url(&src, "dst", OffsetDateTime::now_utc())
-            .await
-            .unwrap();
+        let url = signed(&store, &src, "dst").await;
         // One 4 MiB write alone: 4 MiB at 60 MiB/s.
         let t = Instant::now();
         store
@@ -1441,10 +1437,7 @@ mod tests {
             .create_page_blob(&dest, 1024 * M + 512, &Metadata::new())
             .await
             .unwrap();
-        let url = store
-            .copy_source_url(&src, "dst", OffsetDateTime::now_utc())
-            .await
-            .unwrap();
+        let url = signed(&store, &src, "dst").await;
         let dropped = tokio::time::timeout(
             Duration::from_millis(10),
             store.put_pages_from_url(&dest, 0..4 * M, &url),
@@ -1467,10 +1460,7 @@ mod tests {
         let src = BlobPath::new("src", "c", "d.vhd");
         vhd(&store, &src, 1);
         store.ensure_container("dst", "c").await.unwrap();
-        let url = store
-            .copy_source_url(&src, "dst", OffsetDateTime::now_utc())
-            .await
-            .unwrap();
+        let url = signed(&store, &src, "dst").await;
         for n in ["x", "y"] {
             store
                 .start_copy(&BlobPath::new("dst", "c", n), &url, &Metadata::new())
