@@ -260,6 +260,24 @@ pub enum HandoffError {
     },
 }
 
+impl HandoffError {
+    /// Whether sending the same hand-off again can never succeed: the queue
+    /// refused the message as too large (`413 RequestBodyTooLarge`, or
+    /// `MessageTooLarge`). Everything else may pass on a later try.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            HandoffError::Queue(e) => {
+                e.status == Some(413)
+                    || matches!(
+                        e.code.as_deref(),
+                        Some("RequestBodyTooLarge" | "MessageTooLarge")
+                    )
+            }
+            _ => false,
+        }
+    }
+}
+
 /// Every configured hand-off destination.
 #[derive(Debug, Clone)]
 pub struct HandoffSinks {

@@ -4,7 +4,7 @@
 //! goes to the poison queue with the reason when it can never succeed.
 
 use crate::config::ValidatedSettings;
-use crate::engine::{Engine, Outcome};
+use crate::engine::{Engine, Outcome, RunSlot};
 use crate::job::{Command, InvalidMessage, JobId, Salvage, ValidatedJob};
 use crate::metrics::Metrics;
 use crate::queue::{MessageQueue, ReceivedMessage};
@@ -203,7 +203,7 @@ impl Worker {
     async fn update_queued_gauge(&self) {
         match self.intake.approximate_count().await {
             Ok(n) => {
-                let running = self.engine.live().lock().expect("live lock").len() as u64;
+                let running = self.engine.runs_here() as u64;
                 self.metrics
                     .jobs
                     .with_label_values(&["queued"])
@@ -238,7 +238,7 @@ impl Worker {
                 None
             }
             Command::Retire(retire) => match retire.validate() {
-                Ok((id, pool)) => Some(self.retire_task(m, id, pool, lease, stop)),
+                Ok((id, pool)) => self.retire_task(m, id, pool, lease, stop),
                 Err(error) => {
                     let salvage = Salvage::Retire(retire.retire_pool.clone());
                     self.poison(&m, error.to_string(), job_id, salvage).await;
@@ -246,7 +246,7 @@ impl Worker {
                 }
             },
             Command::Replicate(spec) => match spec.validate(&self.settings) {
-                Ok(job) => self.job_task(m, job, lease, stop).await,
+                Ok(job) => self.job_task(m, job, lease, stop),
                 Err(error) => {
                     let salvage = Salvage::Replicate(spec);
                     self.poison(&m, error.to_string(), job_id, salvage).await;
@@ -277,7 +277,8 @@ impl Worker {
         )
     }
 
-    /// The task of a retire job, under the message's lease.
+    /// The task of a retire job, under the message's lease; none for a
+    /// duplicate message of a job running here.
     fn retire_task(
         &self,
         m: ReceivedMessage,
@@ -285,59 +286,53 @@ impl Worker {
         pool: String,
         lease: Duration,
         stop: CancellationToken,
-    ) -> Task {
+    ) -> Option<Task> {
+        let slot = self.reserve_or_drop(&m, &id)?;
         let engine = self.engine.clone();
         let queue = self.intake.clone();
-        Box::pin(async move {
+        Some(Box::pin(async move {
             let lease = Lease::start(queue, &m, lease, stop.child_token());
-            match engine.retire(&id, &pool).await {
-                Outcome::Retry(_) => lease.release(Duration::from_secs(30)).await,
-                _ => lease.delete().await,
+            let outcome = engine.retire_reserved(slot, &id, &pool).await;
+            settle(lease, outcome, m.dequeue_count).await
+        }))
+    }
+
+    /// Registers a run of job `id` here, or, when one runs here already, drops
+    /// this duplicate message (the running job keeps its own message, so
+    /// nothing is lost). One step: two deliveries taken together cannot both
+    /// start a run.
+    fn reserve_or_drop(&self, m: &ReceivedMessage, id: &JobId) -> Option<RunSlot> {
+        if let Some(slot) = self.engine.reserve(id.as_str()) {
+            return Some(slot);
+        }
+        tracing::info!(job_id = %id, message_id = %m.id, "duplicate message for a job running here; dropping it");
+        self.metrics.duplicate_deliveries.inc();
+        let (queue, id, receipt) = (self.intake.clone(), m.id.clone(), m.pop_receipt.clone());
+        tokio::spawn(async move {
+            if let Err(e) = queue.delete(&id, &receipt).await {
+                tracing::warn!(message_id = %id, error = %e, "could not delete a duplicate message; it comes back and is dropped again");
             }
-        })
+        });
+        None
     }
 
     /// The task of a replication job, under the message's lease; none for a
     /// duplicate message of a job running here.
-    async fn job_task(
+    fn job_task(
         &self,
         m: ReceivedMessage,
         job: ValidatedJob,
         lease: Duration,
         stop: CancellationToken,
     ) -> Option<Task> {
-        let running_here = self
-            .engine
-            .live()
-            .lock()
-            .expect("live lock")
-            .contains_key(job.id.as_str());
-        if running_here {
-            tracing::info!(job_id = %job.id, "duplicate message for a job running here; dropping it");
-            let _ = self.intake.delete(&m.id, &m.pop_receipt).await;
-            return None;
-        }
+        let slot = self.reserve_or_drop(&m, &job.id)?;
         let engine = self.engine.clone();
         let queue = self.intake.clone();
         Some(Box::pin(async move {
             let job_stop = stop.child_token();
             let lease = Lease::start(queue, &m, lease, job_stop.clone());
-            match engine.run(&job, job_stop).await {
-                Outcome::Completed
-                | Outcome::Failed(_)
-                | Outcome::Cancelled
-                | Outcome::AlreadyEnded(_) => lease.delete().await,
-                Outcome::Interrupted => lease.release(Duration::from_secs(1)).await,
-                Outcome::OwnedElsewhere(until) => {
-                    // Back off until the other instance's claim would lapse.
-                    let wait = (until - OffsetDateTime::now_utc()).whole_seconds().max(1) as u64;
-                    lease.release(Duration::from_secs(wait + 1)).await
-                }
-                Outcome::Retry(_) => {
-                    let backoff = Duration::from_secs((30 * m.dequeue_count as u64).min(600));
-                    lease.release(backoff).await
-                }
-            }
+            let outcome = engine.run_reserved(slot, &job, job_stop).await;
+            settle(lease, outcome, m.dequeue_count).await
         }))
     }
 
@@ -404,6 +399,30 @@ impl Worker {
                     })
                     .await;
             }
+        }
+    }
+}
+
+/// Ends a run's message as its outcome says: deleted when the job has ended
+/// (or this was a duplicate of a run here), made visible again when it is to
+/// run again: at once after an interruption, when another run's claim lapses,
+/// or after a backoff that grows with the deliveries.
+async fn settle(lease: Lease, outcome: Outcome, dequeue_count: u32) {
+    match outcome {
+        Outcome::Completed
+        | Outcome::Failed(_)
+        | Outcome::Cancelled
+        | Outcome::AlreadyEnded(_)
+        | Outcome::RunningHere => lease.delete().await,
+        Outcome::Interrupted => lease.release(Duration::from_secs(1)).await,
+        Outcome::OwnedElsewhere(until) => {
+            // Back off until the other run's claim would lapse.
+            let wait = (until - crate::state::claim_now()).whole_seconds().max(1) as u64;
+            lease.release(Duration::from_secs(wait + 1)).await
+        }
+        Outcome::Retry(_) => {
+            let backoff = Duration::from_secs((30 * dequeue_count as u64).min(600));
+            lease.release(backoff).await
         }
     }
 }

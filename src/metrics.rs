@@ -46,6 +46,12 @@ pub struct Metrics {
     /// `vhdrep_checkpoint_failures_total`: job document writes that failed while
     /// copies went on.
     pub checkpoint_failures: IntCounter,
+    /// `vhdrep_runs_lost_total`: runs that found their job held by another run
+    /// and stopped touching storage.
+    pub runs_lost: IntCounter,
+    /// `vhdrep_duplicate_deliveries_total`: intake messages of a job this
+    /// instance already runs, dropped without a second run.
+    pub duplicate_deliveries: IntCounter,
     /// `vhdrep_build_info{version}`.
     pub build_info: GaugeVec,
 }
@@ -72,6 +78,7 @@ impl Metrics {
         let gauges = |name: &str, help: &str, labels: &[&str]| {
             register(&r, IntGaugeVec::new(Opts::new(name, help), labels))
         };
+        let counter = |name: &str, help: &str| register(&r, IntCounter::new(name, help));
         let ratios = |name: &str, help: &str| {
             register(&r, GaugeVec::new(Opts::new(name, help), &["job_id"]))
         };
@@ -135,19 +142,21 @@ impl Metrics {
                 "Storage requests retried, by reason.",
                 &["account", "reason"],
             ),
-            queue_poisoned: register(
-                &r,
-                IntCounter::new(
-                    "vhdrep_queue_poisoned_total",
-                    "Intake messages moved to the poison queue.",
-                ),
+            queue_poisoned: counter(
+                "vhdrep_queue_poisoned_total",
+                "Intake messages moved to the poison queue.",
             ),
-            checkpoint_failures: register(
-                &r,
-                IntCounter::new(
-                    "vhdrep_checkpoint_failures_total",
-                    "Checkpoint writes of running jobs that failed (tried again at the next tick).",
-                ),
+            checkpoint_failures: counter(
+                "vhdrep_checkpoint_failures_total",
+                "Checkpoint writes of running jobs that failed (tried again at the next tick).",
+            ),
+            runs_lost: counter(
+                "vhdrep_runs_lost_total",
+                "Job runs that found their job held by another run and stopped.",
+            ),
+            duplicate_deliveries: counter(
+                "vhdrep_duplicate_deliveries_total",
+                "Intake messages of a job already running on this instance, dropped.",
             ),
             build_info: register(
                 &r,
@@ -289,6 +298,8 @@ mod tests {
             "vhdrep_replicas_finished_total{outcome=\"failed\"} 0",
             "vhdrep_copy_duration_seconds_count{kind=\"same_account\"} 0",
             "vhdrep_checkpoint_failures_total 0",
+            "vhdrep_runs_lost_total 0",
+            "vhdrep_duplicate_deliveries_total 0",
             "vhdrep_jobs{state=\"queued\"} 0",
             "vhdrep_jobs_finished_total",
             "vhdrep_replicas_finished_total",

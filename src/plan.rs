@@ -16,6 +16,9 @@ pub const META_SNAPSHOT: &str = "vhdrep_source_snapshot";
 /// Metadata key: the deployment that made a blob (`<control account>/<state
 /// container>`), so garbage collection never touches another deployment's blobs.
 pub const META_OWNER: &str = "vhdrep_owner";
+/// Metadata key: the run of the job that created a blob (replica, relay or
+/// snapshot). A run's clean-up deletes only blobs that carry its own run.
+pub const META_RUN: &str = "vhdrep_run";
 
 /// The owner tag of a deployment.
 pub fn owner_tag(settings: &crate::config::ValidatedSettings) -> String {

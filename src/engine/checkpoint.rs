@@ -1,5 +1,7 @@
 //! Checkpoints: a running job's document written under its ETag, its claim
-//! renewed, a cancel request written meanwhile by another process kept.
+//! renewed, a cancel request written meanwhile by another process kept. The
+//! claim is per run: a write that finds the stored document held by another
+//! run (or ended) fails with [`StateError::Lost`], and the run stops.
 
 use crate::state::{JobDocument, StateError, StateStore};
 use std::{sync::Mutex, time::Duration};
@@ -11,7 +13,7 @@ use tokio::time::Instant;
 pub(super) struct Checkpoint<'a> {
     state: &'a StateStore,
     id: String,
-    instance: &'a str,
+    run: String,
     lease: Duration,
     etag: tokio::sync::Mutex<String>,
     last_saved: Mutex<Instant>,
@@ -23,17 +25,30 @@ impl Checkpoint<'_> {
         state: &'a StateStore,
         id: &str,
         etag: String,
-        instance: &'a str,
+        run: &str,
         lease: Duration,
     ) -> Checkpoint<'a> {
         Checkpoint {
             state,
             id: id.to_owned(),
-            instance,
+            run: run.to_owned(),
             lease,
             etag: tokio::sync::Mutex::new(etag),
             last_saved: Mutex::new(Instant::now()),
             transition: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// This run's id.
+    pub(super) fn run(&self) -> &str {
+        &self.run
+    }
+
+    /// This run of this job, for the pool's lock.
+    pub(super) fn run_ref(&self) -> crate::state::RunRef<'_> {
+        crate::state::RunRef {
+            job_id: &self.id,
+            run: &self.run,
         }
     }
 
@@ -66,9 +81,12 @@ impl Checkpoint<'_> {
                 live.updated_at = now;
                 live.note_progress(now);
                 if !live.state().is_terminal() {
-                    if let Some(owner) = live.owner.as_mut().filter(|o| o.instance == self.instance)
+                    if let Some(owner) = live
+                        .owner
+                        .as_mut()
+                        .filter(|o| o.run.as_deref() == Some(self.run.as_str()))
                     {
-                        owner.until = OffsetDateTime::now_utc() + self.lease;
+                        owner.until = crate::state::claim_now() + self.lease;
                     }
                 }
                 live.clone()
@@ -84,15 +102,19 @@ impl Checkpoint<'_> {
                         .load(&self.id)
                         .await?
                         .ok_or_else(|| StateError::NotFound(self.id.clone()))?;
-                    if let Some(other) = stored
-                        .owner
-                        .as_ref()
-                        .filter(|o| o.instance != self.instance)
-                    {
-                        return Err(StateError::Lost(
-                            stored.job_id.clone(),
-                            other.instance.clone(),
-                        ));
+                    if !stored.held_by(&self.run) {
+                        let by = match &stored.owner {
+                            _ if stored.state().is_terminal() => {
+                                format!("another run, which ended it {}", stored.state().as_str())
+                            }
+                            Some(o) => format!(
+                                "run {} on instance {}",
+                                o.run.as_deref().unwrap_or("?"),
+                                o.instance
+                            ),
+                            None => "nobody (the claim was released)".to_owned(),
+                        };
+                        return Err(StateError::Lost(stored.job_id.clone(), by));
                     }
                     if stored.cancel_requested {
                         live.lock().expect("live doc lock").cancel_requested = true;

@@ -19,8 +19,7 @@ impl Engine {
     ) -> Result<(), Failure> {
         let records = live.lock().expect("live doc lock").replicas.clone();
         let (verified, targets) = self.recheck(job, &records, snapshot, source_len).await?;
-        // Relays an interrupted run left are deleted first: new ones take their names.
-        self.delete_relays(live).await;
+        self.forget_earlier_relays(job, checkpoint.run(), live);
         let strategy = self.settings.engine.strategy;
         let mut sched = Scheduler::new(
             strategy,
@@ -49,6 +48,7 @@ impl Engine {
             .map_err(|e| Failure::from(JobError::job_state(e)))?;
         let token = CancellationToken::new();
         let ctx = CopyContext {
+            run: checkpoint.run(),
             transition: &checkpoint.transition,
             job,
             live,
@@ -105,7 +105,7 @@ impl Engine {
         // costs that next write one ETag round).
         drop(saving);
         if run.lost.is_none() {
-            self.delete_relays(live).await;
+            self.delete_relays(job, checkpoint.run(), live).await;
         }
         self.copy_run_end(run, job, live, checkpoint, stop).await
     }
@@ -178,7 +178,12 @@ impl Engine {
                         self.metrics.copies_in_flight.with_label_values(&[&account]),
                     );
                     let started = tokio::time::Instant::now();
-                    let result = self.copy_once(ctx, &record, &source).await;
+                    let result = match self.copy_once(ctx, &record, &source).await {
+                        Err(e) if e.is_not_found() => {
+                            Err(self.source_gone(&source).await.unwrap_or(e))
+                        }
+                        other => other,
+                    };
                     drop(in_flight);
                     drop(slot);
                     Finished::Copy(CopyDone {
@@ -215,7 +220,7 @@ impl Engine {
                 break;
             };
             let source = run.source_blob(pick.source, snapshot_blob, blob_of);
-            let dest = relay::relay_blob(ctx.job, &source, pick.relay);
+            let dest = relay::relay_blob(ctx.job, ctx.run, &source, pick.relay);
             run.relay_blobs.insert(pick.relay, dest.clone());
             copies.push(Box::pin(async move {
                 let result = self.make_relay(ctx, &source, &dest, pick.relay).await;
@@ -242,13 +247,22 @@ impl Engine {
                 run.sched.relay_unmade(pick);
             }
             Err(e) => {
-                let reason = match e {
-                    CopyError::Retry(r) => r,
-                    CopyError::Stop(f) => f.to_string(),
-                };
+                let reason = e.reason();
                 tracing::warn!(relay = pick.relay, account = %pick.account, %reason, "a relay could not be made; seeding goes on from the other blobs");
                 run.sched.relay_finished(pick, false);
             }
+        }
+    }
+
+    /// [`CopyError::SourceLost`] when `source` (a relay or a replica, never the
+    /// snapshot, whose loss fails the job) no longer exists.
+    async fn source_gone(&self, source: &BlobPath) -> Option<CopyError> {
+        if source.snapshot.is_some() {
+            return None;
+        }
+        match self.store.properties(source).await {
+            Err(e) if e.is_not_found() => Some(CopyError::SourceLost(source.clone())),
+            _ => None,
         }
     }
 
@@ -306,18 +320,24 @@ impl Engine {
             Err(CopyError::Stop(Failure::Interrupted)) => {}
             Err(CopyError::Stop(Failure::Lost(by))) => run.lose(by, token),
             Err(CopyError::Stop(Failure::Cancelled)) => run.cancelled = true,
-            Err(CopyError::Stop(Failure::Job(e))) if !e.is_transient() => {
-                let reason = e.to_string();
+            Err(CopyError::SourceLost(gone)) => {
+                // A vanished source is not the replica's failure: the source is
+                // dropped and the replica waits for another one.
+                tracing::warn!(replica = pick.index, %account, source = %gone, "the blob a copy read from is gone; copying the replica again from another source");
+                run.sched.source_lost(pick.source);
+                run.sched.requeue(pick.index, &account);
+                live.lock()
+                    .expect("live doc lock")
+                    .relays
+                    .retain(|r| r != &gone);
+            }
+            Err(e) if e.is_fatal() => {
+                let reason = e.reason();
                 self.replica_failed(live, pick.index, &reason);
                 run.fatal.push(reason);
                 run.sched.clear();
             }
-            Err(CopyError::Retry(reason)) => {
-                self.copy_failed(run, live, pick.index, &account, reason)
-            }
-            Err(CopyError::Stop(Failure::Job(e))) => {
-                self.copy_failed(run, live, pick.index, &account, e.to_string())
-            }
+            Err(e) => self.copy_failed(run, live, pick.index, &account, e.reason()),
         }
     }
 
@@ -509,12 +529,14 @@ impl Engine {
         ctx: &CopyContext<'_>,
         rec: &ReplicaRecord,
     ) -> crate::storage::Metadata {
-        replica_metadata(
+        let mut tags = replica_metadata(
             ctx.job,
             rec.index,
             ctx.snapshot,
             &plan::owner_tag(&self.settings),
-        )
+        );
+        tags.insert(plan::META_RUN.to_owned(), ctx.run.to_owned());
+        tags
     }
 
     /// Starts the copy into `rec`'s blob. `previous` is the copy id the
@@ -561,7 +583,7 @@ impl Engine {
                         }
                     }
                     _ => {
-                        return Err(CopyError::Retry(format!(
+                        return Err(CopyError::Unsound(format!(
                             "{dest}: another copy is pending on the destination ({e})"
                         )))
                     }
@@ -635,10 +657,10 @@ impl Engine {
                 .map_err(|e| CopyError::from_storage(&e))?;
             with_replica(ctx.live, rec.index, |r| r.status_requests += 1);
             let c = p.copy.clone().ok_or_else(|| {
-                CopyError::Retry(format!("{}: the destination has no copy status", rec.blob))
+                CopyError::Unsound(format!("{}: the destination has no copy status", rec.blob))
             })?;
             if c.id != copy_id {
-                return Err(CopyError::Retry(format!(
+                return Err(CopyError::Unsound(format!(
                     "{}: the copy id changed (another writer started a copy on this blob)",
                     rec.blob
                 )));
@@ -646,7 +668,7 @@ impl Engine {
             match c.state {
                 CopyState::Success => return self.verify(ctx, rec, &p, copy_id),
                 CopyState::Failed | CopyState::Aborted => {
-                    return Err(CopyError::Retry(format!(
+                    return Err(CopyError::Unsound(format!(
                         "{}: copy {:?}{}",
                         rec.blob,
                         c.state,
@@ -699,7 +721,7 @@ impl Engine {
             None
         };
         if let Some(problem) = problem {
-            return Err(CopyError::Retry(format!("{} {problem}", rec.blob)));
+            return Err(CopyError::Unsound(format!("{} {problem}", rec.blob)));
         }
         with_replica(ctx.live, rec.index, |r| {
             r.state = ReplicaState::Verified;
@@ -712,43 +734,44 @@ impl Engine {
         Ok(())
     }
 
-    /// Aborts copies still pending and deletes what the job made: its replicas
-    /// and its source snapshot, so a failed or cancelled job leaves nothing behind.
-    pub(super) async fn clean_up(&self, live: &Mutex<JobDocument>, job: &ValidatedJob) {
-        self.withdraw_version(live, job).await;
+    /// Deletes what this run made, so a failed or cancelled job leaves nothing
+    /// behind: its replicas (aborting copies still pending) and the source
+    /// snapshot it took. Only while the run still holds the job, confirmed by a
+    /// write under the document's ETag before the first delete and again as the
+    /// lease wears on; only blobs tagged with this run; never a blob the pool's
+    /// image sets name or that a hand-off recorded in the document names (those
+    /// go only by retire or gc). [`Failure::Lost`] when another run holds the
+    /// job: nothing is deleted then. What is not deleted here is left to gc.
+    pub(super) async fn clean_up(
+        &self,
+        live: &Mutex<JobDocument>,
+        job: &ValidatedJob,
+        checkpoint: &Checkpoint<'_>,
+    ) -> Result<(), Failure> {
+        match checkpoint.save(live).await {
+            Ok(()) => {}
+            Err(StateError::Lost(_, by)) => return Err(Failure::Lost(by)),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot confirm that this run still holds the job; deleting nothing (gc takes what the job left)");
+                return Ok(());
+            }
+        }
+        let Some(protected) = self.protected(job, live).await else {
+            return Ok(());
+        };
+        self.withdraw_version(live, job, &protected.versions).await;
+        let protected = protected.blobs;
         let (replicas, snapshot) = {
             let doc = live.lock().expect("live doc lock");
             (doc.replicas.clone(), doc.source_snapshot.clone())
         };
+        let renew_every = self.lease() / 3;
         for r in replicas {
-            if let (
-                Some(copy_id),
-                ReplicaState::Copying | ReplicaState::Pending | ReplicaState::Failed,
-            ) = (&r.copy_id, r.state)
-            {
-                if let Err(e) = self.store.abort_copy(&r.blob, copy_id).await {
-                    if !matches!(e.class, ErrorClass::Conflict | ErrorClass::NotFound) {
-                        tracing::warn!(blob = %r.blob, error = %e, "could not abort copy");
-                    }
-                }
+            if checkpoint.due(renew_every) {
+                checkpoint.save(live).await.map_err(Failure::from_state)?;
             }
-            match self.store.properties(&r.blob).await {
-                // Only blobs this job made: never someone else's at the same name.
-                Ok(p)
-                    if p.metadata.get(plan::META_JOB).map(String::as_str)
-                        == Some(job.id.as_str()) =>
-                {
-                    if let Err(e) = self.store.delete(&r.blob).await {
-                        if !e.is_not_found() {
-                            tracing::warn!(blob = %r.blob, error = %e, "could not delete a replica of an ended job");
-                        }
-                    }
-                }
-                Ok(_) => {}
-                Err(e) if e.is_not_found() => {}
-                Err(e) => {
-                    tracing::warn!(blob = %r.blob, error = %e, "could not check a replica of an ended job")
-                }
+            if !protected.contains(&r.blob) {
+                self.delete_own_replica(&r, job, checkpoint.run()).await;
             }
             with_replica(live, r.index, |rec| {
                 if !matches!(rec.state, ReplicaState::Failed) {
@@ -763,18 +786,112 @@ impl Engine {
             }
         }
         if let Some(s) = snapshot {
-            match self.store.delete(&job.source.at_snapshot(&s)).await {
-                Ok(()) => {}
-                Err(e) if e.is_not_found() => {}
-                Err(e) => {
-                    tracing::warn!(snapshot = %s, error = %e, "could not delete the job's source snapshot")
+            let blob = job.source.at_snapshot(&s);
+            if !protected.contains(&blob) {
+                self.delete_if_made_by(&blob, job, checkpoint.run(), "source snapshot")
+                    .await;
+            }
+        }
+        Ok(())
+    }
+
+    /// What no job's clean-up may delete: every blob (replica and snapshot) and
+    /// gallery version the pool's image sets name, and everything a hand-off
+    /// recorded in the job's document names. `None` when the pool's record
+    /// cannot be read (nothing is deleted then).
+    async fn protected(&self, job: &ValidatedJob, live: &Mutex<JobDocument>) -> Option<Protected> {
+        let mut protected = Protected::default();
+        match self.state.load_pool(&job.spec.pool.id).await {
+            Ok(record) => {
+                for set in record.iter().flat_map(|(r, _)| &r.sets) {
+                    protected
+                        .blobs
+                        .insert(set.source_blob.at_snapshot(&set.source_snapshot));
+                    protected
+                        .blobs
+                        .extend(set.replicas.iter().map(|r| r.blob.clone()));
+                    protected
+                        .versions
+                        .extend(set.gallery_version.iter().map(|v| v.version.clone()));
                 }
             }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the pool's image sets; deleting nothing (gc takes what the job left)");
+                return None;
+            }
+        }
+        let doc = live.lock().expect("live doc lock");
+        if doc.handoff.is_some() {
+            protected
+                .blobs
+                .extend(doc.replicas.iter().map(|r| r.blob.clone()));
+            if let Some(s) = &doc.source_snapshot {
+                protected.blobs.insert(job.source.at_snapshot(s));
+            }
+            protected
+                .versions
+                .extend(doc.gallery.iter().map(|g| g.version.clone()));
+        }
+        Some(protected)
+    }
+
+    /// Aborts a pending copy into `r`'s blob and deletes the blob, if this run
+    /// made it (its tags name this job and this run).
+    async fn delete_own_replica(&self, r: &ReplicaRecord, job: &ValidatedJob, run: &str) {
+        let made_here = |p: &BlobProperties| {
+            p.metadata.get(plan::META_JOB).map(String::as_str) == Some(job.id.as_str())
+                && p.metadata.get(plan::META_RUN).map(String::as_str) == Some(run)
+        };
+        let p = match self.store.properties(&r.blob).await {
+            Ok(p) if made_here(&p) => p,
+            Ok(_) => return,
+            Err(e) if e.is_not_found() => return,
+            Err(e) => {
+                tracing::warn!(blob = %r.blob, error = %e, "could not check a replica of an ended job");
+                return;
+            }
+        };
+        if let Some(c) = p.copy.filter(|c| c.state == CopyState::Pending) {
+            if let Err(e) = self.store.abort_copy(&r.blob, &c.id).await {
+                if !matches!(e.class, ErrorClass::Conflict | ErrorClass::NotFound) {
+                    tracing::warn!(blob = %r.blob, error = %e, "could not abort copy");
+                }
+            }
+        }
+        if let Err(e) = self.store.delete(&r.blob).await {
+            if !e.is_not_found() {
+                tracing::warn!(blob = %r.blob, error = %e, "could not delete a replica of an ended job");
+            }
+        }
+    }
+
+    /// Deletes `blob` if its tags say this run of `job` made it.
+    async fn delete_if_made_by(&self, blob: &BlobPath, job: &ValidatedJob, run: &str, what: &str) {
+        match self.store.properties(blob).await {
+            Ok(p)
+                if p.metadata.get(plan::META_JOB).map(String::as_str) == Some(job.id.as_str())
+                    && p.metadata.get(plan::META_RUN).map(String::as_str) == Some(run) => {}
+            Ok(_) => {
+                tracing::info!(blob = %blob, "the {what} was made by an earlier run; left to gc");
+                return;
+            }
+            Err(e) if e.is_not_found() => return,
+            Err(e) => {
+                tracing::warn!(blob = %blob, error = %e, "could not check the job's {what}");
+                return;
+            }
+        }
+        match self.store.delete(blob).await {
+            Ok(()) => {}
+            Err(e) if e.is_not_found() => {}
+            Err(e) => tracing::warn!(blob = %blob, error = %e, "could not delete the job's {what}"),
         }
     }
 }
 
 pub(super) struct CopyContext<'a> {
+    /// This run's id: tagged on every blob the run creates.
+    pub(super) run: &'a str,
     /// Set when a replica changes state, so the next tick writes the document.
     pub(super) transition: &'a std::sync::atomic::AtomicBool,
     pub(super) job: &'a ValidatedJob,
@@ -784,20 +901,64 @@ pub(super) struct CopyContext<'a> {
     pub(super) token: &'a CancellationToken,
 }
 
+/// Why one copy into a replica (or a relay) did not end in a sound blob.
+/// Storage failures keep the storage layer's classification; the copy loop
+/// decides from it what a replica does next ([`CopyError::is_fatal`]).
+#[derive(Debug)]
 pub(super) enum CopyError {
-    Retry(String),
+    /// A storage request failed, classified where it arose.
+    Storage(StorageError),
+    /// The copy ended but the blob is not sound: the service reported the copy
+    /// failed or aborted, another writer replaced it, or it does not verify.
+    Unsound(String),
+    /// The blob the copy read from is gone (a relay deleted under it): not the
+    /// replica's failure; it is tried again from another source.
+    SourceLost(BlobPath),
+    /// The job is stopping (cancel, shutdown, a lost claim) or failed as a whole.
     Stop(Failure),
 }
 
 impl CopyError {
     pub(super) fn from_storage(e: &StorageError) -> Self {
-        match e.class {
-            ErrorClass::Denied | ErrorClass::Throttled | ErrorClass::Transient => {
-                CopyError::Stop(Failure::from_storage("copy", e))
-            }
-            _ => CopyError::Retry(e.to_string()),
+        CopyError::Storage(e.clone())
+    }
+
+    /// Whether no further try of the replica can succeed: the identity is
+    /// denied the copy (a key or role to fix), so the job fails now.
+    pub(super) fn is_fatal(&self) -> bool {
+        match self {
+            CopyError::Storage(e) => e.class == ErrorClass::Denied,
+            CopyError::Stop(Failure::Job(e)) => !e.is_transient(),
+            _ => false,
         }
     }
+
+    /// The reason, for the replica's record and the log.
+    pub(super) fn reason(&self) -> String {
+        match self {
+            CopyError::Storage(e) if e.class == ErrorClass::Denied => {
+                JobError::storage("copy", e.clone()).to_string()
+            }
+            CopyError::Storage(e) => e.to_string(),
+            CopyError::Unsound(r) => r.clone(),
+            CopyError::SourceLost(b) => format!("the blob copied from, {b}, is gone"),
+            CopyError::Stop(f) => f.to_string(),
+        }
+    }
+
+    /// Whether the service said a blob the copy named is not there (the
+    /// source, or the destination's container).
+    fn is_not_found(&self) -> bool {
+        matches!(self, CopyError::Storage(e) if e.is_not_found())
+    }
+}
+
+/// What a job's clean-up must leave alone.
+#[derive(Debug, Default)]
+struct Protected {
+    blobs: std::collections::HashSet<BlobPath>,
+    /// Gallery image version names.
+    versions: std::collections::HashSet<String>,
 }
 
 /// Waits for the future in `slot`, or forever when there is none (a

@@ -126,10 +126,10 @@ impl JobError {
                 !matches!(source.class, ErrorClass::NotFound | ErrorClass::Denied)
                     && source.class.is_retryable()
             }
-            JobError::State { .. }
-            | JobError::StateVanished
-            | JobError::ClaimContended { .. }
-            | JobError::HandOff(_) => true,
+            JobError::State { .. } | JobError::StateVanished | JobError::ClaimContended { .. } => {
+                true
+            }
+            JobError::HandOff(e) => !e.is_permanent(),
             JobError::Gallery(e) => e.is_transient(),
             JobError::AccountUnsuitable { .. }
             | JobError::AccountNotConfigured(_)
@@ -193,6 +193,10 @@ impl fmt::Display for JobError {
             JobError::ClaimContended { job, rounds } => {
                 write!(f, "job {job} kept changing under {rounds} attempts to claim it")
             }
+            JobError::HandOff(e) if e.is_permanent() => write!(
+                f,
+                "{e}: the queue will never take this message; the hand-off stays in the job document (send it by hand)"
+            ),
             JobError::HandOff(e) => e.fmt(f),
             JobError::Gallery(e) => write!(f, "gallery: {e}"),
         }

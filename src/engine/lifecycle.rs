@@ -4,16 +4,35 @@
 use super::*;
 
 impl Engine {
-    /// Runs (or resumes) a job until it ends, `stop` fires, or it must be retried.
-    #[tracing::instrument(skip_all, fields(job_id = %job.id))]
+    /// Runs (or resumes) a job until it ends, `stop` fires, or it must be
+    /// retried; [`Outcome::RunningHere`] when this instance runs it already.
     pub async fn run(&self, job: &ValidatedJob, stop: CancellationToken) -> Outcome {
+        match self.reserve(job.id.as_str()) {
+            Some(slot) => self.run_reserved(slot, job, stop).await,
+            None => Outcome::RunningHere,
+        }
+    }
+
+    /// [`Engine::run`] for a job whose run the caller has registered already
+    /// ([`Engine::reserve`]), as the intake does at the moment it takes a message.
+    #[tracing::instrument(skip_all, fields(job_id = %job.id, run = tracing::field::Empty))]
+    pub async fn run_reserved(
+        &self,
+        slot: RunSlot,
+        job: &ValidatedJob,
+        stop: CancellationToken,
+    ) -> Outcome {
+        debug_assert_eq!(slot.job_id(), job.id.as_str());
         let id = job.id.to_string();
-        let (doc, etag) = match self.claim(job).await {
+        let run = run_id();
+        tracing::Span::current().record("run", run.as_str());
+        let fresh = || JobDocument::replicate(job.id.clone(), job.spec.clone());
+        let (doc, etag) = match self.claim(&job.id, &run, fresh).await {
             Ok(claimed) => claimed,
             Err(outcome) => return outcome,
         };
         let live = Arc::new(Mutex::new(doc));
-        let checkpoint = Checkpoint::new(&self.state, &id, etag, &self.instance, self.lease());
+        let checkpoint = Checkpoint::new(&self.state, &id, etag, &run, self.lease());
         // Registered while this run lasts, however it ends (an aborted task too):
         // the live view, the running gauge and the job's progress series.
         let _running = RunningJob::start(self, &id, live.clone());
@@ -23,64 +42,84 @@ impl Engine {
             Ok(()) => Outcome::Completed,
             Err(Failure::Job(e)) if !e.is_transient() => {
                 let reason = e.to_string();
-                self.clean_up(&live, job).await;
+                if let Err(Failure::Lost(by)) = self.clean_up(&live, job, &checkpoint).await {
+                    return self.lost(&by);
+                }
                 self.finish(&live, JobState::Failed, Some(reason.clone()));
                 Outcome::Failed(reason)
             }
             Err(Failure::Cancelled) => {
-                self.clean_up(&live, job).await;
+                if let Err(Failure::Lost(by)) = self.clean_up(&live, job, &checkpoint).await {
+                    return self.lost(&by);
+                }
                 self.finish(&live, JobState::Cancelled, None);
                 Outcome::Cancelled
             }
             Err(Failure::Interrupted) => {
-                // Let another instance resume at once rather than after the claim lapses.
+                // Let another run take it at once rather than after the claim lapses.
                 live.lock().expect("live doc lock").owner = None;
                 Outcome::Interrupted
             }
-            Err(Failure::Lost(by)) => {
-                tracing::warn!(by = %by, "another instance took the job over; stopping here");
-                return Outcome::Interrupted;
-            }
+            Err(Failure::Lost(by)) => return self.lost(&by),
             Err(Failure::Job(e)) => {
                 let reason = e.to_string();
-                live.lock().expect("live doc lock").error = Some(format!("will retry: {reason}"));
+                let mut doc = live.lock().expect("live doc lock");
+                doc.error = Some(format!("will retry: {reason}"));
+                // The next run (here or elsewhere) may claim it at once.
+                doc.owner = None;
                 Outcome::Retry(reason)
             }
         };
         self.conclude(job, &live, &checkpoint, outcome).await
     }
 
-    /// Claims the job with an ETag-fenced write (whoever loses the race backs
-    /// off): running, planning, owned by this instance until the lease lapses.
-    /// Returns the document and its ETag, or the outcome that ends this run.
-    async fn claim(&self, job: &ValidatedJob) -> Result<(JobDocument, String), Outcome> {
-        let id = job.id.as_str();
+    /// Another run holds the job now: this one touches nothing more.
+    pub(super) fn lost(&self, by: &str) -> Outcome {
+        tracing::warn!(by = %by, "another run took the job over; this run stops and touches nothing more");
+        self.metrics.runs_lost.inc();
+        Outcome::Interrupted
+    }
+
+    /// Claims the job for run `run` with an ETag-fenced write (whoever loses the
+    /// race backs off): running, planning, owned by this run until the lease
+    /// lapses. A live claim of any other run, on this instance or another, is
+    /// respected. Returns the document and its ETag, or the outcome that ends
+    /// this run. `fresh` is the document of a job seen for the first time.
+    pub(super) async fn claim(
+        &self,
+        id: &crate::job::JobId,
+        run: &str,
+        fresh: impl Fn() -> JobDocument,
+    ) -> Result<(JobDocument, String), Outcome> {
         let (mut doc, mut etag) = self
-            .load_or_create(job)
+            .load_or_create(id, fresh)
             .await
             .map_err(|e| Outcome::from(JobError::job_state(e)))?;
         for _ in 0..crate::state::MAX_UPDATE_ROUNDS {
             if doc.state().is_terminal() {
                 return Err(Outcome::AlreadyEnded(doc.state()));
             }
-            let now = OffsetDateTime::now_utc();
-            if let Some(owner) = doc.owned_elsewhere(&self.instance, now) {
-                tracing::info!(owner = %owner.instance, "job is running on another instance");
+            let now = crate::state::claim_now();
+            if let Some(owner) = doc.owned_by_another_run(run, now) {
+                tracing::info!(owner = %owner.instance, owner_run = ?owner.run, "job is held by another run");
                 return Err(Outcome::OwnedElsewhere(owner.until));
             }
             if let Err(e) = doc.enter(JobState::Running) {
                 tracing::error!(error = %e, "refusing an illegal state change");
                 return Err(Outcome::AlreadyEnded(doc.state()));
             }
-            doc.phase = Some(Phase::Planning);
+            if doc.spec().is_some() {
+                doc.phase = Some(Phase::Planning);
+            }
             doc.error = None;
             doc.owner = Some(Owner {
                 instance: self.instance.clone(),
+                run: Some(run.to_owned()),
                 until: now + self.lease(),
             });
             match self.state.save(&mut doc, &etag).await {
                 Ok(new) => return Ok((doc, new)),
-                Err(StateError::Conflict(_)) => match self.state.load(id).await {
+                Err(StateError::Conflict(_)) => match self.state.load(id.as_str()).await {
                     Ok(Some((d, e))) => (doc, etag) = (d, e),
                     Ok(None) => return Err(JobError::StateVanished.into()),
                     Err(e) => return Err(JobError::job_state(e).into()),
@@ -89,7 +128,7 @@ impl Engine {
             }
         }
         Err(JobError::ClaimContended {
-            job: id.to_owned(),
+            job: id.to_string(),
             rounds: crate::state::MAX_UPDATE_ROUNDS,
         }
         .into())
@@ -121,7 +160,7 @@ impl Engine {
             _ => None,
         };
         if let Some(label) = ended {
-            self.unlock_pool(job).await;
+            self.unlock_pool(job, checkpoint).await;
             self.metrics.jobs_finished.with_label_values(&[label]).inc();
         }
         match &outcome {
@@ -130,7 +169,7 @@ impl Engine {
             Outcome::Cancelled => tracing::info!("job cancelled"),
             Outcome::Interrupted => tracing::info!("job interrupted; it will resume"),
             Outcome::Retry(r) => tracing::warn!(reason = %r, "job will be retried"),
-            Outcome::AlreadyEnded(_) | Outcome::OwnedElsewhere(_) => {}
+            Outcome::AlreadyEnded(_) | Outcome::OwnedElsewhere(_) | Outcome::RunningHere => {}
         }
         outcome
     }
@@ -145,19 +184,20 @@ impl Engine {
 
     async fn load_or_create(
         &self,
-        job: &ValidatedJob,
+        id: &crate::job::JobId,
+        fresh: impl Fn() -> JobDocument,
     ) -> Result<(JobDocument, String), StateError> {
-        if let Some(found) = self.state.load(job.id.as_str()).await? {
+        if let Some(found) = self.state.load(id.as_str()).await? {
             return Ok(found);
         }
-        let doc = JobDocument::replicate(job.id.clone(), job.spec.clone());
+        let doc = fresh();
         match self.state.create(&doc).await {
             Ok(etag) => Ok((doc, etag)),
             Err(StateError::Exists(_)) => self
                 .state
-                .load(job.id.as_str())
+                .load(id.as_str())
                 .await?
-                .ok_or_else(|| StateError::NotFound(job.id.to_string())),
+                .ok_or_else(|| StateError::NotFound(id.to_string())),
             Err(e) => Err(e),
         }
     }
@@ -202,7 +242,10 @@ impl Engine {
             .await?;
         self.publish(job, live, checkpoint, stop, &record).await?;
         set_phase(live, Phase::HandingOff);
-        self.record_image_set(job, live, &snapshot, source_len)
+        // Written under the claim before the pool's image set names the replicas:
+        // a run that lost the job stops here.
+        checkpoint.save(live).await.map_err(Failure::from_state)?;
+        self.record_image_set(job, live, checkpoint, &snapshot, source_len)
             .await?;
         self.hand_off(job, live, checkpoint, &snapshot).await?;
         self.finish(live, JobState::Completed, None);
@@ -257,6 +300,7 @@ impl Engine {
         &self,
         job: &ValidatedJob,
         live: &Mutex<JobDocument>,
+        checkpoint: &Checkpoint<'_>,
         snapshot: &str,
         source_len: u64,
     ) -> Result<(), Failure> {
@@ -272,7 +316,7 @@ impl Engine {
         records.sort_by_key(|r| r.index);
         let now = OffsetDateTime::now_utc();
         self.state
-            .update_pool(&job.spec.pool.id, |record| {
+            .update_pool_held(&job.spec.pool.id, &checkpoint.run_ref(), |record| {
                 let previous: HashMap<BlobPath, String> = record
                     .sets
                     .iter()

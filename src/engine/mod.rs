@@ -60,6 +60,37 @@ pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(2);
 /// Jobs this instance is running, by id, with their live documents.
 pub type LiveJobs = Arc<Mutex<HashMap<String, Arc<Mutex<JobDocument>>>>>;
 
+/// The jobs this instance has a run of, registered and checked in one step
+/// ([`Engine::reserve`]), so two deliveries of one job can never both start a
+/// run here, however close together they come.
+#[derive(Debug, Default, Clone)]
+struct Reservations(Arc<Mutex<std::collections::HashSet<String>>>);
+
+/// This instance's one run of a job, from the moment the job was taken until
+/// the value is dropped (the run ended, or its task was aborted).
+#[derive(Debug)]
+pub struct RunSlot {
+    reservations: Reservations,
+    job_id: String,
+}
+
+impl RunSlot {
+    /// The job reserved.
+    pub fn job_id(&self) -> &str {
+        &self.job_id
+    }
+}
+
+impl Drop for RunSlot {
+    fn drop(&mut self) {
+        self.reservations
+            .0
+            .lock()
+            .expect("reservations lock")
+            .remove(&self.job_id);
+    }
+}
+
 /// How a job run ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -75,6 +106,9 @@ pub enum Outcome {
     OwnedElsewhere(OffsetDateTime),
     /// Stopped by shutdown or a lost lease; resumable.
     Interrupted,
+    /// This instance runs the job already (a duplicate delivery): nothing was
+    /// done, and the run under way keeps its own message.
+    RunningHere,
     /// A transient failure outlasted the request retries; run it again later.
     Retry(String),
 }
@@ -107,7 +141,7 @@ impl std::fmt::Display for Failure {
             Failure::Job(e) => e.fmt(f),
             Failure::Cancelled => f.write_str("cancelled"),
             Failure::Interrupted => f.write_str("interrupted"),
-            Failure::Lost(by) => write!(f, "taken over by instance {by}"),
+            Failure::Lost(by) => write!(f, "taken over by {by}"),
         }
     }
 }
@@ -122,6 +156,9 @@ impl Failure {
     fn from_state(e: StateError) -> Self {
         match e {
             StateError::Lost(_, by) => Failure::Lost(by),
+            StateError::LockLost(pool) => {
+                Failure::Lost(format!("another run (it holds the lock of pool {pool})"))
+            }
             other => JobError::job_state(other).into(),
         }
     }
@@ -141,6 +178,7 @@ pub struct Engine {
     settings: Arc<ValidatedSettings>,
     limits: Arc<AccountLimits>,
     live: LiveJobs,
+    reservations: Reservations,
     instance: String,
     gallery: Option<Arc<crate::gallery::Gallery>>,
 }
@@ -192,6 +230,7 @@ impl Engine {
             settings,
             limits,
             live: LiveJobs::default(),
+            reservations: Reservations::default(),
             instance: instance_id(),
             gallery,
         }
@@ -210,6 +249,29 @@ impl Engine {
     pub fn live(&self) -> LiveJobs {
         self.live.clone()
     }
+
+    /// Registers a run of `job_id` on this instance, in one step with the check
+    /// that none is registered: `None` when a run of it is here already.
+    pub fn reserve(&self, job_id: &str) -> Option<RunSlot> {
+        let mut held = self.reservations.0.lock().expect("reservations lock");
+        if !held.insert(job_id.to_owned()) {
+            return None;
+        }
+        Some(RunSlot {
+            reservations: self.reservations.clone(),
+            job_id: job_id.to_owned(),
+        })
+    }
+
+    /// Jobs with a run on this instance now.
+    pub fn runs_here(&self) -> usize {
+        self.reservations.0.lock().expect("reservations lock").len()
+    }
+}
+
+/// A new run's id: unique, short enough for blob names and logs.
+fn run_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..16].to_owned()
 }
 
 /// A process-unique instance id: host name, process id and a random part.

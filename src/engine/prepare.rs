@@ -161,7 +161,7 @@ impl Engine {
                 Err(e) => Err(Failure::from_storage("source snapshot", &e)),
             };
         }
-        let s = self.take_snapshot(job).await?;
+        let s = self.take_snapshot(job, checkpoint.run()).await?;
         {
             let mut doc = live.lock().expect("live doc lock");
             doc.source_snapshot = Some(s.clone());
@@ -295,7 +295,7 @@ impl Engine {
         loop {
             let claim = self
                 .state
-                .lock_pool(pool, job.id.as_str(), false, stale.as_deref())
+                .lock_pool(pool, &checkpoint.run_ref(), false, stale.as_deref())
                 .await
                 .map_err(Failure::from_state)?;
             let holder = match claim {
@@ -351,10 +351,10 @@ impl Engine {
 
     /// Gives up the job's lock on its pool. Best effort: a lock left by an ended
     /// job is taken over by the next one.
-    pub(super) async fn unlock_pool(&self, job: &ValidatedJob) {
+    pub(super) async fn unlock_pool(&self, job: &ValidatedJob, checkpoint: &Checkpoint<'_>) {
         if let Err(e) = self
             .state
-            .unlock_pool(&job.spec.pool.id, job.id.as_str())
+            .unlock_pool(&job.spec.pool.id, &checkpoint.run_ref())
             .await
         {
             tracing::warn!(error = %e, "could not release the pool's lock; the next job of the pool takes it over");
@@ -364,11 +364,16 @@ impl Engine {
     /// Freezes the source in a snapshot tagged with the job. Create Snapshot is
     /// not idempotent: when its answer was lost, the snapshot the request may have
     /// made is looked up by its tag rather than a second one taken.
-    pub(super) async fn take_snapshot(&self, job: &ValidatedJob) -> Result<String, Failure> {
+    pub(super) async fn take_snapshot(
+        &self,
+        job: &ValidatedJob,
+        run: &str,
+    ) -> Result<String, Failure> {
         let metadata = crate::storage::Metadata::from([
             (plan::META_OWNER.to_owned(), plan::owner_tag(&self.settings)),
             (plan::META_JOB.to_owned(), job.id.to_string()),
             (plan::META_POOL.to_owned(), job.spec.pool.id.clone()),
+            (plan::META_RUN.to_owned(), run.to_owned()),
         ]);
         let lost = match self.store.snapshot(&job.source, &metadata).await {
             Ok(s) => return Ok(s),
@@ -385,6 +390,7 @@ impl Engine {
             b.name == src.name
                 && b.snapshot.is_some()
                 && b.metadata.get(plan::META_JOB).map(String::as_str) == Some(job.id.as_str())
+                && b.metadata.get(plan::META_RUN).map(String::as_str) == Some(run)
         });
         match made.and_then(|b| b.snapshot) {
             Some(s) => {

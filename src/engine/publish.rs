@@ -267,13 +267,22 @@ impl Engine {
     /// A job that ends without completing withdraws the version it made itself
     /// (its tag names the job): nothing boots from it, and its VHD goes with
     /// the job. A version of an earlier job (a grow or shrink) stays.
-    pub(super) async fn withdraw_version(&self, live: &Mutex<JobDocument>, job: &ValidatedJob) {
+    pub(super) async fn withdraw_version(
+        &self,
+        live: &Mutex<JobDocument>,
+        job: &ValidatedJob,
+        keep: &std::collections::HashSet<String>,
+    ) {
         let (Some(gallery), Some(p)) = (
             self.gallery.as_deref(),
             live.lock().expect("live doc lock").gallery.clone(),
         ) else {
             return;
         };
+        if keep.contains(&p.version) {
+            tracing::info!(version = %p.version, "the gallery image version is the pool's or was handed off; kept");
+            return;
+        }
         match gallery.version(&p.version).await {
             Ok(Some(v))
                 if v.tags.get(crate::gallery::TAG_JOB).map(String::as_str)

@@ -265,7 +265,7 @@ impl Engine {
         };
         if let Some(problem) = problem {
             with_replica(ctx.live, rec.index, |r| r.ranges_done.clear());
-            return Err(CopyError::Retry(format!("{} {problem}", rec.blob)));
+            return Err(CopyError::Unsound(format!("{} {problem}", rec.blob)));
         }
         with_replica(ctx.live, rec.index, |r| {
             r.state = ReplicaState::Verified;

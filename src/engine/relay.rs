@@ -5,7 +5,10 @@
 //! from under a prefix of its own, carries this deployment's owner tag and its
 //! job, is recorded in the job document while it exists, counts against the
 //! account's `max_replicas`, and is deleted when the copy phase ends (gc removes
-//! one a crash left behind).
+//! one a crash left behind). A relay belongs to the run that made it: its name
+//! and its `vhdrep_run` tag carry the run, and no other run deletes it (a run
+//! that took a job over leaves an earlier run's relays to gc, since that run
+//! may still be reading them).
 
 use super::copy::{CopyContext, CopyError};
 use super::*;
@@ -17,13 +20,18 @@ pub const RELAY_PREFIX: &str = ".vhdrep-relays/";
 /// Metadata key naming a relay's number.
 pub const META_RELAY: &str = "vhdrep_relay";
 
-/// Where relay `n` of `job` lives when copied from `from`.
-pub(super) fn relay_blob(job: &ValidatedJob, from: &BlobPath, n: u32) -> BlobPath {
+/// Where relay `n` of `run` of `job` lives when copied from `from`.
+pub(super) fn relay_blob(job: &ValidatedJob, run: &str, from: &BlobPath, n: u32) -> BlobPath {
     BlobPath::new(
         &from.account,
         &from.container,
-        &format!("{RELAY_PREFIX}{}/relay-{n:04}.vhd", job.id),
+        &format!("{}relay-{n:04}.vhd", run_prefix(job, run)),
     )
+}
+
+/// The name prefix of every relay of `run` of `job`.
+fn run_prefix(job: &ValidatedJob, run: &str) -> String {
+    format!("{RELAY_PREFIX}{}/{run}/", job.id)
 }
 
 impl Engine {
@@ -76,6 +84,7 @@ impl Engine {
             (plan::META_JOB.to_owned(), ctx.job.id.to_string()),
             (plan::META_SNAPSHOT.to_owned(), ctx.snapshot.to_owned()),
             (META_RELAY.to_owned(), n.to_string()),
+            (plan::META_RUN.to_owned(), ctx.run.to_owned()),
         ]);
         let started = self
             .store
@@ -97,7 +106,7 @@ impl Engine {
                 .await
                 .map_err(|e| CopyError::from_storage(&e))?;
             let c = p.copy.filter(|c| c.id == started.copy_id).ok_or_else(|| {
-                CopyError::Retry(format!("{dest}: the relay's copy was replaced"))
+                CopyError::Unsound(format!("{dest}: the relay's copy was replaced"))
             })?;
             let now = Instant::now();
             wait = poll::next_poll(
@@ -111,7 +120,7 @@ impl Engine {
             (state, last, at) = (c.state, c.copied, now);
         }
         if state != CopyState::Success {
-            return Err(CopyError::Retry(format!("{dest}: relay copy {state:?}")));
+            return Err(CopyError::Unsound(format!("{dest}: relay copy {state:?}")));
         }
         let p = self
             .store
@@ -119,7 +128,7 @@ impl Engine {
             .await
             .map_err(|e| CopyError::from_storage(&e))?;
         if p.len != ctx.source_len {
-            return Err(CopyError::Retry(format!(
+            return Err(CopyError::Unsound(format!(
                 "{dest}: the relay holds {} bytes, the source {}",
                 p.len, ctx.source_len
             )));
@@ -128,11 +137,38 @@ impl Engine {
         Ok(())
     }
 
-    /// Deletes every relay the document lists; one that cannot be deleted now
-    /// is left to gc (it carries the job's tags) and logged.
-    pub(super) async fn delete_relays(&self, live: &Mutex<JobDocument>) {
+    /// Forgets the relays an earlier run of the job listed: they are that run's
+    /// (it may still read them if it has not yet seen that it lost the job), so
+    /// this run leaves them to gc, which takes them once the job has ended.
+    pub(super) fn forget_earlier_relays(
+        &self,
+        job: &ValidatedJob,
+        run: &str,
+        live: &Mutex<JobDocument>,
+    ) {
+        let mine = run_prefix(job, run);
+        let mut doc = live.lock().expect("live doc lock");
+        let before = doc.relays.len();
+        doc.relays.retain(|r| r.name.starts_with(&mine));
+        if doc.relays.len() < before {
+            tracing::info!(
+                relays = before - doc.relays.len(),
+                "relays of an earlier run of this job are left to gc"
+            );
+        }
+    }
+
+    /// Deletes every relay of this run that the document lists; one that cannot
+    /// be deleted now is left to gc (it carries the job's tags) and logged.
+    pub(super) async fn delete_relays(
+        &self,
+        job: &ValidatedJob,
+        run: &str,
+        live: &Mutex<JobDocument>,
+    ) {
+        let mine = run_prefix(job, run);
         let relays = live.lock().expect("live doc lock").relays.clone();
-        for r in relays {
+        for r in relays.into_iter().filter(|r| r.name.starts_with(&mine)) {
             match self.store.delete(&r).await {
                 Ok(()) => tracing::debug!(blob = %r, "relay deleted"),
                 Err(e) if e.is_not_found() => {}

@@ -7,50 +7,94 @@ use crate::job::JobId;
 impl Engine {
     /// Runs a retire job: deletes every replica of the pool's image sets (only
     /// blobs whose metadata names the pool) and the sets' snapshots, then the
-    /// pool's record. Idempotent, so a resumed retire finishes the work.
-    #[tracing::instrument(skip_all, fields(job_id = %id, pool = %pool))]
+    /// pool's record. Idempotent, so a resumed retire finishes the work. Claimed
+    /// per run like a replication: one run at a time, everywhere.
     pub async fn retire(&self, id: &JobId, pool: &str) -> Outcome {
-        match self.retire_steps(id, pool).await {
-            Ok(outcome) | Err(outcome) => outcome,
+        match self.reserve(id.as_str()) {
+            Some(slot) => self.retire_reserved(slot, id, pool).await,
+            None => Outcome::RunningHere,
         }
     }
 
-    async fn retire_steps(&self, id: &JobId, pool: &str) -> Result<Outcome, Outcome> {
-        let job_state = |e| Outcome::from(JobError::job_state(e));
-        let doc = match self.state.load(id.as_str()).await {
-            Ok(Some((d, _))) => d,
-            Ok(None) => {
-                let d = JobDocument::retire(id.clone(), pool);
-                match self.state.create(&d).await {
-                    Ok(_) | Err(StateError::Exists(_)) => d,
-                    Err(e) => return Err(job_state(e)),
-                }
-            }
-            Err(e) => return Err(job_state(e)),
-        };
-        if doc.state().is_terminal() {
-            return Ok(Outcome::AlreadyEnded(doc.state()));
-        }
-        self.state
-            .update(id.as_str(), mark(JobState::Running, None))
+    /// [`Engine::retire`] for a job whose run the caller registered already.
+    #[tracing::instrument(skip_all, fields(job_id = %id, pool = %pool, run = tracing::field::Empty))]
+    pub async fn retire_reserved(&self, slot: RunSlot, id: &JobId, pool: &str) -> Outcome {
+        debug_assert_eq!(slot.job_id(), id.as_str());
+        let run = run_id();
+        tracing::Span::current().record("run", run.as_str());
+        let (doc, etag) = match self
+            .claim(id, &run, || JobDocument::retire(id.clone(), pool))
             .await
-            .map_err(job_state)?;
-        let (record, etag) = self.take_retiring_mark(id, pool).await?;
-        self.refuse_if_a_job_is_waiting(id, pool).await?;
+        {
+            Ok(claimed) => claimed,
+            Err(outcome) => return outcome,
+        };
+        let live = Mutex::new(doc);
+        let checkpoint = Checkpoint::new(&self.state, id.as_str(), etag, &run, self.lease());
+        let (outcome, note) = match self.retire_steps(pool, &checkpoint).await {
+            Ok(note) => (Outcome::Completed, Some(note)),
+            Err(outcome) => (outcome, None),
+        };
+        {
+            let mut doc = live.lock().expect("live doc lock");
+            let end = match &outcome {
+                Outcome::Completed => Some((JobState::Completed, None)),
+                Outcome::Failed(reason) => Some((JobState::Failed, Some(reason.clone()))),
+                _ => None,
+            };
+            match end {
+                Some((state, error)) => match doc.enter(state) {
+                    Ok(()) => {
+                        doc.error = error;
+                        if note.is_some() {
+                            doc.image_set = note;
+                        }
+                    }
+                    Err(e) => tracing::error!(error = %e, "refusing an illegal state change"),
+                },
+                // Resumable: the next run may claim it at once.
+                None => doc.owner = None,
+            }
+        }
+        if let Err(e) = checkpoint.save(&live).await {
+            return match e {
+                StateError::Lost(_, by) => self.lost(&by),
+                e => JobError::job_state(e).into(),
+            };
+        }
+        match &outcome {
+            Outcome::Completed | Outcome::Failed(_) => {
+                let label = if outcome == Outcome::Completed {
+                    "completed"
+                } else {
+                    "failed"
+                };
+                self.metrics.jobs_finished.with_label_values(&[label]).inc();
+            }
+            _ => {}
+        }
+        outcome
+    }
+
+    /// The retire's steps; returns the note of what was deleted.
+    async fn retire_steps(
+        &self,
+        pool: &str,
+        checkpoint: &Checkpoint<'_>,
+    ) -> Result<String, Outcome> {
+        let holder = checkpoint.run_ref();
+        let (record, etag) = self.take_retiring_mark(pool, &holder).await?;
+        self.refuse_if_a_job_is_waiting(pool, &holder).await?;
         tracing::info!("retiring the pool's image sets");
         let owner = plan::owner_tag(&self.settings);
-        let doomed = match retire_plan(self.store.as_ref(), &record, pool, &owner).await {
-            Ok(doomed) => doomed,
-            Err(e) => {
-                let e = JobError::storage("image sets", e);
-                return Err(self.retire_error(id, e).await);
-            }
-        };
+        let doomed = retire_plan(self.store.as_ref(), &record, pool, &owner)
+            .await
+            .map_err(|e| retire_error(JobError::storage("image sets", e)))?;
         // The gallery versions first: they were made from the staged VHDs.
-        let versions = match self.retire_versions(&record, pool, &owner).await {
-            Ok(v) => v,
-            Err(e) => return Err(self.retire_error(id, JobError::Gallery(e)).await),
-        };
+        let versions = self
+            .retire_versions(&record, pool, &owner)
+            .await
+            .map_err(|e| retire_error(JobError::Gallery(e)))?;
         let mut deleted = 0;
         for blob in &doomed {
             match self.store.delete(blob).await {
@@ -58,7 +102,7 @@ impl Engine {
                 Err(e) if e.is_not_found() => {}
                 Err(e) => {
                     let e = JobError::storage(format!("could not delete {blob}"), e);
-                    return Err(self.retire_error(id, e).await);
+                    return Err(retire_error(e));
                 }
             }
         }
@@ -78,15 +122,7 @@ impl Engine {
             }
         );
         tracing::info!("{note}");
-        self.state
-            .update(id.as_str(), mark(JobState::Completed, Some(note)))
-            .await
-            .map_err(job_state)?;
-        self.metrics
-            .jobs_finished
-            .with_label_values(&["completed"])
-            .inc();
-        Ok(Outcome::Completed)
+        Ok(note)
     }
 
     /// Takes the pool's `retiring` mark: no job of the pool changes its image sets
@@ -94,14 +130,14 @@ impl Engine {
     /// is taken over. Returns the record as marked and its ETag.
     async fn take_retiring_mark(
         &self,
-        id: &JobId,
         pool: &str,
+        holder: &crate::state::RunRef<'_>,
     ) -> Result<(PoolRecord, String), Outcome> {
         let mut stale: Option<String> = None;
         loop {
             match self
                 .state
-                .lock_pool(pool, id.as_str(), true, stale.as_deref())
+                .lock_pool(pool, holder, true, stale.as_deref())
                 .await
             {
                 Ok(PoolClaim::Held(record, etag)) => return Ok((record, etag)),
@@ -113,7 +149,7 @@ impl Engine {
                             job: holder.job_id,
                             state: JobState::Running.as_str(),
                         };
-                        return Err(self.retire_error(id, busy).await);
+                        return Err(retire_error(busy));
                     }
                     Err(e) => {
                         let context = format!("job state of {}", holder.job_id);
@@ -127,7 +163,11 @@ impl Engine {
 
     /// Never pulls the replicas from under a job of the pool that is still to
     /// run: with one queued or running, the mark is given up and the retire fails.
-    async fn refuse_if_a_job_is_waiting(&self, id: &JobId, pool: &str) -> Result<(), Outcome> {
+    async fn refuse_if_a_job_is_waiting(
+        &self,
+        pool: &str,
+        holder: &crate::state::RunRef<'_>,
+    ) -> Result<(), Outcome> {
         let busy = match self.state.list().await {
             Ok(listing) => listing.jobs.into_iter().find(|d| {
                 d.kind == "replicate"
@@ -144,10 +184,10 @@ impl Engine {
             job: d.job_id,
             state: d.state.as_str(),
         };
-        if let Err(e) = self.state.unlock_pool(pool, id.as_str()).await {
+        if let Err(e) = self.state.unlock_pool(pool, holder).await {
             tracing::warn!(error = %e, "could not clear the pool's retiring mark; the next job takes it over");
         }
-        Err(self.retire_error(id, busy).await)
+        Err(retire_error(busy))
     }
 
     /// Deletes the gallery image versions of the pool's image sets that this
@@ -189,30 +229,12 @@ impl Engine {
         }
         Ok(deleted)
     }
+}
 
-    /// The outcome of a retire that met `e`: run again later when it is
-    /// transient, else the retire job ends as failed with it.
-    async fn retire_error(&self, id: &JobId, e: JobError) -> Outcome {
-        if e.is_transient() {
-            return e.into();
-        }
-        let reason = e.to_string();
-        let _ = self
-            .state
-            .update(id.as_str(), |d| {
-                if d.enter(JobState::Failed).is_err() {
-                    return false;
-                }
-                d.error = Some(reason.clone());
-                true
-            })
-            .await;
-        self.metrics
-            .jobs_finished
-            .with_label_values(&["failed"])
-            .inc();
-        Outcome::Failed(reason)
-    }
+/// The outcome of a retire that met `e`: run again later when it is
+/// transient, else the retire job ends as failed with it.
+fn retire_error(e: JobError) -> Outcome {
+    e.into()
 }
 
 /// What retiring `pool` deletes: every replica of its image sets whose metadata
@@ -249,21 +271,4 @@ pub async fn retire_plan(
         }
     }
     Ok(out)
-}
-
-/// A change of a retire job's document: into `state` (refused when the job's
-/// life does not allow it), leaving its phase, with a note for its `image_set`.
-fn mark(state: JobState, note: Option<String>) -> impl FnMut(&mut JobDocument) -> bool {
-    move |d: &mut JobDocument| {
-        if let Err(e) = d.enter(state) {
-            tracing::error!(error = %e, "refusing an illegal state change");
-            return false;
-        }
-        d.phase = None;
-        d.error = None;
-        if note.is_some() {
-            d.image_set = note.clone();
-        }
-        true
-    }
 }

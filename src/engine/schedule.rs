@@ -29,6 +29,8 @@ pub struct SourceSlot {
     pub replica: Option<u32>,
     /// The relay's number, for a relay.
     pub relay: Option<u32>,
+    /// The blob is gone (deleted under the job): never picked again.
+    pub gone: bool,
 }
 
 /// A relay to make: relay `relay` in `account`, copied from source `source`.
@@ -100,6 +102,7 @@ impl Scheduler {
                 reads: 0,
                 replica: None,
                 relay: None,
+                gone: false,
             }],
             waiting: BTreeMap::new(),
             seeding: HashMap::new(),
@@ -147,6 +150,7 @@ impl Scheduler {
             reads: 0,
             replica: Some(index),
             relay: None,
+            gone: false,
         });
         self.holds.insert(account.to_owned());
     }
@@ -155,7 +159,7 @@ impl Scheduler {
         self.sources
             .iter()
             .enumerate()
-            .filter(|(_, s)| ok(s) && cap.is_none_or(|c| s.reads < c))
+            .filter(|(_, s)| !s.gone && ok(s) && cap.is_none_or(|c| s.reads < c))
             .min_by_key(|(i, s)| (s.reads, *i))
             .map(|(i, _)| i)
     }
@@ -214,6 +218,16 @@ impl Scheduler {
             .push_front(index);
     }
 
+    /// Source `i` is gone (a relay deleted under the job): no copy reads it
+    /// again. The snapshot is never dropped (its loss fails the job).
+    pub fn source_lost(&mut self, i: usize) {
+        if i > 0 {
+            if let Some(s) = self.sources.get_mut(i) {
+                s.gone = true;
+            }
+        }
+    }
+
     /// Drops every waiting replica (the job is stopping).
     pub fn clear(&mut self) {
         self.waiting.clear();
@@ -266,7 +280,10 @@ impl Scheduler {
             .iter()
             .filter(|(a, room)| room.is_none_or(|n| n > 0) && may_copy_in(a))
             .filter_map(|(a, _)| {
-                let i = self.sources.iter().position(|s| &s.account == a)?;
+                let i = self
+                    .sources
+                    .iter()
+                    .position(|s| !s.gone && &s.account == a)?;
                 Some((a.clone(), i))
             })
             .min_by_key(|(a, _)| (made_in(a), *a != self.sources[0].account))?;
@@ -307,6 +324,7 @@ impl Scheduler {
                 reads: 0,
                 replica: None,
                 relay: Some(pick.relay),
+                gone: false,
             });
         } else {
             r.failures += 1;
@@ -500,6 +518,26 @@ mod tests {
         let (sb, sc) = (&s.sources()[b.source], &s.sources()[c.source]);
         assert!(sb.relay.is_some() && sc.relay.is_some() && sb.relay != sc.relay);
         assert_eq!(s.next_relay(free), None, "every account is being seeded");
+    }
+
+    /// A source that vanished (a relay deleted under the job) is never picked
+    /// again; the snapshot is never dropped.
+    #[test]
+    fn a_lost_source_is_never_picked_again() {
+        let mut s = Scheduler::new(
+            Strategy::Fanout,
+            1,
+            "src",
+            [(1, "a".to_owned()), (2, "b".to_owned())],
+            [(0, "c".to_owned())],
+        );
+        s.source_lost(0);
+        assert!(!s.sources()[0].gone, "the snapshot stays");
+        s.source_lost(1);
+        assert!(s.sources()[1].gone);
+        let p = s.next_for("a").unwrap();
+        assert_eq!(p.source, 0, "only the snapshot is left to read");
+        assert_eq!(s.next_for("b"), None, "the snapshot's one read is taken");
     }
 
     #[test]

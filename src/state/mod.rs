@@ -390,11 +390,29 @@ impl From<JobDocument> for StoredDocument {
     }
 }
 
-/// Which instance runs a job, fenced by ETag-guarded writes.
+/// The time claims are written and judged by: the wall clock, moved on by as
+/// much as tokio's clock runs ahead of the process's monotonic clock. In a
+/// daemon the two run together and this is the wall clock; on a paused test
+/// clock (the simulations) it follows virtual time, so a claim lapses after
+/// its lease of virtual time, as it would after that much real time.
+pub fn claim_now() -> OffsetDateTime {
+    let ahead = tokio::time::Instant::now()
+        .into_std()
+        .saturating_duration_since(std::time::Instant::now());
+    OffsetDateTime::now_utc() + ahead
+}
+
+/// Which run of a job holds it, fenced by ETag-guarded writes. The claim is
+/// per run, not per instance: a second run of the same job in the same process
+/// is a competitor like any other.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Owner {
     /// Instance id (host, process and a random part).
     pub instance: String,
+    /// The run's id, unique per run (absent in documents of earlier versions,
+    /// whose claims are then another run's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run: Option<String>,
     /// The claim lapses at this time unless renewed.
     #[serde(with = "time::serde::rfc3339")]
     pub until: OffsetDateTime,
@@ -507,11 +525,21 @@ impl JobDocument {
         }
     }
 
-    /// Another instance's live claim on this job, if any.
-    pub fn owned_elsewhere(&self, me: &str, now: OffsetDateTime) -> Option<&Owner> {
+    /// Another run's live claim on this job, if any (a run of this instance
+    /// too: each run is fenced on its own).
+    pub fn owned_by_another_run(&self, run: &str, now: OffsetDateTime) -> Option<&Owner> {
         self.owner
             .as_ref()
-            .filter(|o| o.instance != me && o.until > now && !self.state.is_terminal())
+            .filter(|o| o.run.as_deref() != Some(run) && o.until > now && !self.state.is_terminal())
+    }
+
+    /// Whether run `run` holds the job's claim (written by it, not ended).
+    pub fn held_by(&self, run: &str) -> bool {
+        !self.state.is_terminal()
+            && self
+                .owner
+                .as_ref()
+                .is_some_and(|o| o.run.as_deref() == Some(run))
     }
 
     /// Bytes copied over bytes to copy, 0 to 1.
@@ -546,8 +574,11 @@ pub enum StateError {
     #[error("job {0} not found")]
     NotFound(String),
     /// Another instance has taken the job over.
-    #[error("job {0} was taken over by instance {1}")]
+    #[error("job {0} was taken over by {1}")]
     Lost(JobId, String),
+    /// The run no longer holds the pool's lock (another run of its job took it).
+    #[error("the lock of pool {0} is held by another run")]
+    LockLost(String),
     /// The stored document is not valid JSON of a job.
     #[error("job document {0} is corrupt: {1}")]
     Corrupt(String, String),
@@ -860,12 +891,31 @@ pub struct PoolRecord {
 pub struct PoolLock {
     /// The job holding it.
     pub job_id: String,
+    /// The run of that job holding it (absent in records of earlier versions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run: Option<String>,
     /// `true` for a retire job: the pool is being retired.
     #[serde(default)]
     pub retiring: bool,
     /// Since when.
     #[serde(with = "time::serde::rfc3339")]
     pub since: OffsetDateTime,
+}
+
+/// One run of one job: who may hold a job's claim and its pool's lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunRef<'a> {
+    /// The job.
+    pub job_id: &'a str,
+    /// The run.
+    pub run: &'a str,
+}
+
+impl RunRef<'_> {
+    /// Whether `lock` is this run's.
+    pub fn holds(&self, lock: &PoolLock) -> bool {
+        lock.job_id == self.job_id && lock.run.as_deref() == Some(self.run)
+    }
 }
 
 /// What taking a pool's lock found.
@@ -917,14 +967,16 @@ impl StateStore {
         Ok(out)
     }
 
-    /// Takes the lock of `pool_id`'s record for `job_id` (creating the record
-    /// when there is none). Re-entrant: a job that holds it (a resumed run) gets
-    /// it again. `stale` names a holder known to have ended, whose lock is taken
-    /// over.
+    /// Takes the lock of `pool_id`'s record for run `run` of `job_id` (creating
+    /// the record when there is none). Re-entrant: the run that holds it gets it
+    /// again. A lock held by another run of the same job is taken over: only the
+    /// run that holds the job's fenced claim calls this, so that other run has
+    /// lost the job. `stale` names a holder job known to have ended, whose lock
+    /// is taken over.
     pub async fn lock_pool(
         &self,
         pool_id: &str,
-        job_id: &str,
+        holder: &RunRef<'_>,
         retiring: bool,
         stale: Option<&str>,
     ) -> Result<PoolClaim, StateError> {
@@ -944,10 +996,13 @@ impl StateStore {
                 ),
             };
             match &record.lock {
-                Some(l) if l.job_id == job_id => {
+                Some(l) if holder.holds(l) => {
                     if let Condition::IfMatch(etag) = condition {
                         return Ok(PoolClaim::Held(record, etag));
                     }
+                }
+                Some(l) if l.job_id == holder.job_id => {
+                    tracing::info!(pool = %pool_id, previous_run = ?l.run, "taking the pool's lock over from an earlier run of this job");
                 }
                 Some(l) if Some(l.job_id.as_str()) != stale => {
                     return Ok(PoolClaim::Busy(l.clone()))
@@ -955,7 +1010,8 @@ impl StateStore {
                 _ => {}
             }
             record.lock = Some(PoolLock {
-                job_id: job_id.to_owned(),
+                job_id: holder.job_id.to_owned(),
+                run: Some(holder.run.to_owned()),
                 retiring,
                 since: OffsetDateTime::now_utc(),
             });
@@ -971,9 +1027,8 @@ impl StateStore {
         ))
     }
 
-    /// Gives up `job_id`'s lock on the pool, if it holds it (a missing record
-    /// or another holder is fine: nothing to give up).
-    pub async fn unlock_pool(&self, pool_id: &str, job_id: &str) -> Result<(), StateError> {
+    /// Gives up the lock of `pool_id` if `holder` holds it.
+    pub async fn unlock_pool(&self, pool_id: &str, holder: &RunRef<'_>) -> Result<(), StateError> {
         for round in 0..MAX_UPDATE_ROUNDS {
             if round > 0 {
                 contention_pause(round).await;
@@ -981,7 +1036,7 @@ impl StateStore {
             let Some((mut record, etag)) = self.load_pool(pool_id).await? else {
                 return Ok(());
             };
-            if record.lock.as_ref().map(|l| l.job_id.as_str()) != Some(job_id) {
+            if !record.lock.as_ref().is_some_and(|l| holder.holds(l)) {
                 return Ok(());
             }
             record.lock = None;
@@ -990,6 +1045,42 @@ impl StateStore {
                 .await
             {
                 Ok(_) => return Ok(()),
+                Err(StateError::PoolChanged(_)) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(StateError::Contended(
+            format!("pool record {pool_id}"),
+            MAX_UPDATE_ROUNDS,
+        ))
+    }
+
+    /// Changes `pool_id`'s record only while `holder` holds its lock, under the
+    /// record's ETag: a run that lost its job (and with it the pool's lock)
+    /// never writes the pool's image sets. [`StateError::LockLost`] otherwise.
+    pub async fn update_pool_held(
+        &self,
+        pool_id: &str,
+        holder: &RunRef<'_>,
+        mut change: impl FnMut(&mut PoolRecord),
+    ) -> Result<PoolRecord, StateError> {
+        for round in 0..MAX_UPDATE_ROUNDS {
+            if round > 0 {
+                contention_pause(round).await;
+            }
+            let (mut record, etag) = self
+                .load_pool(pool_id)
+                .await?
+                .ok_or_else(|| StateError::LockLost(pool_id.to_owned()))?;
+            if !record.lock.as_ref().is_some_and(|l| holder.holds(l)) {
+                return Err(StateError::LockLost(pool_id.to_owned()));
+            }
+            change(&mut record);
+            match self
+                .put_pool(pool_id, &record, Condition::IfMatch(etag))
+                .await
+            {
+                Ok(_) => return Ok(record),
                 Err(StateError::PoolChanged(_)) => continue,
                 Err(e) => return Err(e),
             }
@@ -1352,6 +1443,97 @@ mod tests {
             matches!(r, Err(StateError::Contended(_, MAX_UPDATE_ROUNDS))),
             "{r:?}"
         );
+    }
+
+    /// The claim is per run: another run of the same instance is a competitor
+    /// while its claim lasts; a lapsed claim, or one of an ended job, is not.
+    #[test]
+    fn claims_are_fenced_per_run_not_per_instance() {
+        let now = OffsetDateTime::now_utc();
+        let mut d = JobDocument::replicate(JobId::parse("j1").unwrap(), spec());
+        d.enter(JobState::Running).unwrap();
+        d.owner = Some(Owner {
+            instance: "host-1".into(),
+            run: Some("run-a".into()),
+            until: now + time::Duration::seconds(30),
+        });
+        assert!(
+            d.owned_by_another_run("run-b", now).is_some(),
+            "same instance, other run"
+        );
+        assert!(
+            d.owned_by_another_run("run-a", now).is_none(),
+            "its own run"
+        );
+        assert!(d.held_by("run-a") && !d.held_by("run-b"));
+        assert!(
+            d.owned_by_another_run("run-b", now + time::Duration::seconds(31))
+                .is_none(),
+            "a lapsed claim may be taken"
+        );
+        // A claim written by an earlier version (no run) belongs to another run.
+        d.owner.as_mut().unwrap().run = None;
+        assert!(d.owned_by_another_run("run-a", now).is_some());
+        d.enter(JobState::Completed).unwrap();
+        assert!(d.owned_by_another_run("run-b", now).is_none());
+        assert!(!d.held_by("run-a"), "an ended job is held by nobody");
+    }
+
+    /// A pool's lock belongs to one run: that run gets it again, another run of
+    /// the same job (which holds the job's claim) takes it over, another job
+    /// finds it busy; only the holder may change the image sets.
+    #[tokio::test]
+    async fn pool_locks_are_held_per_run() {
+        let s = StateStore::new(
+            Arc::new(SimStore::new(SimConfig::instant())),
+            "ops",
+            "state",
+        );
+        s.ensure().await.unwrap();
+        let a = RunRef {
+            job_id: "j1",
+            run: "a",
+        };
+        let b = RunRef {
+            job_id: "j1",
+            run: "b",
+        };
+        let other = RunRef {
+            job_id: "j2",
+            run: "c",
+        };
+        assert!(matches!(
+            s.lock_pool("p", &a, false, None).await.unwrap(),
+            PoolClaim::Held(..)
+        ));
+        assert!(matches!(
+            s.lock_pool("p", &a, false, None).await.unwrap(),
+            PoolClaim::Held(..)
+        ));
+        assert!(
+            matches!(s.lock_pool("p", &other, false, None).await.unwrap(), PoolClaim::Busy(l) if l.job_id == "j1")
+        );
+        s.update_pool_held("p", &a, |_| {}).await.unwrap();
+        assert!(matches!(
+            s.lock_pool("p", &b, false, None).await.unwrap(),
+            PoolClaim::Held(..)
+        ));
+        assert!(
+            matches!(
+                s.update_pool_held("p", &a, |_| {}).await,
+                Err(StateError::LockLost(_))
+            ),
+            "the run that lost the lock may not write the image sets"
+        );
+        s.unlock_pool("p", &a).await.unwrap();
+        let (record, _) = s.load_pool("p").await.unwrap().unwrap();
+        assert_eq!(
+            record.lock.unwrap().run.as_deref(),
+            Some("b"),
+            "only the holder unlocks"
+        );
+        s.unlock_pool("p", &b).await.unwrap();
+        assert!(s.load_pool("p").await.unwrap().unwrap().0.lock.is_none());
     }
 
     /// A job's state changes only along its life: never out of an end, never
