@@ -8,7 +8,7 @@ use crate::control::Control;
 use crate::engine::{schedule::Strategy, Outcome};
 use crate::job::parse_job_json;
 use crate::metrics::Metrics;
-use crate::queue::MemoryQueue;
+use crate::queue::{MemoryQueue, MessageQueue};
 use crate::state::ReplicaRecord;
 use crate::storage::{
     sim::{SimConfig, SimStats, SimStore},
@@ -216,9 +216,9 @@ async fn list(store: &SimStore, account: &str, container: &str, prefix: &str) ->
     }
 }
 
-/// Runs one job of `scenario` to its end on the simulated store.
-pub async fn run(scenario: &Scenario) -> Report {
-    let settings = settings_for(scenario);
+/// The simulated store of `scenario`, with its accounts, faults and the
+/// source VHD (returned) in place.
+fn seeded_store(scenario: &Scenario) -> (Arc<SimStore>, BlobPath) {
     let store = Arc::new(SimStore::new(scenario.sim.clone()));
     for (account, info) in &scenario.account_info {
         store.set_account_info(account, info.clone());
@@ -234,6 +234,13 @@ pub async fn run(scenario: &Scenario) -> Report {
         Bytes::copy_from_slice(&footer),
         scenario.written(),
     );
+    (store, source)
+}
+
+/// Runs one job of `scenario` to its end on the simulated store.
+pub async fn run(scenario: &Scenario) -> Report {
+    let settings = settings_for(scenario);
+    let (store, source) = seeded_store(scenario);
     let control = Control::with_retry(
         Arc::new(settings),
         Metrics::new(),
@@ -317,5 +324,243 @@ pub async fn run(scenario: &Scenario) -> Report {
         stats: store.stats(),
         error: doc.error,
         metrics: control.metrics.render(),
+    }
+}
+
+/// Deliveries of one job to several instances, and kills: the at-least-once
+/// queue and crashes, for the contested property test.
+#[derive(Debug, Clone)]
+pub struct Contest {
+    /// Copies of the job's message put on the intake queue at the start (raw
+    /// JSON and base64 in turn), each after a seeded delay of under a second.
+    pub deliveries: u32,
+    /// Instances (each its own engine and intake worker, as separate
+    /// processes) taking messages from the start.
+    pub instances: u32,
+    /// Virtual times at which one instance, chosen by the seed, is killed (its
+    /// worker and every run in it dropped where they stand, as SIGKILL would)
+    /// and a new instance started in its place.
+    pub kills: Vec<Duration>,
+    /// Seed of the delays and of which instance each kill takes.
+    pub seed: u64,
+}
+
+/// What a contested run left.
+#[derive(Debug)]
+pub struct ContestReport {
+    /// The job document at the end.
+    pub doc: crate::state::JobDocument,
+    /// Every hand-off message sent, as JSON.
+    pub handoffs: Vec<serde_json::Value>,
+    /// URIs named by a hand-off that do not exist at the end.
+    pub missing: Vec<String>,
+    /// Messages left on the intake queue at the end.
+    pub left_on_queue: u64,
+    /// Messages moved to the poison queue.
+    pub poisoned: usize,
+    /// Replica blobs of the job in the destination containers at the end.
+    pub destination_blobs: Vec<BlobPath>,
+    /// Virtual time from the first delivery to the end.
+    pub makespan: Duration,
+    /// Runs seen holding the job's claim (sampled every second or five): more
+    /// than one when a kill landed while the job ran and another run took over.
+    pub runs_seen: usize,
+}
+
+/// One instance of the daemon: its worker task and its stop token.
+struct Instance {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Instance {
+    fn start(
+        settings: &Arc<crate::config::ValidatedSettings>,
+        store: &Arc<SimStore>,
+        queues: &[Arc<MemoryQueue>; 3],
+        seed: u64,
+    ) -> Self {
+        let control = Control::with_retry(
+            settings.clone(),
+            Metrics::new(),
+            store.clone(),
+            queues[0].clone(),
+            queues[1].clone(),
+            queues[2].clone(),
+            crate::storage::retry::RetryPolicy {
+                jitter_seed: Some(seed),
+                ..Default::default()
+            },
+        );
+        let worker = crate::intake::Worker::new(
+            Arc::new(control.engine()),
+            control.intake.clone(),
+            control.poison.clone(),
+            control.state.clone(),
+            control.metrics.clone(),
+            control.settings.clone(),
+        );
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(worker.run(stop.clone()));
+        Self { stop, task }
+    }
+}
+
+/// The URIs named by `handoffs` that do not exist in `store`.
+async fn missing_uris(
+    store: &SimStore,
+    settings: &crate::config::ValidatedSettings,
+    handoffs: &[serde_json::Value],
+) -> Vec<String> {
+    let mut missing = Vec::new();
+    for uri in handoffs
+        .iter()
+        .flat_map(|h| h["image_uris"].as_array().cloned().unwrap_or_default())
+    {
+        let uri = uri.as_str().unwrap_or_default().to_owned();
+        let blob = crate::job::locate_source(&uri, settings).expect("a configured account");
+        loop {
+            match store.properties(&blob).await {
+                Ok(_) => break,
+                Err(e) if e.is_not_found() => {
+                    missing.push(uri);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+    missing
+}
+
+/// The intake message of the simulated job of `scenario`.
+fn job_text(store: &SimStore, source: &BlobPath, scenario: &Scenario) -> String {
+    let url = store.blob_url(source).expect("sim URL").to_string();
+    format!(
+        r#"{{"job_id":"sim","source":"{url}","pool":{{"id":"sim","os":"windows","nodes":{}}},"replicas":{}}}"#,
+        scenario.replicas * 20,
+        scenario.replicas
+    )
+}
+
+/// Puts `text` on `queue` `copies` times (raw JSON and base64 in turn), each
+/// after a seeded delay of under a second.
+async fn deliver(queue: &MemoryQueue, text: &str, copies: u32, rng: &mut rand::rngs::StdRng) {
+    use base64::Engine as _;
+    use rand::Rng;
+    for i in 0..copies {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(0..1000))).await;
+        let body = if i % 2 == 0 {
+            text.to_owned()
+        } else {
+            base64::engine::general_purpose::STANDARD.encode(text)
+        };
+        queue.send(&body).await.expect("memory queue");
+    }
+}
+
+/// The job's document now, noting the run that holds its claim.
+async fn note_owner(
+    control: &Control,
+    runs: &mut std::collections::BTreeSet<String>,
+) -> Option<crate::state::JobDocument> {
+    let doc = control
+        .state
+        .load("sim")
+        .await
+        .ok()
+        .flatten()
+        .map(|(d, _)| d);
+    if let Some(run) = doc.as_ref().and_then(|d| d.owner.as_ref()?.run.clone()) {
+        runs.insert(run);
+    }
+    doc
+}
+
+/// Runs one job of `scenario` delivered and interrupted as `contest` says,
+/// until the job has ended and no delivery is left (or six virtual hours pass).
+pub async fn run_contested(scenario: &Scenario, contest: &Contest) -> ContestReport {
+    use rand::{Rng, SeedableRng};
+    let settings = Arc::new(settings_for(scenario));
+    let (store, source) = seeded_store(scenario);
+    let queues = [
+        Arc::new(MemoryQueue::new("intake")),
+        Arc::new(MemoryQueue::new("poison")),
+        Arc::new(MemoryQueue::new("handoff")),
+    ];
+    let control = Control::with_retry(
+        settings.clone(),
+        Metrics::new(),
+        store.clone(),
+        queues[0].clone(),
+        queues[1].clone(),
+        queues[2].clone(),
+        Default::default(),
+    );
+    while control.ensure().await.is_err() {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(contest.seed);
+    let mut instances: Vec<Instance> = (0..contest.instances)
+        .map(|i| Instance::start(&settings, &store, &queues, contest.seed + u64::from(i)))
+        .collect();
+    let started = tokio::time::Instant::now();
+    let text = job_text(&store, &source, scenario);
+    deliver(&queues[0], &text, contest.deliveries, &mut rng).await;
+    let mut runs_seen = std::collections::BTreeSet::new();
+    let mut kills = contest.kills.clone();
+    kills.sort();
+    for (n, at) in kills.into_iter().enumerate() {
+        while tokio::time::Instant::now() + Duration::from_secs(1) < started + at {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            note_owner(&control, &mut runs_seen).await;
+        }
+        tokio::time::sleep_until(started + at).await;
+        let victim = rng.random_range(0..instances.len());
+        instances[victim].task.abort();
+        let seed = contest.seed + 100 + n as u64;
+        instances[victim] = Instance::start(&settings, &store, &queues, seed);
+    }
+    let deadline = started + Duration::from_secs(6 * 3600);
+    let doc = loop {
+        let doc = note_owner(&control, &mut runs_seen).await;
+        let left = queues[0].approximate_count().await.unwrap_or(1);
+        match doc {
+            Some(d) if d.state().is_terminal() && left == 0 => break d,
+            Some(d) if tokio::time::Instant::now() >= deadline => break d,
+            _ => tokio::time::sleep(Duration::from_secs(5)).await,
+        }
+    };
+    let makespan = started.elapsed();
+    for i in &instances {
+        i.stop.cancel();
+    }
+    for i in instances {
+        let _ = i.task.await;
+    }
+    let handoffs: Vec<serde_json::Value> = queues[2]
+        .texts()
+        .iter()
+        .map(|t| serde_json::from_str(t).expect("hand-off JSON"))
+        .collect();
+    let missing = missing_uris(&store, &settings, &handoffs).await;
+    let mut destination_blobs = Vec::new();
+    for account in account_names(scenario.accounts) {
+        let names = list(&store, &account, crate::job::DEFAULT_CONTAINER, "sim/").await;
+        destination_blobs.extend(
+            names
+                .into_iter()
+                .map(|n| BlobPath::new(&account, crate::job::DEFAULT_CONTAINER, &n)),
+        );
+    }
+    ContestReport {
+        doc,
+        handoffs,
+        missing,
+        left_on_queue: queues[0].approximate_count().await.unwrap_or(0),
+        poisoned: queues[1].texts().len(),
+        destination_blobs,
+        makespan,
+        runs_seen: runs_seen.len(),
     }
 }

@@ -6,8 +6,8 @@ use std::{collections::BTreeSet, time::Duration};
 use vhd_replicator::{
     config::CopyMethod,
     engine::{schedule::Strategy, Outcome},
-    simulation::{run, Report, Scenario},
-    state::ReplicaState,
+    simulation::{run, run_contested, Contest, Report, Scenario},
+    state::{JobState, ReplicaState},
     storage::sim::SimConfig,
 };
 
@@ -452,5 +452,142 @@ fn relays_seed_every_account_at_once() {
         slow.makespan.as_secs_f64() > bound.as_secs_f64() * 1.9,
         "without relays {:?}: seeding takes rounds",
         slow.makespan
+    );
+}
+
+/// One random case of the contested property test: a small job delivered one
+/// to five times (raw and base64) to one to three instances, zero to three of
+/// which are killed at random moments and replaced.
+fn contested_case(
+    rng: &mut rand::rngs::StdRng,
+    case: usize,
+    seed: u64,
+) -> (Scenario, Contest, String) {
+    use rand::Rng;
+    let accounts = rng.random_range(1usize..4);
+    let replicas = rng.random_range(1u32..12);
+    // 2 GiB: a cross-account copy takes about a minute of virtual time, so
+    // kills within the first two minutes land while the job runs.
+    let mut scenario = Scenario::new(accounts, replicas, 2048 * MIB, Strategy::Fanout);
+    scenario.copy_method = if rng.random_bool(0.3) {
+        CopyMethod::Auto
+    } else {
+        CopyMethod::Async
+    };
+    scenario.relays = rng.random_bool(0.7);
+    scenario.sim = SimConfig {
+        seed: rng.random(),
+        transient_failure_rate: if rng.random_bool(0.5) { 0.0 } else { 0.05 },
+        copy_failure_rate: match rng.random_range(0..5) {
+            0 => 0.95,
+            1 => 0.3,
+            _ => 0.0,
+        },
+        ..SimConfig::default()
+    };
+    let kills = (0..rng.random_range(0..4))
+        .map(|_| Duration::from_millis(rng.random_range(0..120_000)))
+        .collect::<Vec<_>>();
+    let contest = Contest {
+        deliveries: rng.random_range(1..6),
+        instances: rng.random_range(1..4),
+        kills,
+        seed: rng.random(),
+    };
+    let what = format!(
+        "contested case {case} of seed {seed}: {accounts} accounts, {replicas} replicas, {:?} copies, relays {}, {} deliveries to {} instances, kills at {:?}",
+        scenario.copy_method, scenario.relays, contest.deliveries, contest.instances, contest.kills
+    );
+    (scenario, contest, what)
+}
+
+/// Duplicate deliveries and kills (the at-least-once queue and crashes), for
+/// random plans and timings from a replayable seed: the job ends completed or
+/// failed with a reason, no delivery is left or lost, every hand-off names the
+/// same replicas, and every URI of every hand-off exists at the end (no pool is
+/// retired here). A completed job's replicas are all verified.
+#[test]
+fn duplicates_and_kills_never_lose_a_handed_off_uri() {
+    use rand::SeedableRng;
+    let (seed, cases) = property_seed();
+    let cases = std::env::var("VHDREP_SIM_CONTESTED_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(cases / 4);
+    eprintln!("contested property test: VHDREP_SIM_SEED={seed} VHDREP_SIM_CONTESTED_CASES={cases}");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0xd0d0);
+    let (mut completed, mut failed, mut redelivered, mut taken_over) = (0, 0, 0, 0);
+    for case in 0..cases {
+        let (scenario, contest, what) = contested_case(&mut rng, case, seed);
+        let r = runtime().block_on(run_contested(&scenario, &contest));
+        assert!(
+            r.doc.state().is_terminal(),
+            "{what}: the job did not end: {:?}",
+            r.doc
+        );
+        assert_eq!(r.left_on_queue, 0, "{what}: deliveries left on the queue");
+        assert!(
+            r.missing.is_empty(),
+            "{what}: handed-off URIs gone: {:?}",
+            r.missing
+        );
+        let sets: BTreeSet<Vec<String>> = r
+            .handoffs
+            .iter()
+            .map(|h| {
+                let mut uris: Vec<String> = h["image_uris"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|u| u.as_str().unwrap().to_owned())
+                    .collect();
+                uris.sort();
+                uris
+            })
+            .collect();
+        assert!(sets.len() <= 1, "{what}: hand-offs disagree: {sets:?}");
+        if r.handoffs.len() > 1 {
+            redelivered += 1;
+        }
+        if r.runs_seen > 1 {
+            taken_over += 1;
+        }
+        match r.doc.state() {
+            JobState::Completed => {
+                completed += 1;
+                assert!(
+                    !r.handoffs.is_empty(),
+                    "{what}: completed without a hand-off"
+                );
+                assert!(
+                    r.doc
+                        .replicas
+                        .iter()
+                        .all(|x| x.state == ReplicaState::Verified),
+                    "{what}"
+                );
+                assert_eq!(
+                    sets.into_iter().next().unwrap().len(),
+                    scenario.replicas as usize,
+                    "{what}"
+                );
+            }
+            _ => {
+                failed += 1;
+                assert!(
+                    r.doc.error.is_some() || r.poisoned > 0,
+                    "{what}: failed without a reason"
+                );
+            }
+        }
+    }
+    eprintln!("{completed} completed, {failed} failed, {taken_over} taken over by another run after a kill, {redelivered} handed off more than once");
+    assert!(
+        completed * 2 >= cases,
+        "most contested jobs complete: {completed} of {cases}"
+    );
+    assert!(
+        taken_over * 5 >= cases,
+        "kills land while jobs run in at least a fifth of the cases: {taken_over} of {cases}"
     );
 }

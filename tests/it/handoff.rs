@@ -102,3 +102,63 @@ async fn the_hand_off_message_can_be_base64() {
     );
     app.shutdown().await;
 }
+
+/// A hand-off the queue refuses as too large (`413 RequestBodyTooLarge`) can
+/// never be sent: the job fails at once with that reason instead of retrying,
+/// the hand-off stays in its document for a send by hand, and the job's
+/// clean-up deletes none of the replicas that hand-off and the pool's image
+/// set name.
+#[tokio::test]
+async fn a_hand_off_refused_as_too_large_fails_the_job_and_keeps_its_replicas() {
+    use vhd_replicator::proxy::{Proxy, ProxyAction, ProxyConfig, ProxyRule};
+    let env = TestEnv::new("");
+    let direct = env.control().await;
+    let queue_proxy = Proxy::start(ProxyConfig {
+        rules: vec![ProxyRule::new(
+            "POST",
+            &format!("/ops/it-{}-handoff/messages", env.id),
+            ProxyAction::Answer(413, "RequestBodyTooLarge"),
+            1_000,
+        )],
+        ..ProxyConfig::transparent(QUEUE)
+    })
+    .await
+    .unwrap();
+    let app = TestApp::spawn_with(env.proxied_both(BLOB, &queue_proxy.url(), "")).await;
+    let source = env.source_url("refused.vhd");
+    upload_sample(&direct, &source, 2, 1, 62).await;
+    let id = format!("refused-{}", env.id);
+    let started = tokio::time::Instant::now();
+    app.control
+        .submit(parse_job_json(&env.job_json(&id, &source, "windows", 60)).unwrap())
+        .await
+        .unwrap();
+    let doc = wait_for_end(&direct, &id, Duration::from_secs(60)).await;
+    let error = doc.error.clone().unwrap_or_default();
+    assert_eq!(doc.state(), JobState::Failed, "{error}");
+    assert!(
+        error.contains("413") && error.contains("send it by hand"),
+        "the reason names the refusal and what to do: {error}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "failed at once, not after retries: {:?}",
+        started.elapsed()
+    );
+    let attempts = vhd_replicator::proxy::ProxyStats::get(&queue_proxy.stats.rule_hits);
+    assert_eq!(attempts, 1, "a refusal as too large is not sent again");
+    let handoff: HandOff = serde_json::from_value(
+        doc.handoff
+            .clone()
+            .expect("the hand-off stays in the document"),
+    )
+    .unwrap();
+    assert_eq!(handoff.image_uris.len(), 3);
+    for uri in &handoff.image_uris {
+        let blob = vhd_replicator::job::locate_source(uri, &direct.settings).unwrap();
+        direct.store.properties(&blob).await.unwrap_or_else(|e| {
+            panic!("the clean-up deleted {uri}, named by the recorded hand-off: {e}")
+        });
+    }
+    app.shutdown().await;
+}

@@ -6,6 +6,7 @@ mod bad_input;
 mod cli;
 mod conformance;
 mod crash;
+mod duplicates;
 mod entra;
 mod gallery;
 mod handoff;
