@@ -367,6 +367,28 @@ pub struct ContestReport {
     pub runs_seen: usize,
 }
 
+/// A control plane of its own (own metrics and account limits, as a separate
+/// process has) over the shared store and queues.
+fn control_over(
+    settings: &Arc<crate::config::ValidatedSettings>,
+    store: &Arc<SimStore>,
+    queues: &[Arc<MemoryQueue>; 3],
+    jitter_seed: Option<u64>,
+) -> Control {
+    Control::with_retry(
+        settings.clone(),
+        Metrics::new(),
+        store.clone(),
+        queues[0].clone(),
+        queues[1].clone(),
+        queues[2].clone(),
+        crate::storage::retry::RetryPolicy {
+            jitter_seed,
+            ..Default::default()
+        },
+    )
+}
+
 /// One instance of the daemon: its worker task and its stop token.
 struct Instance {
     stop: CancellationToken,
@@ -380,18 +402,7 @@ impl Instance {
         queues: &[Arc<MemoryQueue>; 3],
         seed: u64,
     ) -> Self {
-        let control = Control::with_retry(
-            settings.clone(),
-            Metrics::new(),
-            store.clone(),
-            queues[0].clone(),
-            queues[1].clone(),
-            queues[2].clone(),
-            crate::storage::retry::RetryPolicy {
-                jitter_seed: Some(seed),
-                ..Default::default()
-            },
-        );
+        let control = control_over(settings, store, queues, Some(seed));
         let worker = crate::intake::Worker::new(
             Arc::new(control.engine()),
             control.intake.clone(),
@@ -488,15 +499,7 @@ pub async fn run_contested(scenario: &Scenario, contest: &Contest) -> ContestRep
         Arc::new(MemoryQueue::new("poison")),
         Arc::new(MemoryQueue::new("handoff")),
     ];
-    let control = Control::with_retry(
-        settings.clone(),
-        Metrics::new(),
-        store.clone(),
-        queues[0].clone(),
-        queues[1].clone(),
-        queues[2].clone(),
-        Default::default(),
-    );
+    let control = control_over(&settings, &store, &queues, None);
     while control.ensure().await.is_err() {
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
