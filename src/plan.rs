@@ -134,6 +134,12 @@ pub fn replica_metadata(job: &ValidatedJob, index: u32, snapshot: &str, owner: &
     ])
 }
 
+/// Whether a blob's metadata says run `run` of job `job_id` created it.
+pub fn made_by_run(metadata: &Metadata, job_id: &str, run: &str) -> bool {
+    metadata.get(META_JOB).map(String::as_str) == Some(job_id)
+        && metadata.get(META_RUN).map(String::as_str) == Some(run)
+}
+
 /// Whether a blob's metadata says it is replica `index` of this job from this snapshot.
 pub fn is_our_replica(metadata: &Metadata, job: &ValidatedJob, index: u32, snapshot: &str) -> bool {
     metadata.get(META_JOB).map(String::as_str) == Some(job.id.as_str())

@@ -237,6 +237,20 @@ fn seeded_store(scenario: &Scenario) -> (Arc<SimStore>, BlobPath) {
     (store, source)
 }
 
+/// The blobs under `prefix` in the destination containers of `scenario`.
+async fn destination_blobs(store: &SimStore, scenario: &Scenario, prefix: &str) -> Vec<BlobPath> {
+    let mut out = Vec::new();
+    for account in account_names(scenario.accounts) {
+        let names = list(store, &account, crate::job::DEFAULT_CONTAINER, prefix).await;
+        out.extend(
+            names
+                .into_iter()
+                .map(|n| BlobPath::new(&account, crate::job::DEFAULT_CONTAINER, &n)),
+        );
+    }
+    out
+}
+
 /// Runs one job of `scenario` to its end on the simulated store.
 pub async fn run(scenario: &Scenario) -> Report {
     let settings = settings_for(scenario);
@@ -284,15 +298,7 @@ pub async fn run(scenario: &Scenario) -> Report {
             _ => tokio::time::sleep(Duration::from_secs(1)).await,
         }
     };
-    let mut destination_blobs = Vec::new();
-    for account in account_names(scenario.accounts) {
-        let names = list(&store, &account, crate::job::DEFAULT_CONTAINER, "").await;
-        destination_blobs.extend(
-            names
-                .into_iter()
-                .map(|n| BlobPath::new(&account, crate::job::DEFAULT_CONTAINER, &n)),
-        );
-    }
+    let destination_blobs = destination_blobs(&store, scenario, "").await;
     let source_snapshots = loop {
         match store
             .list_detailed(&source.account, &source.container, &source.name, true)
@@ -547,15 +553,7 @@ pub async fn run_contested(scenario: &Scenario, contest: &Contest) -> ContestRep
         .map(|t| serde_json::from_str(t).expect("hand-off JSON"))
         .collect();
     let missing = missing_uris(&store, &settings, &handoffs).await;
-    let mut destination_blobs = Vec::new();
-    for account in account_names(scenario.accounts) {
-        let names = list(&store, &account, crate::job::DEFAULT_CONTAINER, "sim/").await;
-        destination_blobs.extend(
-            names
-                .into_iter()
-                .map(|n| BlobPath::new(&account, crate::job::DEFAULT_CONTAINER, &n)),
-        );
-    }
+    let destination_blobs = destination_blobs(&store, scenario, "sim/").await;
     ContestReport {
         doc,
         handoffs,

@@ -838,12 +838,8 @@ impl Engine {
     /// Aborts a pending copy into `r`'s blob and deletes the blob, if this run
     /// made it (its tags name this job and this run).
     async fn delete_own_replica(&self, r: &ReplicaRecord, job: &ValidatedJob, run: &str) {
-        let made_here = |p: &BlobProperties| {
-            p.metadata.get(plan::META_JOB).map(String::as_str) == Some(job.id.as_str())
-                && p.metadata.get(plan::META_RUN).map(String::as_str) == Some(run)
-        };
         let p = match self.store.properties(&r.blob).await {
-            Ok(p) if made_here(&p) => p,
+            Ok(p) if plan::made_by_run(&p.metadata, job.id.as_str(), run) => p,
             Ok(_) => return,
             Err(e) if e.is_not_found() => return,
             Err(e) => {
@@ -868,9 +864,7 @@ impl Engine {
     /// Deletes `blob` if its tags say this run of `job` made it.
     async fn delete_if_made_by(&self, blob: &BlobPath, job: &ValidatedJob, run: &str, what: &str) {
         match self.store.properties(blob).await {
-            Ok(p)
-                if p.metadata.get(plan::META_JOB).map(String::as_str) == Some(job.id.as_str())
-                    && p.metadata.get(plan::META_RUN).map(String::as_str) == Some(run) => {}
+            Ok(p) if plan::made_by_run(&p.metadata, job.id.as_str(), run) => {}
             Ok(_) => {
                 tracing::info!(blob = %blob, "the {what} was made by an earlier run; left to gc");
                 return;

@@ -389,8 +389,7 @@ impl Engine {
         let made = listed.into_iter().find(|b| {
             b.name == src.name
                 && b.snapshot.is_some()
-                && b.metadata.get(plan::META_JOB).map(String::as_str) == Some(job.id.as_str())
-                && b.metadata.get(plan::META_RUN).map(String::as_str) == Some(run)
+                && plan::made_by_run(&b.metadata, job.id.as_str(), run)
         });
         match made.and_then(|b| b.snapshot) {
             Some(s) => {

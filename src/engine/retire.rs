@@ -89,12 +89,12 @@ impl Engine {
         let owner = plan::owner_tag(&self.settings);
         let doomed = retire_plan(self.store.as_ref(), &record, pool, &owner)
             .await
-            .map_err(|e| retire_error(JobError::storage("image sets", e)))?;
+            .map_err(|e| Outcome::from(JobError::storage("image sets", e)))?;
         // The gallery versions first: they were made from the staged VHDs.
         let versions = self
             .retire_versions(&record, pool, &owner)
             .await
-            .map_err(|e| retire_error(JobError::Gallery(e)))?;
+            .map_err(|e| Outcome::from(JobError::Gallery(e)))?;
         let mut deleted = 0;
         for blob in &doomed {
             match self.store.delete(blob).await {
@@ -102,7 +102,7 @@ impl Engine {
                 Err(e) if e.is_not_found() => {}
                 Err(e) => {
                     let e = JobError::storage(format!("could not delete {blob}"), e);
-                    return Err(retire_error(e));
+                    return Err(Outcome::from(e));
                 }
             }
         }
@@ -149,7 +149,7 @@ impl Engine {
                             job: holder.job_id,
                             state: JobState::Running.as_str(),
                         };
-                        return Err(retire_error(busy));
+                        return Err(Outcome::from(busy));
                     }
                     Err(e) => {
                         let context = format!("job state of {}", holder.job_id);
@@ -187,7 +187,7 @@ impl Engine {
         if let Err(e) = self.state.unlock_pool(pool, holder).await {
             tracing::warn!(error = %e, "could not clear the pool's retiring mark; the next job takes it over");
         }
-        Err(retire_error(busy))
+        Err(Outcome::from(busy))
     }
 
     /// Deletes the gallery image versions of the pool's image sets that this
@@ -229,12 +229,6 @@ impl Engine {
         }
         Ok(deleted)
     }
-}
-
-/// The outcome of a retire that met `e`: run again later when it is
-/// transient, else the retire job ends as failed with it.
-fn retire_error(e: JobError) -> Outcome {
-    e.into()
 }
 
 /// What retiring `pool` deletes: every replica of its image sets whose metadata
