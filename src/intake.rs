@@ -8,7 +8,7 @@ use crate::engine::{Engine, Outcome, RunSlot};
 use crate::job::{Command, InvalidMessage, JobId, Salvage, ValidatedJob};
 use crate::metrics::Metrics;
 use crate::queue::{MessageQueue, ReceivedMessage};
-use crate::state::{JobDocument, JobState, StateStore, Work};
+use crate::state::{JobDocument, StateStore, Work};
 use serde::Serialize;
 use std::{sync::Arc, time::Duration};
 use time::OffsetDateTime;
@@ -378,8 +378,7 @@ impl Worker {
             Salvage::Retire(pool) => Work::Retire { pool },
         };
         let mut doc = JobDocument::queued(id.clone(), work);
-        doc.enter(JobState::Failed).expect("a queued job may fail");
-        doc.error = Some(reason.clone());
+        doc.fail(reason.clone()).expect("a queued job may fail");
         match self.state.create(&doc).await {
             Ok(_) => {
                 self.metrics
@@ -388,14 +387,14 @@ impl Worker {
                     .inc();
             }
             Err(_) => {
+                // A job a live run holds is that run's to end: this delivery was
+                // one more copy of its message.
                 let _ = self
                     .state
                     .update(id.as_str(), |d| {
-                        if d.enter(JobState::Failed).is_err() {
-                            return false;
-                        }
-                        d.error = Some(reason.clone());
-                        true
+                        d.owner()
+                            .is_none_or(|o| o.until <= crate::state::claim_now())
+                            && d.fail(reason.clone()).is_ok()
                     })
                     .await;
             }

@@ -488,7 +488,7 @@ async fn note_owner(
         .ok()
         .flatten()
         .map(|(d, _)| d);
-    if let Some(run) = doc.as_ref().and_then(|d| d.owner.as_ref()?.run.clone()) {
+    if let Some(run) = doc.as_ref().and_then(|d| d.owner()?.run.clone()) {
         runs.insert(run);
     }
     doc

@@ -48,7 +48,7 @@ fn job_fields(d: &JobDocument) -> Value {
     json!({
         "job_id": d.job_id,
         "state": d.state(),
-        "phase": d.phase,
+        "phase": d.phase(),
         "error": d.error,
         "pool_id": d.pool_id(),
         "source": d.spec().map(|s| s.source.as_str()),

@@ -102,3 +102,86 @@ fn the_module_graph_has_no_cycles() {
     }
     assert!(graph.values().all(|deps| !deps.contains("cli")));
 }
+
+/// The non-test code of every `.rs` file under `src/`, by path from `src/`.
+fn sources() -> Vec<(String, String)> {
+    fn walk(dir: &Path, root: &Path, out: &mut Vec<(String, String)>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                walk(&path, root, out);
+            } else if path.extension().and_then(|e| e.to_str()) == Some("rs") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                let code = text
+                    .split("#[cfg(test)]\nmod tests")
+                    .next()
+                    .unwrap()
+                    .to_owned();
+                let rel = path
+                    .strip_prefix(root)
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned();
+                out.push((rel, code));
+            }
+        }
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut out = Vec::new();
+    walk(&root, &root, &mut out);
+    out
+}
+
+/// One writer of a running job's document: inside the engine only the run
+/// (`engine/run.rs`, with the checkpoint that writes it under its ETag) holds
+/// the document's lock or changes a replica's state; elsewhere the stored
+/// document is written only by the claim (`engine/lifecycle.rs`), a cancel
+/// request (`control.rs`) and a poisoned message's failure (`intake.rs`).
+#[test]
+fn a_running_job_has_one_writer() {
+    let files = sources();
+    assert!(files.len() > 30, "the source was read");
+    let owner = ["engine/run.rs", "engine/checkpoint.rs"];
+    for (path, code) in &files {
+        if owner.contains(&path.as_str()) || path.starts_with("state/") {
+            continue;
+        }
+        for forbidden in [
+            "expect(\"live doc lock\")",
+            ".state = ReplicaState",
+            ".enter(JobState",
+            "fn with_replica",
+        ] {
+            let api_read = path == "api.rs" && forbidden == "expect(\"live doc lock\")";
+            assert!(
+                api_read || !code.contains(forbidden),
+                "{path} writes a running job's document ({forbidden}); go through engine::run::JobRun"
+            );
+        }
+    }
+    let writers: BTreeSet<&str> = files
+        .iter()
+        .filter(|(p, _)| !p.starts_with("state/"))
+        .filter(|(_, c)| {
+            [
+                "state.save(",
+                "state.update(",
+                "state.create(",
+                ".state\n            .update(",
+            ]
+            .iter()
+            .any(|w| c.contains(w))
+        })
+        .map(|(p, _)| p.as_str())
+        .collect();
+    assert_eq!(
+        writers,
+        BTreeSet::from([
+            "control.rs",
+            "engine/checkpoint.rs",
+            "engine/lifecycle.rs",
+            "intake.rs"
+        ]),
+        "modules that write job documents"
+    );
+}

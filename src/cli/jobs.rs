@@ -333,7 +333,7 @@ impl Bars {
         self.job.set_message(format!(
             "{}{}{}",
             d.state().as_str(),
-            d.phase
+            d.phase()
                 .map(|p| format!(" / {}", p.words()))
                 .unwrap_or_default()
                 + &crate::views::gallery_line(d)

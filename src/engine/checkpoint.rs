@@ -17,7 +17,7 @@ pub(super) struct Checkpoint<'a> {
     lease: Duration,
     etag: tokio::sync::Mutex<String>,
     last_saved: Mutex<Instant>,
-    pub(super) transition: std::sync::atomic::AtomicBool,
+    transition: std::sync::atomic::AtomicBool,
 }
 
 impl Checkpoint<'_> {
@@ -80,15 +80,7 @@ impl Checkpoint<'_> {
                 let now = OffsetDateTime::now_utc();
                 live.updated_at = now;
                 live.note_progress(now);
-                if !live.state().is_terminal() {
-                    if let Some(owner) = live
-                        .owner
-                        .as_mut()
-                        .filter(|o| o.run.as_deref() == Some(self.run.as_str()))
-                    {
-                        owner.until = crate::state::claim_now() + self.lease;
-                    }
-                }
+                live.renew_claim(&self.run, crate::state::claim_now() + self.lease);
                 live.clone()
             };
             match self.state.save(&mut doc, &etag).await {
@@ -103,7 +95,7 @@ impl Checkpoint<'_> {
                         .await?
                         .ok_or_else(|| StateError::NotFound(self.id.clone()))?;
                     if !stored.held_by(&self.run) {
-                        let by = match &stored.owner {
+                        let by = match stored.owner() {
                             _ if stored.state().is_terminal() => {
                                 format!("another run, which ended it {}", stored.state().as_str())
                             }

@@ -11,15 +11,14 @@ impl Engine {
     pub(super) async fn copy_all(
         &self,
         job: &ValidatedJob,
-        live: &Arc<Mutex<JobDocument>>,
-        checkpoint: &Checkpoint<'_>,
+        job_run: &JobRun<'_>,
         stop: &CancellationToken,
         snapshot: &str,
         source_len: u64,
     ) -> Result<(), Failure> {
-        let records = live.lock().expect("live doc lock").replicas.clone();
+        let records = job_run.read(|d| d.replicas.clone());
         let (verified, targets) = self.recheck(job, &records, snapshot, source_len).await?;
-        self.forget_earlier_relays(job, checkpoint.run(), live);
+        self.forget_earlier_relays(job, job_run);
         let strategy = self.settings.engine.strategy;
         let mut sched = Scheduler::new(
             strategy,
@@ -41,17 +40,15 @@ impl Engine {
             cancelled: false,
             lost: None,
         };
-        set_phase(live, run.phase());
-        checkpoint
-            .save(live)
+        job_run.enter_phase(run.phase());
+        job_run
+            .save()
             .await
             .map_err(|e| Failure::from(JobError::job_state(e)))?;
         let token = CancellationToken::new();
         let ctx = CopyContext {
-            run: checkpoint.run(),
-            transition: &checkpoint.transition,
+            job_run,
             job,
-            live,
             snapshot,
             source_len,
             token: &token,
@@ -75,23 +72,23 @@ impl Engine {
             let gates_freed = self.gates_freed(run.sched.waiting_accounts());
             tokio::select! {
                 Some(done) = copies.next(), if !copies.is_empty() => {
-                    checkpoint.note_transition();
+                    job_run.note_transition();
                     match done {
-                        Finished::Copy(done) => self.copy_done(&mut run, done, live, &token, source_len),
+                        Finished::Copy(done) => self.copy_done(&mut run, done, job_run, &token, source_len),
                         Finished::Relay(pick, result) => self.relay_done(&mut run, &pick, result, &token),
                     }
                 },
                 written = in_flight(&mut saving), if saving.is_some() => {
                     saving = None;
-                    if let Some(by) = self.checkpoint_written(written, checkpoint) {
+                    if let Some(by) = self.checkpoint_written(written, job_run) {
                         run.lose(by, &token);
                     }
                 },
                 _ = ticker.tick() => {
-                    if saving.is_none() && checkpoint.due(progress_every) {
-                        saving = Some(Box::pin(checkpoint.save(live)));
+                    if saving.is_none() && job_run.due(progress_every) {
+                        saving = Some(Box::pin(job_run.save()));
                     }
-                    self.tick(&mut run, job, live, &token);
+                    self.tick(&mut run, job, job_run, &token);
                 },
                 _ = stop.cancelled(), if !token.is_cancelled() => {
                     run.sched.clear();
@@ -105,9 +102,9 @@ impl Engine {
         // costs that next write one ETag round).
         drop(saving);
         if run.lost.is_none() {
-            self.delete_relays(job, checkpoint.run(), live).await;
+            self.delete_relays(job, job_run).await;
         }
-        self.copy_run_end(run, job, live, checkpoint, stop).await
+        self.copy_run_end(run, job, job_run, stop).await
     }
 
     /// Replicas recorded as verified are checked again (someone may have deleted
@@ -220,7 +217,7 @@ impl Engine {
                 break;
             };
             let source = run.source_blob(pick.source, snapshot_blob, blob_of);
-            let dest = relay::relay_blob(ctx.job, ctx.run, &source, pick.relay);
+            let dest = relay::relay_blob(ctx.job, ctx.job_run.id(), &source, pick.relay);
             run.relay_blobs.insert(pick.relay, dest.clone());
             copies.push(Box::pin(async move {
                 let result = self.make_relay(ctx, &source, &dest, pick.relay).await;
@@ -282,7 +279,7 @@ impl Engine {
         &self,
         run: &mut CopyRun,
         done: CopyDone,
-        live: &Mutex<JobDocument>,
+        job_run: &JobRun<'_>,
         token: &CancellationToken,
         source_len: u64,
     ) {
@@ -315,7 +312,7 @@ impl Engine {
                     .replicas_finished
                     .with_label_values(&["completed"])
                     .inc();
-                set_phase(live, run.phase());
+                job_run.enter_phase(run.phase());
             }
             Err(CopyError::Stop(Failure::Interrupted)) => {}
             Err(CopyError::Stop(Failure::Lost(by))) => run.lose(by, token),
@@ -326,18 +323,15 @@ impl Engine {
                 tracing::warn!(replica = pick.index, %account, source = %gone, "the blob a copy read from is gone; copying the replica again from another source");
                 run.sched.source_lost(pick.source);
                 run.sched.requeue(pick.index, &account);
-                live.lock()
-                    .expect("live doc lock")
-                    .relays
-                    .retain(|r| r != &gone);
+                job_run.relay_gone(&gone);
             }
             Err(e) if e.is_fatal() => {
                 let reason = e.reason();
-                self.replica_failed(live, pick.index, &reason);
+                self.replica_failed(job_run, pick.index, &reason);
                 run.fatal.push(reason);
                 run.sched.clear();
             }
-            Err(e) => self.copy_failed(run, live, pick.index, &account, e.reason()),
+            Err(e) => self.copy_failed(run, job_run, pick.index, &account, e.reason()),
         }
     }
 
@@ -346,7 +340,7 @@ impl Engine {
     fn copy_failed(
         &self,
         run: &mut CopyRun,
-        live: &Mutex<JobDocument>,
+        job_run: &JobRun<'_>,
         index: u32,
         account: &str,
         reason: String,
@@ -355,13 +349,13 @@ impl Engine {
         *n += 1;
         if *n < MAX_REPLICA_ATTEMPTS {
             tracing::warn!(replica = index, %account, reason = %reason, "replica copy failed; trying again");
-            with_replica(live, index, |r| r.error = Some(reason.clone()));
+            job_run.replica_retrying(index, &reason);
             run.sched.requeue(index, account);
         } else {
             let reason = format!(
                 "replica {index} in {account}: {reason} (gave up after {MAX_REPLICA_ATTEMPTS} tries)"
             );
-            self.replica_failed(live, index, &reason);
+            self.replica_failed(job_run, index, &reason);
             run.transient.push(reason);
             run.sched.clear();
         }
@@ -372,13 +366,10 @@ impl Engine {
         &self,
         run: &mut CopyRun,
         job: &ValidatedJob,
-        live: &Mutex<JobDocument>,
+        job_run: &JobRun<'_>,
         token: &CancellationToken,
     ) {
-        let (progress, cancel_requested) = {
-            let doc = live.lock().expect("live doc lock");
-            (doc.progress(), doc.cancel_requested)
-        };
+        let (progress, cancel_requested) = job_run.read(|d| (d.progress(), d.cancel_requested));
         self.metrics
             .job_progress
             .with_label_values(&[job.id.as_str()])
@@ -397,19 +388,18 @@ impl Engine {
         &self,
         run: CopyRun,
         job: &ValidatedJob,
-        live: &Mutex<JobDocument>,
-        checkpoint: &Checkpoint<'_>,
+        job_run: &JobRun<'_>,
         stop: &CancellationToken,
     ) -> Result<(), Failure> {
         if let Some(by) = run.lost {
             return Err(Failure::Lost(by));
         }
-        if run.cancelled || live.lock().expect("live doc lock").cancel_requested {
+        if run.cancelled || job_run.cancel_requested() {
             return Err(Failure::Cancelled);
         }
         if stop.is_cancelled() {
-            let written = checkpoint.save(live).await;
-            if let Some(by) = self.checkpoint_written(written, checkpoint) {
+            let written = job_run.save().await;
+            if let Some(by) = self.checkpoint_written(written, job_run) {
                 return Err(Failure::Lost(by));
             }
             return Err(Failure::Interrupted);
@@ -432,7 +422,7 @@ impl Engine {
     fn checkpoint_written(
         &self,
         written: Result<(), StateError>,
-        checkpoint: &Checkpoint<'_>,
+        job_run: &JobRun<'_>,
     ) -> Option<String> {
         match written {
             Ok(()) => None,
@@ -440,17 +430,14 @@ impl Engine {
             Err(e) => {
                 self.metrics.checkpoint_failures.inc();
                 tracing::warn!(error = %e, "could not write a checkpoint; the copies go on and the next tick tries again");
-                checkpoint.note_transition();
+                job_run.note_transition();
                 None
             }
         }
     }
 
-    fn replica_failed(&self, live: &Mutex<JobDocument>, index: u32, reason: &str) {
-        with_replica(live, index, |r| {
-            r.state = ReplicaState::Failed;
-            r.error = Some(reason.to_owned());
-        });
+    fn replica_failed(&self, job_run: &JobRun<'_>, index: u32, reason: &str) {
+        job_run.replica_failed(index, reason);
         self.metrics
             .replicas_finished
             .with_label_values(&["failed"])
@@ -470,7 +457,7 @@ impl Engine {
         } else {
             format!("{}/{}", source.account, source.name)
         };
-        with_replica(ctx.live, rec.index, |r| r.copied_from = Some(from));
+        ctx.job_run.replica_copied_from(rec.index, from);
         if self.ranged(source, &rec.blob) {
             return self.copy_ranged(ctx, rec, source).await;
         }
@@ -535,7 +522,7 @@ impl Engine {
             ctx.snapshot,
             &plan::owner_tag(&self.settings),
         );
-        tags.insert(plan::META_RUN.to_owned(), ctx.run.to_owned());
+        tags.insert(plan::META_RUN.to_owned(), ctx.job_run.id().to_owned());
         tags
     }
 
@@ -591,17 +578,13 @@ impl Engine {
             }
             Err(e) => return Err(CopyError::from_storage(&e)),
         };
-        with_replica(ctx.live, rec.index, |r| {
-            r.copy_id = Some(started.copy_id.clone());
-            r.method = Some("async".into());
-            r.attempts += 1;
-            r.state = ReplicaState::Copying;
-            r.bytes_total = ctx.source_len;
-            r.error = None;
-        });
-        // The copy id must reach the document soon: cancel and resume use it.
-        ctx.transition
-            .store(true, std::sync::atomic::Ordering::Relaxed);
+        // The copy id reaches the document at the next tick: cancel and resume use it.
+        ctx.job_run.replica_started(
+            rec.index,
+            Method::Async,
+            Some(started.copy_id.clone()),
+            ctx.source_len,
+        );
         tracing::debug!(replica = rec.index, account = %dest.account, copy_id = %started.copy_id, "copy started");
         Ok(started.copy_id)
     }
@@ -655,7 +638,7 @@ impl Engine {
                 .properties(&rec.blob)
                 .await
                 .map_err(|e| CopyError::from_storage(&e))?;
-            with_replica(ctx.live, rec.index, |r| r.status_requests += 1);
+            ctx.job_run.replica_polled(rec.index);
             let c = p.copy.clone().ok_or_else(|| {
                 CopyError::Unsound(format!("{}: the destination has no copy status", rec.blob))
             })?;
@@ -676,13 +659,7 @@ impl Engine {
                     )))
                 }
                 CopyState::Pending => {
-                    with_replica(ctx.live, rec.index, |r| {
-                        r.bytes_copied = c.copied;
-                        if c.total > 0 {
-                            r.bytes_total = c.total;
-                        }
-                        r.state = ReplicaState::Copying;
-                    });
+                    ctx.job_run.replica_progress(rec.index, c.copied, c.total);
                     let now = Instant::now();
                     wait = poll::next_poll(
                         wait,
@@ -723,13 +700,12 @@ impl Engine {
         if let Some(problem) = problem {
             return Err(CopyError::Unsound(format!("{} {problem}", rec.blob)));
         }
-        with_replica(ctx.live, rec.index, |r| {
-            r.state = ReplicaState::Verified;
-            r.copy_id = Some(copy_id.to_owned());
-            r.bytes_copied = ctx.source_len;
-            r.bytes_total = ctx.source_len;
-            r.error = None;
-        });
+        ctx.job_run.replica_verified(
+            rec.index,
+            Method::Async,
+            Some(copy_id.to_owned()),
+            ctx.source_len,
+        );
         tracing::info!(replica = rec.index, account = %rec.account, "replica verified");
         Ok(())
     }
@@ -744,11 +720,10 @@ impl Engine {
     /// job: nothing is deleted then. What is not deleted here is left to gc.
     pub(super) async fn clean_up(
         &self,
-        live: &Mutex<JobDocument>,
+        job_run: &JobRun<'_>,
         job: &ValidatedJob,
-        checkpoint: &Checkpoint<'_>,
     ) -> Result<(), Failure> {
-        match checkpoint.save(live).await {
+        match job_run.save().await {
             Ok(()) => {}
             Err(StateError::Lost(_, by)) => return Err(Failure::Lost(by)),
             Err(e) => {
@@ -756,29 +731,23 @@ impl Engine {
                 return Ok(());
             }
         }
-        let Some(protected) = self.protected(job, live).await else {
+        let Some(protected) = self.protected(job, job_run).await else {
             return Ok(());
         };
-        self.withdraw_version(live, job, &protected.versions).await;
+        self.withdraw_version(job_run, job, &protected.versions)
+            .await;
         let protected = protected.blobs;
-        let (replicas, snapshot) = {
-            let doc = live.lock().expect("live doc lock");
-            (doc.replicas.clone(), doc.source_snapshot.clone())
-        };
+        let (replicas, snapshot) =
+            job_run.read(|d| (d.replicas.clone(), d.source_snapshot.clone()));
         let renew_every = self.lease() / 3;
         for r in replicas {
-            if checkpoint.due(renew_every) {
-                checkpoint.save(live).await.map_err(Failure::from_state)?;
+            if job_run.due(renew_every) {
+                job_run.save().await.map_err(Failure::from_state)?;
             }
             if !protected.contains(&r.blob) {
-                self.delete_own_replica(&r, job, checkpoint.run()).await;
+                self.delete_own_replica(&r, job, job_run.id()).await;
             }
-            with_replica(live, r.index, |rec| {
-                if !matches!(rec.state, ReplicaState::Failed) {
-                    rec.state = ReplicaState::Cancelled;
-                }
-            });
-            if !matches!(r.state, ReplicaState::Failed | ReplicaState::Verified) {
+            if job_run.replica_cancelled(r.index) {
                 self.metrics
                     .replicas_finished
                     .with_label_values(&["cancelled"])
@@ -788,7 +757,7 @@ impl Engine {
         if let Some(s) = snapshot {
             let blob = job.source.at_snapshot(&s);
             if !protected.contains(&blob) {
-                self.delete_if_made_by(&blob, job, checkpoint.run(), "source snapshot")
+                self.delete_if_made_by(&blob, job, job_run.id(), "source snapshot")
                     .await;
             }
         }
@@ -799,7 +768,7 @@ impl Engine {
     /// gallery version the pool's image sets name, and everything a hand-off
     /// recorded in the job's document names. `None` when the pool's record
     /// cannot be read (nothing is deleted then).
-    async fn protected(&self, job: &ValidatedJob, live: &Mutex<JobDocument>) -> Option<Protected> {
+    async fn protected(&self, job: &ValidatedJob, job_run: &JobRun<'_>) -> Option<Protected> {
         let mut protected = Protected::default();
         match self.state.load_pool(&job.spec.pool.id).await {
             Ok(record) => {
@@ -820,18 +789,19 @@ impl Engine {
                 return None;
             }
         }
-        let doc = live.lock().expect("live doc lock");
-        if doc.handoff.is_some() {
-            protected
-                .blobs
-                .extend(doc.replicas.iter().map(|r| r.blob.clone()));
-            if let Some(s) = &doc.source_snapshot {
-                protected.blobs.insert(job.source.at_snapshot(s));
+        job_run.read(|doc| {
+            if doc.handoff.is_some() {
+                protected
+                    .blobs
+                    .extend(doc.replicas.iter().map(|r| r.blob.clone()));
+                if let Some(s) = &doc.source_snapshot {
+                    protected.blobs.insert(job.source.at_snapshot(s));
+                }
+                protected
+                    .versions
+                    .extend(doc.gallery.iter().map(|g| g.version.clone()));
             }
-            protected
-                .versions
-                .extend(doc.gallery.iter().map(|g| g.version.clone()));
-        }
+        });
         Some(protected)
     }
 
@@ -884,12 +854,9 @@ impl Engine {
 }
 
 pub(super) struct CopyContext<'a> {
-    /// This run's id: tagged on every blob the run creates.
-    pub(super) run: &'a str,
-    /// Set when a replica changes state, so the next tick writes the document.
-    pub(super) transition: &'a std::sync::atomic::AtomicBool,
+    /// The run, the one writer of the job's document.
+    pub(super) job_run: &'a JobRun<'a>,
     pub(super) job: &'a ValidatedJob,
-    pub(super) live: &'a Arc<Mutex<JobDocument>>,
     pub(super) snapshot: &'a str,
     pub(super) source_len: u64,
     pub(super) token: &'a CancellationToken,

@@ -24,53 +24,51 @@ impl Engine {
     ) -> Outcome {
         debug_assert_eq!(slot.job_id(), job.id.as_str());
         let id = job.id.to_string();
-        let run = run_id();
-        tracing::Span::current().record("run", run.as_str());
+        let run_id = run_id();
+        tracing::Span::current().record("run", run_id.as_str());
         let fresh = || JobDocument::replicate(job.id.clone(), job.spec.clone());
-        let (doc, etag) = match self.claim(&job.id, &run, fresh).await {
+        let (doc, etag) = match self.claim(&job.id, &run_id, fresh).await {
             Ok(claimed) => claimed,
             Err(outcome) => return outcome,
         };
-        let live = Arc::new(Mutex::new(doc));
-        let checkpoint = Checkpoint::new(&self.state, &id, etag, &run, self.lease());
+        let checkpoint = Checkpoint::new(&self.state, &id, etag, &run_id, self.lease());
+        let job_run = JobRun::new(doc, checkpoint);
         // Registered while this run lasts, however it ends (an aborted task too):
         // the live view, the running gauge and the job's progress series.
-        let _running = RunningJob::start(self, &id, live.clone());
+        let _running = RunningJob::start(self, &id, job_run.shared());
         tracing::info!(replicas = job.replicas, accounts = ?job.accounts, "job running");
-        let result = self.execute(job, &live, &checkpoint, &stop).await;
+        let result = self.execute(job, &job_run, &stop).await;
         let outcome = match result {
             Ok(()) => Outcome::Completed,
             Err(Failure::Job(e)) if !e.is_transient() => {
                 let reason = e.to_string();
-                if let Err(Failure::Lost(by)) = self.clean_up(&live, job, &checkpoint).await {
+                if let Err(Failure::Lost(by)) = self.clean_up(&job_run, job).await {
                     return self.lost(&by);
                 }
-                self.finish(&live, JobState::Failed, Some(reason.clone()));
+                job_run.finish(JobState::Failed, Some(reason.clone()));
                 Outcome::Failed(reason)
             }
             Err(Failure::Cancelled) => {
-                if let Err(Failure::Lost(by)) = self.clean_up(&live, job, &checkpoint).await {
+                if let Err(Failure::Lost(by)) = self.clean_up(&job_run, job).await {
                     return self.lost(&by);
                 }
-                self.finish(&live, JobState::Cancelled, None);
+                job_run.finish(JobState::Cancelled, None);
                 Outcome::Cancelled
             }
             Err(Failure::Interrupted) => {
                 // Let another run take it at once rather than after the claim lapses.
-                live.lock().expect("live doc lock").owner = None;
+                job_run.release(None);
                 Outcome::Interrupted
             }
             Err(Failure::Lost(by)) => return self.lost(&by),
             Err(Failure::Job(e)) => {
                 let reason = e.to_string();
-                let mut doc = live.lock().expect("live doc lock");
-                doc.error = Some(format!("will retry: {reason}"));
                 // The next run (here or elsewhere) may claim it at once.
-                doc.owner = None;
+                job_run.release(Some(format!("will retry: {reason}")));
                 Outcome::Retry(reason)
             }
         };
-        self.conclude(job, &live, &checkpoint, outcome).await
+        self.conclude(job, &job_run, outcome).await
     }
 
     /// Another run holds the job now: this one touches nothing more.
@@ -104,19 +102,15 @@ impl Engine {
                 tracing::info!(owner = %owner.instance, owner_run = ?owner.run, "job is held by another run");
                 return Err(Outcome::OwnedElsewhere(owner.until));
             }
-            if let Err(e) = doc.enter(JobState::Running) {
-                tracing::error!(error = %e, "refusing an illegal state change");
-                return Err(Outcome::AlreadyEnded(doc.state()));
-            }
-            if doc.spec().is_some() {
-                doc.phase = Some(Phase::Planning);
-            }
-            doc.error = None;
-            doc.owner = Some(Owner {
+            let owner = Owner {
                 instance: self.instance.clone(),
                 run: Some(run.to_owned()),
                 until: now + self.lease(),
-            });
+            };
+            if let Err(e) = doc.claim(owner) {
+                tracing::error!(error = %e, "refusing an illegal state change");
+                return Err(Outcome::AlreadyEnded(doc.state()));
+            }
             match self.state.save(&mut doc, &etag).await {
                 Ok(new) => return Ok((doc, new)),
                 Err(StateError::Conflict(_)) => match self.state.load(id.as_str()).await {
@@ -140,11 +134,10 @@ impl Engine {
     async fn conclude(
         &self,
         job: &ValidatedJob,
-        live: &Mutex<JobDocument>,
-        checkpoint: &Checkpoint<'_>,
+        job_run: &JobRun<'_>,
         outcome: Outcome,
     ) -> Outcome {
-        if let Err(e) = checkpoint.save(live).await {
+        if let Err(e) = job_run.save().await {
             tracing::warn!(error = %e, "could not write the final job state; the job will be resumed");
             return match outcome {
                 Outcome::Completed | Outcome::Failed(_) | Outcome::Cancelled => {
@@ -160,7 +153,7 @@ impl Engine {
             _ => None,
         };
         if let Some(label) = ended {
-            self.unlock_pool(job, checkpoint).await;
+            self.unlock_pool(job, job_run).await;
             self.metrics.jobs_finished.with_label_values(&[label]).inc();
         }
         match &outcome {
@@ -172,14 +165,6 @@ impl Engine {
             Outcome::AlreadyEnded(_) | Outcome::OwnedElsewhere(_) | Outcome::RunningHere => {}
         }
         outcome
-    }
-
-    fn finish(&self, live: &Mutex<JobDocument>, state: JobState, error: Option<String>) {
-        let mut doc = live.lock().expect("live doc lock");
-        match doc.enter(state) {
-            Ok(()) => doc.error = error,
-            Err(e) => tracing::error!(error = %e, "refusing an illegal state change"),
-        }
     }
 
     async fn load_or_create(
@@ -207,48 +192,39 @@ impl Engine {
     async fn execute(
         &self,
         job: &ValidatedJob,
-        live: &Arc<Mutex<JobDocument>>,
-        checkpoint: &Checkpoint<'_>,
+        job_run: &JobRun<'_>,
         stop: &CancellationToken,
     ) -> Result<(), Failure> {
-        if live.lock().expect("live doc lock").cancel_requested {
+        if job_run.cancel_requested() {
             return Err(Failure::Cancelled);
         }
         self.check_accounts(job).await?;
         let source = self.check_source(job).await?;
         // From here until its end is on record, this job alone may change the
         // pool's image sets (a retire or another job of the pool waits).
-        let record = self.lock_pool(job, live, checkpoint, stop).await?;
-        let fresh = live
-            .lock()
-            .expect("live doc lock")
-            .source_snapshot
-            .is_none();
+        let record = self.lock_pool(job, job_run, stop).await?;
+        let fresh = job_run.read(|d| d.source_snapshot.is_none());
         let keepable = if fresh {
-            self.adopt_image_set(job, live, &record, &source).await?
+            self.adopt_image_set(job, job_run, &record, &source).await?
         } else {
             Vec::new()
         };
-        let snapshot = self.freeze_source(job, live, checkpoint, &source).await?;
-        let source_len = live
-            .lock()
-            .expect("live doc lock")
-            .source_bytes
-            .unwrap_or(source.len);
-        self.record_plan(job, live, checkpoint, &keepable, source_len)
+        let snapshot = self.freeze_source(job, job_run, &source).await?;
+        let source_len = job_run.read(|d| d.source_bytes.unwrap_or(source.len));
+        self.record_plan(job, job_run, &keepable, source_len)
             .await?;
         self.ensure_containers(job).await?;
-        self.copy_all(job, live, checkpoint, stop, &snapshot, source_len)
+        self.copy_all(job, job_run, stop, &snapshot, source_len)
             .await?;
-        self.publish(job, live, checkpoint, stop, &record).await?;
-        set_phase(live, Phase::HandingOff);
+        self.publish(job, job_run, stop, &record).await?;
+        job_run.enter_phase(Phase::HandingOff);
         // Written under the claim before the pool's image set names the replicas:
         // a run that lost the job stops here.
-        checkpoint.save(live).await.map_err(Failure::from_state)?;
-        self.record_image_set(job, live, checkpoint, &snapshot, source_len)
+        job_run.save().await.map_err(Failure::from_state)?;
+        self.record_image_set(job, job_run, &snapshot, source_len)
             .await?;
-        self.hand_off(job, live, checkpoint, &snapshot).await?;
-        self.finish(live, JobState::Completed, None);
+        self.hand_off(job, job_run, &snapshot).await?;
+        job_run.finish(JobState::Completed, None);
         self.metrics
             .job_progress
             .with_label_values(&[job.id.as_str()])
@@ -261,30 +237,27 @@ impl Engine {
     async fn hand_off(
         &self,
         job: &ValidatedJob,
-        live: &Arc<Mutex<JobDocument>>,
-        checkpoint: &Checkpoint<'_>,
+        job_run: &JobRun<'_>,
         snapshot: &str,
     ) -> Result<(), Failure> {
-        let recorded = live.lock().expect("live doc lock").handoff.clone();
+        let recorded = job_run.read(|d| d.handoff.clone());
         let handoff: HandOff = match recorded.and_then(|v| serde_json::from_value(v).ok()) {
             Some(h) => h,
             None => {
-                let mut uris: Vec<(u32, String)> = live
-                    .lock()
-                    .expect("live doc lock")
-                    .replicas
-                    .iter()
-                    .map(|r| (r.index, r.uri.clone()))
-                    .collect();
+                let mut uris: Vec<(u32, String)> = job_run.read(|d| {
+                    d.replicas
+                        .iter()
+                        .map(|r| (r.index, r.uri.clone()))
+                        .collect()
+                });
                 uris.sort();
                 let mut h = HandOff::new(job, snapshot, uris.into_iter().map(|(_, u)| u).collect());
-                let published = live.lock().expect("live doc lock").gallery.clone();
+                let published = job_run.publication();
                 if let Some(g) = published.filter(|g| g.state == "succeeded") {
                     h = h.published(job, &g.version_id, g.replicas);
                 }
-                live.lock().expect("live doc lock").handoff =
-                    Some(serde_json::to_value(&h).expect("hand-off serialises"));
-                checkpoint.save(live).await.map_err(Failure::from_state)?;
+                job_run.record_handoff(serde_json::to_value(&h).expect("hand-off serialises"));
+                job_run.save().await.map_err(Failure::from_state)?;
                 h
             }
         };
@@ -299,24 +272,22 @@ impl Engine {
     async fn record_image_set(
         &self,
         job: &ValidatedJob,
-        live: &Mutex<JobDocument>,
-        checkpoint: &Checkpoint<'_>,
+        job_run: &JobRun<'_>,
         snapshot: &str,
         source_len: u64,
     ) -> Result<(), Failure> {
-        let (mut records, etag, version) = {
-            let doc = live.lock().expect("live doc lock");
+        let (mut records, etag, version) = job_run.read(|doc| {
             let version = doc.gallery.as_ref().map(|g| crate::state::SetVersion {
                 version: g.version.clone(),
                 version_id: g.version_id.clone(),
                 replicas: g.replicas,
             });
             (doc.replicas.clone(), doc.source_etag.clone(), version)
-        };
+        });
         records.sort_by_key(|r| r.index);
         let now = OffsetDateTime::now_utc();
         self.state
-            .update_pool_held(&job.spec.pool.id, &checkpoint.run_ref(), |record| {
+            .update_pool_held(&job.spec.pool.id, &job_run.run_ref(), |record| {
                 let previous: HashMap<BlobPath, String> = record
                     .sets
                     .iter()

@@ -15,11 +15,13 @@ mod publish;
 mod ranged;
 pub mod relay;
 mod retire;
+mod run;
 pub mod schedule;
 
 use checkpoint::Checkpoint;
 pub use error::JobError;
 pub use retire::retire_plan;
+use run::{JobRun, Method};
 
 use crate::config::ValidatedSettings;
 use crate::handoff::{HandOff, HandoffSinks};
@@ -181,24 +183,6 @@ pub struct Engine {
     reservations: Reservations,
     instance: String,
     gallery: Option<Arc<crate::gallery::Gallery>>,
-}
-
-fn set_phase(live: &Mutex<JobDocument>, phase: Phase) {
-    live.lock().expect("live doc lock").phase = Some(phase);
-}
-
-fn with_replica<T>(
-    live: &Mutex<JobDocument>,
-    index: u32,
-    f: impl FnOnce(&mut ReplicaRecord) -> T,
-) -> T {
-    let mut doc = live.lock().expect("live doc lock");
-    let rec = doc
-        .replicas
-        .iter_mut()
-        .find(|r| r.index == index)
-        .expect("replica records cover the plan");
-    f(rec)
 }
 
 impl Engine {

@@ -127,19 +127,17 @@ impl Engine {
     pub(super) async fn adopt_image_set(
         &self,
         job: &ValidatedJob,
-        live: &Mutex<JobDocument>,
+        job_run: &JobRun<'_>,
         record: &PoolRecord,
         source: &BlobProperties,
     ) -> Result<Vec<BlobPath>, Failure> {
         let inheritance = self.inheritance(job, record, source).await?;
-        let mut doc = live.lock().expect("live doc lock");
         if let Some((snapshot, bytes)) = inheritance.snapshot {
-            doc.source_snapshot = Some(snapshot);
-            doc.source_bytes = Some(bytes);
+            job_run.adopt_snapshot(snapshot, bytes);
         }
         if let Some(note) = inheritance.note {
             tracing::info!(pool = %job.spec.pool.id, "{note}");
-            doc.image_set = Some(note);
+            job_run.note_image_set(Some(note));
         }
         Ok(inheritance.keepable)
     }
@@ -149,11 +147,10 @@ impl Engine {
     pub(super) async fn freeze_source(
         &self,
         job: &ValidatedJob,
-        live: &Mutex<JobDocument>,
-        checkpoint: &Checkpoint<'_>,
+        job_run: &JobRun<'_>,
         source: &BlobProperties,
     ) -> Result<String, Failure> {
-        let existing = live.lock().expect("live doc lock").source_snapshot.clone();
+        let existing = job_run.read(|d| d.source_snapshot.clone());
         if let Some(s) = existing {
             return match self.store.properties(&job.source.at_snapshot(&s)).await {
                 Ok(_) => Ok(s),
@@ -161,14 +158,9 @@ impl Engine {
                 Err(e) => Err(Failure::from_storage("source snapshot", &e)),
             };
         }
-        let s = self.take_snapshot(job, checkpoint.run()).await?;
-        {
-            let mut doc = live.lock().expect("live doc lock");
-            doc.source_snapshot = Some(s.clone());
-            doc.source_bytes = Some(source.len);
-            doc.source_etag = Some(source.etag.clone());
-        }
-        checkpoint.save(live).await.map_err(Failure::from_state)?;
+        let s = self.take_snapshot(job, job_run.id()).await?;
+        job_run.frozen(s.clone(), source.len, source.etag.clone());
+        job_run.save().await.map_err(Failure::from_state)?;
         tracing::info!(snapshot = %s, bytes = source.len, "source frozen in a snapshot");
         Ok(s)
     }
@@ -179,12 +171,11 @@ impl Engine {
     pub(super) async fn record_plan(
         &self,
         job: &ValidatedJob,
-        live: &Mutex<JobDocument>,
-        checkpoint: &Checkpoint<'_>,
+        job_run: &JobRun<'_>,
         keepable: &[BlobPath],
         source_len: u64,
     ) -> Result<(), Failure> {
-        if !live.lock().expect("live doc lock").replicas.is_empty() {
+        if job_run.read(|d| !d.replicas.is_empty()) {
             return Ok(());
         }
         let plan = plan::plan(job, keepable, &plan::capacity(job, &self.settings))
@@ -218,8 +209,8 @@ impl Engine {
                 copied_from: None,
             })
             .collect();
-        live.lock().expect("live doc lock").replicas = records;
-        checkpoint.save(live).await.map_err(Failure::from_state)?;
+        job_run.plan(records);
+        job_run.save().await.map_err(Failure::from_state)?;
         for blob in &plan.surplus {
             match self.store.delete(blob).await {
                 Ok(()) => tracing::info!(%blob, "surplus replica of a smaller pool deleted"),
@@ -283,8 +274,7 @@ impl Engine {
     pub(super) async fn lock_pool(
         &self,
         job: &ValidatedJob,
-        live: &Arc<Mutex<JobDocument>>,
-        checkpoint: &Checkpoint<'_>,
+        job_run: &JobRun<'_>,
         stop: &CancellationToken,
     ) -> Result<PoolRecord, Failure> {
         let pool = &job.spec.pool.id;
@@ -295,13 +285,13 @@ impl Engine {
         loop {
             let claim = self
                 .state
-                .lock_pool(pool, &checkpoint.run_ref(), false, stale.as_deref())
+                .lock_pool(pool, &job_run.run_ref(), false, stale.as_deref())
                 .await
                 .map_err(Failure::from_state)?;
             let holder = match claim {
                 PoolClaim::Held(record, _) => {
                     if waited {
-                        live.lock().expect("live doc lock").image_set = None;
+                        job_run.note_image_set(None);
                         tracing::info!(pool = %pool, "the pool is free; going on");
                     }
                     return Ok(record);
@@ -323,18 +313,17 @@ impl Engine {
             };
             if !waited {
                 tracing::info!(pool = %pool, holder = %holder.job_id, "{note}");
-                live.lock().expect("live doc lock").image_set = Some(note);
-                checkpoint.note_transition();
+                job_run.note_image_set(Some(note));
                 waited = true;
             }
             tokio::select! {
                 _ = tokio::time::sleep(POOL_WAIT) => {}
                 _ = stop.cancelled() => return Err(Failure::Interrupted),
             }
-            if checkpoint.due(every) {
-                checkpoint.save(live).await.map_err(Failure::from_state)?;
+            if job_run.due(every) {
+                job_run.save().await.map_err(Failure::from_state)?;
             }
-            if live.lock().expect("live doc lock").cancel_requested {
+            if job_run.cancel_requested() {
                 return Err(Failure::Cancelled);
             }
         }
@@ -351,10 +340,10 @@ impl Engine {
 
     /// Gives up the job's lock on its pool. Best effort: a lock left by an ended
     /// job is taken over by the next one.
-    pub(super) async fn unlock_pool(&self, job: &ValidatedJob, checkpoint: &Checkpoint<'_>) {
+    pub(super) async fn unlock_pool(&self, job: &ValidatedJob, job_run: &JobRun<'_>) {
         if let Err(e) = self
             .state
-            .unlock_pool(&job.spec.pool.id, &checkpoint.run_ref())
+            .unlock_pool(&job.spec.pool.id, &job_run.run_ref())
             .await
         {
             tracing::warn!(error = %e, "could not release the pool's lock; the next job of the pool takes it over");

@@ -19,24 +19,22 @@ impl Engine {
     pub(super) async fn publish(
         &self,
         job: &ValidatedJob,
-        live: &Arc<Mutex<JobDocument>>,
-        checkpoint: &Checkpoint<'_>,
+        job_run: &JobRun<'_>,
         stop: &CancellationToken,
         record: &PoolRecord,
     ) -> Result<(), Failure> {
         let Some(gallery) = self.gallery.as_deref().filter(|_| job.publish) else {
             return Ok(());
         };
-        set_phase(live, Phase::Publishing);
-        self.name_version(job, live, checkpoint, gallery, record)
-            .await?;
+        job_run.enter_phase(Phase::Publishing);
+        self.name_version(job, job_run, gallery, record).await?;
         gallery
             .ensure_image(job.spec.pool.os)
             .await
             .map_err(JobError::Gallery)?;
-        match self.start_or_adopt(job, live, checkpoint, gallery).await? {
-            Some(op) => self.follow(job, live, checkpoint, stop, gallery, op).await,
-            None => self.published(job, live, checkpoint, gallery).await,
+        match self.start_or_adopt(job, job_run, gallery).await? {
+            Some(op) => self.follow(job, job_run, stop, gallery, op).await,
+            None => self.published(job, job_run, gallery).await,
         }
     }
 
@@ -46,16 +44,14 @@ impl Engine {
     async fn name_version(
         &self,
         job: &ValidatedJob,
-        live: &Mutex<JobDocument>,
-        checkpoint: &Checkpoint<'_>,
+        job_run: &JobRun<'_>,
         gallery: &Gallery,
         record: &PoolRecord,
     ) -> Result<(), Failure> {
-        let (snapshot, staged) = {
-            let doc = live.lock().expect("live doc lock");
-            if doc.gallery.is_some() {
-                return Ok(());
-            }
+        if job_run.publication().is_some() {
+            return Ok(());
+        }
+        let (snapshot, staged) = job_run.read(|doc| {
             let staged = doc
                 .replicas
                 .iter()
@@ -63,7 +59,7 @@ impl Engine {
                 .map(|r| r.uri.clone())
                 .unwrap_or_default();
             (doc.source_snapshot.clone().unwrap_or_default(), staged)
-        };
+        });
         let existing = record
             .sets
             .iter()
@@ -73,7 +69,7 @@ impl Engine {
             Some(v) => v.version,
             None => version_name(OffsetDateTime::now_utc(), 0),
         };
-        live.lock().expect("live doc lock").gallery = Some(Publication {
+        job_run.name_publication(Publication {
             version_id: gallery.version_id(&version),
             version,
             replicas: gallery.config().replicas_for(job.spec.pool.nodes),
@@ -83,7 +79,7 @@ impl Engine {
             operation: None,
             attempt: 0,
         });
-        checkpoint.save(live).await.map_err(Failure::from_state)
+        job_run.save().await.map_err(Failure::from_state)
     }
 
     /// Asks for the version (or its new replica count) unless it is under way
@@ -92,25 +88,24 @@ impl Engine {
     async fn start_or_adopt(
         &self,
         job: &ValidatedJob,
-        live: &Mutex<JobDocument>,
-        checkpoint: &Checkpoint<'_>,
+        job_run: &JobRun<'_>,
         gallery: &Gallery,
     ) -> Result<Option<Operation>, Failure> {
         let owner = plan::owner_tag(&self.settings);
         let pool = &job.spec.pool.id;
         loop {
-            let p = publication(live);
+            let p = publication(job_run);
             let found = gallery
                 .version(&p.version)
                 .await
                 .map_err(|e| JobError::Gallery(e.into()))?;
             let (state, op) = match found {
                 Some(v) if !v.is_ours(&owner, pool) => {
-                    self.next_name(live, checkpoint, gallery, &p).await?;
+                    self.next_name(job_run, gallery, &p).await?;
                     continue;
                 }
                 None => {
-                    let (uri, account) = staged(job, live, &p)?;
+                    let (uri, account) = staged(job, job_run, &p)?;
                     let tags = [
                         (crate::gallery::TAG_OWNER, owner.clone()),
                         (crate::gallery::TAG_POOL, pool.clone()),
@@ -145,13 +140,11 @@ impl Engine {
                 Some(_) => return Ok(None),
             };
             let op = op.map_err(|e| JobError::Gallery(e.into()))?;
-            {
-                let mut doc = live.lock().expect("live doc lock");
-                let g = doc.gallery.as_mut().expect("named above");
+            job_run.update_publication(|g| {
                 g.state = state.into();
                 g.operation = serde_json::to_value(&op).ok();
-            }
-            checkpoint.save(live).await.map_err(Failure::from_state)?;
+            });
+            job_run.save().await.map_err(Failure::from_state)?;
             return Ok(Some(op));
         }
     }
@@ -159,8 +152,7 @@ impl Engine {
     /// The name is someone else's version: take the next one.
     async fn next_name(
         &self,
-        live: &Mutex<JobDocument>,
-        checkpoint: &Checkpoint<'_>,
+        job_run: &JobRun<'_>,
         gallery: &Gallery,
         p: &Publication,
     ) -> Result<(), Failure> {
@@ -172,36 +164,31 @@ impl Engine {
             .into());
         }
         tracing::warn!(version = %p.version, "that version name is taken by another pool or deployment; taking the next");
-        {
-            let mut doc = live.lock().expect("live doc lock");
-            let g = doc.gallery.as_mut().expect("named above");
+        job_run.update_publication(|g| {
             g.attempt += 1;
             g.version = version_name(OffsetDateTime::now_utc(), g.attempt);
             g.version_id = gallery.version_id(&g.version);
-        }
-        checkpoint.save(live).await.map_err(Failure::from_state)
+        });
+        job_run.save().await.map_err(Failure::from_state)
     }
 
     /// Follows the operation to its end, reporting replication progress.
     async fn follow(
         &self,
         job: &ValidatedJob,
-        live: &Arc<Mutex<JobDocument>>,
-        checkpoint: &Checkpoint<'_>,
+        job_run: &JobRun<'_>,
         stop: &CancellationToken,
         gallery: &Gallery,
         op: Operation,
     ) -> Result<(), Failure> {
-        let name = publication(live).version;
+        let name = publication(job_run).version;
         loop {
             let state = gallery
                 .poll(&op)
                 .await
                 .map_err(|e| JobError::Gallery(e.into()))?;
             let after = match state {
-                OperationState::Succeeded => {
-                    return self.published(job, live, checkpoint, gallery).await
-                }
+                OperationState::Succeeded => return self.published(job, job_run, gallery).await,
                 OperationState::Failed(m) => {
                     return Err(JobError::Gallery(GalleryError::Failed(format!(
                         "image version {name}: {m}"
@@ -211,10 +198,10 @@ impl Engine {
                 OperationState::Running(after) => after,
             };
             if let Ok(Some(v)) = gallery.version(&name).await {
-                self.set_progress(job, live, v.progress);
+                self.set_progress(job, job_run, v.progress);
             }
-            checkpoint.save(live).await.map_err(Failure::from_state)?;
-            if live.lock().expect("live doc lock").cancel_requested {
+            job_run.save().await.map_err(Failure::from_state)?;
+            if job_run.cancel_requested() {
                 return Err(Failure::Cancelled);
             }
             let pause = after
@@ -231,11 +218,10 @@ impl Engine {
     async fn published(
         &self,
         job: &ValidatedJob,
-        live: &Mutex<JobDocument>,
-        checkpoint: &Checkpoint<'_>,
+        job_run: &JobRun<'_>,
         gallery: &Gallery,
     ) -> Result<(), Failure> {
-        let name = publication(live).version;
+        let name = publication(job_run).version;
         let v = gallery
             .version(&name)
             .await
@@ -252,16 +238,14 @@ impl Engine {
             )))
             .into());
         }
-        self.set_progress(job, live, 1.0);
-        {
-            let mut doc = live.lock().expect("live doc lock");
-            let g = doc.gallery.as_mut().expect("named above");
+        self.set_progress(job, job_run, 1.0);
+        job_run.update_publication(|g| {
             g.state = "succeeded".into();
             g.replicas = v.replicas;
             g.operation = None;
-        }
+        });
         tracing::info!(version = %name, replicas = v.replicas, "the gallery image version is replicated");
-        checkpoint.save(live).await.map_err(Failure::from_state)
+        job_run.save().await.map_err(Failure::from_state)
     }
 
     /// A job that ends without completing withdraws the version it made itself
@@ -269,14 +253,11 @@ impl Engine {
     /// the job. A version of an earlier job (a grow or shrink) stays.
     pub(super) async fn withdraw_version(
         &self,
-        live: &Mutex<JobDocument>,
+        job_run: &JobRun<'_>,
         job: &ValidatedJob,
         keep: &std::collections::HashSet<String>,
     ) {
-        let (Some(gallery), Some(p)) = (
-            self.gallery.as_deref(),
-            live.lock().expect("live doc lock").gallery.clone(),
-        ) else {
+        let (Some(gallery), Some(p)) = (self.gallery.as_deref(), job_run.publication()) else {
             return;
         };
         if keep.contains(&p.version) {
@@ -304,10 +285,8 @@ impl Engine {
         }
     }
 
-    fn set_progress(&self, job: &ValidatedJob, live: &Mutex<JobDocument>, progress: f64) {
-        if let Some(g) = live.lock().expect("live doc lock").gallery.as_mut() {
-            g.progress = progress;
-        }
+    fn set_progress(&self, job: &ValidatedJob, job_run: &JobRun<'_>, progress: f64) {
+        job_run.update_publication(|g| g.progress = progress);
         self.metrics
             .gallery_replication
             .with_label_values(&[job.id.as_str()])
@@ -315,25 +294,25 @@ impl Engine {
     }
 }
 
-fn publication(live: &Mutex<JobDocument>) -> Publication {
-    live.lock()
-        .expect("live doc lock")
-        .gallery
-        .clone()
+fn publication(job_run: &JobRun<'_>) -> Publication {
+    job_run
+        .publication()
         .expect("the version is named before it is asked for")
 }
 
 /// The staged VHD's URI and account.
 fn staged(
     job: &ValidatedJob,
-    live: &Mutex<JobDocument>,
+    job_run: &JobRun<'_>,
     p: &Publication,
 ) -> Result<(String, String), Failure> {
-    let doc = live.lock().expect("live doc lock");
-    doc.replicas
-        .iter()
-        .find(|r| r.uri == p.staged_uri)
-        .map(|r| (r.uri.clone(), r.account.clone()))
+    job_run
+        .read(|doc| {
+            doc.replicas
+                .iter()
+                .find(|r| r.uri == p.staged_uri)
+                .map(|r| (r.uri.clone(), r.account.clone()))
+        })
         .ok_or_else(|| {
             JobError::Gallery(GalleryError::Unsuitable(format!(
                 "job {} has no staged VHD {} to make the image version from",

@@ -124,7 +124,7 @@ impl Engine {
         rec: &ReplicaRecord,
     ) -> Result<Vec<Range<u64>>, CopyError> {
         let dest = &rec.blob;
-        let done = with_replica(ctx.live, rec.index, |r| r.ranges_done.clone());
+        let done = ctx.job_run.replica(rec.index).ranges_done;
         let existing = match self.store.properties(dest).await {
             Ok(p) => Some(p),
             Err(e) if e.is_not_found() => None,
@@ -132,7 +132,7 @@ impl Engine {
         };
         let adoptable = existing.as_ref().is_some_and(|p| {
             is_our_replica(&p.metadata, ctx.job, rec.index, ctx.snapshot)
-                && p.metadata.get(META_METHOD).map(String::as_str) == Some("ranges")
+                && p.metadata.get(META_METHOD).map(String::as_str) == Some(Method::Ranges.as_str())
                 && p.len == ctx.source_len
         });
         if adoptable {
@@ -145,23 +145,13 @@ impl Engine {
             }
         }
         let mut metadata = self.replica_tags(ctx, rec);
-        metadata.insert(META_METHOD.to_owned(), "ranges".to_owned());
+        metadata.insert(META_METHOD.to_owned(), Method::Ranges.as_str().to_owned());
         self.store
             .create_page_blob(dest, ctx.source_len, &metadata)
             .await
             .map_err(|e| CopyError::from_storage(&e))?;
-        with_replica(ctx.live, rec.index, |r| {
-            r.ranges_done.clear();
-            r.copy_id = None;
-            r.attempts += 1;
-            r.state = ReplicaState::Copying;
-            r.method = Some("ranges".into());
-            r.bytes_copied = 0;
-            r.bytes_total = ctx.source_len;
-            r.error = None;
-        });
-        ctx.transition
-            .store(true, std::sync::atomic::Ordering::Relaxed);
+        ctx.job_run
+            .replica_started(rec.index, Method::Ranges, None, ctx.source_len);
         Ok(Vec::new())
     }
 
@@ -202,17 +192,8 @@ impl Engine {
             match res {
                 Ok(()) => {
                     pacer.on_success();
-                    with_replica(ctx.live, rec.index, |x| {
-                        x.ranges_done.push(r);
-                        x.ranges_done = merge_ranges(std::mem::take(&mut x.ranges_done));
-                        let written: u64 = x.ranges_done.iter().map(|d| d.end - d.start).sum();
-                        x.bytes_copied = if total == 0 {
-                            ctx.source_len
-                        } else {
-                            (ctx.source_len as f64 * written as f64 / total as f64) as u64
-                        };
-                        x.state = ReplicaState::Copying;
-                    });
+                    ctx.job_run
+                        .replica_range_written(rec.index, r, total, ctx.source_len);
                 }
                 Err(e)
                     if e.class.is_retryable()
@@ -264,17 +245,11 @@ impl Engine {
             None
         };
         if let Some(problem) = problem {
-            with_replica(ctx.live, rec.index, |r| r.ranges_done.clear());
+            ctx.job_run.replica_ranges_forgotten(rec.index);
             return Err(CopyError::Unsound(format!("{} {problem}", rec.blob)));
         }
-        with_replica(ctx.live, rec.index, |r| {
-            r.state = ReplicaState::Verified;
-            r.method = Some("ranges".into());
-            r.ranges_done.clear();
-            r.bytes_copied = ctx.source_len;
-            r.bytes_total = ctx.source_len;
-            r.error = None;
-        });
+        ctx.job_run
+            .replica_verified(rec.index, Method::Ranges, None, ctx.source_len);
         tracing::info!(replica = rec.index, account = %rec.account, method = "ranges", "replica verified");
         Ok(())
     }

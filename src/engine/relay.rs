@@ -70,21 +70,14 @@ impl Engine {
         dest: &BlobPath,
         n: u32,
     ) -> Result<(), CopyError> {
-        {
-            let mut doc = ctx.live.lock().expect("live doc lock");
-            if !doc.relays.contains(dest) {
-                doc.relays.push(dest.clone());
-            }
-        }
-        ctx.transition
-            .store(true, std::sync::atomic::Ordering::Relaxed);
+        ctx.job_run.relay_listed(dest);
         let url = self.source_url(source, dest).await?;
         let metadata = Metadata::from([
             (plan::META_OWNER.to_owned(), plan::owner_tag(&self.settings)),
             (plan::META_JOB.to_owned(), ctx.job.id.to_string()),
             (plan::META_SNAPSHOT.to_owned(), ctx.snapshot.to_owned()),
             (META_RELAY.to_owned(), n.to_string()),
-            (plan::META_RUN.to_owned(), ctx.run.to_owned()),
+            (plan::META_RUN.to_owned(), ctx.job_run.id().to_owned()),
         ]);
         let started = self
             .store
@@ -140,19 +133,11 @@ impl Engine {
     /// Forgets the relays an earlier run of the job listed: they are that run's
     /// (it may still read them if it has not yet seen that it lost the job), so
     /// this run leaves them to gc, which takes them once the job has ended.
-    pub(super) fn forget_earlier_relays(
-        &self,
-        job: &ValidatedJob,
-        run: &str,
-        live: &Mutex<JobDocument>,
-    ) {
-        let mine = run_prefix(job, run);
-        let mut doc = live.lock().expect("live doc lock");
-        let before = doc.relays.len();
-        doc.relays.retain(|r| r.name.starts_with(&mine));
-        if doc.relays.len() < before {
+    pub(super) fn forget_earlier_relays(&self, job: &ValidatedJob, job_run: &JobRun<'_>) {
+        let dropped = job_run.keep_relays_under(&run_prefix(job, job_run.id()));
+        if dropped > 0 {
             tracing::info!(
-                relays = before - doc.relays.len(),
+                relays = dropped,
                 "relays of an earlier run of this job are left to gc"
             );
         }
@@ -160,14 +145,9 @@ impl Engine {
 
     /// Deletes every relay of this run that the document lists; one that cannot
     /// be deleted now is left to gc (it carries the job's tags) and logged.
-    pub(super) async fn delete_relays(
-        &self,
-        job: &ValidatedJob,
-        run: &str,
-        live: &Mutex<JobDocument>,
-    ) {
-        let mine = run_prefix(job, run);
-        let relays = live.lock().expect("live doc lock").relays.clone();
+    pub(super) async fn delete_relays(&self, job: &ValidatedJob, job_run: &JobRun<'_>) {
+        let mine = run_prefix(job, job_run.id());
+        let relays = job_run.read(|d| d.relays.clone());
         for r in relays.into_iter().filter(|r| r.name.starts_with(&mine)) {
             match self.store.delete(&r).await {
                 Ok(()) => tracing::debug!(blob = %r, "relay deleted"),
@@ -177,10 +157,7 @@ impl Engine {
                     continue;
                 }
             }
-            live.lock()
-                .expect("live doc lock")
-                .relays
-                .retain(|x| x != &r);
+            job_run.relay_gone(&r);
         }
     }
 }

@@ -20,43 +20,34 @@ impl Engine {
     #[tracing::instrument(skip_all, fields(job_id = %id, pool = %pool, run = tracing::field::Empty))]
     pub async fn retire_reserved(&self, slot: RunSlot, id: &JobId, pool: &str) -> Outcome {
         debug_assert_eq!(slot.job_id(), id.as_str());
-        let run = run_id();
-        tracing::Span::current().record("run", run.as_str());
+        let run_id = run_id();
+        tracing::Span::current().record("run", run_id.as_str());
         let (doc, etag) = match self
-            .claim(id, &run, || JobDocument::retire(id.clone(), pool))
+            .claim(id, &run_id, || JobDocument::retire(id.clone(), pool))
             .await
         {
             Ok(claimed) => claimed,
             Err(outcome) => return outcome,
         };
-        let live = Mutex::new(doc);
-        let checkpoint = Checkpoint::new(&self.state, id.as_str(), etag, &run, self.lease());
-        let (outcome, note) = match self.retire_steps(pool, &checkpoint).await {
-            Ok(note) => (Outcome::Completed, Some(note)),
-            Err(outcome) => (outcome, None),
-        };
-        {
-            let mut doc = live.lock().expect("live doc lock");
-            let end = match &outcome {
-                Outcome::Completed => Some((JobState::Completed, None)),
-                Outcome::Failed(reason) => Some((JobState::Failed, Some(reason.clone()))),
-                _ => None,
-            };
-            match end {
-                Some((state, error)) => match doc.enter(state) {
-                    Ok(()) => {
-                        doc.error = error;
-                        if note.is_some() {
-                            doc.image_set = note;
-                        }
-                    }
-                    Err(e) => tracing::error!(error = %e, "refusing an illegal state change"),
-                },
-                // Resumable: the next run may claim it at once.
-                None => doc.owner = None,
+        let checkpoint = Checkpoint::new(&self.state, id.as_str(), etag, &run_id, self.lease());
+        let job_run = JobRun::new(doc, checkpoint);
+        let outcome = match self.retire_steps(pool, &job_run).await {
+            Ok(note) => {
+                job_run.note_image_set(Some(note));
+                job_run.finish(JobState::Completed, None);
+                Outcome::Completed
             }
-        }
-        if let Err(e) = checkpoint.save(&live).await {
+            Err(Outcome::Failed(reason)) => {
+                job_run.finish(JobState::Failed, Some(reason.clone()));
+                Outcome::Failed(reason)
+            }
+            // Resumable: the next run may claim it at once.
+            Err(outcome) => {
+                job_run.release(None);
+                outcome
+            }
+        };
+        if let Err(e) = job_run.save().await {
             return match e {
                 StateError::Lost(_, by) => self.lost(&by),
                 e => JobError::job_state(e).into(),
@@ -77,12 +68,8 @@ impl Engine {
     }
 
     /// The retire's steps; returns the note of what was deleted.
-    async fn retire_steps(
-        &self,
-        pool: &str,
-        checkpoint: &Checkpoint<'_>,
-    ) -> Result<String, Outcome> {
-        let holder = checkpoint.run_ref();
+    async fn retire_steps(&self, pool: &str, job_run: &JobRun<'_>) -> Result<String, Outcome> {
+        let holder = job_run.run_ref();
         let (record, etag) = self.take_retiring_mark(pool, &holder).await?;
         self.refuse_if_a_job_is_waiting(pool, &holder).await?;
         tracing::info!("retiring the pool's image sets");

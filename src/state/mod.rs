@@ -91,6 +91,16 @@ impl Phase {
         Phase::HandingOff,
     ];
 
+    /// Order of the phases: a running job never goes back to a lower rank.
+    fn rank(self) -> u8 {
+        match self {
+            Phase::Planning => 0,
+            Phase::Seeding | Phase::Copying | Phase::Verifying => 1,
+            Phase::Publishing => 2,
+            Phase::HandingOff => 3,
+        }
+    }
+
     /// The phase in words: "handing off".
     pub fn words(self) -> String {
         self.as_str().replace('_', " ")
@@ -175,6 +185,51 @@ pub struct ReplicaRecord {
     pub copied_from: Option<String>,
 }
 
+/// A replica's state change its life does not allow.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("replica {index} cannot go from {from:?} to {to:?}")]
+pub struct IllegalReplicaTransition {
+    /// The replica.
+    pub index: u32,
+    /// Where it stands.
+    pub from: ReplicaState,
+    /// Where it was asked to go.
+    pub to: ReplicaState,
+}
+
+impl ReplicaState {
+    /// Whether a replica may go from `self` to `to`: a copy starts from
+    /// pending, from a copy under way (a new try) or from a verified replica
+    /// found gone; it is verified from pending (kept or adopted) or copying;
+    /// it fails before it is verified; any but a failed one is cancelled when
+    /// its job ends without completing. Failed and cancelled are ends.
+    pub fn may_enter(self, to: ReplicaState) -> bool {
+        use ReplicaState::*;
+        matches!(
+            (self, to),
+            (Pending | Copying | Verified, Copying)
+                | (Pending | Copying | Verified, Verified)
+                | (Pending | Copying, Failed)
+                | (Pending | Copying | Verified, Cancelled)
+        )
+    }
+}
+
+impl ReplicaRecord {
+    /// Moves the replica to `to`, if its life allows it.
+    pub fn enter(&mut self, to: ReplicaState) -> Result<(), IllegalReplicaTransition> {
+        if !self.state.may_enter(to) {
+            return Err(IllegalReplicaTransition {
+                index: self.index,
+                from: self.state,
+                to,
+            });
+        }
+        self.state = to;
+        Ok(())
+    }
+}
+
 /// What a job does.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Work {
@@ -198,7 +253,7 @@ pub struct JobDocument {
     pub work: Work,
     state: JobState,
     /// Phase while running.
-    pub phase: Option<Phase>,
+    phase: Option<Phase>,
     /// Reason of a failure, in words a person can act on.
     pub error: Option<String>,
     /// When it was submitted.
@@ -221,7 +276,7 @@ pub struct JobDocument {
     pub image_set: Option<String>,
     /// The instance running the job and until when its claim holds (renewed by
     /// every checkpoint; cleared when the instance stops).
-    pub owner: Option<Owner>,
+    owner: Option<Owner>,
     /// The gallery image version the job publishes (its name is fixed here
     /// before it is asked for, so a resumed job follows the same version).
     pub gallery: Option<Publication>,
@@ -523,6 +578,71 @@ impl JobDocument {
             Work::Replicate(spec) => Some(spec),
             Work::Retire { .. } => None,
         }
+    }
+
+    /// The phase while running.
+    pub fn phase(&self) -> Option<Phase> {
+        self.phase
+    }
+
+    /// Moves a running job to `to`. Phases only go forward (planning, then
+    /// seeding, copying or verifying in any order, then publishing, then
+    /// handing off); a new run starts again at planning through
+    /// [`JobDocument::claim`].
+    pub fn enter_phase(&mut self, to: Phase) -> Result<(), IllegalTransition> {
+        let legal = self.state == JobState::Running
+            && self.phase.is_none_or(|from| from.rank() <= to.rank());
+        if !legal {
+            return Err(IllegalTransition {
+                job_id: self.job_id.to_string(),
+                from: self.phase.map_or(self.state.as_str(), Phase::as_str),
+                to: to.as_str(),
+            });
+        }
+        self.phase = Some(to);
+        Ok(())
+    }
+
+    /// The job ends as failed with `reason`.
+    pub fn fail(&mut self, reason: String) -> Result<(), IllegalTransition> {
+        self.enter(JobState::Failed)?;
+        self.error = Some(reason);
+        Ok(())
+    }
+
+    /// The run holding the job's claim, if any.
+    pub fn owner(&self) -> Option<&Owner> {
+        self.owner.as_ref()
+    }
+
+    /// Takes the job for `owner`'s run: running (a replication at planning),
+    /// the last run's error cleared. Refused for an ended job.
+    pub fn claim(&mut self, owner: Owner) -> Result<(), IllegalTransition> {
+        self.enter(JobState::Running)?;
+        self.phase = self.spec().map(|_| Phase::Planning);
+        self.error = None;
+        self.owner = Some(owner);
+        Ok(())
+    }
+
+    /// Extends the claim of run `run` to `until`; nothing when another run (or
+    /// none) holds it.
+    pub fn renew_claim(&mut self, run: &str, until: OffsetDateTime) {
+        if self.state.is_terminal() {
+            return;
+        }
+        if let Some(o) = self
+            .owner
+            .as_mut()
+            .filter(|o| o.run.as_deref() == Some(run))
+        {
+            o.until = until;
+        }
+    }
+
+    /// Gives the claim up, so the next run may take the job at once.
+    pub fn release_claim(&mut self) {
+        self.owner = None;
     }
 
     /// Another run's live claim on this job, if any (a run of this instance
@@ -1559,9 +1679,98 @@ mod tests {
         }
         let mut d = doc();
         d.enter(Running).unwrap();
-        d.phase = Some(Phase::Copying);
+        d.enter_phase(Phase::Copying).unwrap();
         d.enter(Completed).unwrap();
         assert_eq!(d.phase, None, "an ended job has no phase");
+    }
+
+    /// A replica moves only along its life: exactly these moves are allowed,
+    /// every other one is refused and leaves the record as it was.
+    #[test]
+    fn replica_transitions_follow_the_table() {
+        use ReplicaState::*;
+        let all = [Pending, Copying, Verified, Failed, Cancelled];
+        let legal = [
+            (Pending, Copying),
+            (Copying, Copying),
+            (Verified, Copying),
+            (Pending, Verified),
+            (Copying, Verified),
+            (Verified, Verified),
+            (Pending, Failed),
+            (Copying, Failed),
+            (Pending, Cancelled),
+            (Copying, Cancelled),
+            (Verified, Cancelled),
+        ];
+        for from in all {
+            for to in all {
+                let mut r = ReplicaRecord {
+                    index: 3,
+                    account: "a".into(),
+                    uri: String::new(),
+                    blob: BlobPath::new("a", "c", "b"),
+                    state: from,
+                    copy_id: None,
+                    bytes_copied: 0,
+                    bytes_total: 0,
+                    attempts: 0,
+                    status_requests: 0,
+                    error: None,
+                    inherited: false,
+                    method: None,
+                    ranges_done: Vec::new(),
+                    copied_from: None,
+                };
+                let ok = legal.contains(&(from, to));
+                assert_eq!(r.enter(to).is_ok(), ok, "{from:?} -> {to:?}");
+                assert_eq!(r.state, if ok { to } else { from });
+            }
+        }
+    }
+
+    /// A running job's phase only moves forward; a job that is not running has
+    /// none to move; a new claim starts again at planning, with the claim's run.
+    #[test]
+    fn phases_only_move_forward_and_a_claim_starts_again() {
+        let mut d = JobDocument::replicate(JobId::parse("t").unwrap(), spec());
+        assert!(d.enter_phase(Phase::Copying).is_err(), "queued: no phase");
+        let owner = |run: &str| Owner {
+            instance: "i".into(),
+            run: Some(run.into()),
+            until: OffsetDateTime::now_utc(),
+        };
+        d.claim(owner("a")).unwrap();
+        assert_eq!(d.phase(), Some(Phase::Planning));
+        for p in [
+            Phase::Seeding,
+            Phase::Copying,
+            Phase::Seeding,
+            Phase::Publishing,
+            Phase::HandingOff,
+        ] {
+            d.enter_phase(p).unwrap();
+        }
+        for back in [Phase::Planning, Phase::Copying, Phase::Publishing] {
+            assert!(d.enter_phase(back).is_err(), "handing off -> {back:?}");
+            assert_eq!(d.phase(), Some(Phase::HandingOff));
+        }
+        d.error = Some("will retry".into());
+        d.claim(owner("b")).unwrap();
+        assert_eq!(d.phase(), Some(Phase::Planning), "a new run plans again");
+        assert_eq!(d.error, None);
+        assert_eq!(d.owner().and_then(|o| o.run.as_deref()), Some("b"));
+        d.renew_claim("a", OffsetDateTime::now_utc() + time::Duration::hours(1));
+        let until = d.owner().unwrap().until;
+        assert!(
+            until < OffsetDateTime::now_utc() + time::Duration::minutes(1),
+            "another run cannot renew the claim"
+        );
+        d.enter(JobState::Completed).unwrap();
+        assert!(
+            d.claim(owner("c")).is_err(),
+            "an ended job is not claimed again"
+        );
     }
 
     /// Documents written before job kinds were typed still read: a retire job

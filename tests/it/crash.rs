@@ -145,7 +145,7 @@ async fn wait_for_phase(
                 .replicas
                 .iter()
                 .any(|r| r.state == ReplicaState::Copying && r.copy_id.is_some());
-            if d.state() == JobState::Running && d.phase == Some(phase) && copying {
+            if d.state() == JobState::Running && d.phase() == Some(phase) && copying {
                 return;
             }
         }
@@ -194,7 +194,7 @@ async fn crash_trial(phase: Phase, offset: Duration, seed: u64) {
     first.kill9();
     let context = format!("killed {offset:?} into {phase:?}");
     assert_eq!(
-        (at_kill.state(), at_kill.phase),
+        (at_kill.state(), at_kill.phase()),
         (JobState::Running, Some(phase)),
         "{context}: the kill landed elsewhere"
     );
@@ -320,7 +320,7 @@ async fn sigterm_drains_and_hands_the_job_over_promptly() {
     assert!(took < Duration::from_secs(5), "exit took {took:?}");
     let (d, _) = direct.state.load(&id).await.unwrap().unwrap();
     assert_eq!(d.state(), JobState::Running, "left resumable");
-    assert!(d.owner.is_none(), "the claim was released");
+    assert!(d.owner().is_none(), "the claim was released");
     let released = tokio::time::Instant::now();
     let pending_before = ProxyStats::get(&proxy.stats.pending_answers);
     let second = Daemon::start(&config, env.dir.path().join("second.log"), &[]);
@@ -654,10 +654,10 @@ async fn copying_owners(
         for id in ids {
             if let Some((d, _)) = direct.state.load(id).await.unwrap() {
                 if let Some(o) = d
-                    .owner
+                    .owner()
                     .filter(|_| d.replicas.iter().any(|r| r.copy_id.is_some()))
                 {
-                    owners.insert(id.clone(), o.instance);
+                    owners.insert(id.clone(), o.instance.clone());
                 }
             }
         }

@@ -527,7 +527,7 @@ async fn sigkill_mid_replication_then_the_same_version_is_adopted() {
             .clone()
             .filter(|g| g.state == "creating" && g.progress > 0.0)
         {
-            break (d.phase, g);
+            break (d.phase(), g);
         }
         assert!(
             tokio::time::Instant::now() < deadline,

@@ -77,7 +77,7 @@ fn job(
     d.enter(JobState::Running).unwrap();
     let now = OffsetDateTime::now_utc();
     d.started_at = Some(now - TimeSpan::minutes(6));
-    d.phase = Some(Phase::Copying);
+    d.enter_phase(Phase::Copying).unwrap();
     d.replicas = (0..replicas)
         .map(|i| {
             let account = format!("dst{}", i % accounts + 1);
