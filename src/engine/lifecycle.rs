@@ -214,9 +214,12 @@ impl Engine {
         self.record_plan(job, job_run, &keepable, source_len)
             .await?;
         self.ensure_containers(job).await?;
-        self.copy_all(job, job_run, stop, &snapshot, source_len)
+        self.copier()
+            .copy_all(job, job_run, stop, &snapshot, source_len)
             .await?;
-        self.publish(job, job_run, stop, &record).await?;
+        self.publisher()
+            .publish(job, job_run, stop, &record)
+            .await?;
         job_run.enter_phase(Phase::HandingOff);
         // Written under the claim before the pool's image set names the replicas:
         // a run that lost the job stops here.

@@ -6,6 +6,7 @@
 
 pub use crate::storage::limits;
 mod checkpoint;
+mod cleanup;
 mod copy;
 mod error;
 mod lifecycle;
@@ -227,6 +228,25 @@ impl Engine {
 
     fn lease(&self) -> Duration {
         Duration::from_secs(self.settings.engine.lease_seconds as u64)
+    }
+
+    /// The copy phase, over this engine's store, limits, metrics and settings.
+    fn copier(&self) -> copy::Copier<'_> {
+        copy::Copier {
+            store: self.store.as_ref(),
+            limits: &self.limits,
+            metrics: &self.metrics,
+            settings: &self.settings,
+        }
+    }
+
+    /// The publishing phase, over this engine's gallery, metrics and settings.
+    fn publisher(&self) -> publish::Publisher<'_> {
+        publish::Publisher {
+            gallery: self.gallery.as_deref(),
+            metrics: &self.metrics,
+            settings: &self.settings,
+        }
     }
 
     /// The jobs running here, for the API's live view.

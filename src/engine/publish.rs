@@ -14,7 +14,16 @@ const MAX_NAME_ATTEMPTS: u32 = 10;
 /// Longest pause between two looks at a replicating version.
 const MAX_POLL: Duration = Duration::from_secs(30);
 
-impl Engine {
+/// The publishing phase of a run: the gallery, the metrics and the settings
+/// are all it reads from the engine; the run's document is reached only
+/// through the [`JobRun`] it is given.
+pub(super) struct Publisher<'a> {
+    pub(super) gallery: Option<&'a Gallery>,
+    pub(super) metrics: &'a Metrics,
+    pub(super) settings: &'a ValidatedSettings,
+}
+
+impl Publisher<'_> {
     /// Publishes the job's staged VHD to the gallery, when the job publishes.
     pub(super) async fn publish(
         &self,
@@ -23,7 +32,7 @@ impl Engine {
         stop: &CancellationToken,
         record: &PoolRecord,
     ) -> Result<(), Failure> {
-        let Some(gallery) = self.gallery.as_deref().filter(|_| job.publish) else {
+        let Some(gallery) = self.gallery.filter(|_| job.publish) else {
             return Ok(());
         };
         job_run.enter_phase(Phase::Publishing);
@@ -91,7 +100,7 @@ impl Engine {
         job_run: &JobRun<'_>,
         gallery: &Gallery,
     ) -> Result<Option<Operation>, Failure> {
-        let owner = plan::owner_tag(&self.settings);
+        let owner = plan::owner_tag(self.settings);
         let pool = &job.spec.pool.id;
         loop {
             let p = publication(job_run);
@@ -257,7 +266,7 @@ impl Engine {
         job: &ValidatedJob,
         keep: &std::collections::HashSet<String>,
     ) {
-        let (Some(gallery), Some(p)) = (self.gallery.as_deref(), job_run.publication()) else {
+        let (Some(gallery), Some(p)) = (self.gallery, job_run.publication()) else {
             return;
         };
         if keep.contains(&p.version) {

@@ -8,7 +8,7 @@
 //! verified by its length, its tags and its page ranges, which must equal the
 //! source's.
 
-use super::copy::{CopyContext, CopyError};
+use super::copy::{Copier, CopyContext, CopyError};
 use super::*;
 use crate::storage::{merge_ranges, MAX_PAGES_FROM_URL};
 use std::{collections::VecDeque, ops::Range};
@@ -81,7 +81,7 @@ pub(super) fn remaining(wanted: &[Range<u64>], done: &[Range<u64>], max: u64) ->
         .collect()
 }
 
-impl Engine {
+impl Copier<'_> {
     /// Whether the copy of `source` into `dest` is ranged.
     pub(super) fn ranged(&self, source: &BlobPath, dest: &BlobPath) -> bool {
         self.settings
@@ -171,7 +171,7 @@ impl Engine {
         loop {
             while inflight.len() < pacer.limit() {
                 let Some(r) = pending.pop_front() else { break };
-                let store = self.store.clone();
+                let store = self.store;
                 let dest = rec.blob.clone();
                 let url = url.to_owned();
                 inflight.push(async move {

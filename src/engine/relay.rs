@@ -10,7 +10,7 @@
 //! that took a job over leaves an earlier run's relays to gc, since that run
 //! may still be reading them).
 
-use super::copy::{CopyContext, CopyError};
+use super::copy::{Copier, CopyContext, CopyError};
 use super::*;
 use crate::storage::Metadata;
 
@@ -34,7 +34,7 @@ fn run_prefix(job: &ValidatedJob, run: &str) -> String {
     format!("{RELAY_PREFIX}{}/{run}/", job.id)
 }
 
-impl Engine {
+impl Copier<'_> {
     /// Accounts relays may be made in, and how many each may hold under its
     /// `max_replicas` beside this job's replicas (`None`: no limit): the
     /// snapshot's account and every account the job copies into.
@@ -73,7 +73,7 @@ impl Engine {
         ctx.job_run.relay_listed(dest);
         let url = self.source_url(source, dest).await?;
         let metadata = Metadata::from([
-            (plan::META_OWNER.to_owned(), plan::owner_tag(&self.settings)),
+            (plan::META_OWNER.to_owned(), plan::owner_tag(self.settings)),
             (plan::META_JOB.to_owned(), ctx.job.id.to_string()),
             (plan::META_SNAPSHOT.to_owned(), ctx.snapshot.to_owned()),
             (META_RELAY.to_owned(), n.to_string()),

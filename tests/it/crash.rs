@@ -169,8 +169,9 @@ async fn crash_trial(phase: Phase, offset: Duration, seed: u64) {
     let direct = env.control().await;
     let proxy = Proxy::start(ProxyConfig {
         seed,
-        // Longer than the 10 s lease: the resumed daemon finds them pending.
-        hold_copies: Some(Duration::from_secs(14)),
+        // Longer than the 10 s lease, with room for a loaded machine: the
+        // resumed daemon finds them pending.
+        hold_copies: Some(Duration::from_secs(17)),
         ..ProxyConfig::transparent(BLOB)
     })
     .await
