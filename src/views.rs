@@ -110,7 +110,8 @@ pub fn pool_view(r: &PoolRecord) -> Value {
         "pool_id": r.pool_id,
         "source": current.map(|s| s.source.clone()),
         "snapshot": current.map(|s| s.source_snapshot.clone()),
-        "replicas": current.map(|s| s.replicas.iter().map(|x| json!({"uri": x.uri, "account": x.account, "job_id": x.job_id, "state": "verified"})).collect::<Vec<_>>()).unwrap_or_default(),
+        "replicas": current.map(|s| s.replicas.iter().filter(|x| !x.surplus).map(|x| json!({"uri": x.uri, "account": x.account, "job_id": x.job_id, "state": "verified"})).collect::<Vec<_>>()).unwrap_or_default(),
+        "surplus": current.map(|s| s.replicas.iter().filter(|x| x.surplus).map(|x| json!({"uri": x.uri, "account": x.account, "job_id": x.job_id})).collect::<Vec<_>>()).unwrap_or_default(),
         "image_sets": r.sets.iter().map(|s| json!({
             "source": s.source,
             "snapshot": s.source_snapshot,
@@ -118,7 +119,7 @@ pub fn pool_view(r: &PoolRecord) -> Value {
             "bytes": s.source_bytes,
             "created_at": s.created_at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
             "updated_at": s.updated_at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
-            "replicas": s.replicas.iter().map(|x| json!({"uri": x.uri, "account": x.account, "job_id": x.job_id})).collect::<Vec<_>>(),
+            "replicas": s.replicas.iter().map(|x| json!({"uri": x.uri, "account": x.account, "job_id": x.job_id, "surplus": x.surplus})).collect::<Vec<_>>(),
             "gallery_version": s.gallery_version.as_ref().map(|v| json!({"version": v.version, "version_id": v.version_id, "replicas": v.replicas})),
         })).collect::<Vec<_>>(),
     })

@@ -214,7 +214,7 @@ pub(super) async fn plan(
         );
     }
     for b in &plan.surplus {
-        println!("  surplus, deleted: {b}");
+        println!("  surplus, kept until the pool is retired: {b}");
     }
     ExitCode::SUCCESS
 }

@@ -300,7 +300,7 @@ impl Engine {
                             .map(|r| (r.blob.clone(), r.job_id.clone()))
                     })
                     .collect();
-                let replicas = records
+                let mut replicas: Vec<crate::state::SetReplica> = records
                     .iter()
                     .map(|r| crate::state::SetReplica {
                         account: r.account.clone(),
@@ -310,8 +310,23 @@ impl Engine {
                             .get(&r.blob)
                             .cloned()
                             .unwrap_or_else(|| job.id.to_string()),
+                        surplus: false,
                     })
                     .collect();
+                // What the set held beyond this job's replicas stays named (an
+                // earlier hand-off named it): surplus, until retire.
+                let surplus: Vec<crate::state::SetReplica> = record
+                    .sets
+                    .iter()
+                    .filter(|s| s.source_snapshot == snapshot)
+                    .flat_map(|s| s.replicas.iter())
+                    .filter(|x| !records.iter().any(|r| r.blob == x.blob))
+                    .map(|x| crate::state::SetReplica {
+                        surplus: true,
+                        ..x.clone()
+                    })
+                    .collect();
+                replicas.extend(surplus);
                 match record
                     .sets
                     .iter_mut()

@@ -167,7 +167,8 @@ impl Engine {
 
     /// Records the job's plan once ([`plan::plan`], what `vhd-replicator plan`
     /// prints), so a resume keeps the same names and places, then deletes the
-    /// image set's surplus (a smaller pool).
+    /// image set's surplus (a smaller pool) is left in place: an earlier
+    /// hand-off named it, so only retire removes it.
     pub(super) async fn record_plan(
         &self,
         job: &ValidatedJob,
@@ -211,12 +212,11 @@ impl Engine {
             .collect();
         job_run.plan(records);
         job_run.save().await.map_err(Failure::from_state)?;
-        for blob in &plan.surplus {
-            match self.store.delete(blob).await {
-                Ok(()) => tracing::info!(%blob, "surplus replica of a smaller pool deleted"),
-                Err(e) if e.is_not_found() => {}
-                Err(e) => tracing::warn!(%blob, error = %e, "could not delete a surplus replica"),
-            }
+        if !plan.surplus.is_empty() {
+            tracing::info!(
+                surplus = plan.surplus.len(),
+                "the image set's surplus replicas (a smaller pool) are kept: an earlier hand-off named them; retire removes them"
+            );
         }
         Ok(())
     }

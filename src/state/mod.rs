@@ -953,6 +953,11 @@ pub struct SetReplica {
     pub blob: BlobPath,
     /// The job that made it.
     pub job_id: String,
+    /// Beyond what the pool's latest job needs (a smaller pool): kept, since an
+    /// earlier hand-off named it and a pool built from that may still boot
+    /// from it, until the pool is retired; a later, larger job reuses it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub surplus: bool,
 }
 
 /// The identical replicas a pool's nodes boot from, all copies of one snapshot.
