@@ -134,7 +134,8 @@ impl MessageQueue for AzureQueue {
     async fn send(&self, text: &str) -> StorageResult<()> {
         const OP: &str = "send_message";
         if text.len() > 64 * 1024 {
-            return Err(StorageError::other(
+            // Checked before sending, with the code the service answers it with.
+            let mut e = StorageError::other(
                 OP,
                 &self.name,
                 ErrorClass::Invalid,
@@ -142,7 +143,9 @@ impl MessageQueue for AzureQueue {
                     "message of {} bytes exceeds the 64 KiB queue limit",
                     text.len()
                 ),
-            ));
+            );
+            e.code = Some("MessageTooLarge".to_owned());
+            return Err(e);
         }
         let message = QueueMessage {
             message_text: Some(text.to_owned()),
