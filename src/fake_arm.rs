@@ -64,6 +64,8 @@ pub struct ArmRequest {
     pub authorized: bool,
     /// The status answered.
     pub status: u16,
+    /// When it arrived.
+    pub at: std::time::Instant,
 }
 
 #[derive(Debug)]
@@ -278,6 +280,7 @@ async fn handle(
             body,
             authorized,
             status: answer.0,
+            at: std::time::Instant::now(),
         });
         answer
     };

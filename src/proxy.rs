@@ -89,6 +89,9 @@ pub enum ProxyAction {
     Answer(u16, &'static str),
     /// Wait this long, then forward it as usual (a slow service).
     Delay(Duration),
+    /// Answer at once with 503 ServerBusy carrying `Retry-After` of this many
+    /// seconds, without forwarding.
+    Busy(u64),
 }
 
 /// What the proxy does to traffic.
@@ -188,6 +191,7 @@ struct Shared {
     rules_left: Mutex<Vec<u32>>,
     /// Every request that reached the proxy: method, path and query.
     seen: Mutex<Vec<String>>,
+    seen_at: Mutex<Vec<Instant>>,
     /// Every Start Copy's destination path and `x-ms-copy-source`, in order.
     copy_sources: Mutex<Vec<(String, String)>>,
     starts: Mutex<HashMap<String, u32>>,
@@ -224,6 +228,7 @@ impl Proxy {
         let shared = Arc::new(Shared {
             rules_left: Mutex::new(cfg.rules.iter().map(|r| r.times).collect()),
             seen: Mutex::new(Vec::new()),
+            seen_at: Mutex::new(Vec::new()),
             copy_sources: Mutex::new(Vec::new()),
             starts: Mutex::new(HashMap::new()),
             page_writes: Mutex::new(Vec::new()),
@@ -271,6 +276,14 @@ impl Proxy {
     /// (SAS signatures included: tests look for them in what the daemon writes).
     pub fn seen(&self) -> Vec<String> {
         self.shared.seen.lock().expect("seen lock").clone()
+    }
+
+    /// [`Proxy::seen`] with the time each request arrived.
+    pub fn seen_timed(&self) -> Vec<(Instant, String)> {
+        let seen = self.shared.seen.lock().expect("seen lock");
+        let at = self.shared.seen_at.lock().expect("seen lock").clone();
+        let seen = seen.clone();
+        at.into_iter().zip(seen).collect()
     }
 
     /// Every Put Page From URL the proxy performed, in order: destination path
@@ -378,6 +391,17 @@ async fn handle(
                 false,
             ))
         }
+        Some(ProxyAction::Busy(after)) => {
+            let mut rsp = error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ServerBusy",
+                "injected by the behaviour proxy",
+                false,
+            );
+            rsp.headers_mut()
+                .insert("retry-after", hyper::header::HeaderValue::from(after));
+            return Ok(rsp);
+        }
         Some(ProxyAction::Delay(d)) => tokio::time::sleep(d).await,
         Some(ProxyAction::LoseAnswer) | None => {}
     }
@@ -439,11 +463,16 @@ fn record(shared: &Shared, req: &Request<Incoming>) -> Seen {
         path: req.uri().path().to_owned(),
         query: req.uri().query().unwrap_or("").to_owned(),
     };
-    shared
-        .seen
-        .lock()
-        .expect("seen lock")
-        .push(format!("{} {}?{}", seen.method, seen.path, seen.query));
+    {
+        // Both lists under the first's lock, so their entries stay paired.
+        let mut all = shared.seen.lock().expect("seen lock");
+        all.push(format!("{} {}?{}", seen.method, seen.path, seen.query));
+        shared
+            .seen_at
+            .lock()
+            .expect("seen lock")
+            .push(Instant::now());
+    }
     if let Some(source) = req
         .headers()
         .get("x-ms-copy-source")

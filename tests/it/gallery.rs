@@ -171,7 +171,8 @@ async fn a_job_publishes_a_gallery_version_and_hands_off_pool_create() {
         path_contains: "/versions/".into(),
         status: 429,
         code: "TooManyRequests".into(),
-        retry_after: Some(1),
+        // Longer than any backoff of the first retry (200 ms at most).
+        retry_after: Some(2),
     });
     arm.fault(ArmFault {
         method: Some("GET"),
@@ -228,6 +229,19 @@ async fn a_job_publishes_a_gallery_version_and_hands_off_pool_create() {
         "every ARM request carried the token"
     );
     assert!(requests.iter().any(|r| r.status == 429) && requests.iter().any(|r| r.status == 409));
+    let throttled = requests
+        .iter()
+        .position(|r| r.method == "PUT" && r.status == 429)
+        .expect("the version PUT was throttled");
+    let retry = requests[throttled + 1..]
+        .iter()
+        .find(|r| r.method == "PUT" && r.path == requests[throttled].path)
+        .expect("and asked again");
+    let waited = retry.at - requests[throttled].at;
+    assert!(
+        waited >= Duration::from_secs(2),
+        "the retry came {waited:?} after a 429 with Retry-After: 2"
+    );
     assert_eq!(
         version_puts(&arm).len(),
         1,

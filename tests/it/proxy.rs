@@ -305,3 +305,46 @@ async fn a_copy_source_verification_timeout_is_retried_with_a_fresh_sas() {
     );
     app.shutdown().await;
 }
+
+/// A Start Copy answered `503 ServerBusy` with `Retry-After: 2` is sent again
+/// no sooner than two seconds later (the request backoff alone would wait at
+/// most 200 ms), and the job completes with the one replica.
+#[tokio::test]
+async fn storage_throttling_waits_the_retry_after_it_was_given() {
+    use vhd_replicator::proxy::{ProxyAction, ProxyRule};
+    let env = TestEnv::new("");
+    let direct = env.control().await;
+    let proxy = Proxy::start(ProxyConfig {
+        rules: vec![ProxyRule {
+            header: Some("x-ms-copy-source"),
+            ..ProxyRule::new("PUT", &format!("/it-{}/", env.id), ProxyAction::Busy(2), 1)
+        }],
+        ..ProxyConfig::transparent(BLOB)
+    })
+    .await
+    .unwrap();
+    let source = env.source_url("busy.vhd");
+    upload_sample(&direct, &source, 2, 1, 15).await;
+    let app = TestApp::spawn_with(env.proxied(&proxy.url(), "")).await;
+    let id = format!("busy-{}", env.id);
+    let via_proxy = source.replace(BLOB, &proxy.url());
+    app.control
+        .submit(parse_job_json(&env.job_json(&id, &via_proxy, "windows", 20)).unwrap())
+        .await
+        .unwrap();
+    let doc = wait_for_end(&direct, &id, Duration::from_secs(60)).await;
+    assert_eq!(doc.state(), JobState::Completed, "{:?}", doc.error);
+    let replica = format!("/{}", doc.replicas[0].blob.name);
+    let starts: Vec<_> = proxy
+        .seen_timed()
+        .into_iter()
+        .filter(|(_, r)| r.starts_with("PUT ") && r.split('?').next().unwrap().ends_with(&replica))
+        .collect();
+    assert!(starts.len() >= 2, "throttled, then sent again: {starts:?}");
+    let waited = starts[1].0 - starts[0].0;
+    assert!(
+        waited >= Duration::from_secs(2),
+        "the Start Copy came again {waited:?} after a 503 with Retry-After: 2"
+    );
+    app.shutdown().await;
+}
