@@ -348,6 +348,17 @@ async fn a_resumed_job_adopts_the_version_it_named() {
         tokio::time::sleep(Duration::from_millis(30)).await;
     };
     app.shutdown().await;
+    let puts_before = version_puts(&arm).len();
+    // Resume in a later second than the one the version was named in, so a
+    // resumed job that ignored the recorded name would make a name of its own
+    // (a new name is the second of the day): whatever the timing, only
+    // following the recorded version passes.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while vhd_replicator::gallery::version_name(time::OffsetDateTime::now_utc(), 0) == named.version
+    {
+        assert!(tokio::time::Instant::now() < deadline, "the clock moved on");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let (d, _) = {
         let c = TestApp::spawn_with(settings).await;
         let d = wait_for_end(&c.control, &job_id, Duration::from_secs(90)).await;
@@ -360,7 +371,15 @@ async fn a_resumed_job_adopts_the_version_it_named() {
         g.version, named.version,
         "the resumed job followed the version it had named"
     );
-    assert_eq!(version_puts(&arm).len(), 1, "never a second version");
+    assert_eq!(
+        puts_before, 1,
+        "the first daemon asked for the version once"
+    );
+    assert_eq!(
+        version_puts(&arm).len(),
+        1,
+        "the resumed daemon asked for no version: it adopted the recorded one"
+    );
     assert_eq!(
         arm.resources()
             .iter()
