@@ -519,11 +519,12 @@ impl Copier<'_> {
         &self,
         source: &BlobPath,
         dest: &BlobPath,
+        read: crate::storage::SourceRead,
     ) -> Result<String, CopyError> {
         let expiry = OffsetDateTime::now_utc()
             + time::Duration::hours(self.settings.engine.sas_hours as i64);
         self.store
-            .copy_source_url(source, &dest.account, expiry)
+            .copy_source_url(source, &dest.account, read, expiry)
             .await
             .map_err(|e| CopyError::Stop(Failure::from_storage("copy source", &e)))
     }
@@ -555,7 +556,9 @@ impl Copier<'_> {
         previous: Option<&str>,
     ) -> Result<String, CopyError> {
         let dest = &rec.blob;
-        let url = self.source_url(source, dest).await?;
+        let url = self
+            .source_url(source, dest, crate::storage::SourceRead::CopyBlob)
+            .await?;
         let metadata = self.replica_tags(ctx, rec);
         let started = match self.store.start_copy(dest, &url, &metadata).await {
             Ok(s) => s,

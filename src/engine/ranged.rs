@@ -107,7 +107,10 @@ impl Copier<'_> {
         let done = self.ranged_start(ctx, rec).await?;
         let todo = remaining(&wanted, &done, MAX_PAGES_FROM_URL);
         let total: u64 = wanted.iter().map(|r| r.end - r.start).sum();
-        let url = self.source_url(source, dest).await?;
+        // Put Page From URL needs a signed source even inside one account.
+        let url = self
+            .source_url(source, dest, crate::storage::SourceRead::FromUrl)
+            .await?;
         tracing::debug!(replica = rec.index, account = %dest.account, ranges = todo.len(), "ranged copy");
         self.write_ranges(ctx, rec, todo, &url, total).await?;
         self.verify_ranged(ctx, rec, &wanted).await?;

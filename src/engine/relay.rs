@@ -71,7 +71,9 @@ impl Copier<'_> {
         n: u32,
     ) -> Result<(), CopyError> {
         ctx.job_run.relay_listed(dest);
-        let url = self.source_url(source, dest).await?;
+        let url = self
+            .source_url(source, dest, crate::storage::SourceRead::CopyBlob)
+            .await?;
         let metadata = Metadata::from([
             (plan::META_OWNER.to_owned(), plan::owner_tag(self.settings)),
             (plan::META_JOB.to_owned(), ctx.job.id.to_string()),

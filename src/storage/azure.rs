@@ -8,7 +8,7 @@ use super::{
     auth::{self, BlobSasRequest, SharedKey, SharedKeyPolicy},
     retry::{Idempotency, RetryPolicy},
     AccountInfo, BlobKind, BlobPath, BlobProperties, BlobStore, Condition, CopyInfo, CopyStarted,
-    CopyState, ErrorClass, Metadata, StorageError, StorageResult, TransportFailure,
+    CopyState, ErrorClass, Metadata, SourceRead, StorageError, StorageResult, TransportFailure,
 };
 use crate::storage::account::{AccountConfig, AccountCredential};
 use async_trait::async_trait;
@@ -367,14 +367,15 @@ impl BlobStore for AzureStore {
         &self,
         source: &BlobPath,
         dest_account: &str,
+        read: SourceRead,
         expiry: OffsetDateTime,
     ) -> StorageResult<String> {
         const OP: &str = "copy_source_url";
         let account = self.account(&source.account, OP)?;
         let url = Self::url_of(account, source);
         // Inside one account the destination's own authorization (Shared Key or
-        // Entra ID) covers reading the source: no SAS.
-        if source.account == dest_account {
+        // Entra ID) covers a Copy Blob's source: no SAS. A from-URL call needs one.
+        if source.account == dest_account && read == SourceRead::CopyBlob {
             return Ok(url.to_string());
         }
         match &account.key {

@@ -9,7 +9,7 @@ use super::limits::AccountLimits;
 use super::{
     retry::{Idempotency, RetryPolicy},
     AccountInfo, BlobPath, BlobProperties, BlobStore, Condition, CopyStarted, ErrorClass, Metadata,
-    StorageError, StorageResult, TransportFailure,
+    SourceRead, StorageError, StorageResult, TransportFailure,
 };
 use crate::metrics::Metrics;
 use async_trait::async_trait;
@@ -137,10 +137,11 @@ impl BlobStore for Instrumented {
         &self,
         source: &BlobPath,
         dest_account: &str,
+        read: SourceRead,
         expiry: OffsetDateTime,
     ) -> StorageResult<String> {
         self.inner
-            .copy_source_url(source, dest_account, expiry)
+            .copy_source_url(source, dest_account, read, expiry)
             .await
     }
 

@@ -379,18 +379,33 @@ pub fn merge_ranges(mut ranges: Vec<std::ops::Range<u64>>) -> Vec<std::ops::Rang
     out
 }
 
+/// How the service reads a copy's source, which decides whether its URL must
+/// carry a SAS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceRead {
+    /// An asynchronous Copy Blob: inside one account the destination's own
+    /// authorization covers the source; across accounts it needs a SAS.
+    CopyBlob,
+    /// A synchronous from-URL call (Put Page From URL): the source must be
+    /// authorized even inside one account (azure-sdk-for-net#32523 and #32028,
+    /// azure-sdk-for-python#36176), so its URL always carries a SAS.
+    FromUrl,
+}
+
 /// Everything the daemon asks of blob storage.
 #[async_trait]
 pub trait BlobStore: Send + Sync + fmt::Debug {
     /// The blob's URL without any SAS (what the hand-off carries).
     fn blob_url(&self, blob: &BlobPath) -> StorageResult<Url>;
 
-    /// A URL the service can read `source` from when copying into `dest_account`:
-    /// plain inside one account, with a read-only SAS valid until `expiry` across accounts.
+    /// A URL the service can read `source` from when copying into
+    /// `dest_account` as `read` says: plain for a Copy Blob inside one
+    /// account, else with a read-only SAS valid until `expiry`.
     async fn copy_source_url(
         &self,
         source: &BlobPath,
         dest_account: &str,
+        read: SourceRead,
         expiry: OffsetDateTime,
     ) -> StorageResult<String>;
 

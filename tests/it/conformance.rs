@@ -84,12 +84,43 @@ async fn copies_work(
     // A copy inside one account needs no SAS; across accounts it does.
     let meta = Metadata::from([("vhdrep_job_id".to_owned(), "conf".to_owned())]);
     let until = OffsetDateTime::now_utc() + time::Duration::hours(1);
-    let same_url = store.copy_source_url(at, "src", until).await.unwrap();
+    let same_url = store
+        .copy_source_url(
+            at,
+            "src",
+            vhd_replicator::storage::SourceRead::CopyBlob,
+            until,
+        )
+        .await
+        .unwrap();
     assert!(!same_url.contains("sig="));
+    // Put Page From URL needs a signed source even inside one account.
+    let same_from_url = store
+        .copy_source_url(
+            at,
+            "src",
+            vhd_replicator::storage::SourceRead::FromUrl,
+            until,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        same_from_url.contains("sig="),
+        expect_sas,
+        "{same_from_url}"
+    );
     let same = BlobPath::new("src", c, "copy-same.vhd");
     let started = store.start_copy(&same, &same_url, &meta).await.unwrap();
     wait_copied(store, &same, &started.copy_id).await;
-    let cross_url = store.copy_source_url(at, "dst1", until).await.unwrap();
+    let cross_url = store
+        .copy_source_url(
+            at,
+            "dst1",
+            vhd_replicator::storage::SourceRead::CopyBlob,
+            until,
+        )
+        .await
+        .unwrap();
     assert_eq!(cross_url.contains("sig="), expect_sas);
     let cross = BlobPath::new("dst1", c, "nested/copy-cross.vhd");
     let started = store.start_copy(&cross, &cross_url, &meta).await.unwrap();
@@ -124,7 +155,12 @@ async fn copies_work(
         .start_copy(
             &BlobPath::new("dst1", c, "x"),
             &store
-                .copy_source_url(&BlobPath::new("src", c, "absent"), "dst1", until)
+                .copy_source_url(
+                    &BlobPath::new("src", c, "absent"),
+                    "dst1",
+                    vhd_replicator::storage::SourceRead::CopyBlob,
+                    until,
+                )
                 .await
                 .unwrap(),
             &meta,
@@ -335,6 +371,7 @@ async fn a_forged_source_sas_is_refused() {
         .copy_source_url(
             &src,
             "dst2",
+            vhd_replicator::storage::SourceRead::CopyBlob,
             OffsetDateTime::now_utc() + time::Duration::hours(1),
         )
         .await

@@ -163,6 +163,7 @@ async fn entra_id_end_to_end_over_https() {
         .copy_source_url(
             &replica,
             "dst2",
+            vhd_replicator::storage::SourceRead::CopyBlob,
             OffsetDateTime::now_utc() + time::Duration::hours(2),
         )
         .await

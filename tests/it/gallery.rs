@@ -15,7 +15,7 @@ use vhd_replicator::{
     state::{JobDocument, JobState},
 };
 
-const TOKEN: &str = "arm-test-token";
+pub(crate) const TOKEN: &str = "arm-test-token";
 
 /// Hands out the token the fake expects, for the management scope only.
 #[derive(Debug)]
@@ -45,7 +45,7 @@ fn test_ca() -> std::path::PathBuf {
     ca
 }
 
-async fn fake_arm(polls: u32) -> FakeArm {
+pub(crate) async fn fake_arm(polls: u32) -> FakeArm {
     let ca = test_ca();
     FakeArm::start(FakeArmConfig {
         token: TOKEN.into(),
@@ -57,8 +57,26 @@ async fn fake_arm(polls: u32) -> FakeArm {
     .expect("the fake ARM starts")
 }
 
+/// The PUT that ARM throttled (429 with `Retry-After: secs`) was asked again
+/// no sooner than `secs` later, measured at the fake.
+fn assert_retry_waited(requests: &[vhd_replicator::fake_arm::ArmRequest], secs: u64) {
+    let throttled = requests
+        .iter()
+        .position(|r| r.method == "PUT" && r.status == 429)
+        .expect("the version PUT was throttled");
+    let retry = requests[throttled + 1..]
+        .iter()
+        .find(|r| r.method == "PUT" && r.path == requests[throttled].path)
+        .expect("and asked again");
+    let waited = retry.at - requests[throttled].at;
+    assert!(
+        waited >= Duration::from_secs(secs),
+        "the retry came {waited:?} after a 429 with Retry-After: {secs}"
+    );
+}
+
 /// A test environment whose jobs publish to the fake's gallery.
-fn gallery_env(arm: &FakeArm) -> (TestEnv, ValidatedSettings) {
+pub(crate) fn gallery_env(arm: &FakeArm) -> (TestEnv, ValidatedSettings) {
     let mut env = TestEnv::new("");
     env.toml = env.toml.replace(
         "destination = true\n",
@@ -229,19 +247,7 @@ async fn a_job_publishes_a_gallery_version_and_hands_off_pool_create() {
         "every ARM request carried the token"
     );
     assert!(requests.iter().any(|r| r.status == 429) && requests.iter().any(|r| r.status == 409));
-    let throttled = requests
-        .iter()
-        .position(|r| r.method == "PUT" && r.status == 429)
-        .expect("the version PUT was throttled");
-    let retry = requests[throttled + 1..]
-        .iter()
-        .find(|r| r.method == "PUT" && r.path == requests[throttled].path)
-        .expect("and asked again");
-    let waited = retry.at - requests[throttled].at;
-    assert!(
-        waited >= Duration::from_secs(2),
-        "the retry came {waited:?} after a 429 with Retry-After: 2"
-    );
+    assert_retry_waited(&requests, 2);
     assert_eq!(
         version_puts(&arm).len(),
         1,
@@ -504,7 +510,7 @@ async fn retire_deletes_the_pools_version_and_nothing_else() {
 
 /// A stand-in `az` for the Azure CLI credential of a daemon process: it hands
 /// out the fake's token for the management scope only.
-fn fake_az(dir: &Path) -> String {
+pub(crate) fn fake_az(dir: &Path) -> String {
     let bin = dir.join("bin");
     std::fs::create_dir_all(&bin).unwrap();
     let script = format!(

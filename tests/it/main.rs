@@ -18,4 +18,5 @@ mod pools;
 mod proxy;
 mod ranges;
 mod replicate;
+mod secrets;
 mod timeouts;

@@ -268,6 +268,7 @@ async fn copy_inside(
         .copy_source_url(
             from,
             &from.account,
+            vhd_replicator::storage::SourceRead::CopyBlob,
             time::OffsetDateTime::now_utc() + time::Duration::hours(1),
         )
         .await

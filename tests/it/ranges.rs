@@ -12,7 +12,7 @@ use vhd_replicator::{
     storage::{auth::SharedKey, BlobPath, ErrorClass, MAX_PAGES_FROM_URL},
 };
 
-fn signers() -> HashMap<String, SharedKey> {
+pub(crate) fn signers() -> HashMap<String, SharedKey> {
     keys()
         .into_iter()
         .filter_map(|(k, v)| {
@@ -116,7 +116,12 @@ async fn a_ranged_copy_is_identical_and_as_sparse_as_its_source() {
         .unwrap();
     let expiry = time::OffsetDateTime::now_utc() + time::Duration::hours(1);
     let url = store
-        .copy_source_url(&snapshot, "dst1", expiry)
+        .copy_source_url(
+            &snapshot,
+            "dst1",
+            vhd_replicator::storage::SourceRead::FromUrl,
+            expiry,
+        )
         .await
         .unwrap();
     let mut writes = 0;

@@ -24,7 +24,7 @@
 
 use super::{
     AccountInfo, BlobKind, BlobPath, BlobProperties, BlobStore, Condition, CopyInfo, CopyStarted,
-    CopyState, ErrorClass, Metadata, StorageError, StorageResult,
+    CopyState, ErrorClass, Metadata, SourceRead, StorageError, StorageResult,
 };
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -532,7 +532,7 @@ impl SimStore {
         if !aligned || range.is_empty() || range.end - range.start > super::MAX_PAGES_FROM_URL {
             return Err(StorageError::http(OP, dest, 400, Some("InvalidPageRange")));
         }
-        let source = copy_source(OP, dest, source_url)?;
+        let source = copy_source(OP, dest, source_url, SourceRead::FromUrl)?;
         let second = Instant::now()
             .saturating_duration_since(self.epoch)
             .as_secs();
@@ -609,9 +609,10 @@ impl BlobStore for SimStore {
         &self,
         source: &BlobPath,
         dest_account: &str,
+        read: SourceRead,
         expiry: OffsetDateTime,
     ) -> StorageResult<String> {
-        Ok(source_url_of(BASE, source, dest_account, expiry))
+        Ok(source_url_of(BASE, source, dest_account, read, expiry))
     }
 
     async fn ensure_container(&self, account: &str, container: &str) -> StorageResult<()> {
@@ -675,7 +676,7 @@ impl BlobStore for SimStore {
     ) -> StorageResult<CopyStarted> {
         const OP: &str = "start_copy";
         let mut s = self.admit(OP, &dest.account, dest).await?;
-        let source = copy_source(OP, dest, source_url)?;
+        let source = copy_source(OP, dest, source_url, SourceRead::CopyBlob)?;
         if !s
             .containers
             .contains(&(dest.account.clone(), dest.container.clone()))
@@ -1084,9 +1085,15 @@ fn check_condition(
     }
 }
 
-/// The blob a copy source URL names, refused as the service does when it
-/// crosses accounts without a signature.
-fn copy_source(op: &'static str, dest: &BlobPath, source_url: &str) -> StorageResult<BlobPath> {
+/// The blob a copy source URL names, refused as the service does when it is
+/// not signed and must be: across accounts, or for a from-URL call
+/// (`read`) even inside one.
+fn copy_source(
+    op: &'static str,
+    dest: &BlobPath,
+    source_url: &str,
+    read: SourceRead,
+) -> StorageResult<BlobPath> {
     let source = parse_source(source_url).ok_or_else(|| {
         StorageError::other(
             op,
@@ -1095,7 +1102,8 @@ fn copy_source(op: &'static str, dest: &BlobPath, source_url: &str) -> StorageRe
             "copy source is not a URL of this store",
         )
     })?;
-    if source.account != dest.account && !source_url.contains("sig=") {
+    let needs_sig = source.account != dest.account || read == SourceRead::FromUrl;
+    if needs_sig && !source_url.contains("sig=") {
         return Err(StorageError::http(
             op,
             dest,
@@ -1145,10 +1153,11 @@ fn source_url_of(
     base: &str,
     source: &BlobPath,
     dest_account: &str,
+    read: SourceRead,
     expiry: OffsetDateTime,
 ) -> String {
     let mut url = url_of(base, source);
-    if source.account != dest_account {
+    if source.account != dest_account || read == SourceRead::FromUrl {
         url.query_pairs_mut()
             .append_pair("sp", "r")
             .append_pair("se", &super::auth::sas_time(expiry))
@@ -1171,7 +1180,7 @@ mod tests {
     /// A signed source URL of `src` for a copy into `account`.
     async fn signed(store: &SimStore, src: &BlobPath, account: &str) -> String {
         store
-            .copy_source_url(src, account, OffsetDateTime::now_utc())
+            .copy_source_url(src, account, SourceRead::FromUrl, OffsetDateTime::now_utc())
             .await
             .unwrap()
     }
@@ -1237,6 +1246,34 @@ mod tests {
             refused(denied),
             (Some(403), Some("CannotVerifyCopySource".into()))
         );
+        // Inside one account too, Put Page From URL needs a signed source (a
+        // Copy Blob does not), as the service requires.
+        let beside = BlobPath::new("src", "c", "beside.vhd");
+        store
+            .create_page_blob(&beside, data.len() as u64, &meta)
+            .await
+            .unwrap();
+        let plain = store
+            .copy_source_url(&src, "src", SourceRead::CopyBlob, OffsetDateTime::now_utc())
+            .await
+            .unwrap();
+        assert!(!plain.contains("sig="));
+        let denied = store
+            .put_pages_from_url(&beside, ranges[0].clone(), &plain)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            refused(denied),
+            (Some(403), Some("CannotVerifyCopySource".into()))
+        );
+        store
+            .put_pages_from_url(
+                &beside,
+                ranges[0].clone(),
+                &signed(&store, &src, "src").await,
+            )
+            .await
+            .unwrap();
     }
 
     #[tokio::test(start_paused = true)]
