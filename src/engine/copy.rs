@@ -10,6 +10,9 @@ use super::*;
 /// limits, the metrics and the settings. The run's document is reached only
 /// through the [`JobRun`] it is given.
 pub(super) struct Copier<'a> {
+    /// Destination accounts whose service does not do Put Page From URL: with
+    /// `copy_method = "auto"` their copies use Copy Blob.
+    pub(super) without_from_url: &'a FromUrlSupport,
     pub(super) store: &'a dyn BlobStore,
     pub(super) limits: &'a AccountLimits,
     pub(super) metrics: &'a Metrics,
@@ -335,6 +338,14 @@ impl Copier<'_> {
             Err(CopyError::Stop(Failure::Interrupted)) => {}
             Err(CopyError::Stop(Failure::Lost(by))) => run.lose(by, token),
             Err(CopyError::Stop(Failure::Cancelled)) => run.cancelled = true,
+            Err(CopyError::MethodUnsupported(e))
+                if self.settings.engine.copy_method == crate::config::CopyMethod::Auto =>
+            {
+                if self.without_from_url.insert(&account) {
+                    tracing::warn!(%account, error = %e, "the service does not do Put Page From URL; copies into this account use Copy Blob from now on");
+                }
+                run.sched.requeue(pick.index, &account);
+            }
             Err(CopyError::SourceLost(gone)) => {
                 // A vanished source is not the replica's failure: the source is
                 // dropped and the replica waits for another one.
@@ -754,6 +765,10 @@ pub(super) enum CopyError {
     /// The blob the copy read from is gone (a relay deleted under it): not the
     /// replica's failure; it is tried again from another source.
     SourceLost(BlobPath),
+    /// The service does not do the copy method (Put Page From URL on Azurite,
+    /// or an older API): with `copy_method = "auto"` the account falls back
+    /// to Copy Blob; with `ranges` the job cannot go on.
+    MethodUnsupported(StorageError),
     /// The job is stopping (cancel, shutdown, a lost claim) or failed as a whole.
     Stop(Failure),
 }
@@ -768,6 +783,8 @@ impl CopyError {
     pub(super) fn is_fatal(&self) -> bool {
         match self {
             CopyError::Storage(e) => e.class == ErrorClass::Denied,
+            // Reached only with an explicit `ranges`: `auto` falls back first.
+            CopyError::MethodUnsupported(_) => true,
             CopyError::Stop(Failure::Job(e)) => !e.is_transient(),
             _ => false,
         }
@@ -782,6 +799,9 @@ impl CopyError {
             CopyError::Storage(e) => e.to_string(),
             CopyError::Unsound(r) => r.clone(),
             CopyError::SourceLost(b) => format!("the blob copied from, {b}, is gone"),
+            CopyError::MethodUnsupported(e) => format!(
+                "the service does not do Put Page From URL ({e}); set engine.copy_method = \"auto\" (or \"async\") for this endpoint"
+            ),
             CopyError::Stop(f) => f.to_string(),
         }
     }

@@ -69,6 +69,26 @@ pub type LiveJobs = Arc<Mutex<HashMap<String, Arc<Mutex<JobDocument>>>>>;
 #[derive(Debug, Default, Clone)]
 struct Reservations(Arc<Mutex<std::collections::HashSet<String>>>);
 
+/// Destination accounts whose service answered Put Page From URL as a thing it
+/// does not do, learned once per process and shared by every job.
+#[derive(Debug, Default)]
+pub(super) struct FromUrlSupport(Mutex<std::collections::HashSet<String>>);
+
+impl FromUrlSupport {
+    /// Whether `account` is known not to do Put Page From URL.
+    pub(super) fn contains(&self, account: &str) -> bool {
+        self.0.lock().expect("from-url lock").contains(account)
+    }
+
+    /// Records that `account` does not; `true` the first time.
+    pub(super) fn insert(&self, account: &str) -> bool {
+        self.0
+            .lock()
+            .expect("from-url lock")
+            .insert(account.to_owned())
+    }
+}
+
 /// This instance's one run of a job, from the moment the job was taken until
 /// the value is dropped (the run ended, or its task was aborted).
 #[derive(Debug)]
@@ -182,6 +202,7 @@ pub struct Engine {
     limits: Arc<AccountLimits>,
     live: LiveJobs,
     reservations: Reservations,
+    without_from_url: FromUrlSupport,
     instance: String,
     gallery: Option<Arc<crate::gallery::Gallery>>,
 }
@@ -216,6 +237,7 @@ impl Engine {
             limits,
             live: LiveJobs::default(),
             reservations: Reservations::default(),
+            without_from_url: FromUrlSupport::default(),
             instance: instance_id(),
             gallery,
         }
@@ -233,6 +255,7 @@ impl Engine {
     /// The copy phase, over this engine's store, limits, metrics and settings.
     fn copier(&self) -> copy::Copier<'_> {
         copy::Copier {
+            without_from_url: &self.without_from_url,
             store: self.store.as_ref(),
             limits: &self.limits,
             metrics: &self.metrics,

@@ -10,6 +10,7 @@
 
 use super::copy::{Copier, CopyContext, CopyError};
 use super::*;
+use crate::config::CopyMethod;
 use crate::storage::{merge_ranges, MAX_PAGES_FROM_URL};
 use std::{collections::VecDeque, ops::Range};
 
@@ -23,6 +24,18 @@ const PACER_MAX: f64 = 32.0;
 /// the copy gives up; a long copy meets many passing failures, so the count is
 /// per range (AzCopy likewise retries each chunk).
 const MAX_RANGE_RETRIES: u32 = 8;
+
+/// Whether a Put Page From URL was refused because the service does not do
+/// it: Azurite answers 416, a service without it 501, and an older API
+/// (Azure Stack Hub) refuses the header or the feature. A copy method to fall
+/// back from, not a failure of the replica.
+pub(super) fn from_url_unsupported(e: &StorageError) -> bool {
+    matches!(e.status, Some(416 | 501))
+        || matches!(
+            e.code.as_deref(),
+            Some("UnsupportedHeader" | "FeatureNotSupported" | "NotImplemented")
+        )
+}
 
 /// The per-blob pacer: one more write in flight per window of successes, half
 /// as many after throttling or a timeout.
@@ -84,10 +97,9 @@ pub(super) fn remaining(wanted: &[Range<u64>], done: &[Range<u64>], max: u64) ->
 impl Copier<'_> {
     /// Whether the copy of `source` into `dest` is ranged.
     pub(super) fn ranged(&self, source: &BlobPath, dest: &BlobPath) -> bool {
-        self.settings
-            .engine
-            .copy_method
-            .ranged(&source.account, &dest.account)
+        let method = self.settings.engine.copy_method;
+        method.ranged(&source.account, &dest.account)
+            && !(method == CopyMethod::Auto && self.without_from_url.contains(&dest.account))
     }
 
     /// One try of a ranged copy into `rec`'s blob: adopt what an earlier try
@@ -112,7 +124,14 @@ impl Copier<'_> {
             .source_url(source, dest, crate::storage::SourceRead::FromUrl)
             .await?;
         tracing::debug!(replica = rec.index, account = %dest.account, ranges = todo.len(), "ranged copy");
-        self.write_ranges(ctx, rec, todo, &url, total).await?;
+        self.write_ranges(ctx, rec, todo, &url, total)
+            .await
+            .map_err(|e| match e {
+                CopyError::Storage(e) if from_url_unsupported(&e) => {
+                    CopyError::MethodUnsupported(e)
+                }
+                other => other,
+            })?;
         self.verify_ranged(ctx, rec, &wanted).await?;
         Ok(true)
     }

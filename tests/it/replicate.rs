@@ -269,3 +269,36 @@ async fn assert_handed_off(
         serde_json::from_str(&std::fs::read_to_string(file).unwrap()).unwrap();
     assert_eq!(from_file, h);
 }
+
+/// A configuration that does not name `engine.copy_method` (so `auto`) against
+/// plain Azurite, which answers Put Page From URL with 416: the first ranged
+/// write into each account is refused as unsupported, the account falls back
+/// to Copy Blob (no try counted), and the job completes with every replica
+/// made by Copy Blob and identical to the source.
+#[tokio::test]
+async fn the_default_copy_method_works_against_azurite() {
+    let mut env = TestEnv::new("");
+    env.toml = env.toml.replace("copy_method = \"async\"\n", "");
+    assert!(!env.toml.contains("copy_method"), "{}", env.toml);
+    let app = TestApp::spawn(&env).await;
+    assert_eq!(
+        app.control.settings.engine.copy_method,
+        vhd_replicator::config::CopyMethod::Auto
+    );
+    let source = env.source_url("default.vhd");
+    let image = upload_sample(&app.control, &source, 2, 1, 3).await;
+    let job_id = format!("default-{}", env.id);
+    app.control
+        .submit(parse_job_json(&env.job_json(&job_id, &source, "windows", 60)).unwrap())
+        .await
+        .unwrap();
+    let doc = wait_for_end(&app.control, &job_id, Duration::from_secs(60)).await;
+    assert_eq!(doc.state(), JobState::Completed, "error: {:?}", doc.error);
+    assert_eq!(doc.replicas.len(), 3);
+    for r in &doc.replicas {
+        assert_eq!(r.method.as_deref(), Some("async"), "replica {}", r.index);
+        assert!(r.attempts <= 2, "the fallback counted no failed try: {r:?}");
+        assert!(read_all(&app.control, &r.blob).await == image);
+    }
+    app.shutdown().await;
+}
