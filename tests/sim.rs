@@ -455,6 +455,32 @@ fn relays_seed_every_account_at_once() {
     );
 }
 
+/// A source too fragmented to list its page ranges in time (here: more pages
+/// than the limit, one range a page) is copied with Copy Blob instead of by
+/// ranges, and the job completes; the same source listed in few pages is
+/// copied by ranges.
+#[test]
+fn a_source_too_fragmented_to_list_is_copied_with_copy_blob() {
+    let mut fragmented = Scenario::new(2, 2, 8192 * MIB, Strategy::Fanout);
+    fragmented.copy_method = CopyMethod::Auto;
+    fragmented.data_fraction = 0.5;
+    fragmented.sim.page_ranges_per_page = 1;
+    let mut listable = fragmented.clone();
+    listable.sim.page_ranges_per_page = 10_000;
+    assert!(fragmented.written().len() > vhd_replicator::storage::MAX_RANGE_PAGES);
+    for (scenario, method) in [(&fragmented, "async"), (&listable, "ranges")] {
+        let r = runtime().block_on(run(scenario));
+        assert_eq!(r.outcome, Outcome::Completed, "{:?}", r.error);
+        assert!(
+            r.replicas
+                .iter()
+                .all(|x| x.method.as_deref() == Some(method)),
+            "{method}: {:?}",
+            r.replicas.iter().map(|x| &x.method).collect::<Vec<_>>()
+        );
+    }
+}
+
 /// One random case of the contested property test: a small job delivered one
 /// to five times (raw and base64) to one to three instances, zero to three of
 /// which are killed at random moments and replaced.

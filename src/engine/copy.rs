@@ -488,7 +488,16 @@ impl Copier<'_> {
         };
         ctx.job_run.replica_copied_from(rec.index, from);
         if self.ranged(source, &rec.blob) {
-            return self.copy_ranged(ctx, rec, source).await;
+            match self.copy_ranged(ctx, rec, source).await {
+                // Too fragmented to list in time: this replica goes by Copy
+                // Blob (nothing was written yet: the listing comes first).
+                Err(CopyError::Storage(e))
+                    if e.code.as_deref() == Some(crate::storage::TOO_FRAGMENTED) =>
+                {
+                    tracing::warn!(replica = rec.index, error = %e, "the source is too fragmented to copy by ranges; copying it with Copy Blob");
+                }
+                other => return other,
+            }
         }
         let dest = &rec.blob;
         let ours =

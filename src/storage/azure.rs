@@ -701,21 +701,32 @@ impl BlobStore for AzureStore {
         Ok(())
     }
 
-    async fn page_ranges(&self, blob: &BlobPath) -> StorageResult<Vec<std::ops::Range<u64>>> {
+    async fn page_ranges_page(
+        &self,
+        blob: &BlobPath,
+        marker: Option<&str>,
+    ) -> StorageResult<(Vec<std::ops::Range<u64>>, Option<String>)> {
         const OP: &str = "get_page_ranges";
         let client = self.blob_client(blob, OP)?.page_blob_client();
+        let options = azure_storage_blob::models::PageBlobClientListPageRangesOptions {
+            marker: marker.map(str::to_owned),
+            ..Default::default()
+        };
+        // One page per call: the caller's retry resumes from this marker.
         let mut pager = client
-            .list_page_ranges(None)
+            .list_page_ranges(Some(options))
             .map_err(|e| map_error(OP, blob, e))?;
-        let mut ranges = Vec::new();
-        while let Some(page) = pager.try_next().await.map_err(|e| map_error(OP, blob, e))? {
-            let list = page.into_model().map_err(|e| map_error(OP, blob, e))?;
-            // The service gives inclusive ends.
-            ranges.extend(list.page_ranges.iter().filter_map(|r| {
-                Some(u64::try_from(r.start?).ok()?..u64::try_from(r.end?).ok()? + 1)
-            }));
-        }
-        Ok(super::merge_ranges(ranges))
+        let Some(page) = pager.try_next().await.map_err(|e| map_error(OP, blob, e))? else {
+            return Ok((Vec::new(), None));
+        };
+        let list = page.into_model().map_err(|e| map_error(OP, blob, e))?;
+        // The service gives inclusive ends.
+        let ranges = list
+            .page_ranges
+            .iter()
+            .filter_map(|r| Some(u64::try_from(r.start?).ok()?..u64::try_from(r.end?).ok()? + 1))
+            .collect();
+        Ok((ranges, list.next_marker.filter(|m| !m.is_empty())))
     }
 
     async fn create_page_blob(

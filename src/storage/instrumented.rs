@@ -233,9 +233,13 @@ impl BlobStore for Instrumented {
         .await
     }
 
-    async fn page_ranges(&self, blob: &BlobPath) -> StorageResult<Vec<std::ops::Range<u64>>> {
+    async fn page_ranges_page(
+        &self,
+        blob: &BlobPath,
+        marker: Option<&str>,
+    ) -> StorageResult<(Vec<std::ops::Range<u64>>, Option<String>)> {
         self.call(&blob.account, "get_page_ranges", || {
-            self.inner.page_ranges(blob)
+            self.inner.page_ranges_page(blob, marker)
         })
         .await
     }
@@ -300,5 +304,90 @@ impl BlobStore for Instrumented {
                 .list_detailed(account, container, prefix, snapshots)
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::sim::{SimConfig, SimFault, SimFaultAction, SimStore};
+    use crate::storage::{MAX_RANGE_PAGES, TOO_FRAGMENTED};
+
+    fn instrumented(sim: SimStore) -> (Instrumented, Metrics) {
+        let metrics = Metrics::new();
+        let limits = Arc::new(AccountLimits::new([("a".to_owned(), 20_000, 16)]));
+        let retry = RetryPolicy {
+            jitter_seed: Some(1),
+            ..RetryPolicy::default()
+        };
+        let out = Outbound::new(limits, metrics.clone(), retry);
+        (Instrumented::new(Arc::new(sim), out), metrics)
+    }
+
+    fn page_list_requests(metrics: &Metrics) -> u64 {
+        metrics
+            .render()
+            .lines()
+            .filter(|l| {
+                l.starts_with("vhdrep_storage_requests_total") && l.contains("get_page_ranges")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64
+    }
+
+    /// Get Page Ranges is listed page by page, each page its own request under
+    /// the retry policy: a page that fails twice is asked again from its own
+    /// marker (two more requests, not the whole listing again), and the ranges
+    /// come back whole and merged.
+    #[tokio::test(start_paused = true)]
+    async fn page_ranges_resume_from_the_failed_page() {
+        let sim = SimStore::new(SimConfig {
+            page_ranges_per_page: 2,
+            ..SimConfig::instant()
+        });
+        let blob = BlobPath::new("a", "c", "frag.vhd");
+        let mut data = vec![0u8; 64 * 1024];
+        for i in 0..7 {
+            data[i * 8192..i * 8192 + 512].fill(1);
+        }
+        sim.ensure_container("a", "c").await.unwrap();
+        sim.put_page_blob(&blob, Bytes::from(data)).await.unwrap();
+        sim.inject(SimFault {
+            operation: "get_page_ranges",
+            target_contains: "marker=4".into(),
+            action: SimFaultAction::Fail(500, "OperationTimedOut"),
+            times: 2,
+            from: std::time::Duration::ZERO,
+        });
+        let (store, metrics) = instrumented(sim);
+        let ranges = store.page_ranges(&blob).await.unwrap();
+        assert_eq!(ranges.len(), 7, "{ranges:?}");
+        assert_eq!(ranges[6], 6 * 8192..6 * 8192 + 512);
+        assert_eq!(
+            page_list_requests(&metrics),
+            4 + 2,
+            "four pages, the third asked twice more"
+        );
+    }
+
+    /// A blob whose listing runs past the page limit is refused as too
+    /// fragmented (the ranged copy then uses Copy Blob).
+    #[tokio::test(start_paused = true)]
+    async fn a_listing_past_the_page_limit_is_too_fragmented() {
+        let sim = SimStore::new(SimConfig {
+            page_ranges_per_page: 1,
+            ..SimConfig::instant()
+        });
+        let blob = BlobPath::new("a", "c", "frag.vhd");
+        let n = MAX_RANGE_PAGES + 1;
+        let mut data = vec![0u8; n * 1024];
+        for i in 0..n {
+            data[i * 1024..i * 1024 + 512].fill(1);
+        }
+        sim.ensure_container("a", "c").await.unwrap();
+        sim.put_page_blob(&blob, Bytes::from(data)).await.unwrap();
+        let (store, _) = instrumented(sim);
+        let e = store.page_ranges(&blob).await.unwrap_err();
+        assert_eq!(e.code.as_deref(), Some(TOO_FRAGMENTED), "{e}");
     }
 }

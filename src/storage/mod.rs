@@ -379,6 +379,14 @@ pub fn merge_ranges(mut ranges: Vec<std::ops::Range<u64>>) -> Vec<std::ops::Rang
     out
 }
 
+/// Pages of Get Page Ranges a ranged copy lists before it takes the source as
+/// too fragmented to copy by ranges (the service returns thousands of ranges
+/// a page; a VHD past this many pages is better copied by Copy Blob).
+pub const MAX_RANGE_PAGES: usize = 64;
+
+/// Error code of a page-range listing past [`MAX_RANGE_PAGES`] pages.
+pub const TOO_FRAGMENTED: &str = "TooFragmented";
+
 /// How the service reads a copy's source, which decides whether its URL must
 /// carry a SAS.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -451,9 +459,41 @@ pub trait BlobStore: Send + Sync + fmt::Debug {
     /// Creates a page blob holding `data` (a whole number of 512-byte pages).
     async fn put_page_blob(&self, blob: &BlobPath, data: Bytes) -> StorageResult<()>;
 
+    /// One page of a page blob's written ranges (Get Page Ranges), from
+    /// `marker` (none for the first page): the ranges, ends exclusive, and the
+    /// marker of the next page when there is one.
+    async fn page_ranges_page(
+        &self,
+        blob: &BlobPath,
+        marker: Option<&str>,
+    ) -> StorageResult<(Vec<std::ops::Range<u64>>, Option<String>)>;
+
     /// The written ranges of a page blob (or of one snapshot of it), in order
-    /// and merged: what a ranged copy must carry (Get Page Ranges).
-    async fn page_ranges(&self, blob: &BlobPath) -> StorageResult<Vec<std::ops::Range<u64>>>;
+    /// and merged: what a ranged copy must carry. Listed page by page, each
+    /// page one request (so a wrapper times and retries each, and a retry
+    /// resumes from the last marker, never from the first page); a blob whose
+    /// listing runs past [`MAX_RANGE_PAGES`] pages is refused with
+    /// `TooFragmented` (a Copy Blob copies it instead).
+    async fn page_ranges(&self, blob: &BlobPath) -> StorageResult<Vec<std::ops::Range<u64>>> {
+        let mut ranges = Vec::new();
+        let mut marker: Option<String> = None;
+        for _ in 0..MAX_RANGE_PAGES {
+            let (page, next) = self.page_ranges_page(blob, marker.as_deref()).await?;
+            ranges.extend(page);
+            match next.filter(|m| !m.is_empty()) {
+                Some(m) => marker = Some(m),
+                None => return Ok(merge_ranges(ranges)),
+            }
+        }
+        let mut e = StorageError::other(
+            "get_page_ranges",
+            blob,
+            ErrorClass::Invalid,
+            format!("more than {MAX_RANGE_PAGES} pages of page ranges: too fragmented to copy by ranges"),
+        );
+        e.code = Some(TOO_FRAGMENTED.to_owned());
+        Err(e)
+    }
 
     /// Creates an empty page blob of `len` bytes (a whole number of pages)
     /// tagged with `metadata`, replacing any blob of that name.

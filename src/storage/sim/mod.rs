@@ -79,6 +79,8 @@ pub struct SimConfig {
     pub latency: Duration,
     /// Copies finish the moment they start (unit tests); the bandwidths are ignored.
     pub instant_copies: bool,
+    /// Ranges Get Page Ranges returns a page (the service: thousands).
+    pub page_ranges_per_page: usize,
 }
 
 impl SimConfig {
@@ -110,6 +112,7 @@ impl Default for SimConfig {
             copy_failure_rate: 0.0,
             latency: Duration::from_millis(5),
             instant_copies: false,
+            page_ranges_per_page: 10_000,
         }
     }
 }
@@ -882,13 +885,21 @@ impl BlobStore for SimStore {
         Ok(())
     }
 
-    async fn page_ranges(&self, blob: &BlobPath) -> StorageResult<Vec<std::ops::Range<u64>>> {
-        let s = self.admit("get_page_ranges", &blob.account, blob).await?;
+    async fn page_ranges_page(
+        &self,
+        blob: &BlobPath,
+        marker: Option<&str>,
+    ) -> StorageResult<(Vec<std::ops::Range<u64>>, Option<String>)> {
+        // The marker is part of the target, so a fault can hit one page.
+        let target = format!("{blob}?marker={}", marker.unwrap_or(""));
+        let s = self
+            .admit("get_page_ranges", &blob.account, &target)
+            .await?;
         let b = s
             .blobs
             .get(blob)
             .ok_or_else(|| not_found("get_page_ranges", blob))?;
-        Ok(b.written.clone().unwrap_or_else(|| match &b.content {
+        let all = b.written.clone().unwrap_or_else(|| match &b.content {
             // Pages never written read as zeroes: a page of zeroes is taken as
             // unwritten, as our own uploads leave them.
             Content::Real(data) => written_pages(data),
@@ -899,7 +910,14 @@ impl BlobStore for SimStore {
                     .map(|(at, b)| *at..*at + b.len() as u64)
                     .collect(),
             ),
-        }))
+        });
+        // Pages of `page_ranges_per_page` ranges; the marker is where the next starts.
+        let from: usize = marker.and_then(|m| m.parse().ok()).unwrap_or(0);
+        let to = from
+            .saturating_add(self.cfg.page_ranges_per_page.max(1))
+            .min(all.len());
+        let next = (to < all.len()).then(|| to.to_string());
+        Ok((all[from.min(to)..to].to_vec(), next))
     }
 
     async fn create_page_blob(
