@@ -328,11 +328,16 @@ fn answer(
         .position(|f| f.method.is_none_or(|m| m == method) && path.contains(&f.path_contains))
     {
         let f = w.faults.remove(i).expect("found");
-        let mut a = error(
-            f.status,
-            &f.code,
-            &format!("injected {} {}", f.status, f.code),
-        );
+        // ARM's own words for the usual cases, so the client's reading of
+        // them is what is tested.
+        let message = match (f.status, f.code.as_str()) {
+            (409, "Conflict") => {
+                "Another operation on this or dependent resource is in progress.".to_owned()
+            }
+            (429, _) => "The request is being throttled.".to_owned(),
+            (s, c) => format!("injected {s} {c}"),
+        };
+        let mut a = error(f.status, &f.code, &message);
         if let Some(s) = f.retry_after {
             a.1.push(("retry-after", s.to_string()));
         }
@@ -570,6 +575,25 @@ fn patch_version(shared: &Shared, w: &mut World, key: &str, body: &Value) -> Ans
             409,
             "Conflict",
             "Another operation on this image version is in progress.",
+        );
+    }
+    // GalleryImageVersionUpdate (2025-03-03): properties.storageProfile is
+    // required, as in the published Update examples (an empty object, or the
+    // version's source unchanged).
+    let storage = &body["properties"]["storageProfile"];
+    if !storage.is_object() {
+        return error(
+            400,
+            "InvalidParameter",
+            "Required parameter 'storageProfile' is missing (null).",
+        );
+    }
+    let sent = &storage["osDiskImage"]["source"];
+    if !sent.is_null() && *sent != r["properties"]["storageProfile"]["osDiskImage"]["source"] {
+        return error(
+            409,
+            "PropertyChangeNotAllowed",
+            "Changing property 'storageProfile.osDiskImage.source' is not allowed.",
         );
     }
     let regions = &body["properties"]["publishingProfile"]["targetRegions"];

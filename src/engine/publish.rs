@@ -135,7 +135,7 @@ impl Publisher<'_> {
                     )))
                     .into())
                 }
-                Some(v) if matches!(v.provisioning_state.as_str(), "Creating" | "Updating" | "Deleting") => {
+                Some(v) if matches!(v.provisioning_state.as_str(), "Creating" | "Updating" | "Deleting" | "Migrating") => {
                     let op = p
                         .operation
                         .and_then(|o| serde_json::from_value(o).ok())
@@ -144,7 +144,8 @@ impl Publisher<'_> {
                 }
                 Some(v) if v.replicas != p.replicas => {
                     tracing::info!(version = %p.version, from = v.replicas, to = p.replicas, "changing the gallery replica count");
-                    ("updating", gallery.set_replicas(&p.version, p.replicas).await)
+                    let op = gallery.set_replicas(&p.version, &v, p.replicas).await;
+                    ("updating", op)
                 }
                 Some(_) => return Ok(None),
             };
@@ -188,14 +189,19 @@ impl Publisher<'_> {
         job_run: &JobRun<'_>,
         stop: &CancellationToken,
         gallery: &Gallery,
-        op: Operation,
+        mut op: Operation,
     ) -> Result<(), Failure> {
         let name = publication(job_run).version;
         loop {
+            let before = op.clone();
             let state = gallery
-                .poll(&op)
+                .poll(&mut op)
                 .await
                 .map_err(|e| JobError::Gallery(e.into()))?;
+            if op != before {
+                // ARM named a new place to ask: a restart asks there too.
+                job_run.update_publication(|g| g.operation = serde_json::to_value(&op).ok());
+            }
             let after = match state {
                 OperationState::Succeeded => return self.published(job, job_run, gallery).await,
                 OperationState::Failed(m) => {

@@ -223,7 +223,7 @@ impl Arm {
     }
 
     /// Asks where a long-running operation stands.
-    pub async fn poll(&self, op: &Operation) -> StorageResult<OperationState> {
+    pub async fn poll(&self, op: &mut Operation) -> StorageResult<OperationState> {
         let parse = |u: &str| {
             Url::parse(u)
                 .map_err(|e| StorageError::other("arm_poll", u, ErrorClass::Invalid, e.to_string()))
@@ -233,12 +233,20 @@ impl Arm {
                 let a = self.call("arm_poll", Method::GET, &parse(u)?, None).await?;
                 Ok(match a.body["status"].as_str().unwrap_or("InProgress") {
                     "Succeeded" => OperationState::Succeeded,
-                    "Failed" | "Canceled" => OperationState::Failed(error_text(&a.body)),
+                    s if s == "Failed" || cancelled(s) => {
+                        OperationState::Failed(format!("{s}: {}", error_text(&a.body)))
+                    }
                     _ => OperationState::Running(a.retry_after),
                 })
             }
             Operation::Location(u) => {
                 let a = self.call("arm_poll", Method::GET, &parse(u)?, None).await?;
+                // A 202 may name a new Location: follow that one from now on.
+                if let Operation::Location(next) = &a.operation {
+                    if next != u {
+                        *u = next.clone();
+                    }
+                }
                 Ok(if a.status == 202 {
                     OperationState::Running(a.retry_after)
                 } else {
@@ -257,11 +265,26 @@ impl Arm {
     }
 }
 
+/// Whether a 409 says another operation on the resource is under way (the
+/// one conflict that passes by waiting).
+fn operation_in_progress(code: Option<&str>, detail: &str) -> bool {
+    matches!(
+        code,
+        Some("AnotherOperationInProgress" | "OperationNotAllowedWhileInProgress")
+    ) || detail.to_ascii_lowercase().contains("in progress")
+}
+
+/// Whether ARM's status says the operation was cancelled (both spellings
+/// are seen).
+fn cancelled(status: &str) -> bool {
+    status.eq_ignore_ascii_case("Canceled") || status.eq_ignore_ascii_case("Cancelled")
+}
+
 /// The state a resource's `provisioningState` says.
 pub fn provisioning(body: &Value, retry_after: Option<Duration>) -> OperationState {
     match body["properties"]["provisioningState"].as_str() {
         Some("Succeeded") | None => OperationState::Succeeded,
-        Some("Failed") | Some("Canceled") => OperationState::Failed(format!(
+        Some(s) if s == "Failed" || cancelled(s) => OperationState::Failed(format!(
             "provisioning {}",
             body["properties"]["provisioningState"]
                 .as_str()
@@ -301,6 +324,7 @@ pub fn arm_error(
     let code = body["error"]["code"].as_str();
     let mut e = StorageError::http(operation, target, status, code);
     let detail = error_text(body);
+    let in_progress = operation_in_progress(code, &detail);
     e.message = match (status, code) {
         (403, Some("AuthorizationFailed" | "LinkedAuthorizationFailed")) => format!(
             "{detail}; assign the daemon's identity \"Compute Gallery Artifacts Publisher\" (or Contributor) on the gallery's resource group, and Contributor on the staging storage accounts (the version reads its VHD by storageAccountId)"
@@ -311,8 +335,10 @@ pub fn arm_error(
         ),
         _ => detail,
     };
-    if status == 409 {
+    if status == 409 && in_progress {
         // Another operation on the same resource is still running: wait for it.
+        // Any other 409 (a property that cannot change, a name in use) is final,
+        // with ARM's words.
         e.class = ErrorClass::Throttled;
     }
     e.retry_after = retry_after;
@@ -368,6 +394,41 @@ mod tests {
         assert!(!arm_error("arm_put", "/v", 400, &body, None)
             .class
             .is_retryable());
+    }
+
+    /// Only "another operation is in progress" passes by waiting; any other
+    /// 409 is final and keeps ARM's words; both spellings of cancelled fail.
+    #[test]
+    fn only_an_operation_in_progress_is_waited_for() {
+        let busy = json!({"error": {"code": "Conflict", "message": "Another operation on this or dependent resource is in progress."}});
+        assert!(arm_error("arm_patch", "/v", 409, &busy, None)
+            .class
+            .is_retryable());
+        let coded = json!({"error": {"code": "AnotherOperationInProgress", "message": "x"}});
+        assert!(arm_error("arm_patch", "/v", 409, &coded, None)
+            .class
+            .is_retryable());
+        let change = json!({"error": {"code": "PropertyChangeNotAllowed", "message": "Changing property 'storageProfile.osDiskImage.source' is not allowed."}});
+        let e = arm_error("arm_patch", "/v", 409, &change, None);
+        assert!(!e.class.is_retryable());
+        assert!(
+            e.message
+                .contains("PropertyChangeNotAllowed: Changing property"),
+            "{}",
+            e.message
+        );
+        for spelling in ["Canceled", "Cancelled"] {
+            let body = json!({"properties": {"provisioningState": spelling}});
+            assert!(
+                matches!(provisioning(&body, None), OperationState::Failed(_)),
+                "{spelling}"
+            );
+        }
+        let migrating = json!({"properties": {"provisioningState": "Migrating"}});
+        assert_eq!(
+            provisioning(&migrating, None),
+            OperationState::Running(None)
+        );
     }
 
     #[test]

@@ -34,6 +34,8 @@ pub struct Version {
     pub progress: f64,
     /// The VHD it was made from.
     pub source_uri: Option<String>,
+    /// Its storage profile as ARM gave it (an update sends it back unchanged).
+    pub storage_profile: Value,
 }
 
 impl Version {
@@ -135,16 +137,26 @@ impl Gallery {
                     "targetRegions": [self.target_region(replicas)],
                     "excludeFromLatest": false,
                 },
-                "storageProfile": {
-                    "osDiskImage": {
-                        "source": {
-                            "storageAccountId": self.cfg.storage_account_ids.get(account).cloned().unwrap_or_default(),
-                            "uri": uri,
-                        },
-                        "hostCaching": "ReadOnly",
-                    }
+                "storageProfile": self.storage_profile(uri, account),
+                // Versions this daemon makes can always be deleted (retire,
+                // a failed job): never blocked before their end of life.
+                "safetyProfile": {
+                    "allowDeletionOfReplicatedLocations": true,
+                    "blockDeletionBeforeEndOfLife": false,
                 },
-                "safetyProfile": {"allowDeletionOfReplicatedLocations": true},
+            }
+        })
+    }
+
+    /// A version's storage profile: the staged VHD at `uri` in `account`.
+    fn storage_profile(&self, uri: &str, account: &str) -> Value {
+        json!({
+            "osDiskImage": {
+                "source": {
+                    "storageAccountId": self.cfg.storage_account_ids.get(account).cloned().unwrap_or_default(),
+                    "uri": uri,
+                },
+                "hostCaching": "ReadOnly",
             }
         })
     }
@@ -239,7 +251,7 @@ impl Gallery {
             .call("gallery_version_get", Method::GET, &url, None)
             .await
         {
-            Ok(a) => Ok(Some(parse_version(&a.body))),
+            Ok(a) => Ok(Some(parse_version(&a.body, &self.cfg.settings.region))),
             Err(e) if e.class == ErrorClass::NotFound => Ok(None),
             Err(e) => Err(e),
         }
@@ -255,10 +267,26 @@ impl Gallery {
         Ok(a.operation)
     }
 
-    /// Starts changing the replica count of version `name`.
-    pub async fn set_replicas(&self, name: &str, replicas: u32) -> StorageResult<Operation> {
+    /// Starts changing the replica count of `version` (named `name`, as read).
+    /// The update carries the version's storage profile as read, unchanged:
+    /// GalleryRP 2025-03-03 requires `storageProfile` in an update (its
+    /// published Update examples send it).
+    pub async fn set_replicas(
+        &self,
+        name: &str,
+        version: &Version,
+        replicas: u32,
+    ) -> StorageResult<Operation> {
         let url = self.arm.url(&self.version_id(name));
-        let body = json!({"properties": {"publishingProfile": {"targetRegions": [self.target_region(replicas)]}}});
+        let storage = if version.storage_profile.is_object() {
+            version.storage_profile.clone()
+        } else {
+            json!({})
+        };
+        let body = json!({"properties": {
+            "publishingProfile": {"targetRegions": [self.target_region(replicas)]},
+            "storageProfile": storage,
+        }});
         let a = self
             .arm
             .call("gallery_version_patch", Method::PATCH, &url, Some(&body))
@@ -281,30 +309,57 @@ impl Gallery {
         }
     }
 
-    /// Where an operation stands.
-    pub async fn poll(&self, op: &Operation) -> StorageResult<OperationState> {
+    /// Where an operation stands (a new `Location` it names is followed from
+    /// then on).
+    pub async fn poll(&self, op: &mut Operation) -> StorageResult<OperationState> {
         self.arm.poll(op).await
     }
 
     /// Follows `op` to its end, calling `on_poll` with each state, sleeping
-    /// Retry-After (else two seconds) between polls.
+    /// Retry-After between polls (two seconds without one; never less than
+    /// [`MIN_WAIT`] nor more than [`MAX_WAIT`], so a `Retry-After: 0` cannot
+    /// spin), and giving up after [`WAIT_LIMIT`] with ARM's operation named.
     pub async fn wait(
         &self,
         op: &Operation,
         mut on_poll: impl FnMut(&OperationState),
     ) -> Result<(), GalleryError> {
+        let mut op = op.clone();
+        let deadline = tokio::time::Instant::now() + WAIT_LIMIT;
         loop {
-            let state = self.arm.poll(op).await?;
+            let state = self.arm.poll(&mut op).await?;
             on_poll(&state);
             match state {
                 OperationState::Succeeded => return Ok(()),
                 OperationState::Failed(m) => return Err(GalleryError::Failed(m)),
                 OperationState::Running(after) => {
-                    tokio::time::sleep(after.unwrap_or(Duration::from_secs(2))).await
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(GalleryError::Failed(format!(
+                            "the operation did not end within {} h: {op:?}; look at it in the portal (Activity log) and try again",
+                            WAIT_LIMIT.as_secs() / 3600
+                        )));
+                    }
+                    tokio::time::sleep(pause_for(after)).await
                 }
             }
         }
     }
+}
+
+/// Shortest pause between two looks at an ARM operation.
+pub const MIN_WAIT: Duration = Duration::from_secs(1);
+/// Longest pause between two looks at an ARM operation.
+pub const MAX_WAIT: Duration = Duration::from_secs(60);
+/// How long a wait for one ARM operation (an image definition made, a version
+/// deleted) may last before it is given up: replication can take hours.
+pub const WAIT_LIMIT: Duration = Duration::from_secs(6 * 3600);
+
+/// The pause before the next look at an operation that answered `Retry-After`
+/// (if any): two seconds without one, within [`MIN_WAIT`] and [`MAX_WAIT`].
+pub fn pause_for(retry_after: Option<Duration>) -> Duration {
+    retry_after
+        .unwrap_or(Duration::from_secs(2))
+        .clamp(MIN_WAIT, MAX_WAIT)
 }
 
 fn os_type(os: Os) -> &'static str {
@@ -314,8 +369,15 @@ fn os_type(os: Os) -> &'static str {
     }
 }
 
-/// Reads what this daemon needs of a version's ARM body.
-pub fn parse_version(body: &Value) -> Version {
+/// A region's name as ARM compares them: "West Europe" is "westeurope".
+fn region_key(name: &str) -> String {
+    name.to_lowercase().replace(' ', "")
+}
+
+/// Reads what this daemon needs of a version's ARM body; its replica count is
+/// the one of `region` (the gallery's), found by name: ARM lists target
+/// regions in any order, spelled either way.
+pub fn parse_version(body: &Value, region: &str) -> Version {
     let p = &body["properties"];
     let tags = body["tags"]
         .as_object()
@@ -326,7 +388,11 @@ pub fn parse_version(body: &Value) -> Version {
         })
         .unwrap_or_default();
     let replicas = p["publishingProfile"]["targetRegions"]
-        .get(0)
+        .as_array()
+        .and_then(|rs| {
+            rs.iter()
+                .find(|r| region_key(r["name"].as_str().unwrap_or_default()) == region_key(region))
+        })
         .and_then(|r| r["regionalReplicaCount"].as_u64())
         .or_else(|| p["publishingProfile"]["replicaCount"].as_u64())
         .unwrap_or(1) as u32;
@@ -352,6 +418,7 @@ pub fn parse_version(body: &Value) -> Version {
         source_uri: p["storageProfile"]["osDiskImage"]["source"]["uri"]
             .as_str()
             .map(str::to_owned),
+        storage_profile: p["storageProfile"].clone(),
     }
 }
 

@@ -137,6 +137,9 @@ fn the_version_body_follows_gallery_image_version_create_with_vhd() {
         "properties.storageProfile.osDiskImage.source.uri",
         "properties.storageProfile.osDiskImage.hostCaching",
         "properties.safetyProfile.allowDeletionOfReplicatedLocations",
+        // GalleryImageVersionSafetyProfile (2023-07-03 on): set false, so a
+        // version this daemon makes can always be deleted by retire.
+        "properties.safetyProfile.blockDeletionBeforeEndOfLife",
     ]
     .into_iter()
     .map(String::from)
@@ -190,12 +193,15 @@ fn a_version_reads_its_replication_progress_and_owner() {
         "tags": {TAG_OWNER: "ops/state", TAG_POOL: "render"},
         "properties": {
             "provisioningState": "Creating",
-            "publishingProfile": {"targetRegions": [{"name": "westeurope", "regionalReplicaCount": 4}]},
+            "publishingProfile": {"targetRegions": [
+                {"name": "North Europe", "regionalReplicaCount": 1},
+                {"name": "West Europe", "regionalReplicaCount": 4}
+            ]},
             "storageProfile": {"osDiskImage": {"source": {"uri": "https://x/y.vhd"}}},
             "replicationStatus": {"aggregatedState": "InProgress", "summary": [{"region": "westeurope", "state": "Replicating", "progress": 40}]}
         }
     });
-    let v = parse_version(&body);
+    let v = parse_version(&body, "westeurope");
     assert_eq!(v.replicas, 4);
     assert!((v.progress - 0.4).abs() < 1e-9);
     assert_eq!(v.provisioning_state, "Creating");
@@ -203,4 +209,20 @@ fn a_version_reads_its_replication_progress_and_owner() {
     assert!(!v.is_ours("ops/state", "other"));
     assert!(!v.is_ours("elsewhere/state", "render"));
     assert_eq!(v.source_uri.as_deref(), Some("https://x/y.vhd"));
+}
+
+/// A Retry-After of 0 cannot make a wait spin, nor one of an hour stall it.
+#[test]
+fn waits_keep_a_floor_and_a_ceiling() {
+    use std::time::Duration;
+    assert_eq!(super::pause_for(Some(Duration::ZERO)), super::MIN_WAIT);
+    assert_eq!(super::pause_for(None), Duration::from_secs(2));
+    assert_eq!(
+        super::pause_for(Some(Duration::from_secs(7))),
+        Duration::from_secs(7)
+    );
+    assert_eq!(
+        super::pause_for(Some(Duration::from_secs(3600))),
+        super::MAX_WAIT
+    );
 }

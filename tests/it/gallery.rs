@@ -75,6 +75,11 @@ fn assert_retry_waited(requests: &[vhd_replicator::fake_arm::ArmRequest], secs: 
     );
 }
 
+/// The version as the fake holds it (its storage profile never changes).
+fn version_before_patch(arm: &FakeArm, id: &str) -> Value {
+    arm.resource(id).expect("the version exists")
+}
+
 /// A test environment whose jobs publish to the fake's gallery.
 pub(crate) fn gallery_env(arm: &FakeArm) -> (TestEnv, ValidatedSettings) {
     let mut env = TestEnv::new("");
@@ -313,6 +318,12 @@ async fn growing_a_published_pool_changes_the_replica_count_only() {
             ["regionalReplicaCount"],
         12
     );
+    assert_eq!(
+        patches[0].body["properties"]["storageProfile"],
+        version_before_patch(&arm, &g2.version_id)["properties"]["storageProfile"],
+        "the update carries the version's storage profile as it is (GalleryRP 2025-03-03 requires it)"
+    );
+    assert_eq!(patches[0].status, 202, "the fake accepted the update body");
     assert_eq!(d2.replicas.len(), 1);
     assert_eq!(
         d2.replicas[0].blob, d1.replicas[0].blob,
