@@ -203,8 +203,51 @@ impl Gallery {
         ))
     }
 
+    /// Whether the existing image definition (`body`) can take this job's VHD
+    /// of `os` and boot Batch nodes: the same OS, generation 1 (a VHD), a
+    /// generalized OS state (Batch boots only generalized images) and x64.
+    fn suits(&self, body: &Value, os: Os) -> Result<(), GalleryError> {
+        let p = &body["properties"];
+        let image = &self.cfg.settings.image;
+        let fix = "set gallery.image to a suitable definition (or a new name, which is created)";
+        let (want_os, got_os) = (os_type(os), p["osType"].as_str().unwrap_or_default());
+        if !got_os.eq_ignore_ascii_case(want_os) {
+            return Err(GalleryError::Unsuitable(format!(
+                "image definition {image} is for {got_os}, this job's VHD is {want_os}: {fix}"
+            )));
+        }
+        let generation = p["hyperVGeneration"].as_str().unwrap_or("V1");
+        if generation != "V1" {
+            return Err(GalleryError::Unsuitable(format!("image definition {image} is hyperVGeneration {generation}; a VHD is generation 1 (V1): {fix}")));
+        }
+        let state = p["osState"].as_str().unwrap_or("Generalized");
+        if !state.eq_ignore_ascii_case("Generalized") {
+            return Err(GalleryError::Unsuitable(format!("image definition {image} is osState {state}; Batch boots only generalized images: {fix}")));
+        }
+        let arch = p["architecture"].as_str().unwrap_or("x64");
+        if !arch.eq_ignore_ascii_case("x64") {
+            return Err(GalleryError::Unsuitable(format!("image definition {image} is for architecture {arch}; a VHD for Batch's x64 sizes needs x64: {fix}")));
+        }
+        Ok(())
+    }
+
+    /// Before any copy: the image definition, if it exists, can take this
+    /// job's VHD (a missing one is created when the job publishes).
+    pub async fn check_image(&self, os: Os) -> Result<(), GalleryError> {
+        let url = self.arm.url(&self.cfg.image_id());
+        match self
+            .arm
+            .call("gallery_image_get", Method::GET, &url, None)
+            .await
+        {
+            Ok(a) => self.suits(&a.body, os),
+            Err(e) if e.class == ErrorClass::NotFound => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Makes sure the image definition exists and takes VHDs of `os`: created
-    /// when missing; an existing one of another OS or generation is refused.
+    /// when missing; an existing one that cannot take it is refused.
     pub async fn ensure_image(&self, os: Os) -> Result<(), GalleryError> {
         let url = self.arm.url(&self.cfg.image_id());
         match self
@@ -212,18 +255,7 @@ impl Gallery {
             .call("gallery_image_get", Method::GET, &url, None)
             .await
         {
-            Ok(a) => {
-                let p = &a.body["properties"];
-                let (want_os, got_os) = (os_type(os), p["osType"].as_str().unwrap_or_default());
-                if !got_os.eq_ignore_ascii_case(want_os) {
-                    return Err(GalleryError::Unsuitable(format!("image definition {} is for {got_os}, this job's VHD is {want_os}: set gallery.image to a {want_os} definition (or a new name, which is created)", self.cfg.settings.image)));
-                }
-                let generation = p["hyperVGeneration"].as_str().unwrap_or("V1");
-                if generation != "V1" {
-                    return Err(GalleryError::Unsuitable(format!("image definition {} is hyperVGeneration {generation}; a VHD is generation 1 (V1): set gallery.image to a V1 definition (or a new name, which is created)", self.cfg.settings.image)));
-                }
-                Ok(())
-            }
+            Ok(a) => self.suits(&a.body, os),
             Err(e) if e.class == ErrorClass::NotFound => {
                 tracing::info!(image = %self.cfg.settings.image, "creating the gallery image definition");
                 let a = self

@@ -650,3 +650,47 @@ async fn the_online_check_finds_the_gallery_and_its_region() {
         .unwrap()
         .contains("gallery batchimages in local"));
 }
+
+/// An existing image definition that cannot boot Batch nodes from this VHD (a
+/// specialized OS state, or an Arm64 architecture) fails the job before any
+/// copy is made, saying what is wrong and what to set.
+#[tokio::test]
+async fn an_unsuitable_image_definition_fails_the_job_before_any_copy() {
+    let arm = fake_arm(2).await;
+    let (env, settings) = gallery_env(&arm);
+    let app = TestApp::spawn_with(settings).await;
+    let source = env.source_url("unsuitable.vhd");
+    upload_sample(&app.control, &source, 2, 1, 87).await;
+    for (n, (field, value, says)) in [
+        ("osState", "Specialized", "osState Specialized"),
+        ("architecture", "Arm64", "architecture Arm64"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut props = serde_json::json!({
+            "osType": "Windows", "osState": "Generalized", "hyperVGeneration": "V1",
+            "identifier": {"publisher": "contoso", "offer": "render", "sku": "win2016"},
+        });
+        props[field] = value.into();
+        arm.put_resource(
+            &image_path(&env),
+            serde_json::json!({"location": "local", "properties": props}),
+        );
+        let job_id = format!("unsuitable{n}-{}", env.id);
+        submit(&app, &env, &job_id, &source, 100).await;
+        let d = wait_for_end(&app.control, &job_id, Duration::from_secs(60)).await;
+        assert_eq!(d.state(), JobState::Failed);
+        let reason = d.error.unwrap_or_default();
+        assert!(
+            reason.contains(says) && reason.contains("gallery.image"),
+            "{reason}"
+        );
+        assert!(
+            d.replicas.is_empty(),
+            "nothing was planned or copied: {:?}",
+            d.replicas
+        );
+    }
+    app.shutdown().await;
+}
