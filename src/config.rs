@@ -73,6 +73,15 @@ pub struct GallerySettings {
     /// Storage type of the gallery replicas.
     #[serde(default = "default_gallery_storage")]
     pub storage_account_type: String,
+    /// A new version is made with at most this many replicas, then raised in
+    /// steps (doubling) to the pool's count: large counts at creation throttle
+    /// replication.
+    #[serde(default = "default_initial_replicas")]
+    pub initial_replicas: u32,
+    /// Minutes without replication progress after which a version is reported
+    /// stalled (status page, `vhdrep_gallery_replication_stalled`); 0: never.
+    #[serde(default = "default_stall_minutes")]
+    pub stall_minutes: u64,
     /// Azure Resource Manager endpoint (tests point it at a local fake).
     #[serde(default = "default_arm_endpoint")]
     pub arm_endpoint: String,
@@ -89,6 +98,12 @@ fn default_nodes_per_replica() -> u32 {
 }
 fn default_min_replicas() -> u32 {
     3
+}
+fn default_initial_replicas() -> u32 {
+    5
+}
+fn default_stall_minutes() -> u64 {
+    30
 }
 fn default_gallery_storage() -> String {
     "Standard_LRS".into()
@@ -818,6 +833,12 @@ impl GallerySettings {
             p.add(
                 "gallery.min_replicas",
                 "must be 1 to 100 (a version has at most 100 replicas per region)",
+            );
+        }
+        if !(1..=100).contains(&self.initial_replicas) {
+            p.add(
+                "gallery.initial_replicas",
+                "must be 1 to 100 (the field's advice is about 5, raised in steps)",
             );
         }
         const TYPES: [&str; 4] = [

@@ -83,7 +83,7 @@ struct World {
     ops: HashMap<String, Op>,
     seen: Vec<ArmRequest>,
     faults: VecDeque<ArmFault>,
-    fail_replication: Option<String>,
+    fail_replication: VecDeque<String>,
     next_op: u64,
 }
 
@@ -216,13 +216,15 @@ impl FakeArm {
             .push_back(fault);
     }
 
-    /// The next version operation fails with this message.
+    /// The next version operation (create or update) fails with this message;
+    /// called again, the one after it too.
     pub fn fail_next_replication(&self, message: &str) {
         self.shared
             .world
             .lock()
             .expect("fake lock")
-            .fail_replication = Some(message.to_owned());
+            .fail_replication
+            .push_back(message.to_owned());
     }
 }
 
@@ -375,7 +377,7 @@ fn start(shared: &Shared, w: &mut World, key: &str, delete: bool, status: u16) -
     w.next_op += 1;
     let id = format!("op{}", w.next_op);
     let fail = if key.contains("/versions/") && !delete {
-        w.fail_replication.take()
+        w.fail_replication.pop_front()
     } else {
         None
     };
@@ -570,7 +572,12 @@ fn patch_version(shared: &Shared, w: &mut World, key: &str, body: &Value) -> Ans
     let Some(r) = w.resources.get_mut(key) else {
         return error(404, "ResourceNotFound", "The image version does not exist.");
     };
-    if r["properties"]["provisioningState"] != "Succeeded" {
+    // A version whose replication failed may be updated again (the usual
+    // recovery); one with an operation under way may not.
+    let state = r["properties"]["provisioningState"]
+        .as_str()
+        .unwrap_or_default();
+    if matches!(state, "Creating" | "Updating" | "Deleting" | "Migrating") {
         return error(
             409,
             "Conflict",

@@ -35,6 +35,9 @@ pub struct Metrics {
     pub job_progress: GaugeVec,
     /// `vhdrep_gallery_replication_ratio{job_id}` of active jobs that publish.
     pub gallery_replication: GaugeVec,
+    /// `vhdrep_gallery_replication_stalled{job_id}`: 1 while an active job's
+    /// gallery replication has made no progress for `gallery.stall_minutes`.
+    pub gallery_stalled: GaugeVec,
     /// `vhdrep_storage_requests_total{account,operation,status_class}`.
     pub storage_requests: IntCounterVec,
     /// `vhdrep_storage_throttled_total{account}`.
@@ -66,6 +69,18 @@ impl Default for Metrics {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// `vhdrep_copy_duration_seconds{kind}`, with buckets from seconds to days.
+fn copy_duration_histogram() -> prometheus::Result<HistogramVec> {
+    HistogramVec::new(
+        HistogramOpts::new(
+            "vhdrep_copy_duration_seconds",
+            "Time from starting a copy to its verified end.",
+        )
+        .buckets(COPY_DURATION_BUCKETS.to_vec()),
+        &["kind"],
+    )
 }
 
 impl Metrics {
@@ -108,20 +123,14 @@ impl Metrics {
                 "Bytes copied into each destination account.",
                 &["account"],
             ),
-            copy_duration: register(
-                &r,
-                HistogramVec::new(
-                    HistogramOpts::new(
-                        "vhdrep_copy_duration_seconds",
-                        "Time from starting a copy to its verified end.",
-                    )
-                    .buckets(COPY_DURATION_BUCKETS.to_vec()),
-                    &["kind"],
-                ),
-            ),
+            copy_duration: register(&r, copy_duration_histogram()),
             job_progress: ratios(
                 "vhdrep_job_progress_ratio",
                 "Share of an active job's bytes copied (0 to 1).",
+            ),
+            gallery_stalled: ratios(
+                "vhdrep_gallery_replication_stalled",
+                "1 while an active job's gallery replication makes no progress for gallery.stall_minutes.",
             ),
             gallery_replication: ratios(
                 "vhdrep_gallery_replication_ratio",

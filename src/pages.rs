@@ -329,6 +329,13 @@ pub fn job_page(d: &JobDocument, now: OffsetDateTime) -> String {
             escape(&line),
             bar(g.progress)
         ));
+        if !g.history.is_empty() {
+            body.push_str("<ul class=\"muted\">");
+            for step in &g.history {
+                body.push_str(&format!("<li>{}</li>", escape(step)));
+            }
+            body.push_str("</ul>");
+        }
     }
     body.push_str(&format!(
         "<h2>Replicas <span class=\"muted\">{}</span></h2>",

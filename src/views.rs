@@ -65,6 +65,8 @@ fn job_fields(d: &JobDocument) -> Value {
             "state": g.state,
             "replication_progress": g.progress,
             "staged_uri": g.staged_uri,
+            "stalled": g.stalled,
+            "history": g.history,
         })),
         "replicas": d.replicas.iter().map(|r| json!({
             "uri": r.uri,
@@ -86,11 +88,16 @@ fn job_fields(d: &JobDocument) -> Value {
 pub fn gallery_line(d: &JobDocument) -> Option<String> {
     d.gallery.as_ref().map(|g| {
         format!(
-            "gallery version {}: {}, {} replicas, replication {:.0}%",
+            "gallery version {}: {}, {} replicas, replication {:.0}%{}",
             g.version,
             g.state,
             g.replicas,
-            g.progress * 100.0
+            g.progress * 100.0,
+            if g.stalled {
+                " (stalled: no progress for gallery.stall_minutes)"
+            } else {
+                ""
+            }
         )
     })
 }

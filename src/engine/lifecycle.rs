@@ -406,5 +406,10 @@ impl Drop for RunningJob<'_> {
             .metrics
             .gallery_replication
             .remove_label_values(&[&self.id]);
+        let _ = self
+            .engine
+            .metrics
+            .gallery_stalled
+            .remove_label_values(&[&self.id]);
     }
 }

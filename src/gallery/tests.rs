@@ -34,6 +34,8 @@ fn config() -> GalleryConfig {
             nodes_per_replica: 50,
             min_replicas: 3,
             storage_account_type: "Standard_LRS".into(),
+            initial_replicas: 5,
+            stall_minutes: 30,
             arm_endpoint: "https://management.azure.com".into(),
             credential: None,
             ca_file: None,

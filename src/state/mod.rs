@@ -312,6 +312,13 @@ pub struct Publication {
     /// How many names were found taken by others before this one.
     #[serde(default)]
     pub attempt: u32,
+    /// What happened on the way, in order, for people: each replica-count
+    /// step asked for, each failed replication and how it was recovered.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<String>,
+    /// Replication has made no progress for `gallery.stall_minutes`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stalled: bool,
 }
 
 /// A state change the job's life does not allow (a finished job never runs

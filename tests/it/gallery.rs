@@ -312,11 +312,20 @@ async fn growing_a_published_pool_changes_the_replica_count_only() {
         .into_iter()
         .filter(|r| r.method == "PATCH")
         .collect();
-    assert_eq!(patches.len(), 1);
-    assert_eq!(
-        patches[0].body["properties"]["publishingProfile"]["targetRegions"][0]
-            ["regionalReplicaCount"],
-        12
+    // Raised in steps, doubling: 4 -> 8 -> 12 (large counts at once throttle
+    // replication).
+    let steps: Vec<_> = patches
+        .iter()
+        .map(|p| {
+            p.body["properties"]["publishingProfile"]["targetRegions"][0]["regionalReplicaCount"]
+                .clone()
+        })
+        .collect();
+    assert_eq!(steps, [8, 12], "{steps:?}");
+    assert!(
+        g2.history.iter().any(|h| h.contains("4 -> 8 of 12")),
+        "{:?}",
+        g2.history
     );
     assert_eq!(
         patches[0].body["properties"]["storageProfile"],
@@ -406,8 +415,10 @@ async fn a_resumed_job_adopts_the_version_it_named() {
     );
 }
 
-/// A replication that fails fails the job with ARM's message; an identity
-/// without the role is told which role to assign and where.
+/// A replication that keeps failing (three times: made, updated again,
+/// deleted and made again) fails the job with ARM's message and the recovery
+/// steps in its history; an identity without the role is told which role to
+/// assign and where.
 #[tokio::test]
 async fn failures_say_what_arm_said_and_what_to_do() {
     let arm = fake_arm(2).await;
@@ -415,14 +426,16 @@ async fn failures_say_what_arm_said_and_what_to_do() {
     let app = TestApp::spawn_with(settings).await;
     let source = env.source_url("fail.vhd");
     upload_sample(&app.control, &source, 2, 1, 84).await;
-    arm.fail_next_replication("The VHD is not a generalized OS disk.");
+    for _ in 0..3 {
+        arm.fail_next_replication("The VHD is not a generalized OS disk.");
+    }
     let failed = format!("fail-{}", env.id);
     submit(&app, &env, &failed, &source, 100).await;
     let d = wait_for_end(&app.control, &failed, Duration::from_secs(60)).await;
     assert_eq!(d.state(), JobState::Failed);
     let reason = d.error.unwrap();
     assert!(
-        reason.contains("The VHD is not a generalized OS disk."),
+        reason.contains("The VHD is not a generalized OS disk.") && reason.contains("3 times"),
         "{reason}"
     );
 
@@ -692,5 +705,55 @@ async fn an_unsuitable_image_definition_fails_the_job_before_any_copy() {
             d.replicas
         );
     }
+    app.shutdown().await;
+}
+
+/// A regional replication that fails is recovered as users do it: the first
+/// failure by updating the version again, a second by deleting it and making
+/// it again; each step is in the job's view, and the job completes with one
+/// version (asked for twice, deleted once in between).
+#[tokio::test]
+async fn a_failed_replication_is_recovered_and_each_step_shows() {
+    let arm = fake_arm(2).await;
+    let (env, settings) = gallery_env(&arm);
+    let app = TestApp::spawn_with(settings).await;
+    let source = env.source_url("recover.vhd");
+    upload_sample(&app.control, &source, 2, 1, 88).await;
+    arm.fail_next_replication("Replication to westeurope failed: internal error.");
+    arm.fail_next_replication("Replication to westeurope failed: internal error.");
+    let job_id = format!("recover-{}", env.id);
+    submit(&app, &env, &job_id, &source, 100).await;
+    let d = wait_for_end(&app.control, &job_id, Duration::from_secs(90)).await;
+    assert_eq!(d.state(), JobState::Completed, "{:?}", d.error);
+    let g = d.gallery.unwrap();
+    assert_eq!(g.state, "succeeded");
+    let history = g.history.join("\n");
+    assert!(history.contains("updating it again"), "{history}");
+    assert!(
+        history.contains("deleting it and making it again"),
+        "{history}"
+    );
+    assert!(history.contains("internal error"), "{history}");
+    let methods: Vec<String> = arm
+        .requests()
+        .iter()
+        .filter(|r| r.path.contains("/versions/") && r.method != "GET")
+        .map(|r| format!("{} {}", r.method, r.status))
+        .collect();
+    assert_eq!(
+        methods,
+        ["PUT 201", "PATCH 202", "DELETE 202", "PUT 201"],
+        "made, updated again, deleted, made again"
+    );
+    let view: Value = reqwest::get(app.url(&format!("/v1/jobs/{job_id}")))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        view.to_string().contains("updating it again"),
+        "the recovery shows in the job view: {view}"
+    );
     app.shutdown().await;
 }
