@@ -64,6 +64,7 @@ fn exported() -> BTreeSet<String> {
         .observe(1.0);
     m.job_progress.with_label_values(&["j"]).set(0.5);
     m.gallery_replication.with_label_values(&["j"]).set(0.5);
+    m.gallery_stalled.with_label_values(&["j"]).set(1.0);
     m.replicas_finished.with_label_values(&["completed"]).inc();
     m.storage_request("a", "op", Some(503));
     m.storage_retries
@@ -158,7 +159,7 @@ fn promtool_accepts_the_rules_and_the_config() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        String::from_utf8_lossy(&out.stdout).contains("SUCCESS: 5 rules found"),
+        String::from_utf8_lossy(&out.stdout).contains("SUCCESS: 6 rules found"),
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
