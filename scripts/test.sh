@@ -1,10 +1,23 @@
 #!/usr/bin/env bash
-# The whole test suite: installs and starts Azurite (if it is not running), runs
-# every unit, property and integration test, and stops the Azurite it started.
+# The whole test suite: checks formatting, lints (clippy, the 100-line rule) and
+# documentation, installs and starts Azurite (if it is not running), runs every
+# unit, property and integration test, and stops the Azurite it started.
 #   scripts/test.sh [extra cargo test arguments]
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
+
+# The conventions first (STYLE.md): formatting, lints with the 100-line rule
+# (Cargo.toml [lints] and clippy.toml), documentation without broken links.
+# VHDREP_SKIP_LINTS=1 skips them while iterating on one test.
+if [ "${VHDREP_SKIP_LINTS:-0}" != 1 ]; then
+  echo "== cargo fmt --check" >&2
+  cargo fmt --all -- --check
+  echo "== cargo clippy --all-targets -D warnings" >&2
+  cargo clippy --locked --all-targets -- -D warnings
+  echo "== cargo doc (warnings are errors)" >&2
+  RUSTDOCFLAGS="-D warnings" cargo doc --locked --no-deps
+fi
 
 scripts/tools.sh
 started=0

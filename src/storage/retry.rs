@@ -1,8 +1,8 @@
 //! The one retry policy for every outbound call (blobs, queues, the hand-off
 //! webhook, delegation keys): each attempt under a timeout, exponential backoff
 //! with full jitter between attempts, bounded by attempts and by elapsed time,
-//! Retry-After honoured. Only [`ErrorClass::Throttled`] and
-//! [`ErrorClass::Transient`] failures are retried, and a call that is not
+//! Retry-After honoured. Only [`ErrorClass::Throttled`](super::ErrorClass::Throttled) and
+//! [`ErrorClass::Transient`](super::ErrorClass::Transient) failures are retried, and a call that is not
 //! idempotent is not sent again after a failure whose outcome is unknown (see
 //! [`StorageError::outcome_unknown`]): its caller reconciles from what storage
 //! says instead.
