@@ -231,46 +231,47 @@ impl Gallery {
         Ok(())
     }
 
-    /// Before any copy: the image definition, if it exists, can take this
-    /// job's VHD (a missing one is created when the job publishes).
-    pub async fn check_image(&self, os: Os) -> Result<(), GalleryError> {
+    /// The image definition as ARM has it, `None` when there is none.
+    async fn image_definition(&self) -> Result<Option<Value>, GalleryError> {
         let url = self.arm.url(&self.cfg.image_id());
         match self
             .arm
             .call("gallery_image_get", Method::GET, &url, None)
             .await
         {
-            Ok(a) => self.suits(&a.body, os),
-            Err(e) if e.class == ErrorClass::NotFound => Ok(()),
+            Ok(a) => Ok(Some(a.body)),
+            Err(e) if e.class == ErrorClass::NotFound => Ok(None),
             Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Before any copy: the image definition, if it exists, can take this
+    /// job's VHD (a missing one is created when the job publishes).
+    pub async fn check_image(&self, os: Os) -> Result<(), GalleryError> {
+        match self.image_definition().await? {
+            Some(body) => self.suits(&body, os),
+            None => Ok(()),
         }
     }
 
     /// Makes sure the image definition exists and takes VHDs of `os`: created
     /// when missing; an existing one that cannot take it is refused.
     pub async fn ensure_image(&self, os: Os) -> Result<(), GalleryError> {
-        let url = self.arm.url(&self.cfg.image_id());
-        match self
-            .arm
-            .call("gallery_image_get", Method::GET, &url, None)
-            .await
-        {
-            Ok(a) => self.suits(&a.body, os),
-            Err(e) if e.class == ErrorClass::NotFound => {
-                tracing::info!(image = %self.cfg.settings.image, "creating the gallery image definition");
-                let a = self
-                    .arm
-                    .call(
-                        "gallery_image_put",
-                        Method::PUT,
-                        &url,
-                        Some(&self.image_body(os)),
-                    )
-                    .await?;
-                self.wait(&a.operation, |_| {}).await
-            }
-            Err(e) => Err(e.into()),
+        if let Some(body) = self.image_definition().await? {
+            return self.suits(&body, os);
         }
+        tracing::info!(image = %self.cfg.settings.image, "creating the gallery image definition");
+        let url = self.arm.url(&self.cfg.image_id());
+        let a = self
+            .arm
+            .call(
+                "gallery_image_put",
+                Method::PUT,
+                &url,
+                Some(&self.image_body(os)),
+            )
+            .await?;
+        self.wait(&a.operation, |_| {}).await
     }
 
     /// The version `name`, with its replication status; `None` when missing.
