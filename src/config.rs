@@ -452,6 +452,10 @@ pub struct AccountSettings {
     /// gallery image version names as the source of its VHD.
     #[serde(default)]
     pub resource_group: Option<String>,
+    /// Whether the service does Put Page From URL, for `copy_method = "auto"`;
+    /// unset: judged from the endpoint (an emulator's does not).
+    #[serde(default)]
+    pub put_page_from_url: Option<bool>,
 }
 
 fn default_true() -> bool {
@@ -1053,6 +1057,7 @@ impl AccountSettings {
             api_version: self.api_version.clone(),
             ca_pem,
             max_replicas: self.max_replicas,
+            put_page_from_url: self.put_page_from_url,
         })
     }
 

@@ -75,13 +75,20 @@ pub struct HandOff {
     /// Its replicas in the Batch region.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gallery_replicas: Option<u32>,
-    /// Ready body of Batch "Pool - Add", API 2025-06-01.21.0, when the job published.
+    /// Ready body of Batch "Pool - Add", API [`BATCH_API_VERSION`], when the job published.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pool_create: Option<PoolCreate>,
 }
 
-/// The body of Batch "Pool - Add" (REST API 2025-06-01.21.0) for a pool booting
-/// a gallery image version.
+/// The Batch data-plane API version `pool_create` is written for, as the
+/// `api-version` query string: `2025-06-01`, without the `.NN.0` suffix that
+/// versions up to `2024-07-01.20.0` carried. (The Swagger published in
+/// azure-rest-api-specs under `stable/2025-06-01.21.0/` still labels itself
+/// `2025-06-01.21.0`; the service's version string has no suffix.)
+pub const BATCH_API_VERSION: &str = "2025-06-01";
+
+/// The body of Batch "Pool - Add" (REST API [`BATCH_API_VERSION`]) for a pool
+/// booting a gallery image version.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PoolCreate {
@@ -595,8 +602,8 @@ mod tests {
     /// Without a default, a job that lacks what Batch requires is refused at
     /// submission, naming the field and the configuration key.
     /// Checks a body against `BatchPoolCreateOptions` of Batch REST API
-    /// 2025-06-01.21.0 (azure-rest-api-specs, specification/batch/data-plane/
-    /// Azure.Batch/stable/2025-06-01/BatchService.json, and its example
+    /// 2025-06-01 (azure-rest-api-specs, specification/batch/data-plane/
+    /// Azure.Batch/stable/2025-06-01.21.0/BatchService.json, and its example
     /// `Pools_CreatePool_OSDisk.json`), as far as this body goes: known and
     /// required properties, a gallery image version for `virtualMachineImageId`,
     /// an ISO 8601 `resizeTimeout` of at least 15 minutes per 1,000 nodes.

@@ -196,7 +196,7 @@ fn settings_for(scenario: &Scenario) -> crate::config::ValidatedSettings {
         )
     {
         toml.push_str(&format!(
-            "[[accounts]]\nname = \"{name}\"\nblob_endpoint = \"http://sim.invalid/{name}\"\nkey_env = \"K\"\ndestination = {dest}\nmax_concurrent_copies = {}\nmax_requests_per_second = {}\n",
+            "[[accounts]]\nname = \"{name}\"\nblob_endpoint = \"http://{name}.blob.sim.invalid\"\nkey_env = \"K\"\ndestination = {dest}\nmax_concurrent_copies = {}\nmax_requests_per_second = {}\n",
             scenario.max_concurrent_copies, scenario.max_requests_per_second
         ));
     }

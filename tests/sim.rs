@@ -484,6 +484,27 @@ fn a_source_too_fragmented_to_list_is_copied_with_copy_blob() {
 /// One random case of the contested property test: a small job delivered one
 /// to five times (raw and base64) to one to three instances, zero to three of
 /// which are killed at random moments and replaced.
+/// `auto` on a service that answers Put Page From URL as not implemented
+/// (its endpoints Azure-style, so nothing marks it an emulator up front):
+/// the first refusal moves the account to Copy Blob, no try is counted, and
+/// every replica is copied with Copy Blob.
+#[test]
+fn auto_falls_back_to_copy_blob_where_put_page_from_url_is_refused() {
+    let mut scenario = Scenario::new(3, 6, 256 * MIB, Strategy::Fanout);
+    scenario.copy_method = CopyMethod::Auto;
+    scenario.relays = false;
+    scenario.sim.put_page_from_url = false;
+    let r = runtime().block_on(run(&scenario));
+    assert_eq!(r.outcome, Outcome::Completed, "{:?}", r.error);
+    assert_eq!(r.replicas.len(), 6);
+    for x in &r.replicas {
+        assert_eq!(x.method.as_deref(), Some("async"), "replica {}", x.index);
+        // The refused ranged try and the Copy Blob; a refusal is no failure.
+        assert!(x.attempts <= 2, "the refusal was retried: {x:?}");
+        assert!(x.error.is_none(), "{x:?}");
+    }
+}
+
 fn contested_case(
     rng: &mut rand::rngs::StdRng,
     case: usize,

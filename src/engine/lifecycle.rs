@@ -199,15 +199,15 @@ impl Engine {
             return Err(Failure::Cancelled);
         }
         self.check_accounts(job).await?;
-        // What the gallery can be asked before any copy: the image definition
-        // (if there is one) can take this VHD.
+        let source = self.check_source(job).await?;
+        // What the gallery can be asked before any copy: it takes a VHD this
+        // large, and the image definition (if there is one) can take it.
         if let Some(gallery) = self.gallery.as_deref().filter(|_| job.publish) {
             gallery
-                .check_image(job.spec.pool.os)
+                .check_image(job.spec.pool.os, source.len)
                 .await
                 .map_err(JobError::Gallery)?;
         }
-        let source = self.check_source(job).await?;
         // From here until its end is on record, this job alone may change the
         // pool's image sets (a retire or another job of the pool waits).
         let record = self.lock_pool(job, job_run, stop).await?;

@@ -95,11 +95,21 @@ pub(super) fn remaining(wanted: &[Range<u64>], done: &[Range<u64>], max: u64) ->
 }
 
 impl Copier<'_> {
-    /// Whether the copy of `source` into `dest` is ranged.
+    /// Whether the copy of `source` into `dest` is ranged. `auto` means the
+    /// best method the destination's endpoint does: Copy Blob on an emulator
+    /// endpoint (Azurite has no Put Page From URL) and on an account that
+    /// answered it as unsupported, ranges across accounts elsewhere.
     pub(super) fn ranged(&self, source: &BlobPath, dest: &BlobPath) -> bool {
         let method = self.settings.engine.copy_method;
-        method.ranged(&source.account, &dest.account)
-            && !(method == CopyMethod::Auto && self.without_from_url.contains(&dest.account))
+        if !method.ranged(&source.account, &dest.account) {
+            return false;
+        }
+        method != CopyMethod::Auto
+            || !(self.without_from_url.contains(&dest.account)
+                || self
+                    .settings
+                    .account(&dest.account)
+                    .is_some_and(|a| !a.does_put_page_from_url()))
     }
 
     /// One try of a ranged copy into `rec`'s blob: adopt what an earlier try

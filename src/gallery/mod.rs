@@ -245,9 +245,11 @@ impl Gallery {
         }
     }
 
-    /// Before any copy: the image definition, if it exists, can take this
-    /// job's VHD (a missing one is created when the job publishes).
-    pub async fn check_image(&self, os: Os) -> Result<(), GalleryError> {
+    /// Before any copy: the VHD of `blob_len` bytes is not larger than a
+    /// gallery takes, and the image definition, if it exists, can take it (a
+    /// missing one is created when the job publishes).
+    pub async fn check_image(&self, os: Os, blob_len: u64) -> Result<(), GalleryError> {
+        check_source_size(blob_len)?;
         match self.image_definition().await? {
             Some(body) => self.suits(&body, os),
             None => Ok(()),
@@ -474,6 +476,28 @@ impl GalleryError {
     pub fn is_transient(&self) -> bool {
         matches!(self, GalleryError::Arm(e) if e.class.is_retryable())
     }
+}
+
+/// The largest disk, in GiB, a gallery image version takes from a VHD: ARM
+/// refuses a larger one with `GallerySourceResourceExceedsMaxSize` ("The
+/// GalleryImageVersion source resource size 2520 exceeds the max size 2048
+/// supported"), as Azure's "Troubleshoot Azure Compute Gallery" page lists
+/// (raised from 1 TiB; MicrosoftDocs/azure-docs#113012). Generation 1 images,
+/// the ones made here, boot OS disks of at most 2 TiB anyway.
+pub const MAX_SOURCE_GIB: u64 = 2048;
+
+/// Refuses a VHD whose disk (the blob less its 512-byte footer) is larger than
+/// [`MAX_SOURCE_GIB`], before anything is copied.
+pub fn check_source_size(blob_len: u64) -> Result<(), GalleryError> {
+    const GIB: u64 = 1024 * 1024 * 1024;
+    let disk = blob_len.saturating_sub(crate::vhd::FOOTER_LEN);
+    if disk > MAX_SOURCE_GIB * GIB {
+        return Err(GalleryError::Unsuitable(format!(
+            "the source disk is {:.1} GiB; a gallery image version takes at most {MAX_SOURCE_GIB} GiB from a VHD (Azure answers GallerySourceResourceExceedsMaxSize): shrink the disk, or submit the job with \"gallery\": false for VHD replicas only",
+            disk as f64 / GIB as f64
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

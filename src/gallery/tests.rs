@@ -228,3 +228,21 @@ fn waits_keep_a_floor_and_a_ceiling() {
         super::MAX_WAIT
     );
 }
+
+#[test]
+fn a_disk_over_2048_gib_is_refused_before_any_copy() {
+    const GIB: u64 = 1024 * 1024 * 1024;
+    let footer = crate::vhd::FOOTER_LEN;
+    assert!(check_source_size(30 * GIB + footer).is_ok());
+    assert!(check_source_size(2048 * GIB + footer).is_ok());
+    let e = check_source_size(2049 * GIB + footer)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("2049.0 GiB") && e.contains("at most 2048 GiB"),
+        "{e}"
+    );
+    assert!(e.contains("GallerySourceResourceExceedsMaxSize"), "{e}");
+    assert!(e.contains("\"gallery\": false"), "{e}");
+    assert!(!GalleryError::Unsuitable(e).is_transient());
+}

@@ -135,11 +135,14 @@ lease_seconds = 30
             .expect("test config validates")
     }
 
-    /// The config with blob endpoints through a proxy at `base` (queues stay direct).
+    /// The config with blob endpoints through a proxy at `base` (queues stay
+    /// direct). The proxy performs Put Page From URL, so each account says
+    /// so: its loopback, path-style endpoint would otherwise count as an
+    /// emulator's, which `copy_method = "auto"` copies into with Copy Blob.
     pub fn proxied_toml(&self, base: &str) -> String {
         self.toml.replace(
             &format!("blob_endpoint = \"{BLOB}"),
-            &format!("blob_endpoint = \"{base}"),
+            &format!("put_page_from_url = true\nblob_endpoint = \"{base}"),
         )
     }
 

@@ -297,7 +297,9 @@ async fn the_default_copy_method_works_against_azurite() {
     assert_eq!(doc.replicas.len(), 3);
     for r in &doc.replicas {
         assert_eq!(r.method.as_deref(), Some("async"), "replica {}", r.index);
-        assert!(r.attempts <= 2, "the fallback counted no failed try: {r:?}");
+        // Azurite's endpoint is path-style on a loopback address: `auto`
+        // chose Copy Blob up front, without a refused Put Page From URL.
+        assert_eq!(r.attempts, 1, "a ranged try was made first: {r:?}");
         assert!(read_all(&app.control, &r.blob).await == image);
     }
     app.shutdown().await;

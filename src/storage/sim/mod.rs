@@ -41,7 +41,9 @@ use url::Url;
 mod flows;
 use flows::{Flow, Flows};
 
-const BASE: &str = "http://sim.invalid";
+/// The simulated service's domain: an account's endpoint is
+/// `http://{account}.blob.sim.invalid`, virtual-host style as on Azure.
+pub const DOMAIN: &str = "blob.sim.invalid";
 const MIB: f64 = 1024.0 * 1024.0;
 
 /// Parameters of the model.
@@ -81,6 +83,9 @@ pub struct SimConfig {
     pub instant_copies: bool,
     /// Ranges Get Page Ranges returns a page (the service: thousands).
     pub page_ranges_per_page: usize,
+    /// The service does Put Page From URL; without it, 501 NotImplemented
+    /// (as a service without the operation answers).
+    pub put_page_from_url: bool,
 }
 
 impl SimConfig {
@@ -113,6 +118,7 @@ impl Default for SimConfig {
             latency: Duration::from_millis(5),
             instant_copies: false,
             page_ranges_per_page: 10_000,
+            put_page_from_url: true,
         }
     }
 }
@@ -531,6 +537,9 @@ impl SimStore {
         source_url: &str,
     ) -> StorageResult<BlobPath> {
         const OP: &str = "put_page_from_url";
+        if !self.cfg.put_page_from_url {
+            return Err(StorageError::http(OP, dest, 501, Some("NotImplemented")));
+        }
         let aligned = range.start.is_multiple_of(512) && range.end.is_multiple_of(512);
         if !aligned || range.is_empty() || range.end - range.start > super::MAX_PAGES_FROM_URL {
             return Err(StorageError::http(OP, dest, 400, Some("InvalidPageRange")));
@@ -605,7 +614,7 @@ fn not_found(op: &'static str, blob: &BlobPath) -> StorageError {
 #[async_trait]
 impl BlobStore for SimStore {
     fn blob_url(&self, blob: &BlobPath) -> StorageResult<Url> {
-        Ok(url_of(BASE, blob))
+        Ok(url_of(blob))
     }
 
     async fn copy_source_url(
@@ -615,7 +624,7 @@ impl BlobStore for SimStore {
         read: SourceRead,
         expiry: OffsetDateTime,
     ) -> StorageResult<String> {
-        Ok(source_url_of(BASE, source, dest_account, read, expiry))
+        Ok(source_url_of(source, dest_account, read, expiry))
     }
 
     async fn ensure_container(&self, account: &str, container: &str) -> StorageResult<()> {
@@ -1135,8 +1144,12 @@ fn copy_source(
 /// Parses a URL made by [`url_of`] (query parameters such as a SAS ignored).
 fn parse_source(url: &str) -> Option<BlobPath> {
     let url = Url::parse(url).ok()?;
+    let account = url
+        .host_str()?
+        .strip_suffix(DOMAIN)?
+        .strip_suffix('.')?
+        .to_owned();
     let mut segments = url.path_segments()?;
-    let account = segments.next()?.to_owned();
     let container = segments.next()?.to_owned();
     let name = segments.collect::<Vec<_>>().join("/");
     let name = percent_decode(&name);
@@ -1152,12 +1165,12 @@ fn parse_source(url: &str) -> Option<BlobPath> {
     })
 }
 
-/// A path-style URL of `blob` under `base` (for stores without real endpoints).
-fn url_of(base: &str, blob: &BlobPath) -> Url {
-    let mut url = Url::parse(base).expect("static base URL parses");
+/// The URL of `blob` on the simulated service.
+fn url_of(blob: &BlobPath) -> Url {
+    let mut url = Url::parse(&format!("http://{}.{DOMAIN}", blob.account))
+        .expect("account names make valid host names");
     url.path_segments_mut()
         .expect("base URL")
-        .push(&blob.account)
         .push(&blob.container)
         .extend(blob.name.split('/'));
     if let Some(s) = &blob.snapshot {
@@ -1168,13 +1181,12 @@ fn url_of(base: &str, blob: &BlobPath) -> Url {
 
 /// A copy-source URL: plain inside one account, with a stand-in SAS across accounts.
 fn source_url_of(
-    base: &str,
     source: &BlobPath,
     dest_account: &str,
     read: SourceRead,
     expiry: OffsetDateTime,
 ) -> String {
-    let mut url = url_of(base, source);
+    let mut url = url_of(source);
     if source.account != dest_account || read == SourceRead::FromUrl {
         url.query_pairs_mut()
             .append_pair("sp", "r")
