@@ -8,8 +8,8 @@ use std::time::Instant;
 
 const MIB: u64 = 1024 * 1024;
 use vhd_replicator::{
-    config::CopyMethod,
-    engine::{schedule::Strategy, Outcome},
+    config::{CopyMethod, Strategy},
+    engine::Outcome,
     simulation::{run, Scenario},
 };
 

@@ -12,8 +12,8 @@
 
 use std::time::{Duration, Instant};
 use vhd_replicator::{
-    config::CopyMethod,
-    engine::{schedule::Strategy, Outcome},
+    config::{CopyMethod, Strategy},
+    engine::Outcome,
     simulation::{run, Scenario},
 };
 

@@ -2,7 +2,8 @@
 //! environment variables, then [`Settings::validate`] into [`ValidatedSettings`],
 //! reporting every problem at once with the key it concerns.
 
-use crate::storage::auth::SharedKey;
+use crate::azure::account::{AccountConfig, AccountCredential};
+use crate::azure::auth::SharedKey;
 use azure_core::credentials::TokenCredential;
 use secrecy::SecretString;
 use serde::Deserialize;
@@ -468,8 +469,6 @@ fn default_copies() -> u32 {
     16
 }
 
-pub use crate::storage::account::{AccountConfig, AccountCredential};
-
 /// Settings that passed validation.
 #[derive(Debug, Clone)]
 pub struct ValidatedSettings {
@@ -507,8 +506,8 @@ pub struct ValidatedSettings {
 
 impl ValidatedSettings {
     /// The retry policy of every outbound call, with the configured timeout.
-    pub fn retry_policy(&self) -> crate::storage::retry::RetryPolicy {
-        crate::storage::retry::RetryPolicy::with_timeout(Duration::from_secs(
+    pub fn retry_policy(&self) -> crate::azure::retry::RetryPolicy {
+        crate::azure::retry::RetryPolicy::with_timeout(Duration::from_secs(
             self.engine.request_timeout_seconds,
         ))
     }

@@ -3,17 +3,15 @@
 //! cancel). The daemon on top of it is in [`crate::daemon`].
 
 use crate::config::ValidatedSettings;
-use crate::engine::{limits::AccountLimits, Engine};
 use crate::handoff::HandoffSinks;
 use crate::job::{JobError, JobSpec};
 use crate::metrics::Metrics;
 use crate::queue::{AzureQueue, InstrumentedQueue, MessageQueue};
 use crate::state::{JobDocument, StateError, StateStore};
-use crate::storage::{
-    azure::{shared_transport, AzureStore},
-    instrumented::{Instrumented, Outbound},
-    retry::RetryPolicy,
-    BlobStore, StorageError,
+use crate::{azure::limits::AccountLimits, engine::Engine};
+use crate::{
+    azure::{outbound::Outbound, retry::RetryPolicy, transport::shared_transport, ServiceError},
+    storage::{azure::AzureStore, instrumented::Instrumented, BlobStore},
 };
 use std::sync::Arc;
 
@@ -48,7 +46,7 @@ pub enum SubmitError {
     Invalid(#[from] JobError),
     /// Storage failed.
     #[error("cannot submit: {0}")]
-    Storage(#[from] StorageError),
+    Storage(#[from] ServiceError),
     /// State failed.
     #[error("cannot submit: {0}")]
     State(#[from] StateError),
@@ -65,7 +63,7 @@ pub struct Submitted {
 
 impl Control {
     /// Azure (or Azurite) clients for every account.
-    pub fn azure(settings: Arc<ValidatedSettings>, metrics: Metrics) -> Result<Self, StorageError> {
+    pub fn azure(settings: Arc<ValidatedSettings>, metrics: Metrics) -> Result<Self, ServiceError> {
         let transport = shared_transport(&settings.accounts, settings.connect_timeout())?;
         let raw: Arc<dyn BlobStore> = Arc::new(AzureStore::new(
             &settings.accounts,
@@ -75,7 +73,7 @@ impl Control {
         let control = settings
             .account(&settings.control.account)
             .expect("validated: the control account is configured");
-        let q = |name: &str| -> Result<Arc<dyn MessageQueue>, StorageError> {
+        let q = |name: &str| -> Result<Arc<dyn MessageQueue>, ServiceError> {
             Ok(Arc::new(AzureQueue::new(control, name, &transport)?))
         };
         let intake = q(&settings.control.intake_queue)?;

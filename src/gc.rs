@@ -19,7 +19,7 @@ pub enum GcError {
     State(#[from] crate::state::StateError),
     /// Listing or deleting blobs.
     #[error("garbage collection: {0}")]
-    Storage(#[from] crate::storage::StorageError),
+    Storage(#[from] crate::azure::ServiceError),
 }
 
 /// What a collection found.

@@ -7,10 +7,10 @@
 //! gets a small [`HandOffReference`] to it instead (a claim check); the file and
 //! the webhook always get the whole document.
 
+use crate::azure::{auth::redact_sas, ServiceError, TransportFailure};
 use crate::job::{Caching, JobId, Os, ValidatedJob};
 use crate::queue::MessageQueue;
-pub use crate::storage::BlobReference;
-use crate::storage::{auth::redact_sas, StorageError, TransportFailure};
+use crate::storage::BlobReference;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use url::Url;
@@ -244,7 +244,7 @@ fn redact_query(uri: &str) -> String {
 pub enum HandoffError {
     /// The queue refused the message.
     #[error("hand-off queue: {0}")]
-    Queue(#[from] crate::storage::StorageError),
+    Queue(#[from] crate::azure::ServiceError),
     /// The whole document (for a hand-off too large for one message) could not
     /// be written.
     #[error("hand-off document: {0}")]
@@ -297,7 +297,7 @@ pub struct HandoffSinks {
     /// HTTP client for the webhook (with a connect timeout).
     pub http: reqwest::Client,
     /// The retry policy every outbound call follows (attempt timeout included).
-    pub retry: crate::storage::retry::RetryPolicy,
+    pub retry: crate::azure::retry::RetryPolicy,
     /// How the queue message is encoded.
     pub encoding: QueueEncoding,
     /// Where a hand-off too large for one message is written.
@@ -383,7 +383,7 @@ impl HandoffSinks {
                     } else {
                         TransportFailure::Broken
                     };
-                    StorageError::transport(
+                    ServiceError::transport(
                         OP,
                         &shown,
                         failure,
@@ -393,12 +393,12 @@ impl HandoffSinks {
             if rsp.status().is_success() {
                 Ok(())
             } else {
-                Err(StorageError::http(OP, &shown, rsp.status().as_u16(), None))
+                Err(ServiceError::http(OP, &shown, rsp.status().as_u16(), None))
             }
         };
         self.retry
             .run(
-                crate::storage::retry::Idempotency::Idempotent,
+                crate::azure::retry::Idempotency::Idempotent,
                 |_| {},
                 || self.retry.timed(OP, &shown, attempt()),
             )

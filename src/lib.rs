@@ -37,6 +37,7 @@
 #![warn(missing_docs, unreachable_pub)]
 
 pub mod api;
+pub mod azure;
 pub mod cli;
 pub mod config;
 pub mod control;

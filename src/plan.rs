@@ -2,6 +2,7 @@
 //! each is called, and the metadata that marks it as ours.
 
 use crate::job::ValidatedJob;
+use crate::placement::{place_more, CapacityError};
 use crate::storage::{BlobPath, Metadata};
 use std::collections::BTreeMap;
 
@@ -58,8 +59,6 @@ impl Plan {
         m
     }
 }
-
-pub use crate::placement::{place, place_more, CapacityError};
 
 /// The deterministic name of replica `index` of a job, so a re-run finds its own
 /// blobs: `<pool>/<job>/<source stem>-<index>.vhd`.
@@ -150,6 +149,7 @@ pub fn is_our_replica(metadata: &Metadata, job: &ValidatedJob, index: u32, snaps
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::placement::place;
     use proptest::prelude::*;
 
     fn names(n: usize) -> Vec<String> {

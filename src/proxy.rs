@@ -120,7 +120,7 @@ pub struct ProxyConfig {
     /// Shared keys of the accounts the proxy performs Put Page From URL for
     /// (Azurite answers it with 416): the proxy reads the source range through
     /// its SAS and writes the page itself, signed with the destination's key.
-    pub signers: HashMap<String, crate::storage::auth::SharedKey>,
+    pub signers: HashMap<String, crate::azure::auth::SharedKey>,
 }
 
 impl ProxyConfig {
@@ -701,20 +701,20 @@ async fn put_page_from_url(
         .to_bytes();
     let url = url::Url::parse(&format!("{}{}?comp=page", shared.cfg.upstream, seen.path))
         .map_err(|_| Reset)?;
-    let date = crate::storage::auth::http_date(time::OffsetDateTime::now_utc());
+    let date = crate::azure::auth::http_date(time::OffsetDateTime::now_utc());
     let signed = vec![
         ("x-ms-date".to_owned(), date.clone()),
         ("x-ms-page-write".to_owned(), "update".to_owned()),
         ("x-ms-range".to_owned(), range.clone()),
         ("x-ms-version".to_owned(), header("x-ms-version")),
     ];
-    let input = crate::storage::auth::SigningInput {
+    let input = crate::azure::auth::SigningInput {
         method: "PUT",
         url: &url,
         headers: signed.clone(),
         content_length: Some(data.len() as u64),
     };
-    let signature = key.sign(&crate::storage::auth::string_to_sign(&account, &input));
+    let signature = key.sign(&crate::azure::auth::string_to_sign(&account, &input));
     let mut write = Request::put(url.as_str())
         .header("authorization", format!("SharedKey {account}:{signature}"))
         .header("content-length", data.len().to_string());

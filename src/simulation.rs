@@ -5,7 +5,6 @@
 
 use crate::config::{CopyMethod, SecretSource, Settings};
 use crate::control::Control;
-use crate::engine::{schedule::Strategy, Outcome};
 use crate::job::parse_job_json;
 use crate::metrics::Metrics;
 use crate::queue::{MemoryQueue, MessageQueue};
@@ -14,6 +13,7 @@ use crate::storage::{
     sim::{SimConfig, SimStats, SimStore},
     BlobPath, BlobStore,
 };
+use crate::{config::Strategy, engine::Outcome};
 use bytes::Bytes;
 use std::{sync::Arc, time::Duration};
 use tokio_util::sync::CancellationToken;
@@ -262,7 +262,7 @@ pub async fn run(scenario: &Scenario) -> Report {
         Arc::new(MemoryQueue::new("intake")),
         Arc::new(MemoryQueue::new("poison")),
         Arc::new(MemoryQueue::new("handoff")),
-        crate::storage::retry::RetryPolicy {
+        crate::azure::retry::RetryPolicy {
             jitter_seed: Some(scenario.sim.seed),
             ..Default::default()
         },
@@ -388,7 +388,7 @@ fn control_over(
         queues[0].clone(),
         queues[1].clone(),
         queues[2].clone(),
-        crate::storage::retry::RetryPolicy {
+        crate::azure::retry::RetryPolicy {
             jitter_seed,
             ..Default::default()
         },

@@ -4,8 +4,8 @@
 
 use std::{collections::BTreeSet, time::Duration};
 use vhd_replicator::{
-    config::CopyMethod,
-    engine::{schedule::Strategy, Outcome},
+    config::{CopyMethod, Strategy},
+    engine::Outcome,
     simulation::{run, run_contested, Contest, Report, Scenario},
     state::{JobState, ReplicaState},
     storage::sim::SimConfig,

@@ -767,7 +767,7 @@ pub(super) struct CopyContext<'a> {
 #[derive(Debug)]
 pub(super) enum CopyError {
     /// A storage request failed, classified where it arose.
-    Storage(StorageError),
+    Storage(ServiceError),
     /// The copy ended but the blob is not sound: the service reported the copy
     /// failed or aborted, another writer replaced it, or it does not verify.
     Unsound(String),
@@ -777,13 +777,13 @@ pub(super) enum CopyError {
     /// The service does not do the copy method (Put Page From URL on Azurite,
     /// or an older API): with `copy_method = "auto"` the account falls back
     /// to Copy Blob; with `ranges` the job cannot go on.
-    MethodUnsupported(StorageError),
+    MethodUnsupported(ServiceError),
     /// The job is stopping (cancel, shutdown, a lost claim) or failed as a whole.
     Stop(Failure),
 }
 
 impl CopyError {
-    pub(super) fn from_storage(e: &StorageError) -> Self {
+    pub(super) fn from_storage(e: &ServiceError) -> Self {
         CopyError::Storage(e.clone())
     }
 

@@ -6,8 +6,11 @@
 use crate::handoff::HandoffError;
 use crate::placement::CapacityError;
 use crate::state::StateError;
-use crate::storage::{BlobKind, ErrorClass, StorageError};
 use crate::vhd::VhdError;
+use crate::{
+    azure::{ErrorClass, ServiceError},
+    storage::BlobKind,
+};
 use std::fmt;
 
 /// Why a job, or one step of it, failed.
@@ -19,14 +22,14 @@ pub enum JobError {
         /// What the request was for ("source", "copy", "delete", ...).
         context: String,
         /// The failure, classified by the storage layer.
-        source: StorageError,
+        source: ServiceError,
     },
     /// Get Account Information failed on a destination account.
     AccountInfo {
         /// The account.
         account: String,
         /// The failure.
-        source: StorageError,
+        source: ServiceError,
     },
     /// A destination account is of a kind Batch cannot boot images from.
     AccountUnsuitable {
@@ -97,7 +100,7 @@ pub enum JobError {
 
 impl JobError {
     /// A storage failure in `context`.
-    pub fn storage(context: impl Into<String>, source: StorageError) -> Self {
+    pub fn storage(context: impl Into<String>, source: ServiceError) -> Self {
         JobError::Storage {
             context: context.into(),
             source,
@@ -236,7 +239,7 @@ mod tests {
     #[test]
     fn storage_failures_are_classified_by_the_storage_layer() {
         let e = |status, code| {
-            JobError::storage("source", StorageError::http("get", "x", status, code))
+            JobError::storage("source", ServiceError::http("get", "x", status, code))
         };
         assert!(e(503, Some("ServerBusy")).is_transient());
         assert!(e(500, None).is_transient());
@@ -252,7 +255,7 @@ mod tests {
         );
         assert_eq!(
             e(409, None).to_string(),
-            format!("source: {}", StorageError::http("get", "x", 409, None))
+            format!("source: {}", ServiceError::http("get", "x", 409, None))
         );
     }
 
@@ -260,7 +263,7 @@ mod tests {
     fn an_identity_without_a_role_is_told_which_to_assign() {
         let no_role = JobError::AccountInfo {
             account: "dst1".into(),
-            source: StorageError::http("account info", "dst1", 404, Some("ResourceNotFound")),
+            source: ServiceError::http("account info", "dst1", 404, Some("ResourceNotFound")),
         };
         assert!(!no_role.is_transient());
         assert!(
@@ -271,7 +274,7 @@ mod tests {
         );
         let busy = JobError::AccountInfo {
             account: "dst1".into(),
-            source: StorageError::http("account info", "dst1", 503, None),
+            source: ServiceError::http("account info", "dst1", 503, None),
         };
         assert!(busy.is_transient());
         assert!(busy.to_string().starts_with("account dst1: "), "{busy}");

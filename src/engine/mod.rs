@@ -4,7 +4,6 @@
 //! set off. Progress is checkpointed to the job document, and every step can be
 //! resumed from the document plus what storage says.
 
-pub use crate::storage::limits;
 mod checkpoint;
 mod cleanup;
 mod copy;
@@ -24,6 +23,8 @@ pub use error::JobError;
 pub use retire::retire_plan;
 use run::{JobRun, Method};
 
+use crate::azure::limits::AccountLimits;
+use crate::config::Strategy;
 use crate::config::ValidatedSettings;
 use crate::handoff::{HandOff, HandoffSinks};
 use crate::job::ValidatedJob;
@@ -33,13 +34,13 @@ use crate::state::{
     JobDocument, JobState, Owner, Phase, PoolClaim, PoolRecord, ReplicaRecord, ReplicaState,
     StateError, StateStore,
 };
-use crate::storage::{
-    BlobKind, BlobPath, BlobProperties, BlobStore, CopyState, ErrorClass, StorageError,
-};
 use crate::vhd;
+use crate::{
+    azure::{ErrorClass, ServiceError},
+    storage::{BlobKind, BlobPath, BlobProperties, BlobStore, CopyState},
+};
 use futures::stream::{FuturesUnordered, StreamExt};
-use limits::AccountLimits;
-use schedule::{Scheduler, Strategy};
+use schedule::Scheduler;
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
@@ -186,7 +187,7 @@ impl Failure {
         }
     }
 
-    fn from_storage(context: impl Into<String>, e: &StorageError) -> Self {
+    fn from_storage(context: impl Into<String>, e: &ServiceError) -> Self {
         JobError::storage(context, e.clone()).into()
     }
 }

@@ -29,7 +29,7 @@ const MAX_RANGE_RETRIES: u32 = 8;
 /// it: Azurite answers 416, a service without it 501, and an older API
 /// (Azure Stack Hub) refuses the header or the feature. A copy method to fall
 /// back from, not a failure of the replica.
-pub(super) fn from_url_unsupported(e: &StorageError) -> bool {
+pub(super) fn from_url_unsupported(e: &ServiceError) -> bool {
     matches!(e.status, Some(416 | 501))
         || matches!(
             e.code.as_deref(),

@@ -226,7 +226,7 @@ pub async fn retire_plan(
     record: &PoolRecord,
     pool: &str,
     owner: &str,
-) -> Result<Vec<BlobPath>, StorageError> {
+) -> Result<Vec<BlobPath>, ServiceError> {
     let mut out = Vec::new();
     for set in &record.sets {
         for r in &set.replicas {

@@ -14,9 +14,8 @@
 //! once from distinct blobs. A copy inside one account does not read its source
 //! across the network, so a relay copy does not take a read of its source.
 
+use crate::config::Strategy;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-
-pub use crate::config::Strategy;
 
 /// A blob copies can be read from.
 #[derive(Debug, Clone, PartialEq, Eq)]

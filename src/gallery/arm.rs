@@ -5,12 +5,15 @@
 //! `Azure-AsyncOperation` URL first, else `Location`, else the resource's
 //! `provisioningState`.
 
-use crate::config::GalleryConfig;
-use crate::storage::{
+use crate::azure::{
     retry::{Idempotency, RetryPolicy},
-    ErrorClass, StorageError, StorageResult, TransportFailure,
+    ErrorClass, ServiceError, TransportFailure,
 };
+use crate::config::GalleryConfig;
 use azure_core::credentials::TokenCredential;
+
+/// Result of a Resource Manager call.
+pub type ArmResult<T> = Result<T, ServiceError>;
 use reqwest::Method;
 use serde_json::Value;
 use std::{sync::Arc, time::Duration};
@@ -95,20 +98,20 @@ impl Arm {
         cfg: &GalleryConfig,
         retry: RetryPolicy,
         connect_timeout: Duration,
-    ) -> StorageResult<Self> {
+    ) -> ArmResult<Self> {
         let mut builder = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(connect_timeout);
         if let Some(pem) = &cfg.ca_pem {
             let bad = |e: reqwest::Error| {
-                StorageError::other("tls", "gallery.ca_file", ErrorClass::Invalid, e)
+                ServiceError::other("tls", "gallery.ca_file", ErrorClass::Invalid, e)
             };
             for cert in reqwest::Certificate::from_pem_bundle(pem).map_err(bad)? {
                 builder = builder.add_root_certificate(cert);
             }
         }
         let http = builder.build().map_err(|e| {
-            StorageError::other("tls", "gallery", ErrorClass::Invalid, e.to_string())
+            ServiceError::other("tls", "gallery", ErrorClass::Invalid, e.to_string())
         })?;
         Ok(Self {
             http,
@@ -136,7 +139,7 @@ impl Arm {
         method: Method,
         url: &Url,
         body: Option<&Value>,
-    ) -> StorageResult<Answer> {
+    ) -> ArmResult<Answer> {
         let shown = url.path().to_owned();
         self.retry
             .run(
@@ -159,14 +162,14 @@ impl Arm {
         method: Method,
         url: &Url,
         body: Option<&Value>,
-    ) -> StorageResult<Answer> {
+    ) -> ArmResult<Answer> {
         let target = url.path();
         let token = self
             .credential
             .get_token(&[self.scope.as_str()], None)
             .await
             .map_err(|e| {
-                StorageError::transport(
+                ServiceError::transport(
                     operation,
                     target,
                     TransportFailure::Connect,
@@ -186,7 +189,7 @@ impl Arm {
             } else {
                 TransportFailure::Broken
             };
-            StorageError::transport(operation, target, failure, e.without_url())
+            ServiceError::transport(operation, target, failure, e.without_url())
         })?;
         let status = rsp.status().as_u16();
         let header = |name: &str| {
@@ -205,7 +208,7 @@ impl Arm {
         let text = rsp
             .text()
             .await
-            .map_err(|e| StorageError::transport(operation, target, TransportFailure::Broken, e))?;
+            .map_err(|e| ServiceError::transport(operation, target, TransportFailure::Broken, e))?;
         let body = if text.trim().is_empty() {
             Value::Null
         } else {
@@ -223,10 +226,10 @@ impl Arm {
     }
 
     /// Asks where a long-running operation stands.
-    pub async fn poll(&self, op: &mut Operation) -> StorageResult<OperationState> {
+    pub async fn poll(&self, op: &mut Operation) -> ArmResult<OperationState> {
         let parse = |u: &str| {
             Url::parse(u)
-                .map_err(|e| StorageError::other("arm_poll", u, ErrorClass::Invalid, e.to_string()))
+                .map_err(|e| ServiceError::other("arm_poll", u, ErrorClass::Invalid, e.to_string()))
         };
         match op {
             Operation::AsyncOperation(u) => {
@@ -320,9 +323,9 @@ pub fn arm_error(
     status: u16,
     body: &Value,
     retry_after: Option<Duration>,
-) -> StorageError {
+) -> ServiceError {
     let code = body["error"]["code"].as_str();
-    let mut e = StorageError::http(operation, target, status, code);
+    let mut e = ServiceError::http(operation, target, status, code);
     let detail = error_text(body);
     let in_progress = operation_in_progress(code, &detail);
     e.message = match (status, code) {

@@ -5,10 +5,10 @@
 
 pub mod arm;
 
+use crate::azure::{retry::RetryPolicy, ErrorClass};
 use crate::config::GalleryConfig;
 use crate::job::Os;
-use crate::storage::{retry::RetryPolicy, ErrorClass, StorageResult};
-use arm::{Arm, Operation, OperationState};
+use arm::{Arm, ArmResult, Operation, OperationState};
 use reqwest::Method;
 use serde_json::{json, Value};
 use std::{collections::BTreeMap, time::Duration};
@@ -80,7 +80,7 @@ impl Gallery {
         cfg: &GalleryConfig,
         retry: RetryPolicy,
         connect_timeout: Duration,
-    ) -> StorageResult<Self> {
+    ) -> ArmResult<Self> {
         Ok(Self {
             arm: Arm::new(cfg, retry, connect_timeout)?,
             cfg: cfg.clone(),
@@ -277,7 +277,7 @@ impl Gallery {
     }
 
     /// The version `name`, with its replication status; `None` when missing.
-    pub async fn version(&self, name: &str) -> StorageResult<Option<Version>> {
+    pub async fn version(&self, name: &str) -> ArmResult<Option<Version>> {
         let mut url = self.arm.url(&self.version_id(name));
         url.query_pairs_mut()
             .append_pair("$expand", "ReplicationStatus");
@@ -293,7 +293,7 @@ impl Gallery {
     }
 
     /// Starts making version `name` from a staged VHD.
-    pub async fn create_version(&self, name: &str, body: &Value) -> StorageResult<Operation> {
+    pub async fn create_version(&self, name: &str, body: &Value) -> ArmResult<Operation> {
         let url = self.arm.url(&self.version_id(name));
         let a = self
             .arm
@@ -311,7 +311,7 @@ impl Gallery {
         name: &str,
         version: &Version,
         replicas: u32,
-    ) -> StorageResult<Operation> {
+    ) -> ArmResult<Operation> {
         let url = self.arm.url(&self.version_id(name));
         let storage = if version.storage_profile.is_object() {
             version.storage_profile.clone()
@@ -330,7 +330,7 @@ impl Gallery {
     }
 
     /// Starts deleting version `name`.
-    pub async fn delete_version(&self, name: &str) -> StorageResult<Operation> {
+    pub async fn delete_version(&self, name: &str) -> ArmResult<Operation> {
         let url = self.arm.url(&self.version_id(name));
         match self
             .arm
@@ -346,7 +346,7 @@ impl Gallery {
 
     /// Where an operation stands (a new `Location` it names is followed from
     /// then on).
-    pub async fn poll(&self, op: &mut Operation) -> StorageResult<OperationState> {
+    pub async fn poll(&self, op: &mut Operation) -> ArmResult<OperationState> {
         self.arm.poll(op).await
     }
 
@@ -462,7 +462,7 @@ pub fn parse_version(body: &Value, region: &str) -> Version {
 pub enum GalleryError {
     /// An ARM request failed.
     #[error("{0}")]
-    Arm(#[from] crate::storage::StorageError),
+    Arm(#[from] crate::azure::ServiceError),
     /// ARM ran the operation and it failed.
     #[error("gallery operation failed: {0}")]
     Failed(String),

@@ -1,8 +1,8 @@
 //! A queue in memory with the visibility and pop-receipt rules of Azure Storage
 //! queues, for unit tests and simulations (feature `testkit`).
 
-use super::{MessageQueue, ReceivedMessage};
-use crate::storage::{StorageError, StorageResult};
+use super::{MessageQueue, QueueResult, ReceivedMessage};
+use crate::azure::ServiceError;
 use async_trait::async_trait;
 use std::{collections::VecDeque, sync::Mutex, time::Duration};
 use time::OffsetDateTime;
@@ -50,11 +50,11 @@ impl MessageQueue for MemoryQueue {
         &self.name
     }
 
-    async fn ensure(&self) -> StorageResult<()> {
+    async fn ensure(&self) -> QueueResult<()> {
         Ok(())
     }
 
-    async fn send(&self, text: &str) -> StorageResult<()> {
+    async fn send(&self, text: &str) -> QueueResult<()> {
         self.messages.lock().unwrap().push_back(Stored {
             id: uuid::Uuid::new_v4().to_string(),
             pop_receipt: String::new(),
@@ -66,7 +66,7 @@ impl MessageQueue for MemoryQueue {
         Ok(())
     }
 
-    async fn receive(&self, max: u32, visibility: Duration) -> StorageResult<Vec<ReceivedMessage>> {
+    async fn receive(&self, max: u32, visibility: Duration) -> QueueResult<Vec<ReceivedMessage>> {
         let now = tokio::time::Instant::now();
         let mut out = Vec::new();
         for m in self.messages.lock().unwrap().iter_mut() {
@@ -94,29 +94,29 @@ impl MessageQueue for MemoryQueue {
         id: &str,
         pop_receipt: &str,
         visibility: Duration,
-    ) -> StorageResult<String> {
+    ) -> QueueResult<String> {
         let mut q = self.messages.lock().unwrap();
         let m = q
             .iter_mut()
             .find(|m| m.id == id && m.pop_receipt == pop_receipt)
             .ok_or_else(|| {
-                StorageError::http("update_message", &self.name, 404, Some("MessageNotFound"))
+                ServiceError::http("update_message", &self.name, 404, Some("MessageNotFound"))
             })?;
         m.pop_receipt = uuid::Uuid::new_v4().to_string();
         m.visible_at = tokio::time::Instant::now() + visibility;
         Ok(m.pop_receipt.clone())
     }
 
-    async fn approximate_count(&self) -> StorageResult<u64> {
+    async fn approximate_count(&self) -> QueueResult<u64> {
         Ok(self.messages.lock().unwrap().len() as u64)
     }
 
-    async fn delete(&self, id: &str, pop_receipt: &str) -> StorageResult<()> {
+    async fn delete(&self, id: &str, pop_receipt: &str) -> QueueResult<()> {
         let mut q = self.messages.lock().unwrap();
         let before = q.len();
         q.retain(|m| !(m.id == id && m.pop_receipt == pop_receipt));
         if q.len() == before {
-            return Err(StorageError::http(
+            return Err(ServiceError::http(
                 "delete_message",
                 &self.name,
                 404,

@@ -6,10 +6,9 @@
 //! [`InstrumentedQueue`] wraps either in the outbound call path every storage call
 //! takes (rate limit, timeout, retries, metrics).
 
-use crate::storage::account::{AccountConfig, AccountCredential};
-use crate::storage::{
-    azure::map_error, instrumented::Outbound, retry::Idempotency, ErrorClass, StorageError,
-    StorageResult,
+use crate::azure::account::{AccountConfig, AccountCredential};
+use crate::azure::{
+    map_sdk_error, outbound::Outbound, retry::Idempotency, ErrorClass, ServiceError,
 };
 use async_trait::async_trait;
 use azure_core::http::{headers::HeaderName, Transport};
@@ -24,6 +23,9 @@ mod memory;
 #[cfg(any(test, feature = "testkit"))]
 pub use memory::MemoryQueue;
 use time::OffsetDateTime;
+
+/// Result of a queue call.
+pub type QueueResult<T> = Result<T, ServiceError>;
 
 /// A message taken from a queue, invisible to others until its lease lapses.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,28 +43,24 @@ pub struct ReceivedMessage {
 }
 
 /// Everything the daemon asks of a queue. A stale pop receipt fails with
-/// [`StorageError::is_lost_message`] true.
+/// [`ServiceError::is_lost_message`] true.
 #[async_trait]
 pub trait MessageQueue: Send + Sync + fmt::Debug {
     /// Queue name.
     fn name(&self) -> &str;
     /// Creates the queue if it does not exist.
-    async fn ensure(&self) -> StorageResult<()>;
+    async fn ensure(&self) -> QueueResult<()>;
     /// Appends a message (text up to 64 KiB), never expiring.
-    async fn send(&self, text: &str) -> StorageResult<()>;
+    async fn send(&self, text: &str) -> QueueResult<()>;
     /// Takes up to `max` messages, hiding them for `visibility`.
-    async fn receive(&self, max: u32, visibility: Duration) -> StorageResult<Vec<ReceivedMessage>>;
+    async fn receive(&self, max: u32, visibility: Duration) -> QueueResult<Vec<ReceivedMessage>>;
     /// Extends a taken message's invisibility; returns the new pop receipt.
-    async fn renew(
-        &self,
-        id: &str,
-        pop_receipt: &str,
-        visibility: Duration,
-    ) -> StorageResult<String>;
+    async fn renew(&self, id: &str, pop_receipt: &str, visibility: Duration)
+        -> QueueResult<String>;
     /// Deletes a taken message.
-    async fn delete(&self, id: &str, pop_receipt: &str) -> StorageResult<()>;
+    async fn delete(&self, id: &str, pop_receipt: &str) -> QueueResult<()>;
     /// Approximately how many messages the queue holds, taken ones included.
-    async fn approximate_count(&self) -> StorageResult<u64>;
+    async fn approximate_count(&self) -> QueueResult<u64>;
 }
 
 /// An Azure Storage queue.
@@ -81,17 +79,17 @@ impl fmt::Debug for AzureQueue {
 
 impl AzureQueue {
     /// A client for queue `name` of `account`.
-    pub fn new(account: &AccountConfig, name: &str, transport: &Transport) -> StorageResult<Self> {
+    pub fn new(account: &AccountConfig, name: &str, transport: &Transport) -> QueueResult<Self> {
         let mut url = account.queue_endpoint.clone();
         url.path_segments_mut()
             .expect("endpoints are validated as base URLs")
             .pop_if_empty()
             .push(name);
         let mut options = QueueClientOptions {
-            client_options: crate::storage::azure::client_options(transport, account),
+            client_options: crate::azure::transport::client_options(transport, account),
             ..Default::default()
         };
-        if let Some(v) = crate::storage::azure::service_version(account) {
+        if let Some(v) = crate::azure::transport::service_version(account) {
             options.version = v;
         }
         let token = match &account.credential {
@@ -99,7 +97,7 @@ impl AzureQueue {
             AccountCredential::SharedKey(_) => None,
         };
         let client = QueueClient::new(url, token, Some(options))
-            .map_err(|e| map_error("queue_client", name, e))?;
+            .map_err(|e| map_sdk_error("queue_client", name, e))?;
         Ok(Self {
             name: name.to_owned(),
             client,
@@ -117,11 +115,11 @@ impl MessageQueue for AzureQueue {
         &self.name
     }
 
-    async fn ensure(&self) -> StorageResult<()> {
+    async fn ensure(&self) -> QueueResult<()> {
         match self.client.create(None).await {
             Ok(_) => Ok(()),
             Err(e) => {
-                let err = map_error("create_queue", &self.name, e);
+                let err = map_sdk_error("create_queue", &self.name, e);
                 if err.class == ErrorClass::Conflict {
                     Ok(())
                 } else {
@@ -131,11 +129,11 @@ impl MessageQueue for AzureQueue {
         }
     }
 
-    async fn send(&self, text: &str) -> StorageResult<()> {
+    async fn send(&self, text: &str) -> QueueResult<()> {
         const OP: &str = "send_message";
         if text.len() > 64 * 1024 {
             // Checked before sending, with the code the service answers it with.
-            let mut e = StorageError::other(
+            let mut e = ServiceError::other(
                 OP,
                 &self.name,
                 ErrorClass::Invalid,
@@ -152,7 +150,7 @@ impl MessageQueue for AzureQueue {
         };
         let content = message
             .try_into()
-            .map_err(|e| map_error(OP, &self.name, e))?;
+            .map_err(|e| map_sdk_error(OP, &self.name, e))?;
         let options = azure_storage_queue::models::QueueClientSendMessageOptions {
             message_time_to_live: Some(-1),
             ..Default::default()
@@ -161,10 +159,10 @@ impl MessageQueue for AzureQueue {
             .send_message(content, Some(options))
             .await
             .map(|_| ())
-            .map_err(|e| map_error(OP, &self.name, e))
+            .map_err(|e| map_sdk_error(OP, &self.name, e))
     }
 
-    async fn receive(&self, max: u32, visibility: Duration) -> StorageResult<Vec<ReceivedMessage>> {
+    async fn receive(&self, max: u32, visibility: Duration) -> QueueResult<Vec<ReceivedMessage>> {
         const OP: &str = "receive_messages";
         let options = QueueClientReceiveMessagesOptions {
             number_of_messages: Some(max.clamp(1, 32) as i32),
@@ -175,8 +173,10 @@ impl MessageQueue for AzureQueue {
             .client
             .receive_messages(Some(options))
             .await
-            .map_err(|e| map_error(OP, &self.name, e))?;
-        let model = rsp.into_model().map_err(|e| map_error(OP, &self.name, e))?;
+            .map_err(|e| map_sdk_error(OP, &self.name, e))?;
+        let model = rsp
+            .into_model()
+            .map_err(|e| map_sdk_error(OP, &self.name, e))?;
         Ok(model
             .items
             .unwrap_or_default()
@@ -198,18 +198,18 @@ impl MessageQueue for AzureQueue {
         id: &str,
         pop_receipt: &str,
         visibility: Duration,
-    ) -> StorageResult<String> {
+    ) -> QueueResult<String> {
         const OP: &str = "update_message";
         let rsp = self
             .client
             .update_message(id, pop_receipt, secs(visibility), None)
             .await
-            .map_err(|e| map_error(OP, &self.name, e))?;
+            .map_err(|e| map_sdk_error(OP, &self.name, e))?;
         rsp.headers()
             .get_optional_str(&HeaderName::from_static("x-ms-popreceipt"))
             .map(str::to_owned)
             .ok_or_else(|| {
-                StorageError::other(
+                ServiceError::other(
                     OP,
                     &self.name,
                     ErrorClass::Transient,
@@ -218,25 +218,25 @@ impl MessageQueue for AzureQueue {
             })
     }
 
-    async fn delete(&self, id: &str, pop_receipt: &str) -> StorageResult<()> {
+    async fn delete(&self, id: &str, pop_receipt: &str) -> QueueResult<()> {
         self.client
             .delete_message(id, pop_receipt, None)
             .await
             .map(|_| ())
-            .map_err(|e| map_error("delete_message", &self.name, e))
+            .map_err(|e| map_sdk_error("delete_message", &self.name, e))
     }
 
-    async fn approximate_count(&self) -> StorageResult<u64> {
+    async fn approximate_count(&self) -> QueueResult<u64> {
         use azure_storage_queue::models::QueueClientGetPropertiesResultHeaders;
         const OP: &str = "get_queue_properties";
         let rsp = self
             .client
             .get_properties(None)
             .await
-            .map_err(|e| map_error(OP, &self.name, e))?;
+            .map_err(|e| map_sdk_error(OP, &self.name, e))?;
         Ok(rsp
             .approximate_messages_count()
-            .map_err(|e| map_error(OP, &self.name, e))?
+            .map_err(|e| map_sdk_error(OP, &self.name, e))?
             .unwrap_or(0)
             .max(0) as u64)
     }
@@ -268,7 +268,7 @@ impl MessageQueue for InstrumentedQueue {
         self.inner.name()
     }
 
-    async fn ensure(&self) -> StorageResult<()> {
+    async fn ensure(&self) -> QueueResult<()> {
         self.out
             .call(
                 &self.account,
@@ -281,7 +281,7 @@ impl MessageQueue for InstrumentedQueue {
 
     /// Sent again after a lost answer: delivery is at least once, and every
     /// reader dedupes (the intake by job id, the pool-creation stage by job id).
-    async fn send(&self, text: &str) -> StorageResult<()> {
+    async fn send(&self, text: &str) -> QueueResult<()> {
         self.out
             .call(
                 &self.account,
@@ -292,7 +292,7 @@ impl MessageQueue for InstrumentedQueue {
             .await
     }
 
-    async fn receive(&self, max: u32, visibility: Duration) -> StorageResult<Vec<ReceivedMessage>> {
+    async fn receive(&self, max: u32, visibility: Duration) -> QueueResult<Vec<ReceivedMessage>> {
         self.out
             .call(
                 &self.account,
@@ -310,7 +310,7 @@ impl MessageQueue for InstrumentedQueue {
         id: &str,
         pop_receipt: &str,
         visibility: Duration,
-    ) -> StorageResult<String> {
+    ) -> QueueResult<String> {
         self.out
             .call(
                 &self.account,
@@ -321,7 +321,7 @@ impl MessageQueue for InstrumentedQueue {
             .await
     }
 
-    async fn delete(&self, id: &str, pop_receipt: &str) -> StorageResult<()> {
+    async fn delete(&self, id: &str, pop_receipt: &str) -> QueueResult<()> {
         self.out
             .call(
                 &self.account,
@@ -332,7 +332,7 @@ impl MessageQueue for InstrumentedQueue {
             .await
     }
 
-    async fn approximate_count(&self) -> StorageResult<u64> {
+    async fn approximate_count(&self) -> QueueResult<u64> {
         self.out
             .call(
                 &self.account,

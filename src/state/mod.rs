@@ -7,7 +7,10 @@ mod summary;
 pub use summary::JobSummary;
 
 use crate::job::{JobId, JobSpec};
-use crate::storage::{BlobPath, BlobStore, Condition, ErrorClass, StorageError};
+use crate::{
+    azure::{ErrorClass, ServiceError},
+    storage::{BlobPath, BlobStore, Condition},
+};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use std::{sync::Arc, time::Duration};
@@ -717,7 +720,7 @@ pub enum StateError {
     Contended(String, u32),
     /// Storage failed.
     #[error(transparent)]
-    Storage(#[from] StorageError),
+    Storage(#[from] ServiceError),
 }
 
 /// Job documents in a container of the control account.

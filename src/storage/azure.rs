@@ -1,21 +1,25 @@
 //! [`BlobStore`] on the GA Azure SDK crates, for Azure and Azurite.
 //!
 //! Authentication is per account: a Shared Key (signed by our own per-try policy,
-//! see [`super::auth`]) or an Entra ID credential. The SDK's own retry policy is
-//! switched off: retries belong to [`super::retry`], so the two never stack.
+//! see [`crate::azure::auth`]) or an Entra ID credential. The SDK's own retry policy is
+//! switched off: retries belong to [`crate::azure::retry`], so the two never stack.
 
 use super::{
-    auth::{self, BlobSasRequest, SharedKey, SharedKeyPolicy},
-    retry::{Idempotency, RetryPolicy},
     AccountInfo, BlobKind, BlobPath, BlobProperties, BlobStore, Condition, CopyInfo, CopyStarted,
-    CopyState, ErrorClass, Metadata, SourceRead, StorageError, StorageResult, TransportFailure,
+    CopyState, Metadata, SourceRead, StorageResult,
 };
-use crate::storage::account::{AccountConfig, AccountCredential};
+use crate::azure::account::{AccountConfig, AccountCredential};
+use crate::azure::{
+    auth::{self, BlobSasRequest, SharedKey},
+    map_sdk_error,
+    retry::{Idempotency, RetryPolicy},
+    transport::{client_options, service_version},
+    ErrorClass, ServiceError,
+};
 use async_trait::async_trait;
 use azure_core::{
     credentials::TokenCredential,
-    error::ErrorKind,
-    http::{headers::HeaderName, Etag, RequestContent, RetryOptions, Transport},
+    http::{Etag, RequestContent, Transport},
 };
 use azure_storage_blob::{
     models::{
@@ -32,7 +36,7 @@ use azure_storage_common::models::UserDelegationKey;
 use azure_storage_sas::{SasBuilder, SasProtocol};
 use bytes::Bytes;
 use futures::TryStreamExt;
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{collections::HashMap, sync::Arc};
 use time::OffsetDateTime;
 use url::Url;
 
@@ -75,67 +79,6 @@ pub struct AzureStore {
     /// For the one call this store makes on its own (the user delegation key);
     /// every other call is retried by the [`super::instrumented`] wrapper.
     retry: RetryPolicy,
-}
-
-/// Client options shared by blob and queue clients of one account: one HTTP
-/// transport for all, the SDK retry policy off, Shared Key signing per try.
-pub(crate) fn client_options(
-    transport: &Transport,
-    account: &AccountConfig,
-) -> azure_core::http::ClientOptions {
-    let mut options = azure_core::http::ClientOptions {
-        transport: Some(transport.clone()),
-        retry: RetryOptions::none(),
-        ..Default::default()
-    };
-    if let AccountCredential::SharedKey(key) = &account.credential {
-        options
-            .per_try_policies
-            .push(Arc::new(SharedKeyPolicy::new(key.clone())));
-    }
-    options
-}
-
-/// The HTTP transport every client shares: no automatic decompression (as the
-/// storage crates require), no redirects, a connect timeout, and the accounts'
-/// extra CA certificates trusted. The answer timeout of each attempt is the
-/// retry policy's ([`RetryPolicy::timed`]), which also covers token requests.
-pub(crate) fn shared_transport(
-    accounts: &[AccountConfig],
-    connect_timeout: Duration,
-) -> Result<Transport, StorageError> {
-    let mut builder = reqwest::Client::builder()
-        .no_gzip()
-        .no_deflate()
-        .redirect(reqwest::redirect::Policy::none())
-        .connect_timeout(connect_timeout);
-    for pem in accounts.iter().filter_map(|a| a.ca_pem.as_ref()) {
-        let certs = reqwest::Certificate::from_pem_bundle(pem).map_err(|e| {
-            StorageError::other(
-                "tls",
-                "ca_file",
-                ErrorClass::Invalid,
-                format!("bad PEM: {e}"),
-            )
-        })?;
-        for cert in certs {
-            builder = builder.add_root_certificate(cert);
-        }
-    }
-    let client = builder.build().map_err(|e| {
-        StorageError::other(
-            "tls",
-            "ca_file",
-            ErrorClass::Invalid,
-            format!("cannot build the HTTP client: {e}"),
-        )
-    })?;
-    Ok(Transport::new(Arc::new(client)))
-}
-
-/// The SDK's service version, or the override for emulators that lag behind.
-pub(crate) fn service_version(account: &AccountConfig) -> Option<String> {
-    account.api_version.clone()
 }
 
 impl AzureStore {
@@ -185,7 +128,7 @@ impl AzureStore {
 
     fn account(&self, name: &str, operation: &'static str) -> StorageResult<&Account> {
         self.accounts.get(name).ok_or_else(|| {
-            StorageError::other(
+            ServiceError::other(
                 operation,
                 name,
                 ErrorClass::Invalid,
@@ -221,7 +164,7 @@ impl AzureStore {
             account.token.clone(),
             Some(account.blob_options.clone()),
         )
-        .map_err(|e| map_error(op, blob, e))
+        .map_err(|e| map_sdk_error(op, blob, e))
     }
 
     /// The account's user delegation key, fetched again when it would lapse
@@ -246,7 +189,7 @@ impl AzureStore {
             account.token.clone(),
             Some(account.service_options.clone()),
         )
-        .map_err(|e| map_error(OP, name, e))?;
+        .map_err(|e| map_sdk_error(OP, name, e))?;
         let fetch = || async {
             let now = OffsetDateTime::now_utc();
             let info = azure_storage_blob::models::KeyInfo {
@@ -257,12 +200,12 @@ impl AzureStore {
                 ),
                 ..Default::default()
             };
-            let request = info.try_into().map_err(|e| map_error(OP, name, e))?;
+            let request = info.try_into().map_err(|e| map_sdk_error(OP, name, e))?;
             let rsp = service
                 .get_user_delegation_key(request, None)
                 .await
-                .map_err(|e| map_error(OP, name, e))?;
-            rsp.into_model().map_err(|e| map_error(OP, name, e))
+                .map_err(|e| map_sdk_error(OP, name, e))?;
+            rsp.into_model().map_err(|e| map_sdk_error(OP, name, e))
         };
         let key: UserDelegationKey = self
             .retry
@@ -288,48 +231,7 @@ impl AzureStore {
             account.token.clone(),
             Some(account.container_options.clone()),
         )
-        .map_err(|e| map_error(op, format!("{account_name}/{container}"), e))
-    }
-}
-
-/// Maps an SDK error once: status and service code to a class, Retry-After kept,
-/// nothing secret carried along.
-pub(crate) fn map_error(
-    operation: &'static str,
-    target: impl std::fmt::Display,
-    e: azure_core::Error,
-) -> StorageError {
-    match e.kind() {
-        ErrorKind::HttpResponse {
-            status,
-            error_code,
-            raw_response,
-        } => {
-            let mut err =
-                StorageError::http(operation, target, u16::from(*status), error_code.as_deref());
-            err.retry_after = raw_response.as_ref().and_then(|r| {
-                r.headers()
-                    .get_optional_str(&HeaderName::from_static("retry-after"))
-                    .and_then(|v| v.trim().parse::<u64>().ok())
-                    .map(Duration::from_secs)
-            });
-            err
-        }
-        ErrorKind::Connection => {
-            StorageError::transport(operation, target, TransportFailure::Connect, e)
-        }
-        ErrorKind::Io => StorageError::transport(operation, target, TransportFailure::Broken, e),
-        // No token this time (IMDS or Entra ID briefly unavailable): the request
-        // never left, so it is safe to retry; a credential that never works ends
-        // as a job failure with this message after the retries.
-        ErrorKind::Credential => StorageError::transport(
-            operation,
-            target,
-            TransportFailure::Connect,
-            format!("cannot get an Entra ID token: {e}"),
-        ),
-        ErrorKind::DataConversion => StorageError::other(operation, target, ErrorClass::Invalid, e),
-        _ => StorageError::other(operation, target, ErrorClass::Transient, e),
+        .map_err(|e| map_sdk_error(op, format!("{account_name}/{container}"), e))
     }
 }
 
@@ -410,7 +312,7 @@ impl BlobStore for AzureStore {
                 let key_expiry = key.signed_expiry.unwrap_or(expiry);
                 let mut builder =
                     SasBuilder::new(source.account.as_str(), &key, expiry.min(key_expiry))
-                        .map_err(|e| map_error(OP, source, e))?
+                        .map_err(|e| map_sdk_error(OP, source, e))?
                         .blob(source.container.as_str(), source.name.as_str())
                         .read()
                         .start(now - SAS_START_SKEW)
@@ -442,7 +344,7 @@ impl BlobStore for AzureStore {
         match client.create(None).await {
             Ok(_) => Ok(()),
             Err(e) => {
-                let err = map_error(OP, format!("{account}/{container}"), e);
+                let err = map_sdk_error(OP, format!("{account}/{container}"), e);
                 if err.class == ErrorClass::Conflict {
                     Ok(())
                 } else {
@@ -458,8 +360,8 @@ impl BlobStore for AzureStore {
         let rsp = client
             .get_properties(None)
             .await
-            .map_err(|e| map_error(OP, blob, e))?;
-        let conv = |e: azure_core::Error| map_error(OP, blob, e);
+            .map_err(|e| map_sdk_error(OP, blob, e))?;
+        let conv = |e: azure_core::Error| map_sdk_error(OP, blob, e);
         let kind = match rsp.blob_type().map_err(conv)? {
             Some(azure_storage_blob::models::BlobType::PageBlob) => BlobKind::Page,
             Some(azure_storage_blob::models::BlobType::AppendBlob) => BlobKind::Append,
@@ -520,11 +422,11 @@ impl BlobStore for AzureStore {
         let rsp = client
             .create_snapshot(Some(options))
             .await
-            .map_err(|e| map_error(OP, blob, e))?;
+            .map_err(|e| map_sdk_error(OP, blob, e))?;
         rsp.snapshot()
-            .map_err(|e| map_error(OP, blob, e))?
+            .map_err(|e| map_sdk_error(OP, blob, e))?
             .ok_or_else(|| {
-                StorageError::other(
+                ServiceError::other(
                     OP,
                     blob,
                     ErrorClass::Transient,
@@ -548,10 +450,10 @@ impl BlobStore for AzureStore {
         let rsp = client
             .start_copy_from_url(source_url.to_owned(), Some(options))
             .await
-            .map_err(|e| map_error(OP, dest, e))?;
-        let conv = |e: azure_core::Error| map_error(OP, dest, e);
+            .map_err(|e| map_sdk_error(OP, dest, e))?;
+        let conv = |e: azure_core::Error| map_sdk_error(OP, dest, e);
         let copy_id = rsp.copy_id().map_err(conv)?.ok_or_else(|| {
-            StorageError::other(OP, dest, ErrorClass::Transient, "no x-ms-copy-id in answer")
+            ServiceError::other(OP, dest, ErrorClass::Transient, "no x-ms-copy-id in answer")
         })?;
         let state = rsp
             .copy_status()
@@ -568,7 +470,7 @@ impl BlobStore for AzureStore {
             .abort_copy(copy_id, None)
             .await
             .map(|_| ())
-            .map_err(|e| map_error(OP, dest, e))
+            .map_err(|e| map_sdk_error(OP, dest, e))
     }
 
     async fn delete(&self, blob: &BlobPath) -> StorageResult<()> {
@@ -585,7 +487,7 @@ impl BlobStore for AzureStore {
             .delete(Some(options))
             .await
             .map(|_| ())
-            .map_err(|e| map_error(OP, blob, e))
+            .map_err(|e| map_sdk_error(OP, blob, e))
     }
 
     async fn delete_if_match(&self, blob: &BlobPath, etag: &str) -> StorageResult<()> {
@@ -600,7 +502,7 @@ impl BlobStore for AzureStore {
             .delete(Some(options))
             .await
             .map(|_| ())
-            .map_err(|e| map_error(OP, blob, e))
+            .map_err(|e| map_sdk_error(OP, blob, e))
     }
 
     async fn account_info(&self, account_name: &str) -> StorageResult<AccountInfo> {
@@ -612,12 +514,12 @@ impl BlobStore for AzureStore {
             account.token.clone(),
             Some(account.blob_options.clone()),
         )
-        .map_err(|e| map_error(OP, account_name, e))?;
+        .map_err(|e| map_sdk_error(OP, account_name, e))?;
         let rsp = client
             .get_account_info(None)
             .await
-            .map_err(|e| map_error(OP, account_name, e))?;
-        let conv = |e: azure_core::Error| map_error(OP, account_name, e);
+            .map_err(|e| map_sdk_error(OP, account_name, e))?;
+        let conv = |e: azure_core::Error| map_sdk_error(OP, account_name, e);
         Ok(AccountInfo {
             sku: rsp
                 .sku_name()
@@ -655,7 +557,7 @@ impl BlobStore for AzureStore {
             .upload(RequestContent::from(data.to_vec()), Some(options))
             .await
             .map_err(|e| {
-                let mut err = map_error(OP, blob, e);
+                let mut err = map_sdk_error(OP, blob, e);
                 // An If-None-Match: * on an existing blob answers 409 BlobAlreadyExists.
                 if err.code.as_deref() == Some("BlobAlreadyExists") {
                     err.class = ErrorClass::PreconditionFailed;
@@ -668,7 +570,7 @@ impl BlobStore for AzureStore {
     async fn put_page_blob(&self, blob: &BlobPath, data: Bytes) -> StorageResult<()> {
         const OP: &str = "put_page_blob";
         if !data.len().is_multiple_of(512) {
-            return Err(StorageError::other(
+            return Err(ServiceError::other(
                 OP,
                 blob,
                 ErrorClass::Invalid,
@@ -679,7 +581,7 @@ impl BlobStore for AzureStore {
         client
             .create(data.len() as u64, None)
             .await
-            .map_err(|e| map_error(OP, blob, e))?;
+            .map_err(|e| map_sdk_error(OP, blob, e))?;
         let mut offset = 0usize;
         while offset < data.len() {
             let end = (offset + MAX_PUT_PAGE).min(data.len());
@@ -694,7 +596,7 @@ impl BlobStore for AzureStore {
                         None,
                     )
                     .await
-                    .map_err(|e| map_error(OP, blob, e))?;
+                    .map_err(|e| map_sdk_error(OP, blob, e))?;
             }
             offset = end;
         }
@@ -715,11 +617,15 @@ impl BlobStore for AzureStore {
         // One page per call: the caller's retry resumes from this marker.
         let mut pager = client
             .list_page_ranges(Some(options))
-            .map_err(|e| map_error(OP, blob, e))?;
-        let Some(page) = pager.try_next().await.map_err(|e| map_error(OP, blob, e))? else {
+            .map_err(|e| map_sdk_error(OP, blob, e))?;
+        let Some(page) = pager
+            .try_next()
+            .await
+            .map_err(|e| map_sdk_error(OP, blob, e))?
+        else {
             return Ok((Vec::new(), None));
         };
-        let list = page.into_model().map_err(|e| map_error(OP, blob, e))?;
+        let list = page.into_model().map_err(|e| map_sdk_error(OP, blob, e))?;
         // The service gives inclusive ends.
         let ranges = list
             .page_ranges
@@ -744,7 +650,7 @@ impl BlobStore for AzureStore {
         client
             .create(len, Some(options))
             .await
-            .map_err(|e| map_error(OP, blob, e))?;
+            .map_err(|e| map_sdk_error(OP, blob, e))?;
         Ok(())
     }
 
@@ -765,7 +671,7 @@ impl BlobStore for AzureStore {
                 None,
             )
             .await
-            .map_err(|e| map_error(OP, dest, e))?;
+            .map_err(|e| map_sdk_error(OP, dest, e))?;
         Ok(())
     }
 
@@ -783,7 +689,7 @@ impl BlobStore for AzureStore {
         let rsp = client
             .download(Some(options))
             .await
-            .map_err(|e| map_error(OP, blob, e))?;
+            .map_err(|e| map_sdk_error(OP, blob, e))?;
         let etag = rsp
             .properties
             .etag
@@ -794,7 +700,7 @@ impl BlobStore for AzureStore {
             .body
             .collect()
             .await
-            .map_err(|e| map_error(OP, blob, e))?;
+            .map_err(|e| map_sdk_error(OP, blob, e))?;
         Ok((body, etag))
     }
 
@@ -865,14 +771,14 @@ impl AzureStore {
         };
         let mut pager = client
             .list_blobs(Some(options))
-            .map_err(|e| map_error(OP, &target, e))?;
+            .map_err(|e| map_sdk_error(OP, &target, e))?;
         let mut items = Vec::new();
         loop {
             match pager.try_next().await {
                 Ok(Some(item)) => items.push(item),
                 Ok(None) => break,
                 Err(e) => {
-                    let err = map_error(OP, &target, e);
+                    let err = map_sdk_error(OP, &target, e);
                     if err.is_not_found() {
                         return Ok(Vec::new());
                     }

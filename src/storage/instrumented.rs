@@ -2,101 +2,18 @@
 //! the account's request-rate limiter (governor), runs under the attempt timeout,
 //! is counted in the metrics, tells the account's adaptive copy gate whether it
 //! was throttled, and retryable failures are retried under the one
-//! [`RetryPolicy`]. [`Outbound`] is that call path; the queue wrapper in
-//! [`crate::queue`] uses it too.
+//! [`RetryPolicy`], through [`Outbound`], the call path of every Azure client.
 
-use super::limits::AccountLimits;
 use super::{
-    retry::{Idempotency, RetryPolicy},
-    AccountInfo, BlobPath, BlobProperties, BlobStore, Condition, CopyStarted, ErrorClass, Metadata,
-    SourceRead, StorageError, StorageResult, TransportFailure,
+    AccountInfo, BlobPath, BlobProperties, BlobStore, Condition, CopyStarted, Metadata, SourceRead,
+    StorageResult,
 };
-use crate::metrics::Metrics;
+use crate::azure::{outbound::Outbound, retry::Idempotency};
 use async_trait::async_trait;
 use bytes::Bytes;
 use std::{future::Future, sync::Arc};
 use time::OffsetDateTime;
 use url::Url;
-
-/// The one way out to storage: rate limit, timeout, metrics, throttling
-/// feedback and retries for each call.
-#[derive(Debug, Clone)]
-pub struct Outbound {
-    limits: Arc<AccountLimits>,
-    metrics: Metrics,
-    retry: RetryPolicy,
-}
-
-impl Outbound {
-    /// Calls under these limits, metrics and retry policy.
-    pub fn new(limits: Arc<AccountLimits>, metrics: Metrics, retry: RetryPolicy) -> Self {
-        Self {
-            limits,
-            metrics,
-            retry,
-        }
-    }
-
-    /// The retry policy.
-    pub fn retry(&self) -> &RetryPolicy {
-        &self.retry
-    }
-
-    /// Runs one call to `account`: every attempt waits for a request token, then
-    /// gets [`RetryPolicy::attempt_timeout`] to answer.
-    pub async fn call<T, F, Fut>(
-        &self,
-        account: &str,
-        operation: &'static str,
-        idempotency: Idempotency,
-        f: F,
-    ) -> StorageResult<T>
-    where
-        F: Fn() -> Fut,
-        Fut: Future<Output = StorageResult<T>>,
-    {
-        let limits = &self.limits;
-        let metrics = &self.metrics;
-        let retry = &self.retry;
-        retry
-            .run(
-                idempotency,
-                |e| {
-                    metrics
-                        .storage_retries
-                        .with_label_values(&[account, retry_reason(e)])
-                        .inc();
-                },
-                || {
-                    let fut = f();
-                    async move {
-                        limits.request(account).await;
-                        let r = retry.timed(operation, account, fut).await;
-                        let status = match &r {
-                            Ok(_) => Some(200),
-                            Err(e) => e.status,
-                        };
-                        metrics.storage_request(account, operation, status);
-                        limits.feedback(
-                            account,
-                            matches!(&r, Err(e) if e.class == ErrorClass::Throttled),
-                        );
-                        r
-                    }
-                },
-            )
-            .await
-    }
-}
-
-/// The `reason` label of `vhdrep_storage_retries_total` for a retried failure.
-pub fn retry_reason(e: &StorageError) -> &'static str {
-    match (e.class, e.transport) {
-        (ErrorClass::Throttled, _) => "throttled",
-        (_, Some(TransportFailure::Timeout)) => "timeout",
-        _ => "transient",
-    }
-}
 
 /// Rate-limited, timed, retried, counted storage.
 #[derive(Debug)]
@@ -310,6 +227,8 @@ impl BlobStore for Instrumented {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::azure::{limits::AccountLimits, retry::RetryPolicy};
+    use crate::metrics::Metrics;
     use crate::storage::sim::{SimConfig, SimFault, SimFaultAction, SimStore};
     use crate::storage::{MAX_RANGE_PAGES, TOO_FRAGMENTED};
 

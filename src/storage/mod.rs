@@ -8,18 +8,15 @@
 //! limits and faults on virtual time for property tests and benchmarks. The
 //! conformance suite in `tests/` runs the same checks against both.
 
-pub mod account;
-pub mod auth;
 pub mod azure;
 pub mod instrumented;
-pub mod limits;
-pub mod retry;
 #[cfg(any(test, feature = "testkit"))]
 pub mod sim;
 
+use crate::azure::{ErrorClass, ServiceError};
 use async_trait::async_trait;
 use bytes::Bytes;
-use std::{collections::BTreeMap, fmt, time::Duration};
+use std::{collections::BTreeMap, fmt};
 use time::OffsetDateTime;
 use url::Url;
 
@@ -169,7 +166,7 @@ impl AccountInfo {
 /// What to tell a person when Get Account Information fails on `account`.
 /// Azure answers it with 404 `ResourceNotFound` (not 403) when an Entra ID
 /// identity has no data role on the account.
-pub fn account_info_problem(account: &str, e: &StorageError) -> String {
+pub fn account_info_problem(account: &str, e: &ServiceError) -> String {
     if e.status == Some(404) && e.code.as_deref() == Some("ResourceNotFound") {
         return format!(
             "account {account}: Get Account Information answered 404 ResourceNotFound, Azure's answer to an identity without a data role on the account: assign the daemon's identity \"Storage Blob Data Contributor\" on account {account} (and \"Storage Queue Data Contributor\" on the control account), then allow a few minutes for the assignment to apply; with a shared key, check the account name and blob_endpoint"
@@ -189,179 +186,8 @@ pub enum Condition {
     IfMatch(String),
 }
 
-/// How a storage failure should be handled.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorClass {
-    /// 404: the blob, container or queue is not there.
-    NotFound,
-    /// 409: conflicts such as a pending copy or an existing blob.
-    Conflict,
-    /// 412: an ETag or existence condition did not hold.
-    PreconditionFailed,
-    /// 503 ServerBusy, 429: the service asks us to slow down.
-    Throttled,
-    /// 500, 502, 504, 408, resets and timeouts: try again.
-    Transient,
-    /// 401, 403: credentials or SAS are wrong or expired.
-    Denied,
-    /// Any other client error: the request itself is wrong.
-    Invalid,
-}
-
-impl ErrorClass {
-    /// Whether trying the same request again may succeed.
-    pub fn is_retryable(self) -> bool {
-        matches!(self, ErrorClass::Throttled | ErrorClass::Transient)
-    }
-
-    /// Maps an HTTP status (and service error code) once for every backend.
-    pub fn from_status(status: u16, code: Option<&str>) -> Self {
-        match (status, code) {
-            (404, _) => ErrorClass::NotFound,
-            (409, _) => ErrorClass::Conflict,
-            // A queue message taken again by someone else since we took it.
-            (400, Some("PopReceiptMismatch")) => ErrorClass::Conflict,
-            (412, _) => ErrorClass::PreconditionFailed,
-            (429, _) | (503, _) => ErrorClass::Throttled,
-            // A 500 CannotVerifyCopySource is documented as a verification that did
-            // not finish in time (retry it, with a fresh SAS); the 403 of the same
-            // name is a bad or expired SAS and stays `Denied`.
-            (408, _) | (500, _) | (502, _) | (504, _) => ErrorClass::Transient,
-            (401, _) | (403, _) => ErrorClass::Denied,
-            _ => ErrorClass::Invalid,
-        }
-    }
-}
-
-/// How a request failed before any answer came back.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TransportFailure {
-    /// The connection could not be made: the request never left.
-    Connect,
-    /// No answer within the attempt timeout: it may or may not have been acted on.
-    Timeout,
-    /// The connection broke (reset, closed) after the request may have left.
-    Broken,
-}
-
-/// A failed storage operation, with what was being done to what.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{operation} on {target}: {message}")]
-pub struct StorageError {
-    /// Operation name, e.g. `start_copy`.
-    pub operation: &'static str,
-    /// What it was done to (never with a SAS signature).
-    pub target: String,
-    /// Classification for retries.
-    pub class: ErrorClass,
-    /// HTTP status, when there was a response.
-    pub status: Option<u16>,
-    /// Service error code, when there was one.
-    pub code: Option<String>,
-    /// Human-readable detail (never with a secret).
-    pub message: String,
-    /// Retry-After the service asked for.
-    pub retry_after: Option<Duration>,
-    /// For a failure without an answer: how it failed.
-    pub transport: Option<TransportFailure>,
-}
-
-impl StorageError {
-    /// Builds an error from a status and code.
-    pub fn http(
-        operation: &'static str,
-        target: impl fmt::Display,
-        status: u16,
-        code: Option<&str>,
-    ) -> Self {
-        let class = ErrorClass::from_status(status, code);
-        Self {
-            operation,
-            target: auth::redact_sas(&target.to_string()),
-            class,
-            status: Some(status),
-            code: code.map(str::to_owned),
-            message: match code {
-                Some(c) => format!("HTTP {status} {c}"),
-                None => format!("HTTP {status}"),
-            },
-            retry_after: None,
-            transport: None,
-        }
-    }
-
-    /// An error without an HTTP response.
-    pub fn other(
-        operation: &'static str,
-        target: impl fmt::Display,
-        class: ErrorClass,
-        message: impl fmt::Display,
-    ) -> Self {
-        Self {
-            operation,
-            target: auth::redact_sas(&target.to_string()),
-            class,
-            status: None,
-            code: None,
-            message: auth::redact_sas(&message.to_string()),
-            retry_after: None,
-            transport: None,
-        }
-    }
-
-    /// A request that failed without an answer.
-    pub fn transport(
-        operation: &'static str,
-        target: impl fmt::Display,
-        failure: TransportFailure,
-        message: impl fmt::Display,
-    ) -> Self {
-        Self {
-            transport: Some(failure),
-            ..Self::other(operation, target, ErrorClass::Transient, message)
-        }
-    }
-
-    /// An attempt that got no answer within `after`.
-    pub fn timed_out(operation: &'static str, target: impl fmt::Display, after: Duration) -> Self {
-        Self::transport(
-            operation,
-            target,
-            TransportFailure::Timeout,
-            format!("no answer within {} s", after.as_secs_f64()),
-        )
-    }
-
-    /// Whether the service may have carried the request out although it failed:
-    /// no answer came back (a timeout, a broken connection) or the service said
-    /// it ran out of time (500, 502, 504, 408). Throttling (429, 503) and a
-    /// connection that was never made are definite: nothing happened. A request
-    /// that is not idempotent is not sent again blindly after such a failure; its
-    /// caller reconciles from what storage says.
-    pub fn outcome_unknown(&self) -> bool {
-        if self.class != ErrorClass::Transient {
-            return false;
-        }
-        match (self.status, self.transport) {
-            (None, Some(TransportFailure::Connect)) => false,
-            (None, _) => true,
-            (Some(_), _) => self.code.as_deref() != Some("CannotVerifyCopySource"),
-        }
-    }
-
-    /// Whether this is a 404.
-    pub fn is_not_found(&self) -> bool {
-        self.class == ErrorClass::NotFound
-    }
-
-    /// For queue messages: the message is gone or was taken by someone else since.
-    pub fn is_lost_message(&self) -> bool {
-        matches!(self.class, ErrorClass::NotFound | ErrorClass::Conflict)
-    }
-}
-
 /// Result of a storage operation.
-pub type StorageResult<T> = Result<T, StorageError>;
+pub type StorageResult<T> = Result<T, ServiceError>;
 
 /// The largest range one Put Page From URL may write.
 pub const MAX_PAGES_FROM_URL: u64 = 4 * 1024 * 1024;
@@ -485,7 +311,7 @@ pub trait BlobStore: Send + Sync + fmt::Debug {
                 None => return Ok(merge_ranges(ranges)),
             }
         }
-        let mut e = StorageError::other(
+        let mut e = ServiceError::other(
             "get_page_ranges",
             blob,
             ErrorClass::Invalid,
@@ -620,16 +446,16 @@ mod tests {
 
     #[test]
     fn a_missing_data_role_is_named_as_such() {
-        let no_role = StorageError::http("account info", "dst1", 404, Some("ResourceNotFound"));
+        let no_role = ServiceError::http("account info", "dst1", 404, Some("ResourceNotFound"));
         let m = account_info_problem("dst1", &no_role);
         assert!(
             m.contains("Storage Blob Data Contributor") && m.contains("dst1"),
             "{m}"
         );
         for other in [
-            StorageError::http("account info", "dst1", 404, Some("ContainerNotFound")),
-            StorageError::http("account info", "dst1", 403, Some("ResourceNotFound")),
-            StorageError::http("account info", "dst1", 403, None),
+            ServiceError::http("account info", "dst1", 404, Some("ContainerNotFound")),
+            ServiceError::http("account info", "dst1", 403, Some("ResourceNotFound")),
+            ServiceError::http("account info", "dst1", 403, None),
         ] {
             let m = account_info_problem("dst1", &other);
             assert!(!m.contains("Data Contributor"), "{m}");
@@ -672,7 +498,7 @@ mod tests {
 
     #[test]
     fn lost_messages_and_missing_blobs_are_told_apart() {
-        let e = |status, code| StorageError::http("op", "t", status, code);
+        let e = |status, code| ServiceError::http("op", "t", status, code);
         assert!(e(404, None).is_not_found());
         assert!(!e(409, None).is_not_found());
         assert!(!e(412, None).is_not_found());

@@ -6,10 +6,11 @@ use bytes::Bytes;
 use std::{sync::Arc, time::Duration};
 use time::OffsetDateTime;
 use vhd_replicator::{
+    azure::ErrorClass,
     queue::{MemoryQueue, MessageQueue},
     storage::{
         sim::{SimConfig, SimStore},
-        BlobKind, BlobPath, BlobStore, Condition, CopyState, ErrorClass, Metadata,
+        BlobKind, BlobPath, BlobStore, Condition, CopyState, Metadata,
     },
     vhd,
 };

@@ -16,9 +16,7 @@ use base64::{engine::general_purpose::URL_SAFE_NO_PAD as B64URL, Engine as _};
 use std::{path::Path, sync::Arc, time::Duration};
 use time::OffsetDateTime;
 use vhd_replicator::{
-    config::{AccountCredential, Settings},
-    job::parse_job_json,
-    state::JobState,
+    azure::account::AccountCredential, config::Settings, job::parse_job_json, state::JobState,
 };
 
 const SECURE_BLOB: &str = "https://127.0.0.1:10100";

@@ -6,10 +6,11 @@
 use crate::helpers::*;
 use std::{collections::HashMap, sync::Arc};
 use vhd_replicator::{
+    azure::{auth::SharedKey, ErrorClass},
     control::Control,
     metrics::Metrics,
     proxy::{Proxy, ProxyAction, ProxyConfig, ProxyRule, ProxyStats},
-    storage::{auth::SharedKey, BlobPath, ErrorClass, MAX_PAGES_FROM_URL},
+    storage::{BlobPath, MAX_PAGES_FROM_URL},
 };
 
 pub(crate) fn signers() -> HashMap<String, SharedKey> {

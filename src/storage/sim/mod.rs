@@ -24,8 +24,9 @@
 
 use super::{
     AccountInfo, BlobKind, BlobPath, BlobProperties, BlobStore, Condition, CopyInfo, CopyStarted,
-    CopyState, ErrorClass, Metadata, SourceRead, StorageError, StorageResult,
+    CopyState, Metadata, SourceRead, StorageResult,
 };
+use crate::azure::{ErrorClass, ServiceError};
 use async_trait::async_trait;
 use bytes::Bytes;
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -405,7 +406,7 @@ impl SimStore {
             Some(SimFaultAction::Delay(d)) => tokio::time::sleep(d).await,
             Some(SimFaultAction::Hang) => std::future::pending::<()>().await,
             Some(SimFaultAction::Fail(status, code)) => {
-                return Err(StorageError::http(operation, target, status, Some(code)))
+                return Err(ServiceError::http(operation, target, status, Some(code)))
             }
         }
         let mut s = self.state.lock().expect("sim lock");
@@ -420,7 +421,7 @@ impl SimStore {
         window.1 += 1;
         if window.1 > self.cfg.requests_per_second {
             s.stats.throttled += 1;
-            let mut e = StorageError::http(operation, target, 503, Some("ServerBusy"));
+            let mut e = ServiceError::http(operation, target, 503, Some("ServerBusy"));
             e.message =
                 "HTTP 503 ServerBusy: Operations per second is over the account limit.".into();
             e.retry_after = self.cfg.retry_after;
@@ -430,7 +431,7 @@ impl SimStore {
             && s.rng.random::<f64>() < self.cfg.transient_failure_rate
         {
             s.stats.transient_failures += 1;
-            return Err(StorageError::http(
+            return Err(ServiceError::http(
                 operation,
                 target,
                 500,
@@ -538,11 +539,11 @@ impl SimStore {
     ) -> StorageResult<BlobPath> {
         const OP: &str = "put_page_from_url";
         if !self.cfg.put_page_from_url {
-            return Err(StorageError::http(OP, dest, 501, Some("NotImplemented")));
+            return Err(ServiceError::http(OP, dest, 501, Some("NotImplemented")));
         }
         let aligned = range.start.is_multiple_of(512) && range.end.is_multiple_of(512);
         if !aligned || range.is_empty() || range.end - range.start > super::MAX_PAGES_FROM_URL {
-            return Err(StorageError::http(OP, dest, 400, Some("InvalidPageRange")));
+            return Err(ServiceError::http(OP, dest, 400, Some("InvalidPageRange")));
         }
         let source = copy_source(OP, dest, source_url, SourceRead::FromUrl)?;
         let second = Instant::now()
@@ -558,13 +559,13 @@ impl SimStore {
         window.1 += 1;
         if window.1 > self.cfg.blob_requests_per_second {
             s.stats.throttled += 1;
-            let mut e = StorageError::http(OP, dest, 503, Some("ServerBusy"));
+            let mut e = ServiceError::http(OP, dest, 503, Some("ServerBusy"));
             e.message = "HTTP 503 ServerBusy: the blob is over its request rate.".into();
             e.retry_after = self.cfg.retry_after;
             return Err(e);
         }
         if !s.blobs.contains_key(&source) {
-            return Err(StorageError::http(
+            return Err(ServiceError::http(
                 OP,
                 dest,
                 404,
@@ -574,7 +575,7 @@ impl SimStore {
         match s.blobs.get(dest) {
             None => return Err(not_found(OP, dest)),
             Some(b) if matches!(b.content, Content::Virtual { .. }) => {
-                return Err(StorageError::other(
+                return Err(ServiceError::other(
                     OP,
                     dest,
                     ErrorClass::Invalid,
@@ -582,7 +583,7 @@ impl SimStore {
                 ))
             }
             Some(b) if range.end > b.content.len() => {
-                return Err(StorageError::http(OP, dest, 416, Some("InvalidPageRange")))
+                return Err(ServiceError::http(OP, dest, 416, Some("InvalidPageRange")))
             }
             Some(_) => {}
         }
@@ -607,8 +608,8 @@ impl SimStore {
     }
 }
 
-fn not_found(op: &'static str, blob: &BlobPath) -> StorageError {
-    StorageError::http(op, blob, 404, Some("BlobNotFound"))
+fn not_found(op: &'static str, blob: &BlobPath) -> ServiceError {
+    ServiceError::http(op, blob, 404, Some("BlobNotFound"))
 }
 
 #[async_trait]
@@ -693,7 +694,7 @@ impl BlobStore for SimStore {
             .containers
             .contains(&(dest.account.clone(), dest.container.clone()))
         {
-            return Err(StorageError::http(OP, dest, 404, Some("ContainerNotFound")));
+            return Err(ServiceError::http(OP, dest, 404, Some("ContainerNotFound")));
         }
         if s.blobs
             .get(dest)
@@ -701,7 +702,7 @@ impl BlobStore for SimStore {
             .map(|c| c.state)
             == Some(CopyState::Pending)
         {
-            return Err(StorageError::http(
+            return Err(ServiceError::http(
                 OP,
                 dest,
                 409,
@@ -712,7 +713,7 @@ impl BlobStore for SimStore {
             .blobs
             .get(&source)
             .cloned()
-            .ok_or_else(|| StorageError::http(OP, dest, 404, Some("CannotVerifyCopySource")))?;
+            .ok_or_else(|| ServiceError::http(OP, dest, 404, Some("CannotVerifyCopySource")))?;
         let same_account = source.account == dest.account;
         let fails = !same_account
             && self.cfg.copy_failure_rate > 0.0
@@ -736,7 +737,7 @@ impl BlobStore for SimStore {
                     copied: 0,
                     total,
                     description: None,
-                    source: Some(super::auth::redact_sas(source_url)),
+                    source: Some(crate::azure::auth::redact_sas(source_url)),
                 }),
                 modified: OffsetDateTime::now_utc(),
                 written: None,
@@ -783,7 +784,7 @@ impl BlobStore for SimStore {
         let mut s = self.admit("abort_copy", &dest.account, dest).await?;
         let pending = s.flows.iter().any(|f| f.id == copy_id && &f.dest == dest);
         if !pending {
-            return Err(StorageError::http(
+            return Err(ServiceError::http(
                 "abort_copy",
                 dest,
                 409,
@@ -852,7 +853,7 @@ impl BlobStore for SimStore {
             .containers
             .contains(&(blob.account.clone(), blob.container.clone()))
         {
-            return Err(StorageError::http(OP, blob, 404, Some("ContainerNotFound")));
+            return Err(ServiceError::http(OP, blob, 404, Some("ContainerNotFound")));
         }
         let current = s.blobs.get(blob).map(|b| format!("\"0x{:X}\"", b.etag));
         check_condition(OP, blob, &condition, current.as_deref())?;
@@ -938,7 +939,7 @@ impl BlobStore for SimStore {
         const OP: &str = "create_page_blob";
         let mut s = self.admit(OP, &blob.account, blob).await?;
         if !len.is_multiple_of(512) {
-            return Err(StorageError::http(
+            return Err(ServiceError::http(
                 OP,
                 blob,
                 400,
@@ -949,7 +950,7 @@ impl BlobStore for SimStore {
             .containers
             .contains(&(blob.account.clone(), blob.container.clone()))
         {
-            return Err(StorageError::http(OP, blob, 404, Some("ContainerNotFound")));
+            return Err(ServiceError::http(OP, blob, 404, Some("ContainerNotFound")));
         }
         s.next_etag += 1;
         let etag = s.next_etag;
@@ -1017,14 +1018,14 @@ impl BlobStore for SimStore {
         let data = s
             .blobs
             .get(&source)
-            .ok_or_else(|| StorageError::http(OP, dest, 404, Some("CannotVerifyCopySource")))?
+            .ok_or_else(|| ServiceError::http(OP, dest, 404, Some("CannotVerifyCopySource")))?
             .content
             .pieces(range.clone());
         s.next_etag += 1;
         let etag = s.next_etag;
         let b = s.blobs.get_mut(dest).ok_or_else(|| not_found(OP, dest))?;
         if range.end > b.content.len() || matches!(b.content, Content::Virtual { .. }) {
-            return Err(StorageError::http(OP, dest, 416, Some("InvalidPageRange")));
+            return Err(ServiceError::http(OP, dest, 416, Some("InvalidPageRange")));
         }
         b.content.write(range.start, &data, len);
         let mut written = b.written.take().unwrap_or_default();
@@ -1100,13 +1101,13 @@ fn check_condition(
 ) -> StorageResult<()> {
     match (condition, current_etag) {
         (Condition::IfAbsent, Some(_)) => {
-            Err(StorageError::http(op, blob, 412, Some("BlobAlreadyExists")))
+            Err(ServiceError::http(op, blob, 412, Some("BlobAlreadyExists")))
         }
         (Condition::IfMatch(_), None) => {
-            Err(StorageError::http(op, blob, 404, Some("BlobNotFound")))
+            Err(ServiceError::http(op, blob, 404, Some("BlobNotFound")))
         }
         (Condition::IfMatch(want), Some(have)) if want != have => {
-            Err(StorageError::http(op, blob, 412, Some("ConditionNotMet")))
+            Err(ServiceError::http(op, blob, 412, Some("ConditionNotMet")))
         }
         _ => Ok(()),
     }
@@ -1122,7 +1123,7 @@ fn copy_source(
     read: SourceRead,
 ) -> StorageResult<BlobPath> {
     let source = parse_source(source_url).ok_or_else(|| {
-        StorageError::other(
+        ServiceError::other(
             op,
             dest,
             ErrorClass::Invalid,
@@ -1131,7 +1132,7 @@ fn copy_source(
     })?;
     let needs_sig = source.account != dest.account || read == SourceRead::FromUrl;
     if needs_sig && !source_url.contains("sig=") {
-        return Err(StorageError::http(
+        return Err(ServiceError::http(
             op,
             dest,
             403,
@@ -1190,7 +1191,7 @@ fn source_url_of(
     if source.account != dest_account || read == SourceRead::FromUrl {
         url.query_pairs_mut()
             .append_pair("sp", "r")
-            .append_pair("se", &super::auth::sas_time(expiry))
+            .append_pair("se", &crate::azure::auth::sas_time(expiry))
             .append_pair("sig", "simulated-signature");
     }
     url.to_string()
@@ -1256,7 +1257,7 @@ mod tests {
         assert_eq!(store.read(&dest, None).await.unwrap().0, data);
         assert_eq!(store.page_ranges(&dest).await.unwrap(), ranges);
         assert_eq!(store.properties(&dest).await.unwrap().metadata, meta);
-        let refused = |e: StorageError| (e.status, e.code);
+        let refused = |e: ServiceError| (e.status, e.code);
         let bad = store
             .put_pages_from_url(&dest, 100..612, &url)
             .await

@@ -4,10 +4,12 @@
 //! Retry-After honoured. Only [`ErrorClass::Throttled`](super::ErrorClass::Throttled) and
 //! [`ErrorClass::Transient`](super::ErrorClass::Transient) failures are retried, and a call that is not
 //! idempotent is not sent again after a failure whose outcome is unknown (see
-//! [`StorageError::outcome_unknown`]): its caller reconciles from what storage
+//! [`ServiceError::outcome_unknown`]): its caller reconciles from what storage
 //! says instead.
 
-use super::{StorageError, StorageResult};
+use super::ServiceError;
+
+type StorageResult<T> = Result<T, ServiceError>;
 use rand::Rng;
 use std::{future::Future, time::Duration};
 use tokio::time::Instant;
@@ -85,7 +87,7 @@ impl RetryPolicy {
     ) -> StorageResult<T> {
         match tokio::time::timeout(self.attempt_timeout, attempt).await {
             Ok(r) => r,
-            Err(_) => Err(StorageError::timed_out(
+            Err(_) => Err(ServiceError::timed_out(
                 operation,
                 target,
                 self.attempt_timeout,
@@ -101,7 +103,7 @@ impl RetryPolicy {
     pub async fn run<T, F, Fut>(
         &self,
         idempotency: Idempotency,
-        mut on_retry: impl FnMut(&StorageError),
+        mut on_retry: impl FnMut(&ServiceError),
         mut attempt: F,
     ) -> StorageResult<T>
     where
@@ -141,7 +143,7 @@ impl RetryPolicy {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::storage::{ErrorClass, TransportFailure};
+    use crate::azure::{ErrorClass, TransportFailure};
     use std::sync::atomic::{AtomicU32, Ordering};
 
     #[test]
@@ -157,13 +159,13 @@ mod tests {
         );
     }
 
-    fn busy() -> StorageError {
-        StorageError::http("t", "x", 503, Some("ServerBusy"))
+    fn busy() -> ServiceError {
+        ServiceError::http("t", "x", 503, Some("ServerBusy"))
     }
 
     async fn count_calls(
         idempotency: Idempotency,
-        error: impl Fn() -> StorageError,
+        error: impl Fn() -> ServiceError,
     ) -> (StorageResult<()>, u32) {
         let calls = AtomicU32::new(0);
         let r = RetryPolicy::default()
@@ -206,7 +208,7 @@ mod tests {
         assert_eq!(r.unwrap_err().class, ErrorClass::Throttled);
         assert_eq!(calls, 6);
         let (r, calls) = count_calls(Idempotency::Idempotent, || {
-            StorageError::http("t", "x", 403, Some("AuthenticationFailed"))
+            ServiceError::http("t", "x", 403, Some("AuthenticationFailed"))
         })
         .await;
         assert_eq!(r.unwrap_err().class, ErrorClass::Denied);
@@ -217,14 +219,14 @@ mod tests {
     /// nothing happened (throttling, no connection), never after a lost answer.
     #[tokio::test(start_paused = true)]
     async fn a_lost_answer_is_not_sent_again_when_not_idempotent() {
-        let lost = || StorageError::timed_out("start_copy", "d", Duration::from_secs(1));
+        let lost = || ServiceError::timed_out("start_copy", "d", Duration::from_secs(1));
         let reset = || {
-            StorageError::transport("start_copy", "d", TransportFailure::Broken, "reset by peer")
+            ServiceError::transport("start_copy", "d", TransportFailure::Broken, "reset by peer")
         };
         let timed_out_500 =
-            || StorageError::http("start_copy", "d", 500, Some("OperationTimedOut"));
+            || ServiceError::http("start_copy", "d", 500, Some("OperationTimedOut"));
         for (name, error) in [
-            ("timeout", &lost as &dyn Fn() -> StorageError),
+            ("timeout", &lost as &dyn Fn() -> ServiceError),
             ("reset", &reset),
             ("500", &timed_out_500),
         ] {
@@ -235,10 +237,10 @@ mod tests {
             assert_eq!(calls, 6, "{name}: an idempotent call is retried");
         }
         let refused =
-            || StorageError::transport("start_copy", "d", TransportFailure::Connect, "refused");
+            || ServiceError::transport("start_copy", "d", TransportFailure::Connect, "refused");
         let unverified =
-            || StorageError::http("start_copy", "d", 500, Some("CannotVerifyCopySource"));
-        for error in [&busy as &dyn Fn() -> StorageError, &refused, &unverified] {
+            || ServiceError::http("start_copy", "d", 500, Some("CannotVerifyCopySource"));
+        for error in [&busy as &dyn Fn() -> ServiceError, &refused, &unverified] {
             let (r, calls) = count_calls(Idempotency::NotIdempotent, error).await;
             assert_eq!(calls, 6, "definite failures are retried: {:?}", r);
         }
@@ -257,13 +259,13 @@ mod tests {
 
     #[test]
     fn classification_of_copy_source_errors() {
-        let e = StorageError::http("start_copy", "d", 500, Some("CannotVerifyCopySource"));
+        let e = ServiceError::http("start_copy", "d", 500, Some("CannotVerifyCopySource"));
         assert_eq!(
             e.class,
             ErrorClass::Transient,
             "500: a verification timeout"
         );
-        let e = StorageError::http("start_copy", "d", 403, Some("CannotVerifyCopySource"));
+        let e = ServiceError::http("start_copy", "d", 403, Some("CannotVerifyCopySource"));
         assert_eq!(e.class, ErrorClass::Denied, "403: a bad or expired SAS");
     }
 
