@@ -11,9 +11,11 @@ use vhd_replicator::{
     control::Control,
     job::{parse_job_json, JobId},
     metrics::Metrics,
-    queue::MemoryQueue,
     state::{JobDocument, JobState},
-    storage::sim::{SimConfig, SimStore},
+    testkit::{
+        memory_queue::MemoryQueue,
+        sim::{SimConfig, SimStore},
+    },
 };
 
 const JOBS: usize = 5_000;

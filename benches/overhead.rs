@@ -10,7 +10,7 @@ const MIB: u64 = 1024 * 1024;
 use vhd_replicator::{
     config::{CopyMethod, Strategy},
     engine::Outcome,
-    simulation::{run, Scenario},
+    testkit::simulation::{run, Scenario},
 };
 
 fn proc_field(file: &str, key: &str) -> u64 {

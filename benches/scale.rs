@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use vhd_replicator::{
     config::{CopyMethod, Strategy},
     engine::Outcome,
-    simulation::{run, Scenario},
+    testkit::simulation::{run, Scenario},
 };
 
 const GIB: u64 = 1024 * 1024 * 1024;

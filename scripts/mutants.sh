@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v cargo-mutants >/dev/null 2>&1 || cargo install --locked cargo-mutants
 files=(src/plan.rs src/placement.rs src/engine/schedule.rs src/engine/poll.rs
-  src/storage/limits.rs src/vhd.rs src/storage/auth.rs src/storage/retry.rs
+  src/azure/limits.rs src/vhd.rs src/azure/auth.rs src/azure/retry.rs
   src/storage/mod.rs)
 args=()
 for f in "${files[@]}"; do args+=(-f "$f"); done

@@ -1,38 +1,34 @@
 //! vhd-replicator: turns one custom VHD into the many identical copies an Azure
 //! Batch pool needs, with server-side copies across storage accounts.
 //!
-//! The pipeline, module by module:
+//! The pipeline:
 //!
 //! ```text
-//!  cli / api ──▶ intake queue ──▶ plan ──▶ engine ──▶ verify ──▶ handoff
-//!                 (intake)        (plan)   (engine)   (engine)   (handoff)
-//!                 job state: one JSON document per job (state), ETag-guarded
+//!  cli / api ──▶ intake queue ──▶ plan ──▶ engine: snapshot ▶ copies ▶ verify ▶ publish ──▶ handoff
+//!                 (intake)        (plan)  (engine: copy, ranged, relay, poll, publish)    (handoff)
+//!                 job state: one JSON document per job (state), ETag-guarded, one writer per run
 //! ```
 //!
-//! - [`config`]: settings from TOML and `VHDREP__SECTION__KEY`, validated with the key named.
-//! - [`job`]: the submitted job, its parsing and validation.
-//! - [`placement`]: which account each replica goes to, within capacity (pure).
-//! - [`plan`]: replicas, names, metadata (pure).
-//! - [`engine`]: runs a job: snapshot, copies under limits, polling, verification, hand-off.
-//! - [`storage`]: the `BlobStore` trait; Azure, in-memory and instrumented stores; auth.
-//! - [`queue`]: the `MessageQueue` trait; Azure and in-memory queues.
-//! - [`intake`]: the queue consumer: leases, poison queue.
-//! - [`state`]: job documents with ETag concurrency.
-//! - [`gc`]: orphaned replicas and snapshots, found and removed.
-//! - [`handoff`]: the pool-creation hand-off and its sinks.
-//! - [`api`]: HTTP routes, metrics, health; [`pages`]: the status pages (HTML).
-//! - [`metrics`]: every metric in one place.
-//! - [`vhd`]: the fixed-VHD footer.
-//! - [`estimate`]: throughput and ETA from observed progress (pure).
-//! - [`views`]: the JSON views of jobs and pools the API and the CLI share.
-//! - [`gallery`]: Azure Compute Gallery image versions through Azure Resource Manager.
-//! - `fake_arm` (feature `testkit`): a fake Azure Resource Manager for the gallery tests.
-//! - `proxy` (feature `testkit`): an Azure behaviour proxy in front of Azurite, for tests.
-//! - `simulation` (feature `testkit`): whole-daemon runs on the simulated store, on
-//!   virtual time.
-//! - [`control`]: the control plane the CLI and the API share (clients, submit,
-//!   retire, cancel); [`daemon`]: API, worker and housekeeping until shutdown;
-//!   [`cli`]: the command line.
+//! The layers, lowest first. A module uses only the layers below its own
+//! (and a few named edges inside one); `tests/architecture.rs` holds the
+//! table and fails on any other edge.
+//!
+//! | layer | modules | what it is |
+//! |---|---|---|
+//! | foundation | [`metrics`], [`vhd`], [`estimate`], [`placement`], [`telemetry`] | pure pieces: every metric, the fixed-VHD footer, throughput and ETA, which account each replica goes to, log setup |
+//! | Azure client | [`azure`] | accounts, Shared Key and SAS signing, the one retry policy, request limits, the outbound call path, the shared transport, [`azure::ServiceError`] |
+//! | settings and services | [`config`], [`storage`], [`queue`] | settings from TOML and `VHDREP__SECTION__KEY`, validated with the key named; the `BlobStore` trait and its Azure and instrumented stores; the `MessageQueue` trait and its Azure queue |
+//! | domain | [`job`], [`plan`], [`state`], [`views`] | the submitted job and its checks; replicas, names, metadata; job documents, pool records and locks; the JSON views the API and the CLI share |
+//! | integrations | [`gallery`], [`handoff`] | Compute Gallery versions through Resource Manager; the pool-creation hand-off and its sinks |
+//! | engine | [`engine`] | one job's run: prepare (source, snapshot, plan), copy (`Copy Blob`, ranged `Put Page From URL`, relays), poll, verify, publish, hand off, clean up; retire |
+//! | control | [`control`], [`intake`], [`gc`] | what the CLI and the API share (clients, submit, cancel, retire); the queue consumer with leases and the poison queue; orphan collection |
+//! | surface | [`api`], [`pages`], [`daemon`], [`cli`] | HTTP routes and health; the status pages; API, workers and housekeeping until shutdown; the command line |
+//! | test kit | `testkit` (feature `testkit`) | the simulated store and queue, whole-daemon simulations, the Azure behaviour proxy, the fake Resource Manager |
+//!
+//! Reading the code for the first time: [`engine`]'s `lifecycle.rs` (a job's
+//! phases in order), then `engine/run.rs` (the one writer of a job's
+//! document), [`storage`]'s `BlobStore`, and [`azure::outbound`] (how every
+//! call goes out).
 
 #![warn(missing_docs, unreachable_pub)]
 
@@ -44,8 +40,6 @@ pub mod control;
 pub mod daemon;
 pub mod engine;
 pub mod estimate;
-#[cfg(feature = "testkit")]
-pub mod fake_arm;
 pub mod gallery;
 pub mod gc;
 pub mod handoff;
@@ -55,13 +49,11 @@ pub mod metrics;
 pub mod pages;
 pub mod placement;
 pub mod plan;
-#[cfg(feature = "testkit")]
-pub mod proxy;
 pub mod queue;
-#[cfg(feature = "testkit")]
-pub mod simulation;
 pub mod state;
 pub mod storage;
 pub mod telemetry;
+#[cfg(any(test, feature = "testkit"))]
+pub mod testkit;
 pub mod vhd;
 pub mod views;

@@ -91,16 +91,94 @@ fn the_module_graph_has_no_cycles() {
             panic!("module cycle: {}", cycle.join(" -> "));
         }
     }
-    // The layers at the ends: storage depends on nothing above it, the command
-    // line is not used by anything.
-    for low in ["storage", "metrics", "vhd", "placement"] {
-        let deps = &graph[low];
-        assert!(
-            deps.iter().all(|d| ["metrics"].contains(&d.as_str())),
-            "{low} depends on {deps:?}"
-        );
+}
+
+/// The layers, lowest first: a module may use modules of the layers below
+/// its own, and of its own layer only along the edges in [`SAME_LAYER`]. The
+/// map in `src/lib.rs` says the same in words.
+const LAYERS: &[(&str, &[&str])] = &[
+    // Pure building blocks: no I/O, nothing of the crate.
+    (
+        "foundation",
+        &["metrics", "vhd", "estimate", "placement", "telemetry"],
+    ),
+    // The Azure client layer: accounts, signing, retry, limits, the outbound
+    // call path, transport, errors.
+    ("azure client", &["azure"]),
+    // The configuration and the service clients, side by side.
+    ("settings and services", &["config", "storage", "queue"]),
+    // The job model: jobs, plans, documents, views.
+    ("domain", &["job", "plan", "state", "views"]),
+    // What a job publishes to and hands off through.
+    ("integrations", &["gallery", "handoff"]),
+    ("engine", &["engine"]),
+    // The control plane: submissions, the queue consumer, garbage collection.
+    ("control", &["control", "intake", "gc"]),
+    // What people and programs talk to.
+    ("surface", &["api", "pages", "daemon", "cli"]),
+    // Tests and benchmarks only (feature `testkit`): stand-ins for services
+    // and whole-daemon simulations, on everything below the surface.
+    ("test kit", &["testkit"]),
+];
+
+/// The edges allowed inside one layer.
+const SAME_LAYER: &[(&str, &str)] = &[
+    ("plan", "job"),
+    ("state", "job"),
+    ("views", "state"),
+    ("handoff", "gallery"),
+    ("gc", "control"),
+    ("api", "pages"),
+    ("daemon", "api"),
+    ("cli", "daemon"),
+];
+
+fn layer_of(module: &str) -> Option<usize> {
+    LAYERS
+        .iter()
+        .position(|(_, modules)| modules.contains(&module))
+}
+
+/// Every edge of the module graph goes down the layers (or along an allowed
+/// edge inside one), and every module has a layer: a new `storage -> config`
+/// or `azure -> storage` edge, or a module nobody placed, fails here.
+#[test]
+fn every_module_uses_only_the_layers_below_it() {
+    let graph = module_graph();
+    let mut wrong = Vec::new();
+    for (module, deps) in &graph {
+        if ["lib", "main"].contains(&module.as_str()) {
+            continue;
+        }
+        let Some(own) = layer_of(module) else {
+            wrong.push(format!("{module} is in no layer: place it in LAYERS"));
+            continue;
+        };
+        for dep in deps {
+            let Some(theirs) = layer_of(dep) else {
+                continue;
+            };
+            let allowed = theirs < own
+                || (theirs == own && SAME_LAYER.contains(&(module.as_str(), dep.as_str())));
+            if !allowed {
+                wrong.push(format!(
+                    "{module} ({}) uses {dep} ({})",
+                    LAYERS[own].0, LAYERS[theirs].0
+                ));
+            }
+        }
     }
-    assert!(graph.values().all(|deps| !deps.contains("cli")));
+    assert!(
+        wrong.is_empty(),
+        "edges against the layers:\n{}",
+        wrong.join("\n")
+    );
+    // The table holds no stale names.
+    for (_, modules) in LAYERS {
+        for m in *modules {
+            assert!(graph.contains_key(*m), "{m} is in LAYERS but not in src/");
+        }
+    }
 }
 
 /// The non-test code of every `.rs` file under `src/`, by path from `src/`.

@@ -6,9 +6,11 @@ use std::{collections::BTreeSet, time::Duration};
 use vhd_replicator::{
     config::{CopyMethod, Strategy},
     engine::Outcome,
-    simulation::{run, run_contested, Contest, Report, Scenario},
     state::{JobState, ReplicaState},
-    storage::sim::SimConfig,
+    testkit::{
+        sim::SimConfig,
+        simulation::{run, run_contested, Contest, Report, Scenario},
+    },
 };
 
 const MIB: u64 = 1024 * 1024;
@@ -350,7 +352,7 @@ fn premium_and_block_blob_accounts_are_refused() {
 /// and its error dropped.)
 #[test]
 fn a_hung_checkpoint_write_does_not_stall_the_copies() {
-    use vhd_replicator::storage::sim::{SimFault, SimFaultAction};
+    use vhd_replicator::testkit::sim::{SimFault, SimFaultAction};
     let scenario = Scenario::new(2, 4, 4096 * MIB, Strategy::Fanout);
     let clean = runtime().block_on(run(&scenario));
     assert_eq!(clean.outcome, Outcome::Completed, "{:?}", clean.error);

@@ -28,7 +28,7 @@ pub fn client_options(
 /// The HTTP transport every client shares: no automatic decompression (as the
 /// storage crates require), no redirects, a connect timeout, and the accounts'
 /// extra CA certificates trusted. The answer timeout of each attempt is the
-/// retry policy's ([`RetryPolicy::timed`]), which also covers token requests.
+/// retry policy's ([`RetryPolicy::timed`](super::retry::RetryPolicy::timed)), which also covers token requests.
 pub fn shared_transport(
     accounts: &[AccountConfig],
     connect_timeout: Duration,

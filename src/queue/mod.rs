@@ -1,7 +1,7 @@
 //! Storage queues behind one narrow trait: the intake, poison and hand-off queues.
 //!
-//! [`AzureQueue`] uses the GA `azure_storage_queue` client; `MemoryQueue`
-//! (feature `testkit`) keeps messages in memory with the same visibility and
+//! [`AzureQueue`] uses the GA `azure_storage_queue` client; the test kit's
+//! `MemoryQueue` keeps messages in memory with the same visibility and
 //! pop-receipt rules;
 //! [`InstrumentedQueue`] wraps either in the outbound call path every storage call
 //! takes (rate limit, timeout, retries, metrics).
@@ -18,10 +18,6 @@ use azure_storage_queue::{
 };
 use std::{fmt, sync::Arc, time::Duration};
 
-#[cfg(any(test, feature = "testkit"))]
-mod memory;
-#[cfg(any(test, feature = "testkit"))]
-pub use memory::MemoryQueue;
 use time::OffsetDateTime;
 
 /// Result of a queue call.

@@ -1380,7 +1380,7 @@ fn to_bytes(doc: &JobDocument) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::storage::sim::{SimConfig, SimStore};
+    use crate::testkit::sim::{SimConfig, SimStore};
 
     fn spec() -> JobSpec {
         crate::job::parse_job_json(
@@ -1532,7 +1532,7 @@ mod tests {
     /// other writers, ends with an error instead of trying forever.
     #[tokio::test(start_paused = true)]
     async fn updates_are_bounded() {
-        use crate::storage::sim::{SimFault, SimFaultAction};
+        use crate::testkit::sim::{SimFault, SimFaultAction};
         let sim = Arc::new(SimStore::new(SimConfig::instant()));
         let s = StateStore::new(sim.clone(), "ops", "state");
         let bounded = Duration::from_secs(600);

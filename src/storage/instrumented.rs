@@ -2,7 +2,8 @@
 //! the account's request-rate limiter (governor), runs under the attempt timeout,
 //! is counted in the metrics, tells the account's adaptive copy gate whether it
 //! was throttled, and retryable failures are retried under the one
-//! [`RetryPolicy`], through [`Outbound`], the call path of every Azure client.
+//! [`RetryPolicy`](crate::azure::retry::RetryPolicy), through
+//! [`Outbound`], the call path of every Azure client.
 
 use super::{
     AccountInfo, BlobPath, BlobProperties, BlobStore, Condition, CopyStarted, Metadata, SourceRead,
@@ -229,8 +230,8 @@ mod tests {
     use super::*;
     use crate::azure::{limits::AccountLimits, retry::RetryPolicy};
     use crate::metrics::Metrics;
-    use crate::storage::sim::{SimConfig, SimFault, SimFaultAction, SimStore};
     use crate::storage::{MAX_RANGE_PAGES, TOO_FRAGMENTED};
+    use crate::testkit::sim::{SimConfig, SimFault, SimFaultAction, SimStore};
 
     fn instrumented(sim: SimStore) -> (Instrumented, Metrics) {
         let metrics = Metrics::new();

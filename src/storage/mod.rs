@@ -3,15 +3,13 @@
 //! [`BlobStore`] is everything the daemon asks of Azure Blob Storage: snapshots,
 //! server-side copies and their status, account information, and small JSON
 //! documents for job state. [`azure::AzureStore`] talks to Azure (or Azurite);
-//! `sim::SimStore` (feature `testkit`) keeps everything in memory: with
-//! `sim::SimConfig::instant` for unit tests (copies done at once), or as a model of Azure's bandwidths,
+//! the test kit's `SimStore` keeps everything in memory: with
+//! `SimConfig::instant` for unit tests (copies done at once), or as a model of Azure's bandwidths,
 //! limits and faults on virtual time for property tests and benchmarks. The
 //! conformance suite in `tests/` runs the same checks against both.
 
 pub mod azure;
 pub mod instrumented;
-#[cfg(any(test, feature = "testkit"))]
-pub mod sim;
 
 use crate::azure::{ErrorClass, ServiceError};
 use async_trait::async_trait;

@@ -7,10 +7,11 @@ use std::{sync::Arc, time::Duration};
 use time::OffsetDateTime;
 use vhd_replicator::{
     azure::ErrorClass,
-    queue::{MemoryQueue, MessageQueue},
-    storage::{
+    queue::MessageQueue,
+    storage::{BlobKind, BlobPath, BlobStore, Condition, CopyState, Metadata},
+    testkit::{
+        memory_queue::MemoryQueue,
         sim::{SimConfig, SimStore},
-        BlobKind, BlobPath, BlobStore, Condition, CopyState, Metadata,
     },
     vhd,
 };

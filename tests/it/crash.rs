@@ -10,8 +10,8 @@ use std::{
     time::Duration,
 };
 use vhd_replicator::{
-    proxy::{Proxy, ProxyConfig, ProxyStats},
     state::{JobState, Phase, ReplicaState},
+    testkit::proxy::{Proxy, ProxyConfig, ProxyStats},
 };
 
 /// Engine settings that make crash tests quick: a short lease, frequent checkpoints.

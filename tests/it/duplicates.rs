@@ -10,9 +10,9 @@ use rand::{Rng, SeedableRng};
 use std::{collections::BTreeSet, time::Duration};
 use vhd_replicator::{
     plan::{META_JOB, META_REPLICA, META_SNAPSHOT},
-    proxy::{Proxy, ProxyConfig},
     state::JobState,
     storage::BlobKind,
+    testkit::proxy::{Proxy, ProxyConfig},
 };
 
 /// What a trial measured, for the log and the closing note.

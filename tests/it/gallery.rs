@@ -10,9 +10,9 @@ use serde_json::Value;
 use std::{path::Path, sync::Arc, time::Duration};
 use vhd_replicator::{
     config::{Settings, ValidatedSettings},
-    fake_arm::{ArmFault, FakeArm, FakeArmConfig},
     job::parse_job_json,
     state::{JobDocument, JobState},
+    testkit::fake_arm::{ArmFault, FakeArm, FakeArmConfig},
 };
 
 pub(crate) const TOKEN: &str = "arm-test-token";
@@ -59,7 +59,7 @@ pub(crate) async fn fake_arm(polls: u32) -> FakeArm {
 
 /// The PUT that ARM throttled (429 with `Retry-After: secs`) was asked again
 /// no sooner than `secs` later, measured at the fake.
-fn assert_retry_waited(requests: &[vhd_replicator::fake_arm::ArmRequest], secs: u64) {
+fn assert_retry_waited(requests: &[vhd_replicator::testkit::fake_arm::ArmRequest], secs: u64) {
     let throttled = requests
         .iter()
         .position(|r| r.method == "PUT" && r.status == 429)
@@ -172,7 +172,7 @@ async fn watch(app: &TestApp, id: &str) -> (JobDocument, Vec<f64>, Vec<String>, 
     }
 }
 
-fn version_puts(arm: &FakeArm) -> Vec<vhd_replicator::fake_arm::ArmRequest> {
+fn version_puts(arm: &FakeArm) -> Vec<vhd_replicator::testkit::fake_arm::ArmRequest> {
     arm.requests()
         .into_iter()
         .filter(|r| r.method == "PUT" && r.path.contains("/versions/") && r.status == 201)

@@ -110,7 +110,7 @@ async fn the_hand_off_message_can_be_base64() {
 /// set name.
 #[tokio::test]
 async fn a_hand_off_refused_as_too_large_fails_the_job_and_keeps_its_replicas() {
-    use vhd_replicator::proxy::{Proxy, ProxyAction, ProxyConfig, ProxyRule};
+    use vhd_replicator::testkit::proxy::{Proxy, ProxyAction, ProxyConfig, ProxyRule};
     let env = TestEnv::new("");
     let direct = env.control().await;
     let queue_proxy = Proxy::start(ProxyConfig {
@@ -145,7 +145,7 @@ async fn a_hand_off_refused_as_too_large_fails_the_job_and_keeps_its_replicas() 
         "failed at once, not after retries: {:?}",
         started.elapsed()
     );
-    let attempts = vhd_replicator::proxy::ProxyStats::get(&queue_proxy.stats.rule_hits);
+    let attempts = vhd_replicator::testkit::proxy::ProxyStats::get(&queue_proxy.stats.rule_hits);
     assert_eq!(attempts, 1, "a refusal as too large is not sent again");
     let handoff: HandOff = serde_json::from_value(
         doc.handoff

@@ -419,7 +419,7 @@ pub async fn metrics_showing(app: &TestApp, lines: &[&str]) -> String {
 /// Start Copy requests per replica blob. Relays (short-lived same-account
 /// copies of the snapshot) are left out: a resumed run makes them again.
 pub fn replica_starts(
-    proxy: &vhd_replicator::proxy::Proxy,
+    proxy: &vhd_replicator::testkit::proxy::Proxy,
 ) -> std::collections::HashMap<String, u32> {
     proxy
         .copy_starts()

@@ -11,8 +11,8 @@ use std::{
 };
 use vhd_replicator::{
     job::parse_job_json,
-    proxy::{Proxy, ProxyConfig},
     state::JobState,
+    testkit::proxy::{Proxy, ProxyConfig},
 };
 
 struct Killed(Child);
@@ -240,7 +240,7 @@ fn series_sum(text: &str, name: &str) -> (f64, usize) {
 /// of the grace period) leaves no copy in flight and no job running.
 #[tokio::test]
 async fn known_series_start_at_zero_and_gauges_do_not_leak_on_shutdown() {
-    use vhd_replicator::proxy::{ProxyAction, ProxyRule};
+    use vhd_replicator::testkit::proxy::{ProxyAction, ProxyRule};
     let env = TestEnv::new("[service]\nshutdown_grace_seconds = 1\n");
     let direct = env.control().await;
     // Every status request on a replica hangs: a copy is stuck mid-request.

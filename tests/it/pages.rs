@@ -321,16 +321,22 @@ async fn a_job_page_with_six_hundred_replicas() {
 /// document read, however many jobs there are.
 #[tokio::test]
 async fn a_page_view_costs_one_listing_or_one_document() {
-    use vhd_replicator::storage::sim::{SimConfig, SimStore};
+    use vhd_replicator::testkit::sim::{SimConfig, SimStore};
     let env = TestEnv::new("");
     let store = Arc::new(SimStore::new(SimConfig::instant()));
     let control = Control::with_retry(
         Arc::new(env.settings()),
         vhd_replicator::metrics::Metrics::new(),
         store.clone(),
-        Arc::new(vhd_replicator::queue::MemoryQueue::new("intake")),
-        Arc::new(vhd_replicator::queue::MemoryQueue::new("poison")),
-        Arc::new(vhd_replicator::queue::MemoryQueue::new("handoff")),
+        Arc::new(vhd_replicator::testkit::memory_queue::MemoryQueue::new(
+            "intake",
+        )),
+        Arc::new(vhd_replicator::testkit::memory_queue::MemoryQueue::new(
+            "poison",
+        )),
+        Arc::new(vhd_replicator::testkit::memory_queue::MemoryQueue::new(
+            "handoff",
+        )),
         Default::default(),
     );
     control.state.ensure().await.unwrap();
@@ -375,7 +381,7 @@ async fn a_page_view_costs_one_listing_or_one_document() {
 #[tokio::test]
 async fn a_running_job_estimates_its_throughput_and_eta_from_its_checkpoints() {
     use std::time::Duration;
-    use vhd_replicator::proxy::{Proxy, ProxyConfig};
+    use vhd_replicator::testkit::proxy::{Proxy, ProxyConfig};
     let env = TestEnv::new("[engine]\ncheckpoint_seconds = 1\n");
     let direct = env.control().await;
     let proxy = Proxy::start(ProxyConfig {

@@ -387,17 +387,17 @@ async fn gc_removes_old_orphans_and_keeps_the_rest() {
 /// `delays` (ms) before the job and the retire are submitted. Returns whether
 /// the retire completed.
 async fn race_trial(job_delay: u64, retire_delay: u64) -> bool {
-    use vhd_replicator::proxy::{Proxy, ProxyConfig};
+    use vhd_replicator::testkit::proxy::{Proxy, ProxyConfig};
     let env = TestEnv::new("");
     let direct = env.control().await;
     // Copies held 1.5 s and replica deletions slowed to 1 s each: jobs and
     // retires last long enough for their steps to interleave.
     let proxy = Proxy::start(ProxyConfig {
         hold_copies: Some(Duration::from_millis(1500)),
-        rules: vec![vhd_replicator::proxy::ProxyRule::new(
+        rules: vec![vhd_replicator::testkit::proxy::ProxyRule::new(
             "DELETE",
             &format!("/it-{}/", env.id),
-            vhd_replicator::proxy::ProxyAction::Delay(Duration::from_secs(1)),
+            vhd_replicator::testkit::proxy::ProxyAction::Delay(Duration::from_secs(1)),
             1000,
         )],
         ..ProxyConfig::transparent(BLOB)
@@ -499,7 +499,7 @@ async fn retire_racing_a_job_never_removes_a_handed_off_uri() {
 /// holds one image set, not two.
 #[tokio::test]
 async fn two_jobs_of_one_pool_at_once_make_one_image_set() {
-    use vhd_replicator::proxy::{Proxy, ProxyConfig};
+    use vhd_replicator::testkit::proxy::{Proxy, ProxyConfig};
     let env = TestEnv::new("");
     let direct = env.control().await;
     let proxy = Proxy::start(ProxyConfig {

@@ -5,8 +5,8 @@ use crate::helpers::*;
 use std::{sync::atomic::Ordering, time::Duration};
 use vhd_replicator::{
     job::parse_job_json,
-    proxy::{Proxy, ProxyConfig, ProxyStats},
     state::{JobState, ReplicaState},
+    testkit::proxy::{Proxy, ProxyConfig, ProxyStats},
 };
 
 /// Copies held pending (with advancing progress) are polled until they succeed,
@@ -209,7 +209,7 @@ async fn throttling_resets_and_timeouts_are_survived() {
 /// and the role to assign, before anything is copied.
 #[tokio::test]
 async fn an_identity_without_a_data_role_is_told_which_role_to_assign() {
-    use vhd_replicator::proxy::{ProxyAction, ProxyRule};
+    use vhd_replicator::testkit::proxy::{ProxyAction, ProxyRule};
     let env = TestEnv::new("");
     let direct = env.control().await;
     let proxy = Proxy::start(ProxyConfig {
@@ -254,7 +254,7 @@ async fn an_identity_without_a_data_role_is_told_which_role_to_assign() {
 /// replica is tried again with a freshly signed source SAS; the job completes.
 #[tokio::test]
 async fn a_copy_source_verification_timeout_is_retried_with_a_fresh_sas() {
-    use vhd_replicator::proxy::{ProxyAction, ProxyRule};
+    use vhd_replicator::testkit::proxy::{ProxyAction, ProxyRule};
     let env = TestEnv::new("");
     let direct = env.control().await;
     let proxy = Proxy::start(ProxyConfig {
@@ -311,7 +311,7 @@ async fn a_copy_source_verification_timeout_is_retried_with_a_fresh_sas() {
 /// most 200 ms), and the job completes with the one replica.
 #[tokio::test]
 async fn storage_throttling_waits_the_retry_after_it_was_given() {
-    use vhd_replicator::proxy::{ProxyAction, ProxyRule};
+    use vhd_replicator::testkit::proxy::{ProxyAction, ProxyRule};
     let env = TestEnv::new("");
     let direct = env.control().await;
     let proxy = Proxy::start(ProxyConfig {

@@ -9,8 +9,8 @@ use vhd_replicator::{
     azure::{auth::SharedKey, ErrorClass},
     control::Control,
     metrics::Metrics,
-    proxy::{Proxy, ProxyAction, ProxyConfig, ProxyRule, ProxyStats},
     storage::{BlobPath, MAX_PAGES_FROM_URL},
+    testkit::proxy::{Proxy, ProxyAction, ProxyConfig, ProxyRule, ProxyStats},
 };
 
 pub(crate) fn signers() -> HashMap<String, SharedKey> {

@@ -11,8 +11,8 @@ use crate::helpers::*;
 use std::{collections::BTreeSet, path::Path, time::Duration};
 use vhd_replicator::{
     control::Control,
-    proxy::{Proxy, ProxyAction, ProxyConfig, ProxyRule},
     state::JobState,
+    testkit::proxy::{Proxy, ProxyAction, ProxyConfig, ProxyRule},
 };
 
 /// Every way a secret could be written: as is, percent-encoded with upper- and

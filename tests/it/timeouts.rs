@@ -13,8 +13,8 @@ use std::{
 };
 use vhd_replicator::{
     job::parse_job_json,
-    proxy::{Proxy, ProxyAction, ProxyConfig, ProxyRule, ProxyStats},
     state::JobState,
+    testkit::proxy::{Proxy, ProxyAction, ProxyConfig, ProxyRule, ProxyStats},
 };
 
 /// A webhook that never answers its first request and accepts the others.

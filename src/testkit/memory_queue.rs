@@ -1,8 +1,8 @@
 //! A queue in memory with the visibility and pop-receipt rules of Azure Storage
 //! queues, for unit tests and simulations (feature `testkit`).
 
-use super::{MessageQueue, QueueResult, ReceivedMessage};
 use crate::azure::ServiceError;
+use crate::queue::{MessageQueue, QueueResult, ReceivedMessage};
 use async_trait::async_trait;
 use std::{collections::VecDeque, sync::Mutex, time::Duration};
 use time::OffsetDateTime;

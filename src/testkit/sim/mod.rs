@@ -22,11 +22,11 @@
 //! - blobs may be virtual: a length and a real 512-byte tail (the VHD footer), so a
 //!   127 GiB VHD costs nothing.
 
-use super::{
+use crate::azure::{ErrorClass, ServiceError};
+use crate::storage::{
     AccountInfo, BlobKind, BlobPath, BlobProperties, BlobStore, Condition, CopyInfo, CopyStarted,
     CopyState, Metadata, SourceRead, StorageResult,
 };
-use crate::azure::{ErrorClass, ServiceError};
 use async_trait::async_trait;
 use bytes::Bytes;
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -282,7 +282,7 @@ fn written_pages(data: &[u8]) -> Vec<std::ops::Range<u64>> {
         .chunks(512)
         .enumerate()
         .filter(|(_, p)| p.iter().any(|b| *b != 0));
-    super::merge_ranges(
+    crate::storage::merge_ranges(
         pages
             .map(|(i, p)| i as u64 * 512..i as u64 * 512 + p.len() as u64)
             .collect(),
@@ -524,7 +524,7 @@ impl SimStore {
         self.put_virtual_page_blob(blob, len, tail);
         let mut s = self.state.lock().expect("sim lock");
         if let Some(b) = s.blobs.get_mut(blob) {
-            b.written = Some(super::merge_ranges(written));
+            b.written = Some(crate::storage::merge_ranges(written));
         }
     }
 
@@ -542,7 +542,10 @@ impl SimStore {
             return Err(ServiceError::http(OP, dest, 501, Some("NotImplemented")));
         }
         let aligned = range.start.is_multiple_of(512) && range.end.is_multiple_of(512);
-        if !aligned || range.is_empty() || range.end - range.start > super::MAX_PAGES_FROM_URL {
+        if !aligned
+            || range.is_empty()
+            || range.end - range.start > crate::storage::MAX_PAGES_FROM_URL
+        {
             return Err(ServiceError::http(OP, dest, 400, Some("InvalidPageRange")));
         }
         let source = copy_source(OP, dest, source_url, SourceRead::FromUrl)?;
@@ -914,7 +917,7 @@ impl BlobStore for SimStore {
             // unwritten, as our own uploads leave them.
             Content::Real(data) => written_pages(data),
             Content::Virtual { len, .. } => std::iter::once(0..*len).collect(),
-            Content::Sparse { pieces, .. } => super::merge_ranges(
+            Content::Sparse { pieces, .. } => crate::storage::merge_ranges(
                 pieces
                     .iter()
                     .map(|(at, b)| *at..*at + b.len() as u64)
@@ -1030,7 +1033,7 @@ impl BlobStore for SimStore {
         b.content.write(range.start, &data, len);
         let mut written = b.written.take().unwrap_or_default();
         written.push(range);
-        b.written = Some(super::merge_ranges(written));
+        b.written = Some(crate::storage::merge_ranges(written));
         b.etag = etag;
         b.modified = OffsetDateTime::now_utc();
         Ok(())
@@ -1071,7 +1074,7 @@ impl BlobStore for SimStore {
         container: &str,
         prefix: &str,
         snapshots: bool,
-    ) -> StorageResult<Vec<super::ListedBlob>> {
+    ) -> StorageResult<Vec<crate::storage::ListedBlob>> {
         let s = self.admit("list_blobs", account, &container).await?;
         Ok(s.blobs
             .iter()
@@ -1081,7 +1084,7 @@ impl BlobStore for SimStore {
                     && (snapshots || k.snapshot.is_none())
                     && k.name.starts_with(prefix)
             })
-            .map(|(k, b)| super::ListedBlob {
+            .map(|(k, b)| crate::storage::ListedBlob {
                 name: k.name.clone(),
                 snapshot: k.snapshot.clone(),
                 metadata: b.metadata.clone(),

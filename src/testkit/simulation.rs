@@ -1,4 +1,4 @@
-//! Whole-daemon runs against the simulated store ([`crate::storage::sim`]) on
+//! Whole-daemon runs against the simulated store ([`crate::testkit::sim`]) on
 //! virtual time: the engine, state documents, limits and scheduler exactly as in
 //! production, only the storage is a model. Used by property tests and benchmarks;
 //! call [`run`] inside a tokio runtime whose clock is paused.
@@ -7,13 +7,13 @@ use crate::config::{CopyMethod, SecretSource, Settings};
 use crate::control::Control;
 use crate::job::parse_job_json;
 use crate::metrics::Metrics;
-use crate::queue::{MemoryQueue, MessageQueue};
 use crate::state::ReplicaRecord;
-use crate::storage::{
-    sim::{SimConfig, SimStats, SimStore},
-    BlobPath, BlobStore,
-};
 use crate::{config::Strategy, engine::Outcome};
+use crate::{queue::MessageQueue, testkit::memory_queue::MemoryQueue};
+use crate::{
+    storage::{BlobPath, BlobStore},
+    testkit::sim::{SimConfig, SimStats, SimStore},
+};
 use bytes::Bytes;
 use std::{sync::Arc, time::Duration};
 use tokio_util::sync::CancellationToken;
@@ -40,7 +40,7 @@ pub struct Scenario {
     /// What Get Account Information answers for some accounts (default: standard, StorageV2).
     pub account_info: Vec<(String, crate::storage::AccountInfo)>,
     /// Faults injected into the store's requests.
-    pub faults: Vec<crate::storage::sim::SimFault>,
+    pub faults: Vec<crate::testkit::sim::SimFault>,
     /// `engine.copy_method`.
     pub copy_method: CopyMethod,
     /// `engine.relays`.
