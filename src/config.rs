@@ -11,7 +11,7 @@ use std::{collections::HashSet, fmt, net::SocketAddr, path::Path, sync::Arc, tim
 use url::Url;
 
 /// The file `--config` defaults to.
-pub const DEFAULT_CONFIG: &str = "config/default.toml";
+pub(crate) const DEFAULT_CONFIG: &str = "config/default.toml";
 
 /// Raw settings, exactly as the file and environment give them.
 #[derive(Debug, Clone, Deserialize)]
@@ -140,7 +140,7 @@ impl fmt::Debug for GalleryConfig {
 
 impl GalleryConfig {
     /// The image definition's ARM id.
-    pub fn image_id(&self) -> String {
+    pub(crate) fn image_id(&self) -> String {
         let g = &self.settings;
         format!(
             "/subscriptions/{}/resourceGroups/{}/providers/Microsoft.Compute/galleries/{}/images/{}",
@@ -150,7 +150,7 @@ impl GalleryConfig {
 
     /// Gallery replicas for a pool of `nodes`: one per `nodes_per_replica`, at
     /// least `min_replicas`, at most 100 (the service's limit per version).
-    pub fn replicas_for(&self, nodes: u32) -> u32 {
+    pub(crate) fn replicas_for(&self, nodes: u32) -> u32 {
         nodes
             .div_ceil(self.settings.nodes_per_replica.max(1))
             .max(self.settings.min_replicas)
@@ -516,7 +516,7 @@ impl ValidatedSettings {
     /// by commands that only talk to storage): an HTTP API reachable beyond
     /// loopback needs the admin token, or anyone who reaches the port can submit,
     /// cancel and retire.
-    pub fn check_daemon(&self) -> Result<(), ConfigError> {
+    pub(crate) fn check_daemon(&self) -> Result<(), ConfigError> {
         let admin_token_env = self.admin_token_env.as_str();
         if self.listen.ip().is_loopback() || self.admin_token.is_some() {
             return Ok(());
@@ -533,7 +533,7 @@ impl ValidatedSettings {
     }
 
     /// How long to wait for a connection.
-    pub fn connect_timeout(&self) -> Duration {
+    pub(crate) fn connect_timeout(&self) -> Duration {
         Duration::from_secs(self.engine.connect_timeout_seconds)
     }
 
@@ -543,7 +543,7 @@ impl ValidatedSettings {
     }
 
     /// Names of the accounts that may receive replicas.
-    pub fn destination_accounts(&self) -> Vec<String> {
+    pub(crate) fn destination_accounts(&self) -> Vec<String> {
         self.accounts
             .iter()
             .filter(|a| a.destination)
@@ -589,7 +589,7 @@ pub trait SecretSource {
 
 /// The process environment and file system.
 #[derive(Debug, Default, Clone, Copy)]
-pub struct ProcessSecrets;
+pub(crate) struct ProcessSecrets;
 
 impl SecretSource for ProcessSecrets {
     fn env(&self, name: &str) -> Option<String> {
@@ -1214,7 +1214,7 @@ fn entra_credential(kind: &str) -> Result<Arc<dyn TokenCredential>, String> {
 }
 
 /// Storage account names: 3–24 lower-case letters and digits.
-pub fn check_account_name(name: &str) -> Result<(), String> {
+pub(crate) fn check_account_name(name: &str) -> Result<(), String> {
     if (3..=24).contains(&name.len())
         && name
             .bytes()
@@ -1230,7 +1230,7 @@ pub fn check_account_name(name: &str) -> Result<(), String> {
 
 /// Container names: 3–63 of lower-case letters, digits and single hyphens, starting
 /// and ending with a letter or digit.
-pub fn check_container_name(name: &str) -> Result<(), String> {
+pub(crate) fn check_container_name(name: &str) -> Result<(), String> {
     let ok = (3..=63).contains(&name.len())
         && name
             .bytes()
@@ -1246,7 +1246,7 @@ pub fn check_container_name(name: &str) -> Result<(), String> {
 }
 
 /// Queue names follow the container rules.
-pub fn check_queue_name(name: &str) -> Result<(), String> {
+pub(crate) fn check_queue_name(name: &str) -> Result<(), String> {
     check_container_name(name).map_err(|_| {
         format!("{name:?} is not a queue name (3-63 lower-case letters, digits and single hyphens, starting and ending with a letter or digit)")
     })

@@ -2,9 +2,9 @@
 //!
 //! A running job's document keeps a short log of progress samples (bytes copied
 //! at a time), one per checkpoint. Throughput is the slope over the last
-//! [`WINDOW`] of samples (a moving window smooths the steps of polled async
+//! `WINDOW` of samples (a moving window smooths the steps of polled async
 //! copies and the bursts of ranged writes); until the samples span
-//! [`MIN_SPAN`] with bytes moving, there is no figure ("estimating"). The ETA is
+//! `MIN_SPAN` with bytes moving, there is no figure ("estimating"). The ETA is
 //! the remaining bytes at that throughput, counted from the newest sample, and
 //! is never given while nothing has been copied: a copy that has not started
 //! has no observed speed to promise anything from.
@@ -14,13 +14,13 @@ use std::time::Duration;
 use time::OffsetDateTime;
 
 /// Samples a document keeps.
-pub const MAX_SAMPLES: usize = 16;
+pub(crate) const MAX_SAMPLES: usize = 16;
 /// Samples closer than this to the last one are not kept.
-pub const MIN_GAP: Duration = Duration::from_secs(5);
+pub(crate) const MIN_GAP: Duration = Duration::from_secs(5);
 /// The span throughput is measured over, at most.
-pub const WINDOW: Duration = Duration::from_secs(120);
+pub(crate) const WINDOW: Duration = Duration::from_secs(120);
 /// The span samples must cover before there is a throughput.
-pub const MIN_SPAN: Duration = Duration::from_secs(20);
+pub(crate) const MIN_SPAN: Duration = Duration::from_secs(20);
 
 /// Bytes copied at a moment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -32,8 +32,8 @@ pub struct Sample {
     pub bytes: u64,
 }
 
-/// Adds a sample at `at`, unless the last is younger than [`MIN_GAP`]; keeps
-/// the last [`MAX_SAMPLES`]. A drop in bytes (a replica copied again from the
+/// Adds a sample at `at`, unless the last is younger than `MIN_GAP`; keeps
+/// the last `MAX_SAMPLES`. A drop in bytes (a replica copied again from the
 /// start) starts the log afresh, so a restart is not read as negative speed.
 pub fn record(log: &mut Vec<Sample>, at: OffsetDateTime, bytes: u64) {
     if let Some(last) = log.last() {
@@ -49,8 +49,8 @@ pub fn record(log: &mut Vec<Sample>, at: OffsetDateTime, bytes: u64) {
     }
 }
 
-/// Bytes per second over the last [`WINDOW`] of `log`, if the samples span at
-/// least [`MIN_SPAN`] and bytes moved.
+/// Bytes per second over the last `WINDOW` of `log`, if the samples span at
+/// least `MIN_SPAN` and bytes moved.
 pub fn throughput(log: &[Sample]) -> Option<f64> {
     let newest = log.last()?;
     let oldest = log

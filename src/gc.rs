@@ -130,7 +130,7 @@ pub async fn collect(
 
 /// Deletes the documents of jobs that ended more than `gc.job_retention_days`
 /// ago (none when it is 0), unless `dry_run`; returns their ids.
-pub async fn prune_jobs(control: &Control, dry_run: bool) -> Result<Vec<String>, GcError> {
+pub(crate) async fn prune_jobs(control: &Control, dry_run: bool) -> Result<Vec<String>, GcError> {
     let days = control.settings.gc.job_retention_days;
     if days == 0 {
         return Ok(Vec::new());

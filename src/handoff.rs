@@ -210,7 +210,7 @@ pub enum QueueEncoding {
 
 impl QueueEncoding {
     /// From `handoff.queue_encoding` (validated: `text` or `base64`).
-    pub fn from_setting(value: &str) -> Self {
+    pub(crate) fn from_setting(value: &str) -> Self {
         if value == "base64" {
             QueueEncoding::Base64
         } else {
@@ -271,7 +271,7 @@ impl HandoffError {
     /// Whether sending the same hand-off again can never succeed: the queue
     /// refused the message as too large (`413 RequestBodyTooLarge`, or
     /// `MessageTooLarge`). Everything else may pass on a later try.
-    pub fn is_permanent(&self) -> bool {
+    pub(crate) fn is_permanent(&self) -> bool {
         match self {
             HandoffError::Queue(e) => {
                 e.status == Some(413)

@@ -40,7 +40,7 @@ pub struct PoisonMessage {
 
 /// Consumes the intake queue and runs jobs on the engine.
 #[derive(Debug, Clone)]
-pub struct Worker {
+pub(crate) struct Worker {
     engine: Arc<Engine>,
     intake: Arc<dyn MessageQueue>,
     poison: Arc<dyn MessageQueue>,
@@ -126,7 +126,7 @@ impl Drop for Lease {
 
 impl Worker {
     /// A worker over these queues.
-    pub fn new(
+    pub(crate) fn new(
         engine: Arc<Engine>,
         intake: Arc<dyn MessageQueue>,
         poison: Arc<dyn MessageQueue>,
@@ -146,7 +146,7 @@ impl Worker {
 
     /// Takes messages until `stop` fires, then waits up to the grace period for
     /// running jobs to checkpoint and release their messages.
-    pub async fn run(self, stop: CancellationToken) {
+    pub(crate) async fn run(self, stop: CancellationToken) {
         let e = &self.settings.engine;
         let lease = Duration::from_secs(e.lease_seconds as u64);
         let idle = Duration::from_millis(e.idle_poll_ms);

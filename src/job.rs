@@ -8,11 +8,11 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 
 /// Default destination container.
-pub const DEFAULT_CONTAINER: &str = "vhd-replicas";
+pub(crate) const DEFAULT_CONTAINER: &str = "vhd-replicas";
 /// More nodes than any Batch pool can have.
-pub const MAX_NODES: u32 = 100_000;
+pub(crate) const MAX_NODES: u32 = 100_000;
 /// More replicas than one job may ask for.
-pub const MAX_REPLICAS: u32 = 5_000;
+pub(crate) const MAX_REPLICAS: u32 = 5_000;
 
 /// A job id: `[a-z0-9-]{1,63}`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -36,7 +36,7 @@ impl JobId {
     }
 
     /// A fresh random id.
-    pub fn generate() -> Self {
+    pub(crate) fn generate() -> Self {
         Self(format!("job-{}", uuid::Uuid::new_v4().simple()))
     }
 
@@ -384,7 +384,7 @@ fn lenient_spec(v: &serde_json::Value) -> JobSpec {
 }
 
 /// Replicas a pool of `nodes` needs: one VHD per so many nodes of its OS.
-pub fn replicas_needed(os: Os, nodes: u32, limits: &crate::config::LimitSettings) -> u32 {
+pub(crate) fn replicas_needed(os: Os, nodes: u32, limits: &crate::config::LimitSettings) -> u32 {
     let per = match os {
         Os::Windows => limits.windows_nodes_per_vhd,
         Os::Linux => limits.linux_nodes_per_vhd,

@@ -15,14 +15,14 @@
 //!
 //! | layer | modules | what it is |
 //! |---|---|---|
-//! | foundation | [`metrics`], [`vhd`], [`estimate`], [`placement`], [`telemetry`] | pure pieces: every metric, the fixed-VHD footer, throughput and ETA, which account each replica goes to, log setup |
+//! | foundation | [`metrics`], [`vhd`], [`estimate`], `placement`, `telemetry` | pure pieces: every metric, the fixed-VHD footer, throughput and ETA, which account each replica goes to, log setup |
 //! | Azure client | [`azure`] | accounts, Shared Key and SAS signing, the one retry policy, request limits, the outbound call path, the shared transport, [`azure::ServiceError`] |
 //! | settings and services | [`config`], [`storage`], [`queue`] | settings from TOML and `VHDREP__SECTION__KEY`, validated with the key named; the `BlobStore` trait and its Azure and instrumented stores; the `MessageQueue` trait and its Azure queue |
-//! | domain | [`job`], [`plan`], [`state`], [`views`] | the submitted job and its checks; replicas, names, metadata; job documents, pool records and locks; the JSON views the API and the CLI share |
+//! | domain | [`job`], [`plan`], [`state`], `views` | the submitted job and its checks; replicas, names, metadata; job documents, pool records and locks; the JSON views the API and the CLI share |
 //! | integrations | [`gallery`], [`handoff`] | Compute Gallery versions through Resource Manager; the pool-creation hand-off and its sinks |
 //! | engine | [`engine`] | one job's run: prepare (source, snapshot, plan), copy (`Copy Blob`, ranged `Put Page From URL`, relays), poll, verify, publish, hand off, clean up; retire |
 //! | control | [`control`], [`intake`], [`gc`] | what the CLI and the API share (clients, submit, cancel, retire); the queue consumer with leases and the poison queue; orphan collection |
-//! | surface | [`api`], [`pages`], [`daemon`], [`cli`] | HTTP routes and health; the status pages; API, workers and housekeeping until shutdown; the command line |
+//! | surface | [`api`], `pages`, [`daemon`], [`cli`] | HTTP routes and health; the status pages; API, workers and housekeeping until shutdown; the command line |
 //! | test kit | `testkit` (feature `testkit`) | the simulated store and queue, whole-daemon simulations, the Azure behaviour proxy, the fake Resource Manager |
 //!
 //! Reading the code for the first time: [`engine`]'s `lifecycle.rs` (a job's
@@ -46,14 +46,14 @@ pub mod handoff;
 pub mod intake;
 pub mod job;
 pub mod metrics;
-pub mod pages;
-pub mod placement;
+pub(crate) mod pages;
+pub(crate) mod placement;
 pub mod plan;
 pub mod queue;
 pub mod state;
 pub mod storage;
-pub mod telemetry;
+pub(crate) mod telemetry;
 #[cfg(any(test, feature = "testkit"))]
 pub mod testkit;
 pub mod vhd;
-pub mod views;
+pub(crate) mod views;

@@ -7,7 +7,7 @@ use prometheus::{
 };
 
 /// Every value of `vhdrep_storage_retries_total`'s `reason` label.
-pub const RETRY_REASONS: [&str; 3] = ["throttled", "timeout", "transient"];
+pub(crate) const RETRY_REASONS: [&str; 3] = ["throttled", "timeout", "transient"];
 
 /// Buckets of `vhdrep_copy_duration_seconds`: from a same-account copy's
 /// fraction of a second to a 127 GiB cross-account copy's hours.
@@ -197,7 +197,7 @@ impl Metrics {
     /// zero, so `rate()` and alerts see them before the first event: per account
     /// the copy gauges and counters, throttles and each retry reason; each
     /// replica outcome; each copy kind.
-    pub fn export_known_series<'a>(&self, accounts: impl IntoIterator<Item = &'a str>) {
+    pub(crate) fn export_known_series<'a>(&self, accounts: impl IntoIterator<Item = &'a str>) {
         for account in accounts {
             self.copies_in_flight.with_label_values(&[account]).add(0);
             self.copy_bytes.with_label_values(&[account]).inc_by(0);
@@ -262,11 +262,11 @@ where
 /// A gauge raised while the guard lives: lowered again however the holder ends
 /// (returned early, failed, or its future dropped), so it cannot leak.
 #[derive(Debug)]
-pub struct GaugeGuard(prometheus::IntGauge);
+pub(crate) struct GaugeGuard(prometheus::IntGauge);
 
 impl GaugeGuard {
     /// Raises `gauge` by one until the guard is dropped.
-    pub fn new(gauge: prometheus::IntGauge) -> Self {
+    pub(crate) fn new(gauge: prometheus::IntGauge) -> Self {
         gauge.inc();
         Self(gauge)
     }

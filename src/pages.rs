@@ -14,11 +14,11 @@ use std::collections::BTreeMap;
 use time::OffsetDateTime;
 
 /// Running and queued jobs the overview lists.
-pub const ACTIVE_SHOWN: usize = 100;
+pub(crate) const ACTIVE_SHOWN: usize = 100;
 /// Finished jobs the overview lists, newest first.
-pub const FINISHED_SHOWN: usize = 25;
+pub(crate) const FINISHED_SHOWN: usize = 25;
 /// A job page groups its replicas by account above this many.
-pub const GROUP_ABOVE: usize = 40;
+pub(crate) const GROUP_ABOVE: usize = 40;
 /// Seconds between refreshes.
 const REFRESH_SECONDS: u32 = 5;
 
@@ -188,7 +188,7 @@ fn jobs_section(
 
 /// The overview: running and queued jobs, then the most recent finished ones,
 /// each bounded; only `pool`'s when given.
-pub fn overview(listing: &JobListing, pool: Option<&str>, now: OffsetDateTime) -> String {
+pub(crate) fn overview(listing: &JobListing, pool: Option<&str>, now: OffsetDateTime) -> String {
     let jobs: Vec<&JobSummary> = listing
         .jobs
         .iter()
@@ -285,7 +285,7 @@ const REPLICA_HEAD: &str = "<div class=\"scroll\"><table class=\"cards\"><tr><th
 
 /// One job: its facts and timing, and its replicas (grouped by account, with a
 /// summary per account, when there are many).
-pub fn job_page(d: &JobDocument, now: OffsetDateTime) -> String {
+pub(crate) fn job_page(d: &JobDocument, now: OffsetDateTime) -> String {
     let s = JobSummary::of(d);
     let t = s.timing(now);
     let fact = |k: &str, v: String| format!("<div><b>{k}</b>{v}</div>");
@@ -387,7 +387,7 @@ pub fn job_page(d: &JobDocument, now: OffsetDateTime) -> String {
 
 /// The pools: each one's image sets (source, snapshot, replicas per account,
 /// gallery version), linked to its jobs.
-pub fn pools_page(pools: &[PoolRecord], now: OffsetDateTime) -> String {
+pub(crate) fn pools_page(pools: &[PoolRecord], now: OffsetDateTime) -> String {
     let mut body = format!(
         "<h2>Pools <span class=\"muted\">{}</span></h2>",
         pools.len()

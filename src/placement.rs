@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 
 /// Spreads `count` replicas over `accounts` round-robin: every account gets
 /// `count / n` or one more, earlier accounts first.
-pub fn place(count: u32, accounts: &[String]) -> Vec<String> {
+#[cfg(test)]
+pub(crate) fn place(count: u32, accounts: &[String]) -> Vec<String> {
     assert!(!accounts.is_empty(), "placement needs at least one account");
     (0..count as usize)
         .map(|i| accounts[i % accounts.len()].clone())
@@ -30,7 +31,7 @@ pub struct CapacityError {
 /// Places `count` more replicas over `accounts`, each time into the account holding
 /// the fewest (`held` counts what each holds already), never beyond an account's
 /// capacity (`None`: unlimited). Ties go to the earlier account.
-pub fn place_more(
+pub(crate) fn place_more(
     count: u32,
     accounts: &[String],
     held: &BTreeMap<String, u32>,

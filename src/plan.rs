@@ -9,17 +9,17 @@ use std::collections::BTreeMap;
 /// Metadata key: the job that made a replica.
 pub const META_JOB: &str = "vhdrep_job_id";
 /// Metadata key: the pool a replica is for.
-pub const META_POOL: &str = "vhdrep_pool_id";
+pub(crate) const META_POOL: &str = "vhdrep_pool_id";
 /// Metadata key: the replica's index in its job.
 pub const META_REPLICA: &str = "vhdrep_replica";
 /// Metadata key: the source snapshot the replica holds.
 pub const META_SNAPSHOT: &str = "vhdrep_source_snapshot";
 /// Metadata key: the deployment that made a blob (`<control account>/<state
 /// container>`), so garbage collection never touches another deployment's blobs.
-pub const META_OWNER: &str = "vhdrep_owner";
+pub(crate) const META_OWNER: &str = "vhdrep_owner";
 /// Metadata key: the run of the job that created a blob (replica, relay or
 /// snapshot). A run's clean-up deletes only blobs that carry its own run.
-pub const META_RUN: &str = "vhdrep_run";
+pub(crate) const META_RUN: &str = "vhdrep_run";
 
 /// The owner tag of a deployment.
 pub fn owner_tag(settings: &crate::config::ValidatedSettings) -> String {
@@ -62,7 +62,7 @@ impl Plan {
 
 /// The deterministic name of replica `index` of a job, so a re-run finds its own
 /// blobs: `<pool>/<job>/<source stem>-<index>.vhd`.
-pub fn replica_name(pool_id: &str, job_id: &str, source_name: &str, index: u32) -> String {
+pub(crate) fn replica_name(pool_id: &str, job_id: &str, source_name: &str, index: u32) -> String {
     let file = source_name.rsplit('/').next().unwrap_or(source_name);
     let stem = file
         .strip_suffix(".vhd")
@@ -74,7 +74,7 @@ pub fn replica_name(pool_id: &str, job_id: &str, source_name: &str, index: u32) 
 /// The one plan of a job, which `vhd-replicator plan` prints and the job then
 /// records: the replicas its pool's image set already holds (`keepable`, in the
 /// set's order) keep indices 0.. up to the job's count; the rest are named
-/// [`replica_name`] and placed over the job's accounts where fewest are, within
+/// `replica_name` and placed over the job's accounts where fewest are, within
 /// each account's `capacity`; the set's replicas beyond the count are surplus.
 pub fn plan(
     job: &ValidatedJob,
@@ -123,7 +123,12 @@ pub fn capacity(
 }
 
 /// Metadata that marks a replica as made by this deployment for this job.
-pub fn replica_metadata(job: &ValidatedJob, index: u32, snapshot: &str, owner: &str) -> Metadata {
+pub(crate) fn replica_metadata(
+    job: &ValidatedJob,
+    index: u32,
+    snapshot: &str,
+    owner: &str,
+) -> Metadata {
     Metadata::from([
         (META_OWNER.to_owned(), owner.to_owned()),
         (META_JOB.to_owned(), job.id.to_string()),
@@ -134,13 +139,18 @@ pub fn replica_metadata(job: &ValidatedJob, index: u32, snapshot: &str, owner: &
 }
 
 /// Whether a blob's metadata says run `run` of job `job_id` created it.
-pub fn made_by_run(metadata: &Metadata, job_id: &str, run: &str) -> bool {
+pub(crate) fn made_by_run(metadata: &Metadata, job_id: &str, run: &str) -> bool {
     metadata.get(META_JOB).map(String::as_str) == Some(job_id)
         && metadata.get(META_RUN).map(String::as_str) == Some(run)
 }
 
 /// Whether a blob's metadata says it is replica `index` of this job from this snapshot.
-pub fn is_our_replica(metadata: &Metadata, job: &ValidatedJob, index: u32, snapshot: &str) -> bool {
+pub(crate) fn is_our_replica(
+    metadata: &Metadata,
+    job: &ValidatedJob,
+    index: u32,
+    snapshot: &str,
+) -> bool {
     metadata.get(META_JOB).map(String::as_str) == Some(job.id.as_str())
         && metadata.get(META_REPLICA).map(String::as_str) == Some(index.to_string().as_str())
         && metadata.get(META_SNAPSHOT).map(String::as_str) == Some(snapshot)

@@ -5,7 +5,7 @@
 use tracing_subscriber::{fmt, EnvFilter};
 
 /// Installs the global subscriber (once; later calls do nothing).
-pub fn init(json: bool) {
+pub(crate) fn init(json: bool) {
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("warn,vhd_replicator=info"));
     let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);

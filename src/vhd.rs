@@ -3,10 +3,10 @@
 //! number of MiB), and how to build one for test and demo images.
 
 /// Length of the footer at the end of the file.
-pub const FOOTER_LEN: u64 = 512;
+pub(crate) const FOOTER_LEN: u64 = 512;
 const MIB: u64 = 1024 * 1024;
 /// Largest page blob Azure allows.
-pub const MAX_BLOB_BYTES: u64 = 8 * 1024 * 1024 * MIB;
+pub(crate) const MAX_BLOB_BYTES: u64 = 8 * 1024 * 1024 * MIB;
 
 /// Why a blob is not a VHD Batch can use.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -66,7 +66,7 @@ fn checksum(footer: &[u8]) -> u32 {
 }
 
 /// Checks the blob length alone, before reading anything.
-pub fn check_length(blob_len: u64) -> Result<(), VhdError> {
+pub(crate) fn check_length(blob_len: u64) -> Result<(), VhdError> {
     if blob_len < FOOTER_LEN + MIB {
         return Err(VhdError::TooShort(blob_len));
     }
@@ -139,7 +139,7 @@ fn geometry(size: u64) -> (u16, u8, u8) {
 }
 
 /// A valid footer of a fixed VHD whose data part is `size` bytes.
-pub fn fixed_footer(size: u64, unique_id: [u8; 16]) -> [u8; 512] {
+pub(crate) fn fixed_footer(size: u64, unique_id: [u8; 16]) -> [u8; 512] {
     let mut f = [0u8; 512];
     f[0..8].copy_from_slice(b"conectix");
     f[8..12].copy_from_slice(&2u32.to_be_bytes());

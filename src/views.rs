@@ -21,7 +21,7 @@ fn with_timing(mut v: Value, s: &JobSummary) -> Value {
 
 /// Elapsed time, throughput and ETA in words: "elapsed 3 min 05 s, 61.2 MiB/s,
 /// ETA 2 min 10 s" (or "estimating" while there is too little to go on).
-pub fn timing_words(t: &crate::estimate::Timing) -> String {
+pub(crate) fn timing_words(t: &crate::estimate::Timing) -> String {
     let mut parts = Vec::new();
     if let Some(e) = t.elapsed_seconds {
         parts.push(format!("elapsed {}", human_duration(e)));
@@ -40,7 +40,7 @@ pub fn timing_words(t: &crate::estimate::Timing) -> String {
 }
 
 /// The JSON view of a job (CONTRACT.md `GET /v1/jobs/{id}`, plus extras).
-pub fn job_view(d: &JobDocument) -> Value {
+pub(crate) fn job_view(d: &JobDocument) -> Value {
     with_timing(job_fields(d), &JobSummary::of(d))
 }
 
@@ -85,7 +85,7 @@ fn job_fields(d: &JobDocument) -> Value {
 
 /// The gallery line of a job that publishes, for people: "gallery version
 /// 2026.1201.1: creating, 4 replicas, replication 40%".
-pub fn gallery_line(d: &JobDocument) -> Option<String> {
+pub(crate) fn gallery_line(d: &JobDocument) -> Option<String> {
     d.gallery.as_ref().map(|g| {
         format!(
             "gallery version {}: {}, {} replicas, replication {:.0}%{}",
@@ -104,14 +104,14 @@ pub fn gallery_line(d: &JobDocument) -> Option<String> {
 
 /// The JSON view of a job in a list: its summary (no replica table; see
 /// `GET /v1/jobs/{id}`).
-pub fn summary_view(s: &JobSummary) -> Value {
+pub(crate) fn summary_view(s: &JobSummary) -> Value {
     let mut v = serde_json::to_value(s).expect("summaries serialise");
     v["progress"] = json!(s.progress());
     with_timing(v, s)
 }
 
 /// The JSON view of a pool's image sets (CONTRACT.md `GET /v1/pools/{id}`).
-pub fn pool_view(r: &PoolRecord) -> Value {
+pub(crate) fn pool_view(r: &PoolRecord) -> Value {
     let current = r.sets.last();
     json!({
         "pool_id": r.pool_id,
@@ -133,7 +133,7 @@ pub fn pool_view(r: &PoolRecord) -> Value {
 }
 
 /// Bytes in binary units, for people.
-pub fn human_bytes(n: u64) -> String {
+pub(crate) fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = n as f64;
     let mut u = 0;
@@ -149,7 +149,7 @@ pub fn human_bytes(n: u64) -> String {
 }
 
 /// A duration for people: "42 s", "3 min 05 s", "2 h 07 min".
-pub fn human_duration(seconds: u64) -> String {
+pub(crate) fn human_duration(seconds: u64) -> String {
     match seconds {
         s if s < 60 => format!("{s} s"),
         s if s < 3600 => format!("{} min {:02} s", s / 60, s % 60),
@@ -158,7 +158,7 @@ pub fn human_duration(seconds: u64) -> String {
 }
 
 /// A throughput for people: "61.2 MiB/s".
-pub fn human_rate(bytes_per_second: u64) -> String {
+pub(crate) fn human_rate(bytes_per_second: u64) -> String {
     format!("{}/s", human_bytes(bytes_per_second))
 }
 

@@ -57,7 +57,7 @@ impl AccountConfig {
     /// segment, as Azurite and the legacy emulator serve) or a host that is
     /// `localhost` or an IP address. Azure's own endpoints are virtual-host
     /// style (`https://{account}.blob.core.windows.net`).
-    pub fn is_emulator(&self) -> bool {
+    pub(crate) fn is_emulator(&self) -> bool {
         let path_style = self
             .blob_endpoint
             .path_segments()
@@ -73,7 +73,7 @@ impl AccountConfig {
 
     /// Whether `copy_method = "auto"` may copy into this account by ranges:
     /// as configured, else unless the endpoint is an emulator's.
-    pub fn does_put_page_from_url(&self) -> bool {
+    pub(crate) fn does_put_page_from_url(&self) -> bool {
         self.put_page_from_url
             .unwrap_or_else(|| !self.is_emulator())
     }

@@ -77,7 +77,7 @@ impl SharedKey {
 }
 
 /// RFC 1123 date in GMT, as `x-ms-date` wants it.
-pub fn http_date(at: OffsetDateTime) -> String {
+pub(crate) fn http_date(at: OffsetDateTime) -> String {
     // RFC 2822 renders "+0000"; the storage service wants the literal "GMT".
     let text = at
         .to_offset(UtcOffset::UTC)
@@ -88,7 +88,7 @@ pub fn http_date(at: OffsetDateTime) -> String {
 
 /// The parts of a request the Shared Key string-to-sign covers.
 #[derive(Debug)]
-pub struct SigningInput<'a> {
+pub(crate) struct SigningInput<'a> {
     /// HTTP verb in upper case.
     pub method: &'a str,
     /// Full request URL (path-style or host-style).
@@ -101,7 +101,7 @@ pub struct SigningInput<'a> {
 
 /// Builds the Shared Key string-to-sign for the Blob, Queue and File services
 /// (version 2015-02-21 and later).
-pub fn string_to_sign(account: &str, input: &SigningInput<'_>) -> String {
+pub(crate) fn string_to_sign(account: &str, input: &SigningInput<'_>) -> String {
     let header = |name: &str| -> String {
         input
             .headers
@@ -210,7 +210,7 @@ fn collation_weight(level: usize, c: u8) -> usize {
 /// opposite and the service answers 403. The Python SDK emulates the same
 /// collation (`_storage_header_sort`, after azure-sdk-for-python#10277 and
 /// azure-sdk-for-net#41328).
-pub fn header_order(a: &str, b: &str) -> std::cmp::Ordering {
+pub(crate) fn header_order(a: &str, b: &str) -> std::cmp::Ordering {
     use std::cmp::Ordering;
     let (a, b) = (a.as_bytes(), b.as_bytes());
     for level in 0..3 {
@@ -245,13 +245,13 @@ fn fold_whitespace(v: &str) -> String {
 /// A per-try pipeline policy that adds `x-ms-date` and a Shared Key `Authorization`
 /// header to each attempt.
 #[derive(Debug, Clone)]
-pub struct SharedKeyPolicy {
+pub(crate) struct SharedKeyPolicy {
     key: SharedKey,
 }
 
 impl SharedKeyPolicy {
     /// A policy signing with `key`.
-    pub fn new(key: SharedKey) -> Self {
+    pub(crate) fn new(key: SharedKey) -> Self {
         Self { key }
     }
 }
@@ -288,11 +288,11 @@ impl Policy for SharedKeyPolicy {
 }
 
 /// Version of the SAS format we sign (the 2020-12-06 layout).
-pub const SAS_VERSION: &str = "2022-11-02";
+pub(crate) const SAS_VERSION: &str = "2022-11-02";
 
 /// A read-only service SAS for one blob or one blob snapshot.
 #[derive(Debug, Clone)]
-pub struct BlobSasRequest<'a> {
+pub(crate) struct BlobSasRequest<'a> {
     /// Container name.
     pub container: &'a str,
     /// Blob name (unencoded).
@@ -310,7 +310,7 @@ pub struct BlobSasRequest<'a> {
 }
 
 /// ISO 8601 time in UTC to the second, as SAS fields want it.
-pub fn sas_time(at: OffsetDateTime) -> String {
+pub(crate) fn sas_time(at: OffsetDateTime) -> String {
     let at = at.to_offset(UtcOffset::UTC);
     format!(
         "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
@@ -324,7 +324,7 @@ pub fn sas_time(at: OffsetDateTime) -> String {
 }
 
 /// The service SAS string-to-sign for a blob (versions 2020-12-06 and later).
-pub fn blob_sas_string_to_sign(account: &str, req: &BlobSasRequest<'_>) -> String {
+pub(crate) fn blob_sas_string_to_sign(account: &str, req: &BlobSasRequest<'_>) -> String {
     let resource = if req.snapshot.is_some() { "bs" } else { "b" };
     [
         req.permissions.to_owned(),
@@ -348,7 +348,7 @@ pub fn blob_sas_string_to_sign(account: &str, req: &BlobSasRequest<'_>) -> Strin
 }
 
 /// Signs a service SAS and returns its query string (without a leading `?`).
-pub fn blob_sas_query(key: &SharedKey, req: &BlobSasRequest<'_>) -> String {
+pub(crate) fn blob_sas_query(key: &SharedKey, req: &BlobSasRequest<'_>) -> String {
     let signature = key.sign(&blob_sas_string_to_sign(key.account(), req));
     let mut q = url::form_urlencoded::Serializer::new(String::new());
     q.append_pair("sp", req.permissions)
@@ -363,7 +363,7 @@ pub fn blob_sas_query(key: &SharedKey, req: &BlobSasRequest<'_>) -> String {
 
 /// Replaces the value of any `sig=` query parameter in `text` with `REDACTED`, so a
 /// URL can be logged or returned in an error.
-pub fn redact_sas(text: &str) -> String {
+pub(crate) fn redact_sas(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(pos) = rest.to_ascii_lowercase().find("sig=") {

@@ -27,12 +27,12 @@ pub enum ErrorClass {
 
 impl ErrorClass {
     /// Whether trying the same request again may succeed.
-    pub fn is_retryable(self) -> bool {
+    pub(crate) fn is_retryable(self) -> bool {
         matches!(self, ErrorClass::Throttled | ErrorClass::Transient)
     }
 
     /// Maps an HTTP status (and service error code) once for every backend.
-    pub fn from_status(status: u16, code: Option<&str>) -> Self {
+    pub(crate) fn from_status(status: u16, code: Option<&str>) -> Self {
         match (status, code) {
             (404, _) => ErrorClass::NotFound,
             (409, _) => ErrorClass::Conflict,
@@ -141,7 +141,11 @@ impl ServiceError {
     }
 
     /// An attempt that got no answer within `after`.
-    pub fn timed_out(operation: &'static str, target: impl fmt::Display, after: Duration) -> Self {
+    pub(crate) fn timed_out(
+        operation: &'static str,
+        target: impl fmt::Display,
+        after: Duration,
+    ) -> Self {
         Self::transport(
             operation,
             target,
@@ -156,7 +160,7 @@ impl ServiceError {
     /// connection that was never made are definite: nothing happened. A request
     /// that is not idempotent is not sent again blindly after such a failure; its
     /// caller reconciles from what storage says.
-    pub fn outcome_unknown(&self) -> bool {
+    pub(crate) fn outcome_unknown(&self) -> bool {
         if self.class != ErrorClass::Transient {
             return false;
         }
@@ -180,7 +184,7 @@ impl ServiceError {
 
 /// Maps an SDK error once: status and service code to a class, Retry-After kept,
 /// nothing secret carried along.
-pub fn map_sdk_error(
+pub(crate) fn map_sdk_error(
     operation: &'static str,
     target: impl std::fmt::Display,
     e: azure_core::Error,

@@ -19,7 +19,7 @@ use tokio::sync::Notify;
 
 /// governor's clock on tokio time: paused tests and simulations see virtual time.
 #[derive(Debug, Clone)]
-pub struct TokioClock {
+pub(crate) struct TokioClock {
     start: tokio::time::Instant,
 }
 
@@ -49,14 +49,14 @@ struct GateState {
 
 /// An adaptive concurrency cap for one account.
 #[derive(Debug)]
-pub struct Gate {
+pub(crate) struct Gate {
     state: Mutex<GateState>,
     released: Notify,
 }
 
 /// A held copy slot; gives it back when dropped.
 #[derive(Debug)]
-pub struct Slot {
+pub(crate) struct Slot {
     gate: Arc<Gate>,
 }
 
@@ -80,7 +80,7 @@ impl Gate {
     }
 
     /// Takes a slot if one is free under the current limit.
-    pub fn try_acquire(self: &Arc<Self>) -> Option<Slot> {
+    pub(crate) fn try_acquire(self: &Arc<Self>) -> Option<Slot> {
         let mut s = self.state.lock().expect("gate lock");
         if (s.active as f64) < s.limit.floor().max(1.0) {
             s.active += 1;
@@ -91,18 +91,18 @@ impl Gate {
     }
 
     /// Waits until a slot may be free.
-    pub async fn released(&self) {
+    pub(crate) async fn released(&self) {
         self.released.notified().await
     }
 
     /// The account throttled: halve the limit (never below one).
-    pub fn on_throttle(&self) {
+    pub(crate) fn on_throttle(&self) {
         let mut s = self.state.lock().expect("gate lock");
         s.limit = (s.limit / 2.0).max(1.0);
     }
 
     /// A request succeeded: grow the limit by one slot per limit's worth of successes.
-    pub fn on_success(&self) {
+    pub(crate) fn on_success(&self) {
         let grew = {
             let mut s = self.state.lock().expect("gate lock");
             let before = s.limit.floor();
@@ -115,12 +115,12 @@ impl Gate {
     }
 
     /// The current limit (whole slots).
-    pub fn limit(&self) -> u32 {
+    pub(crate) fn limit(&self) -> u32 {
         self.state.lock().expect("gate lock").limit.floor() as u32
     }
 
     /// Slots in use.
-    pub fn active(&self) -> u32 {
+    pub(crate) fn active(&self) -> u32 {
         self.state.lock().expect("gate lock").active
     }
 }
@@ -171,12 +171,12 @@ impl AccountLimits {
     }
 
     /// The copy gate of `account`.
-    pub fn gate(&self, account: &str) -> Option<Arc<Gate>> {
+    pub(crate) fn gate(&self, account: &str) -> Option<Arc<Gate>> {
         self.gates.get(account).cloned()
     }
 
     /// Tells the account's gate how a request went.
-    pub fn feedback(&self, account: &str, throttled: bool) {
+    pub(crate) fn feedback(&self, account: &str, throttled: bool) {
         if let Some(g) = self.gates.get(account) {
             if throttled {
                 g.on_throttle();

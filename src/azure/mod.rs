@@ -13,4 +13,5 @@ pub mod outbound;
 pub mod retry;
 pub mod transport;
 
-pub use error::{map_sdk_error, ErrorClass, ServiceError, TransportFailure};
+pub(crate) use error::map_sdk_error;
+pub use error::{ErrorClass, ServiceError, TransportFailure};

@@ -83,7 +83,7 @@ impl Outbound {
 }
 
 /// The `reason` label of `vhdrep_storage_retries_total` for a retried failure.
-pub fn retry_reason(e: &ServiceError) -> &'static str {
+pub(crate) fn retry_reason(e: &ServiceError) -> &'static str {
     match (e.class, e.transport) {
         (ErrorClass::Throttled, _) => "throttled",
         (_, Some(TransportFailure::Timeout)) => "timeout",

@@ -4,7 +4,7 @@
 //! Retry-After honoured. Only [`ErrorClass::Throttled`](super::ErrorClass::Throttled) and
 //! [`ErrorClass::Transient`](super::ErrorClass::Transient) failures are retried, and a call that is not
 //! idempotent is not sent again after a failure whose outcome is unknown (see
-//! [`ServiceError::outcome_unknown`]): its caller reconciles from what storage
+//! `ServiceError::outcome_unknown`): its caller reconciles from what storage
 //! says instead.
 
 use super::ServiceError;
@@ -57,7 +57,7 @@ impl Default for RetryPolicy {
 
 impl RetryPolicy {
     /// The default policy with the configured attempt timeout.
-    pub fn with_timeout(attempt_timeout: Duration) -> Self {
+    pub(crate) fn with_timeout(attempt_timeout: Duration) -> Self {
         Self {
             attempt_timeout,
             ..Self::default()
@@ -79,7 +79,7 @@ impl RetryPolicy {
 
     /// One attempt, failing as a timeout when no answer comes within
     /// [`RetryPolicy::attempt_timeout`].
-    pub async fn timed<T>(
+    pub(crate) async fn timed<T>(
         &self,
         operation: &'static str,
         target: &str,
@@ -99,7 +99,7 @@ impl RetryPolicy {
     /// retryable (or, for a call that is not idempotent, whose outcome is
     /// unknown), or the policy's bounds are reached. `on_retry` hears of every
     /// retry (for metrics). Each attempt should be wrapped in
-    /// [`RetryPolicy::timed`] by the caller, after any rate-limit wait.
+    /// `RetryPolicy::timed` by the caller, after any rate-limit wait.
     pub async fn run<T, F, Fut>(
         &self,
         idempotency: Idempotency,

@@ -8,7 +8,7 @@ use std::{sync::Arc, time::Duration};
 
 /// Client options shared by blob and queue clients of one account: one HTTP
 /// transport for all, the SDK retry policy off, Shared Key signing per try.
-pub fn client_options(
+pub(crate) fn client_options(
     transport: &Transport,
     account: &AccountConfig,
 ) -> azure_core::http::ClientOptions {
@@ -29,7 +29,7 @@ pub fn client_options(
 /// storage crates require), no redirects, a connect timeout, and the accounts'
 /// extra CA certificates trusted. The answer timeout of each attempt is the
 /// retry policy's ([`RetryPolicy::timed`](super::retry::RetryPolicy::timed)), which also covers token requests.
-pub fn shared_transport(
+pub(crate) fn shared_transport(
     accounts: &[AccountConfig],
     connect_timeout: Duration,
 ) -> Result<Transport, ServiceError> {
@@ -63,6 +63,6 @@ pub fn shared_transport(
 }
 
 /// The SDK's service version, or the override for emulators that lag behind.
-pub fn service_version(account: &AccountConfig) -> Option<String> {
+pub(crate) fn service_version(account: &AccountConfig) -> Option<String> {
     account.api_version.clone()
 }

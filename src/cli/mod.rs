@@ -13,9 +13,9 @@ use clap::{Args, Parser, Subcommand};
 use std::{path::PathBuf, process::ExitCode, sync::Arc};
 
 /// Exit code: the job failed, was cancelled, or the operation failed.
-pub const EXIT_FAILED: u8 = 1;
+pub(crate) const EXIT_FAILED: u8 = 1;
 /// Exit code: bad usage or configuration.
-pub const EXIT_USAGE: u8 = 2;
+pub(crate) const EXIT_USAGE: u8 = 2;
 
 /// Replicates a custom VHD into the identical copies an Azure Batch pool needs.
 ///
@@ -23,7 +23,7 @@ pub const EXIT_USAGE: u8 = 2;
 /// failed; 2 usage or configuration error.
 #[derive(Debug, Parser)]
 #[command(name = "vhd-replicator", version)]
-pub struct Cli {
+pub(crate) struct Cli {
     #[command(subcommand)]
     command: Command,
 }

@@ -108,7 +108,7 @@ impl JobError {
     }
 
     /// A state failure on the job's own document.
-    pub fn job_state(source: StateError) -> Self {
+    pub(crate) fn job_state(source: StateError) -> Self {
         Self::state("job state", source)
     }
 
@@ -122,7 +122,7 @@ impl JobError {
 
     /// Whether running the job again later may succeed: throttling, timeouts,
     /// unreachable state or hand-off sinks. Everything else fails the job.
-    pub fn is_transient(&self) -> bool {
+    pub(crate) fn is_transient(&self) -> bool {
         match self {
             JobError::Storage { source, .. } => source.class.is_retryable(),
             JobError::AccountInfo { source, .. } => {

@@ -16,7 +16,7 @@ impl Engine {
     /// [`Engine::run`] for a job whose run the caller has registered already
     /// ([`Engine::reserve`]), as the intake does at the moment it takes a message.
     #[tracing::instrument(skip_all, fields(job_id = %job.id, run = tracing::field::Empty))]
-    pub async fn run_reserved(
+    pub(crate) async fn run_reserved(
         &self,
         slot: RunSlot,
         job: &ValidatedJob,

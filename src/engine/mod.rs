@@ -20,7 +20,7 @@ pub mod schedule;
 
 use checkpoint::Checkpoint;
 pub use error::JobError;
-pub use retire::retire_plan;
+pub(crate) use retire::retire_plan;
 use run::{JobRun, Method};
 
 use crate::azure::limits::AccountLimits;
@@ -54,15 +54,15 @@ use tokio_util::sync::CancellationToken;
 const POOL_WAIT: Duration = Duration::from_secs(2);
 
 /// Copies started for one replica before the job gives up on it.
-pub const MAX_REPLICA_ATTEMPTS: u32 = 3;
+pub(crate) const MAX_REPLICA_ATTEMPTS: u32 = 3;
 
 /// How often a running job considers writing its document: at once after a
 /// replica changed state, else every `engine.checkpoint_seconds` for progress.
 /// A cancel request written by another process is picked up on the next write.
-pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(2);
+pub(crate) const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Jobs this instance is running, by id, with their live documents.
-pub type LiveJobs = Arc<Mutex<HashMap<String, Arc<Mutex<JobDocument>>>>>;
+pub(crate) type LiveJobs = Arc<Mutex<HashMap<String, Arc<Mutex<JobDocument>>>>>;
 
 /// The jobs this instance has a run of, registered and checked in one step
 /// ([`Engine::reserve`]), so two deliveries of one job can never both start a
@@ -93,14 +93,14 @@ impl FromUrlSupport {
 /// This instance's one run of a job, from the moment the job was taken until
 /// the value is dropped (the run ended, or its task was aborted).
 #[derive(Debug)]
-pub struct RunSlot {
+pub(crate) struct RunSlot {
     reservations: Reservations,
     job_id: String,
 }
 
 impl RunSlot {
     /// The job reserved.
-    pub fn job_id(&self) -> &str {
+    pub(crate) fn job_id(&self) -> &str {
         &self.job_id
     }
 }
@@ -280,7 +280,7 @@ impl Engine {
 
     /// Registers a run of `job_id` on this instance, in one step with the check
     /// that none is registered: `None` when a run of it is here already.
-    pub fn reserve(&self, job_id: &str) -> Option<RunSlot> {
+    pub(crate) fn reserve(&self, job_id: &str) -> Option<RunSlot> {
         let mut held = self.reservations.0.lock().expect("reservations lock");
         if !held.insert(job_id.to_owned()) {
             return None;
@@ -292,7 +292,7 @@ impl Engine {
     }
 
     /// Jobs with a run on this instance now.
-    pub fn runs_here(&self) -> usize {
+    pub(crate) fn runs_here(&self) -> usize {
         self.reservations.0.lock().expect("reservations lock").len()
     }
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 /// `copied_delta` bytes arrived in `elapsed` since the last poll and `remaining`
 /// are still to come. With progress, aim at half the estimated time to finish;
 /// without, back off by doubling `previous`.
-pub fn next_poll(
+pub(crate) fn next_poll(
     previous: Duration,
     copied_delta: u64,
     elapsed: Duration,

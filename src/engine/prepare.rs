@@ -237,7 +237,7 @@ impl Engine {
     /// What a job would make, read only (no lock, no snapshot, nothing written):
     /// the plan the job records if it starts now, and how it relates to its
     /// pool's image set. What `vhd-replicator plan` prints.
-    pub async fn preview(
+    pub(crate) async fn preview(
         &self,
         job: &ValidatedJob,
     ) -> Result<(plan::Plan, Option<String>), String> {

@@ -18,7 +18,7 @@ use crate::storage::Metadata;
 pub const RELAY_PREFIX: &str = ".vhdrep-relays/";
 
 /// Metadata key naming a relay's number.
-pub const META_RELAY: &str = "vhdrep_relay";
+pub(crate) const META_RELAY: &str = "vhdrep_relay";
 
 /// Where relay `n` of `run` of `job` lives when copied from `from`.
 pub(super) fn relay_blob(job: &ValidatedJob, run: &str, from: &BlobPath, n: u32) -> BlobPath {

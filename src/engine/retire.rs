@@ -18,7 +18,7 @@ impl Engine {
 
     /// [`Engine::retire`] for a job whose run the caller registered already.
     #[tracing::instrument(skip_all, fields(job_id = %id, pool = %pool, run = tracing::field::Empty))]
-    pub async fn retire_reserved(&self, slot: RunSlot, id: &JobId, pool: &str) -> Outcome {
+    pub(crate) async fn retire_reserved(&self, slot: RunSlot, id: &JobId, pool: &str) -> Outcome {
         debug_assert_eq!(slot.job_id(), id.as_str());
         let run_id = run_id();
         tracing::Span::current().record("run", run_id.as_str());
@@ -221,7 +221,7 @@ impl Engine {
 /// What retiring `pool` deletes: every replica of its image sets whose metadata
 /// says this deployment (`owner`) made it for that pool (never anything else), then
 /// the sets' source snapshots.
-pub async fn retire_plan(
+pub(crate) async fn retire_plan(
     store: &dyn BlobStore,
     record: &PoolRecord,
     pool: &str,

@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 /// A blob copies can be read from.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SourceSlot {
+pub(crate) struct SourceSlot {
     /// Its account.
     pub account: String,
     /// Copies reading it now.
@@ -34,7 +34,7 @@ pub struct SourceSlot {
 
 /// A relay to make: relay `relay` in `account`, copied from source `source`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RelayPick {
+pub(crate) struct RelayPick {
     /// Relay number (from 0 within the job run).
     pub relay: u32,
     /// Its account.
@@ -62,7 +62,7 @@ const MAX_RELAY_FAILURES: u32 = 3;
 
 /// A copy to start: replica `index` from source `source` (an index into [`Scheduler::sources`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Pick {
+pub(crate) struct Pick {
     /// Replica index.
     pub index: u32,
     /// Source position.
@@ -71,7 +71,7 @@ pub struct Pick {
 
 /// Scheduling state of one job.
 #[derive(Debug, Clone)]
-pub struct Scheduler {
+pub(crate) struct Scheduler {
     strategy: Strategy,
     max_reads: u32,
     sources: Vec<SourceSlot>,
@@ -86,7 +86,7 @@ pub struct Scheduler {
 impl Scheduler {
     /// A scheduler for `targets` (index, account) still to copy, with `verified`
     /// replicas already in place and the snapshot in `snapshot_account`.
-    pub fn new(
+    pub(crate) fn new(
         strategy: Strategy,
         max_reads_per_source: u32,
         snapshot_account: &str,
@@ -118,12 +118,12 @@ impl Scheduler {
     }
 
     /// Every source so far (0 is the snapshot).
-    pub fn sources(&self) -> &[SourceSlot] {
+    pub(crate) fn sources(&self) -> &[SourceSlot] {
         &self.sources
     }
 
     /// Accounts with replicas still waiting, in name order.
-    pub fn waiting_accounts(&self) -> Vec<String> {
+    pub(crate) fn waiting_accounts(&self) -> Vec<String> {
         self.waiting
             .iter()
             .filter(|(_, q)| !q.is_empty())
@@ -132,12 +132,12 @@ impl Scheduler {
     }
 
     /// Nothing left to start.
-    pub fn is_drained(&self) -> bool {
+    pub(crate) fn is_drained(&self) -> bool {
         self.waiting.values().all(VecDeque::is_empty)
     }
 
     /// Whether every account with waiting replicas holds a finished one (or the snapshot).
-    pub fn seeded(&self) -> bool {
+    pub(crate) fn seeded(&self) -> bool {
         self.waiting_accounts()
             .iter()
             .all(|a| self.holds.contains(a))
@@ -164,7 +164,7 @@ impl Scheduler {
     }
 
     /// The next copy into `account`, if one may start now.
-    pub fn next_for(&mut self, account: &str) -> Option<Pick> {
+    pub(crate) fn next_for(&mut self, account: &str) -> Option<Pick> {
         if self.waiting.get(account).is_none_or(VecDeque::is_empty) {
             return None;
         }
@@ -196,7 +196,7 @@ impl Scheduler {
     }
 
     /// A copy ended; on success its replica becomes a source.
-    pub fn finished(&mut self, pick: Pick, account: &str, ok: bool) {
+    pub(crate) fn finished(&mut self, pick: Pick, account: &str, ok: bool) {
         let src = &mut self.sources[pick.source];
         src.reads = src.reads.saturating_sub(1);
         if src.account != account {
@@ -210,7 +210,7 @@ impl Scheduler {
     }
 
     /// Puts a replica back to be tried again (first in line).
-    pub fn requeue(&mut self, index: u32, account: &str) {
+    pub(crate) fn requeue(&mut self, index: u32, account: &str) {
         self.waiting
             .entry(account.to_owned())
             .or_default()
@@ -219,7 +219,7 @@ impl Scheduler {
 
     /// Source `i` is gone (a relay deleted under the job): no copy reads it
     /// again. The snapshot is never dropped (its loss fails the job).
-    pub fn source_lost(&mut self, i: usize) {
+    pub(crate) fn source_lost(&mut self, i: usize) {
         if i > 0 {
             if let Some(s) = self.sources.get_mut(i) {
                 s.gone = true;
@@ -228,13 +228,13 @@ impl Scheduler {
     }
 
     /// Drops every waiting replica (the job is stopping).
-    pub fn clear(&mut self) {
+    pub(crate) fn clear(&mut self) {
         self.waiting.clear();
     }
 
     /// Lets the job make relays (fan-out only) in the accounts of `room`, as
     /// many as each names (`None`: no limit).
-    pub fn enable_relays(&mut self, room: impl IntoIterator<Item = (String, Option<u32>)>) {
+    pub(crate) fn enable_relays(&mut self, room: impl IntoIterator<Item = (String, Option<u32>)>) {
         if self.strategy == Strategy::Fanout {
             self.relays = Some(Relays {
                 room: room.into_iter().collect(),
@@ -260,7 +260,7 @@ impl Scheduler {
     /// The next relay to make, if accounts wait for a seed that no blob is
     /// free to give and a relay may be made. Call after [`Self::next_for`] has
     /// handed out every seed it could.
-    pub fn next_relay(&mut self, may_copy_in: impl Fn(&str) -> bool) -> Option<RelayPick> {
+    pub(crate) fn next_relay(&mut self, may_copy_in: impl Fn(&str) -> bool) -> Option<RelayPick> {
         let unseeded = self.unseeded() as u32;
         let r = self.relays.as_ref()?;
         if r.failures >= MAX_RELAY_FAILURES || unseeded <= r.pending {
@@ -301,7 +301,7 @@ impl Scheduler {
 
     /// A relay asked for was not made after all (no copy slot, the job
     /// stopping): its room is given back, and it does not count as a failure.
-    pub fn relay_unmade(&mut self, pick: &RelayPick) {
+    pub(crate) fn relay_unmade(&mut self, pick: &RelayPick) {
         let Some(r) = self.relays.as_mut() else {
             return;
         };
@@ -312,7 +312,7 @@ impl Scheduler {
     }
 
     /// A relay copy ended; made, it is a source for cross-account seeds.
-    pub fn relay_finished(&mut self, pick: &RelayPick, ok: bool) {
+    pub(crate) fn relay_finished(&mut self, pick: &RelayPick, ok: bool) {
         let Some(r) = self.relays.as_mut() else {
             return;
         };

@@ -13,14 +13,14 @@ use crate::config::GalleryConfig;
 use azure_core::credentials::TokenCredential;
 
 /// Result of a Resource Manager call.
-pub type ArmResult<T> = Result<T, ServiceError>;
+pub(crate) type ArmResult<T> = Result<T, ServiceError>;
 use reqwest::Method;
 use serde_json::Value;
 use std::{sync::Arc, time::Duration};
 use url::Url;
 
 /// The Compute (gallery) API version of every request.
-pub const API_VERSION: &str = "2025-03-03";
+pub(crate) const API_VERSION: &str = "2025-03-03";
 
 /// One answer of ARM.
 #[derive(Debug, Clone)]
@@ -59,7 +59,7 @@ pub enum OperationState {
 }
 
 /// An ARM client for one deployment's `[gallery]`.
-pub struct Arm {
+pub(crate) struct Arm {
     http: reqwest::Client,
     endpoint: Url,
     credential: Arc<dyn TokenCredential>,
@@ -78,7 +78,7 @@ impl std::fmt::Debug for Arm {
 
 /// The token scope for an ARM endpoint: its origin's `.default`, and for a
 /// loopback endpoint (a local fake) the public cloud's.
-pub fn scope_for(endpoint: &Url) -> String {
+pub(crate) fn scope_for(endpoint: &Url) -> String {
     let loopback = match endpoint.host() {
         Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
         Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
@@ -94,7 +94,7 @@ pub fn scope_for(endpoint: &Url) -> String {
 
 impl Arm {
     /// A client with the configured timeouts and extra CA.
-    pub fn new(
+    pub(crate) fn new(
         cfg: &GalleryConfig,
         retry: RetryPolicy,
         connect_timeout: Duration,
@@ -123,7 +123,7 @@ impl Arm {
     }
 
     /// The URL of an ARM resource path (`/subscriptions/...`) with the API version.
-    pub fn url(&self, path: &str) -> Url {
+    pub(crate) fn url(&self, path: &str) -> Url {
         let mut url = self.endpoint.clone();
         url.set_path(path);
         url.query_pairs_mut()
@@ -133,7 +133,7 @@ impl Arm {
 
     /// Sends one request under the retry policy. PUT, PATCH and DELETE of ARM
     /// are idempotent (create-or-update with the same body).
-    pub async fn call(
+    pub(crate) async fn call(
         &self,
         operation: &'static str,
         method: Method,
@@ -226,7 +226,7 @@ impl Arm {
     }
 
     /// Asks where a long-running operation stands.
-    pub async fn poll(&self, op: &mut Operation) -> ArmResult<OperationState> {
+    pub(crate) async fn poll(&self, op: &mut Operation) -> ArmResult<OperationState> {
         let parse = |u: &str| {
             Url::parse(u)
                 .map_err(|e| ServiceError::other("arm_poll", u, ErrorClass::Invalid, e.to_string()))
@@ -284,7 +284,7 @@ fn cancelled(status: &str) -> bool {
 }
 
 /// The state a resource's `provisioningState` says.
-pub fn provisioning(body: &Value, retry_after: Option<Duration>) -> OperationState {
+pub(crate) fn provisioning(body: &Value, retry_after: Option<Duration>) -> OperationState {
     match body["properties"]["provisioningState"].as_str() {
         Some("Succeeded") | None => OperationState::Succeeded,
         Some(s) if s == "Failed" || cancelled(s) => OperationState::Failed(format!(
@@ -299,7 +299,7 @@ pub fn provisioning(body: &Value, retry_after: Option<Duration>) -> OperationSta
 }
 
 /// ARM's `error.code: error.message` (and the first detail), or the body.
-pub fn error_text(body: &Value) -> String {
+pub(crate) fn error_text(body: &Value) -> String {
     let e = &body["error"];
     let mut text = match (e["code"].as_str(), e["message"].as_str()) {
         (Some(c), Some(m)) => format!("{c}: {m}"),
@@ -317,7 +317,7 @@ pub fn error_text(body: &Value) -> String {
 
 /// An ARM failure, classified for the retry policy and told in words a person
 /// can act on: which role is missing, which quota ran out.
-pub fn arm_error(
+pub(crate) fn arm_error(
     operation: &'static str,
     target: &str,
     status: u16,

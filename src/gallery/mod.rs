@@ -15,11 +15,11 @@ use std::{collections::BTreeMap, time::Duration};
 use time::OffsetDateTime;
 
 /// Tag naming the deployment that made a version (its control account and state container).
-pub const TAG_OWNER: &str = "vhdrep-owner";
+pub(crate) const TAG_OWNER: &str = "vhdrep-owner";
 /// Tag naming the pool a version is for.
-pub const TAG_POOL: &str = "vhdrep-pool";
+pub(crate) const TAG_POOL: &str = "vhdrep-pool";
 /// Tag naming the job that made a version.
-pub const TAG_JOB: &str = "vhdrep-job";
+pub(crate) const TAG_JOB: &str = "vhdrep-job";
 
 /// A gallery image version, as ARM describes it.
 #[derive(Debug, Clone, PartialEq)]
@@ -40,7 +40,7 @@ pub struct Version {
 
 impl Version {
     /// Whether this deployment made it for this pool.
-    pub fn is_ours(&self, owner: &str, pool: &str) -> bool {
+    pub(crate) fn is_ours(&self, owner: &str, pool: &str) -> bool {
         self.tags.get(TAG_OWNER).map(String::as_str) == Some(owner)
             && self.tags.get(TAG_POOL).map(String::as_str) == Some(pool)
     }
@@ -70,7 +70,7 @@ pub fn version_name(now: OffsetDateTime, attempt: u32) -> String {
 
 /// `resizeTimeout` of the pool-create body: Batch asks for at least 15 minutes
 /// per 1,000 nodes of a large custom-image pool, and 15 minutes is its default.
-pub fn resize_timeout(nodes: u32) -> String {
+pub(crate) fn resize_timeout(nodes: u32) -> String {
     format!("PT{}M", 15 * nodes.div_ceil(1000).max(1))
 }
 
@@ -98,14 +98,14 @@ impl Gallery {
     }
 
     /// The ARM URL of version `name` (with the API version).
-    pub fn version_url(&self, name: &str) -> String {
+    pub(crate) fn version_url(&self, name: &str) -> String {
         self.arm.url(&self.version_id(name)).to_string()
     }
 
     /// The body of a new image definition for a legacy (generation 1) VHD of
     /// `os`: since API 2025-03-03 a definition defaults to Gen2 and Trusted
     /// Launch, which a VHD made for Batch's VHD pools is not.
-    pub fn image_body(&self, os: Os) -> Value {
+    pub(crate) fn image_body(&self, os: Os) -> Value {
         let g = &self.cfg.settings;
         json!({
             "location": g.region,
@@ -121,7 +121,7 @@ impl Gallery {
 
     /// The body of a version made from the VHD at `uri` in `account`, with
     /// `replicas` in the gallery's region (the VHD's region, as ARM requires).
-    pub fn version_body(
+    pub(crate) fn version_body(
         &self,
         uri: &str,
         account: &str,
@@ -248,7 +248,7 @@ impl Gallery {
     /// Before any copy: the VHD of `blob_len` bytes is not larger than a
     /// gallery takes, and the image definition, if it exists, can take it (a
     /// missing one is created when the job publishes).
-    pub async fn check_image(&self, os: Os, blob_len: u64) -> Result<(), GalleryError> {
+    pub(crate) async fn check_image(&self, os: Os, blob_len: u64) -> Result<(), GalleryError> {
         check_source_size(blob_len)?;
         match self.image_definition().await? {
             Some(body) => self.suits(&body, os),
@@ -258,7 +258,7 @@ impl Gallery {
 
     /// Makes sure the image definition exists and takes VHDs of `os`: created
     /// when missing; an existing one that cannot take it is refused.
-    pub async fn ensure_image(&self, os: Os) -> Result<(), GalleryError> {
+    pub(crate) async fn ensure_image(&self, os: Os) -> Result<(), GalleryError> {
         if let Some(body) = self.image_definition().await? {
             return self.suits(&body, os);
         }
@@ -293,7 +293,7 @@ impl Gallery {
     }
 
     /// Starts making version `name` from a staged VHD.
-    pub async fn create_version(&self, name: &str, body: &Value) -> ArmResult<Operation> {
+    pub(crate) async fn create_version(&self, name: &str, body: &Value) -> ArmResult<Operation> {
         let url = self.arm.url(&self.version_id(name));
         let a = self
             .arm
@@ -306,7 +306,7 @@ impl Gallery {
     /// The update carries the version's storage profile as read, unchanged:
     /// GalleryRP 2025-03-03 requires `storageProfile` in an update (its
     /// published Update examples send it).
-    pub async fn set_replicas(
+    pub(crate) async fn set_replicas(
         &self,
         name: &str,
         version: &Version,
@@ -330,7 +330,7 @@ impl Gallery {
     }
 
     /// Starts deleting version `name`.
-    pub async fn delete_version(&self, name: &str) -> ArmResult<Operation> {
+    pub(crate) async fn delete_version(&self, name: &str) -> ArmResult<Operation> {
         let url = self.arm.url(&self.version_id(name));
         match self
             .arm
@@ -352,8 +352,8 @@ impl Gallery {
 
     /// Follows `op` to its end, calling `on_poll` with each state, sleeping
     /// Retry-After between polls (two seconds without one; never less than
-    /// [`MIN_WAIT`] nor more than [`MAX_WAIT`], so a `Retry-After: 0` cannot
-    /// spin), and giving up after [`WAIT_LIMIT`] with ARM's operation named.
+    /// `MIN_WAIT` nor more than `MAX_WAIT`, so a `Retry-After: 0` cannot
+    /// spin), and giving up after `WAIT_LIMIT` with ARM's operation named.
     pub async fn wait(
         &self,
         op: &Operation,
@@ -382,16 +382,16 @@ impl Gallery {
 }
 
 /// Shortest pause between two looks at an ARM operation.
-pub const MIN_WAIT: Duration = Duration::from_secs(1);
+pub(crate) const MIN_WAIT: Duration = Duration::from_secs(1);
 /// Longest pause between two looks at an ARM operation.
-pub const MAX_WAIT: Duration = Duration::from_secs(60);
+pub(crate) const MAX_WAIT: Duration = Duration::from_secs(60);
 /// How long a wait for one ARM operation (an image definition made, a version
 /// deleted) may last before it is given up: replication can take hours.
-pub const WAIT_LIMIT: Duration = Duration::from_secs(6 * 3600);
+pub(crate) const WAIT_LIMIT: Duration = Duration::from_secs(6 * 3600);
 
 /// The pause before the next look at an operation that answered `Retry-After`
 /// (if any): two seconds without one, within [`MIN_WAIT`] and [`MAX_WAIT`].
-pub fn pause_for(retry_after: Option<Duration>) -> Duration {
+pub(crate) fn pause_for(retry_after: Option<Duration>) -> Duration {
     retry_after
         .unwrap_or(Duration::from_secs(2))
         .clamp(MIN_WAIT, MAX_WAIT)
@@ -412,7 +412,7 @@ fn region_key(name: &str) -> String {
 /// Reads what this daemon needs of a version's ARM body; its replica count is
 /// the one of `region` (the gallery's), found by name: ARM lists target
 /// regions in any order, spelled either way.
-pub fn parse_version(body: &Value, region: &str) -> Version {
+pub(crate) fn parse_version(body: &Value, region: &str) -> Version {
     let p = &body["properties"];
     let tags = body["tags"]
         .as_object()
@@ -473,7 +473,7 @@ pub enum GalleryError {
 
 impl GalleryError {
     /// Whether trying again later may succeed.
-    pub fn is_transient(&self) -> bool {
+    pub(crate) fn is_transient(&self) -> bool {
         matches!(self, GalleryError::Arm(e) if e.class.is_retryable())
     }
 }
@@ -484,11 +484,11 @@ impl GalleryError {
 /// supported"), as Azure's "Troubleshoot Azure Compute Gallery" page lists
 /// (raised from 1 TiB; MicrosoftDocs/azure-docs#113012). Generation 1 images,
 /// the ones made here, boot OS disks of at most 2 TiB anyway.
-pub const MAX_SOURCE_GIB: u64 = 2048;
+pub(crate) const MAX_SOURCE_GIB: u64 = 2048;
 
 /// Refuses a VHD whose disk (the blob less its 512-byte footer) is larger than
 /// [`MAX_SOURCE_GIB`], before anything is copied.
-pub fn check_source_size(blob_len: u64) -> Result<(), GalleryError> {
+pub(crate) fn check_source_size(blob_len: u64) -> Result<(), GalleryError> {
     const GIB: u64 = 1024 * 1024 * 1024;
     let disk = blob_len.saturating_sub(crate::vhd::FOOTER_LEN);
     if disk > MAX_SOURCE_GIB * GIB {

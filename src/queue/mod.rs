@@ -1,9 +1,9 @@
 //! Storage queues behind one narrow trait: the intake, poison and hand-off queues.
 //!
-//! [`AzureQueue`] uses the GA `azure_storage_queue` client; the test kit's
+//! `AzureQueue` uses the GA `azure_storage_queue` client; the test kit's
 //! `MemoryQueue` keeps messages in memory with the same visibility and
 //! pop-receipt rules;
-//! [`InstrumentedQueue`] wraps either in the outbound call path every storage call
+//! `InstrumentedQueue` wraps either in the outbound call path every storage call
 //! takes (rate limit, timeout, retries, metrics).
 
 use crate::azure::account::{AccountConfig, AccountCredential};
@@ -21,7 +21,7 @@ use std::{fmt, sync::Arc, time::Duration};
 use time::OffsetDateTime;
 
 /// Result of a queue call.
-pub type QueueResult<T> = Result<T, ServiceError>;
+pub(crate) type QueueResult<T> = Result<T, ServiceError>;
 
 /// A message taken from a queue, invisible to others until its lease lapses.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,7 +60,7 @@ pub trait MessageQueue: Send + Sync + fmt::Debug {
 }
 
 /// An Azure Storage queue.
-pub struct AzureQueue {
+pub(crate) struct AzureQueue {
     name: String,
     client: QueueClient,
 }
@@ -75,7 +75,11 @@ impl fmt::Debug for AzureQueue {
 
 impl AzureQueue {
     /// A client for queue `name` of `account`.
-    pub fn new(account: &AccountConfig, name: &str, transport: &Transport) -> QueueResult<Self> {
+    pub(crate) fn new(
+        account: &AccountConfig,
+        name: &str,
+        transport: &Transport,
+    ) -> QueueResult<Self> {
         let mut url = account.queue_endpoint.clone();
         url.path_segments_mut()
             .expect("endpoints are validated as base URLs")
@@ -241,7 +245,7 @@ impl MessageQueue for AzureQueue {
 /// A queue whose every call takes the outbound path of its account: a request
 /// token, the attempt timeout, the metrics and the one retry policy.
 #[derive(Debug)]
-pub struct InstrumentedQueue {
+pub(crate) struct InstrumentedQueue {
     inner: Arc<dyn MessageQueue>,
     account: String,
     out: Outbound,
@@ -249,7 +253,7 @@ pub struct InstrumentedQueue {
 
 impl InstrumentedQueue {
     /// Wraps `inner`, a queue of `account`.
-    pub fn new(inner: Arc<dyn MessageQueue>, account: &str, out: Outbound) -> Self {
+    pub(crate) fn new(inner: Arc<dyn MessageQueue>, account: &str, out: Outbound) -> Self {
         Self {
             inner,
             account: account.to_owned(),

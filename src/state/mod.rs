@@ -206,7 +206,7 @@ impl ReplicaState {
     /// found gone; it is verified from pending (kept or adopted) or copying;
     /// it fails before it is verified; any but a failed one is cancelled when
     /// its job ends without completing. Failed and cancelled are ends.
-    pub fn may_enter(self, to: ReplicaState) -> bool {
+    pub(crate) fn may_enter(self, to: ReplicaState) -> bool {
         use ReplicaState::*;
         matches!(
             (self, to),
@@ -460,7 +460,7 @@ impl From<JobDocument> for StoredDocument {
 /// daemon the two run together and this is the wall clock; on a paused test
 /// clock (the simulations) it follows virtual time, so a claim lapses after
 /// its lease of virtual time, as it would after that much real time.
-pub fn claim_now() -> OffsetDateTime {
+pub(crate) fn claim_now() -> OffsetDateTime {
     let ahead = tokio::time::Instant::now()
         .into_std()
         .saturating_duration_since(std::time::Instant::now());
@@ -567,7 +567,7 @@ impl JobDocument {
 
     /// Notes the progress at `now` in the log throughput and ETA come from
     /// (while running).
-    pub fn note_progress(&mut self, now: OffsetDateTime) {
+    pub(crate) fn note_progress(&mut self, now: OffsetDateTime) {
         if self.state == JobState::Running {
             let bytes = self.bytes_copied();
             crate::estimate::record(&mut self.progress_log, now, bytes);
@@ -637,7 +637,7 @@ impl JobDocument {
 
     /// Extends the claim of run `run` to `until`; nothing when another run (or
     /// none) holds it.
-    pub fn renew_claim(&mut self, run: &str, until: OffsetDateTime) {
+    pub(crate) fn renew_claim(&mut self, run: &str, until: OffsetDateTime) {
         if self.state.is_terminal() {
             return;
         }
@@ -651,20 +651,20 @@ impl JobDocument {
     }
 
     /// Gives the claim up, so the next run may take the job at once.
-    pub fn release_claim(&mut self) {
+    pub(crate) fn release_claim(&mut self) {
         self.owner = None;
     }
 
     /// Another run's live claim on this job, if any (a run of this instance
     /// too: each run is fenced on its own).
-    pub fn owned_by_another_run(&self, run: &str, now: OffsetDateTime) -> Option<&Owner> {
+    pub(crate) fn owned_by_another_run(&self, run: &str, now: OffsetDateTime) -> Option<&Owner> {
         self.owner
             .as_ref()
             .filter(|o| o.run.as_deref() != Some(run) && o.until > now && !self.state.is_terminal())
     }
 
     /// Whether run `run` holds the job's claim (written by it, not ended).
-    pub fn held_by(&self, run: &str) -> bool {
+    pub(crate) fn held_by(&self, run: &str) -> bool {
         !self.state.is_terminal()
             && self
                 .owner
@@ -734,11 +734,11 @@ pub struct StateStore {
 const PREFIX: &str = "jobs/";
 
 /// Read-change-write rounds an update tries before it gives up as contended.
-pub const MAX_UPDATE_ROUNDS: u32 = 16;
+pub(crate) const MAX_UPDATE_ROUNDS: u32 = 16;
 
 /// A short, growing, jittered pause between read-change-write rounds, so
 /// writers that collided do not collide again in lockstep.
-pub async fn contention_pause(round: u32) {
+pub(crate) async fn contention_pause(round: u32) {
     use rand::Rng;
     let cap = Duration::from_millis(10u64 << round.min(6));
     let wait = cap.mul_f64(rand::rng().random::<f64>());
@@ -902,7 +902,7 @@ impl StateStore {
 
     /// Deletes the documents (and stored hand-offs) of jobs that ended before
     /// `cutoff`; returns their ids. Unless `dry_run`.
-    pub async fn prune(
+    pub(crate) async fn prune(
         &self,
         cutoff: OffsetDateTime,
         dry_run: bool,
@@ -1039,7 +1039,7 @@ pub struct PoolLock {
 
 /// One run of one job: who may hold a job's claim and its pool's lock.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RunRef<'a> {
+pub(crate) struct RunRef<'a> {
     /// The job.
     pub job_id: &'a str,
     /// The run.
@@ -1048,14 +1048,14 @@ pub struct RunRef<'a> {
 
 impl RunRef<'_> {
     /// Whether `lock` is this run's.
-    pub fn holds(&self, lock: &PoolLock) -> bool {
+    pub(crate) fn holds(&self, lock: &PoolLock) -> bool {
         lock.job_id == self.job_id && lock.run.as_deref() == Some(self.run)
     }
 }
 
 /// What taking a pool's lock found.
 #[derive(Debug)]
-pub enum PoolClaim {
+pub(crate) enum PoolClaim {
     /// The lock is ours: the record as written (sets from before, maybe none)
     /// and its ETag.
     Held(PoolRecord, String),
@@ -1087,7 +1087,7 @@ impl StateStore {
     }
 
     /// Every pool's record.
-    pub async fn list_pools(&self) -> Result<Vec<PoolRecord>, StateError> {
+    pub(crate) async fn list_pools(&self) -> Result<Vec<PoolRecord>, StateError> {
         let names = self
             .store
             .list(&self.account, &self.container, "pools/")
@@ -1108,7 +1108,7 @@ impl StateStore {
     /// run that holds the job's fenced claim calls this, so that other run has
     /// lost the job. `stale` names a holder job known to have ended, whose lock
     /// is taken over.
-    pub async fn lock_pool(
+    pub(crate) async fn lock_pool(
         &self,
         pool_id: &str,
         holder: &RunRef<'_>,
@@ -1163,7 +1163,11 @@ impl StateStore {
     }
 
     /// Gives up the lock of `pool_id` if `holder` holds it.
-    pub async fn unlock_pool(&self, pool_id: &str, holder: &RunRef<'_>) -> Result<(), StateError> {
+    pub(crate) async fn unlock_pool(
+        &self,
+        pool_id: &str,
+        holder: &RunRef<'_>,
+    ) -> Result<(), StateError> {
         for round in 0..MAX_UPDATE_ROUNDS {
             if round > 0 {
                 contention_pause(round).await;
@@ -1193,7 +1197,7 @@ impl StateStore {
     /// Changes `pool_id`'s record only while `holder` holds its lock, under the
     /// record's ETag: a run that lost its job (and with it the pool's lock)
     /// never writes the pool's image sets. [`StateError::LockLost`] otherwise.
-    pub async fn update_pool_held(
+    pub(crate) async fn update_pool_held(
         &self,
         pool_id: &str,
         holder: &RunRef<'_>,
@@ -1228,7 +1232,7 @@ impl StateStore {
 
     /// Deletes a pool's record if it is still as read with `etag`; a record
     /// changed since fails with [`StateError::PoolChanged`].
-    pub async fn delete_pool_if(&self, pool_id: &str, etag: &str) -> Result<(), StateError> {
+    pub(crate) async fn delete_pool_if(&self, pool_id: &str, etag: &str) -> Result<(), StateError> {
         match self
             .store
             .delete_if_match(&self.pool_path(pool_id), etag)
@@ -1273,80 +1277,13 @@ impl StateStore {
             Err(e) => Err(e.into()),
         }
     }
-
-    /// Deletes a pool's record (gone already is fine).
-    pub async fn delete_pool(&self, pool_id: &str) -> Result<(), StateError> {
-        match self.store.delete(&self.pool_path(pool_id)).await {
-            Ok(()) => Ok(()),
-            Err(e) if e.is_not_found() => Ok(()),
-            Err(e) => Err(e.into()),
-        }
-    }
-
-    /// Changes a pool's record (creating it), again from the start whenever another
-    /// writer got there first.
-    pub async fn update_pool(
-        &self,
-        pool_id: &str,
-        mut change: impl FnMut(&mut PoolRecord),
-    ) -> Result<PoolRecord, StateError> {
-        for round in 0..MAX_UPDATE_ROUNDS {
-            if round > 0 {
-                contention_pause(round).await;
-            }
-            let (mut record, condition) = match self.load_pool(pool_id).await? {
-                Some((r, etag)) => (r, Condition::IfMatch(etag)),
-                None => (
-                    PoolRecord {
-                        pool_id: pool_id.to_owned(),
-                        sets: Vec::new(),
-                        lock: None,
-                    },
-                    Condition::IfAbsent,
-                ),
-            };
-            change(&mut record);
-            let bytes =
-                Bytes::from(serde_json::to_vec_pretty(&record).expect("pool records serialise"));
-            match self
-                .store
-                .put_block_blob(
-                    &self.pool_path(pool_id),
-                    bytes,
-                    &Default::default(),
-                    condition,
-                )
-                .await
-            {
-                Ok(_) => return Ok(record),
-                // A missing container is no race: report it rather than retry.
-                Err(e) if e.code.as_deref() == Some("ContainerNotFound") => return Err(e.into()),
-                // Changed or deleted since it was read: read it again.
-                Err(e)
-                    if matches!(
-                        e.class,
-                        ErrorClass::PreconditionFailed
-                            | ErrorClass::Conflict
-                            | ErrorClass::NotFound
-                    ) =>
-                {
-                    continue
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Err(StateError::Contended(
-            format!("pool record {pool_id}"),
-            MAX_UPDATE_ROUNDS,
-        ))
-    }
 }
 
 impl StateStore {
     /// Writes the whole hand-off document of a job (for a hand-off too large for
     /// one queue message) and returns where it is. Overwrites: the document of a
     /// job never changes once recorded.
-    pub async fn put_handoff(
+    pub(crate) async fn put_handoff(
         &self,
         job_id: &str,
         json: &str,
@@ -1536,7 +1473,11 @@ mod tests {
         let sim = Arc::new(SimStore::new(SimConfig::instant()));
         let s = StateStore::new(sim.clone(), "ops", "state");
         let bounded = Duration::from_secs(600);
-        let r = tokio::time::timeout(bounded, s.update_pool("p", |r| r.sets.clear()))
+        let run = RunRef {
+            job_id: "j1",
+            run: "r1",
+        };
+        let r = tokio::time::timeout(bounded, s.lock_pool("p", &run, false, None))
             .await
             .expect("a missing container ends the update");
         assert!(
@@ -1548,7 +1489,10 @@ mod tests {
         s.create(&JobDocument::replicate(JobId::parse("j1").unwrap(), spec()))
             .await
             .unwrap();
-        s.update_pool("p", |_| {}).await.unwrap();
+        assert!(matches!(
+            s.lock_pool("p", &run, false, None).await.unwrap(),
+            PoolClaim::Held(..)
+        ));
         for target in ["jobs/j1", "pools/p"] {
             sim.inject(SimFault {
                 operation: "put_blob",
@@ -1571,7 +1515,7 @@ mod tests {
             matches!(r, Err(StateError::Contended(_, MAX_UPDATE_ROUNDS))),
             "{r:?}"
         );
-        let r = tokio::time::timeout(bounded, s.update_pool("p", |r| r.sets.clear()))
+        let r = tokio::time::timeout(bounded, s.update_pool_held("p", &run, |r| r.sets.clear()))
             .await
             .expect("a contended pool update ends");
         assert!(

@@ -142,7 +142,7 @@ impl JobSummary {
 
     /// The summary as blob metadata: ASCII values only (the error text is
     /// percent-encoded), well under the service's 8 KiB.
-    pub fn to_metadata(&self) -> Metadata {
+    pub(crate) fn to_metadata(&self) -> Metadata {
         let mut m = Metadata::new();
         let time = |t: OffsetDateTime| t.format(&Rfc3339).unwrap_or_default();
         m.insert(key::STATE.into(), self.state.as_str().into());
@@ -197,7 +197,7 @@ impl JobSummary {
 
     /// Reads a summary back from the metadata of `jobs/<job_id>.json`; `None`
     /// when it carries none (a document written before summaries existed).
-    pub fn from_metadata(job_id: &str, m: &Metadata) -> Option<Self> {
+    pub(crate) fn from_metadata(job_id: &str, m: &Metadata) -> Option<Self> {
         let get = |k: &str| m.get(k).map(String::as_str);
         let time = |k: &str| get(k).and_then(|t| OffsetDateTime::parse(t, &Rfc3339).ok());
         let num = |k: &str| get(k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);

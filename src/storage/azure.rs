@@ -74,7 +74,7 @@ impl std::fmt::Debug for Account {
 
 /// Azure Blob Storage over the SDK, for every configured account.
 #[derive(Debug)]
-pub struct AzureStore {
+pub(crate) struct AzureStore {
     accounts: HashMap<String, Account>,
     /// For the one call this store makes on its own (the user delegation key);
     /// every other call is retried by the [`super::instrumented`] wrapper.
@@ -83,7 +83,11 @@ pub struct AzureStore {
 
 impl AzureStore {
     /// A store for these accounts, sharing one HTTP transport.
-    pub fn new(accounts: &[AccountConfig], transport: &Transport, retry: RetryPolicy) -> Self {
+    pub(crate) fn new(
+        accounts: &[AccountConfig],
+        transport: &Transport,
+        retry: RetryPolicy,
+    ) -> Self {
         let accounts = accounts
             .iter()
             .map(|a| {

@@ -18,14 +18,14 @@ use url::Url;
 
 /// Rate-limited, timed, retried, counted storage.
 #[derive(Debug)]
-pub struct Instrumented {
+pub(crate) struct Instrumented {
     inner: Arc<dyn BlobStore>,
     out: Outbound,
 }
 
 impl Instrumented {
     /// Wraps `inner` in the outbound call path.
-    pub fn new(inner: Arc<dyn BlobStore>, out: Outbound) -> Self {
+    pub(crate) fn new(inner: Arc<dyn BlobStore>, out: Outbound) -> Self {
         Self { inner, out }
     }
 

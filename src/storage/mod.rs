@@ -2,7 +2,7 @@
 //!
 //! [`BlobStore`] is everything the daemon asks of Azure Blob Storage: snapshots,
 //! server-side copies and their status, account information, and small JSON
-//! documents for job state. [`azure::AzureStore`] talks to Azure (or Azurite);
+//! documents for job state. `azure::AzureStore` talks to Azure (or Azurite);
 //! the test kit's `SimStore` keeps everything in memory: with
 //! `SimConfig::instant` for unit tests (copies done at once), or as a model of Azure's bandwidths,
 //! limits and faults on virtual time for property tests and benchmarks. The
@@ -164,7 +164,7 @@ impl AccountInfo {
 /// What to tell a person when Get Account Information fails on `account`.
 /// Azure answers it with 404 `ResourceNotFound` (not 403) when an Entra ID
 /// identity has no data role on the account.
-pub fn account_info_problem(account: &str, e: &ServiceError) -> String {
+pub(crate) fn account_info_problem(account: &str, e: &ServiceError) -> String {
     if e.status == Some(404) && e.code.as_deref() == Some("ResourceNotFound") {
         return format!(
             "account {account}: Get Account Information answered 404 ResourceNotFound, Azure's answer to an identity without a data role on the account: assign the daemon's identity \"Storage Blob Data Contributor\" on account {account} (and \"Storage Queue Data Contributor\" on the control account), then allow a few minutes for the assignment to apply; with a shared key, check the account name and blob_endpoint"
@@ -185,13 +185,13 @@ pub enum Condition {
 }
 
 /// Result of a storage operation.
-pub type StorageResult<T> = Result<T, ServiceError>;
+pub(crate) type StorageResult<T> = Result<T, ServiceError>;
 
 /// The largest range one Put Page From URL may write.
 pub const MAX_PAGES_FROM_URL: u64 = 4 * 1024 * 1024;
 
 /// Merges touching or overlapping ranges (sorted by start) into as few as possible.
-pub fn merge_ranges(mut ranges: Vec<std::ops::Range<u64>>) -> Vec<std::ops::Range<u64>> {
+pub(crate) fn merge_ranges(mut ranges: Vec<std::ops::Range<u64>>) -> Vec<std::ops::Range<u64>> {
     ranges.sort_by_key(|r| r.start);
     let mut out: Vec<std::ops::Range<u64>> = Vec::with_capacity(ranges.len());
     for r in ranges.into_iter().filter(|r| r.start < r.end) {
@@ -209,7 +209,7 @@ pub fn merge_ranges(mut ranges: Vec<std::ops::Range<u64>>) -> Vec<std::ops::Rang
 pub const MAX_RANGE_PAGES: usize = 64;
 
 /// Error code of a page-range listing past [`MAX_RANGE_PAGES`] pages.
-pub const TOO_FRAGMENTED: &str = "TooFragmented";
+pub(crate) const TOO_FRAGMENTED: &str = "TooFragmented";
 
 /// How the service reads a copy's source, which decides whether its URL must
 /// carry a SAS.

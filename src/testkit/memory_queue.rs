@@ -34,7 +34,7 @@ impl MemoryQueue {
     }
 
     /// Texts of every message, visible or not (for tests).
-    pub fn texts(&self) -> Vec<String> {
+    pub(crate) fn texts(&self) -> Vec<String> {
         self.messages
             .lock()
             .unwrap()

@@ -165,7 +165,7 @@ impl SecretSource for DummyKeys {
 }
 
 /// The destination account names of a scenario.
-pub fn account_names(n: usize) -> Vec<String> {
+pub(crate) fn account_names(n: usize) -> Vec<String> {
     (1..=n).map(|i| format!("dst{i}")).collect()
 }
 

@@ -44,7 +44,7 @@ use flows::{Flow, Flows};
 
 /// The simulated service's domain: an account's endpoint is
 /// `http://{account}.blob.sim.invalid`, virtual-host style as on Azure.
-pub const DOMAIN: &str = "blob.sim.invalid";
+pub(crate) const DOMAIN: &str = "blob.sim.invalid";
 const MIB: f64 = 1024.0 * 1024.0;
 
 /// Parameters of the model.
@@ -338,7 +338,7 @@ impl SimStore {
     }
 
     /// Injects `fault` into the requests that match it.
-    pub fn inject(&self, fault: SimFault) {
+    pub(crate) fn inject(&self, fault: SimFault) {
         self.faults.lock().expect("faults lock").push(fault);
     }
 
@@ -362,7 +362,7 @@ impl SimStore {
     }
 
     /// Makes `account` answer Get Account Information with this SKU and kind.
-    pub fn set_account_info(&self, account: &str, info: AccountInfo) {
+    pub(crate) fn set_account_info(&self, account: &str, info: AccountInfo) {
         self.state
             .lock()
             .expect("sim lock")
@@ -372,7 +372,7 @@ impl SimStore {
 
     /// Creates a page blob of `len` bytes whose last bytes are `tail` (a VHD footer)
     /// and whose other bytes read as zeroes, without storing them.
-    pub fn put_virtual_page_blob(&self, blob: &BlobPath, len: u64, tail: Bytes) {
+    pub(crate) fn put_virtual_page_blob(&self, blob: &BlobPath, len: u64, tail: Bytes) {
         let mut s = self.state.lock().expect("sim lock");
         s.containers
             .insert((blob.account.clone(), blob.container.clone()));
@@ -514,7 +514,7 @@ impl SimStore {
     /// Creates a page blob of `len` bytes whose last bytes are `tail` and whose
     /// written pages are `written` (the rest of the data reads as zeroes), without
     /// storing them: a sparse VHD.
-    pub fn put_virtual_sparse_page_blob(
+    pub(crate) fn put_virtual_sparse_page_blob(
         &self,
         blob: &BlobPath,
         len: u64,
