@@ -4,6 +4,7 @@
 
 use crate::azure::account::{AccountConfig, AccountCredential};
 use crate::azure::auth::SharedKey;
+use crate::queue::QueueEncoding;
 use azure_core::credentials::TokenCredential;
 use secrecy::SecretString;
 use serde::Deserialize;
@@ -167,9 +168,20 @@ pub struct ServiceSettings {
     /// Environment variable holding the admin token for mutating routes.
     pub admin_token_env: String,
     /// `text` (default) or `json`.
-    pub log_format: String,
+    pub log_format: LogFormat,
     /// Seconds to drain on SIGTERM before exiting.
     pub shutdown_grace_seconds: u64,
+}
+
+/// How the daemon logs: `service.log_format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Lines for people.
+    #[default]
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
 }
 
 impl Default for ServiceSettings {
@@ -177,7 +189,7 @@ impl Default for ServiceSettings {
         Self {
             listen: "127.0.0.1:9464".into(),
             admin_token_env: "VHDREP_ADMIN_TOKEN".into(),
-            log_format: "text".into(),
+            log_format: LogFormat::Text,
             shutdown_grace_seconds: 30,
         }
     }
@@ -237,7 +249,7 @@ pub struct HandoffSettings {
     pub webhook: String,
     /// `text` (default: the JSON as is) or `base64` (what Azure Functions' queue
     /// trigger and the Portal expect).
-    pub queue_encoding: String,
+    pub queue_encoding: QueueEncoding,
     /// `vmSize` for jobs that give no `pool.vm_size`; empty: such jobs are refused.
     pub vm_size: String,
     /// `nodeAgentSKUId` for Windows jobs that give no `pool.node_agent_sku_id`.
@@ -252,7 +264,7 @@ impl Default for HandoffSettings {
         Self {
             dir: String::new(),
             webhook: String::new(),
-            queue_encoding: "text".into(),
+            queue_encoding: QueueEncoding::Text,
             vm_size: String::new(),
             windows_node_agent_sku_id: "batch.node.windows amd64".into(),
             linux_node_agent_sku_id: String::new(),
@@ -658,7 +670,7 @@ impl Settings {
             listen: listen.expect("checked above"),
             admin_token,
             admin_token_env: self.service.admin_token_env.clone(),
-            log_json: self.service.log_format == "json",
+            log_json: self.service.log_format == LogFormat::Json,
             shutdown_grace: Duration::from_secs(self.service.shutdown_grace_seconds),
             batch: self.batch.clone(),
             control: self.control.clone(),
@@ -698,12 +710,6 @@ impl Problems {
 
 impl ServiceSettings {
     fn check(&self, p: &mut Problems) -> Option<SocketAddr> {
-        if !matches!(self.log_format.as_str(), "text" | "json") {
-            p.add(
-                "service.log_format",
-                format!("{:?} is not \"text\" or \"json\"", self.log_format),
-            );
-        }
         match self.listen.parse::<SocketAddr>() {
             Ok(a) => Some(a),
             Err(_) => {
@@ -967,15 +973,6 @@ impl EngineSettings {
 impl HandoffSettings {
     /// Returns the webhook, when one is configured and valid.
     fn check(&self, p: &mut Problems) -> Option<Url> {
-        if !matches!(self.queue_encoding.as_str(), "text" | "base64") {
-            p.add(
-                "handoff.queue_encoding",
-                format!(
-                    "{:?} is not \"text\" or \"base64\" (base64 for Azure Functions queue triggers)",
-                    self.queue_encoding
-                ),
-            );
-        }
         if self.webhook.is_empty() {
             return None;
         }
@@ -1130,7 +1127,39 @@ fn toml_de(text: &str) -> Result<Settings, ConfigError> {
         .add_source(config::File::from_str(text, config::FileFormat::Toml))
         .build()
         .and_then(|c| c.try_deserialize())
-        .map_err(|e| ConfigError::Load(e.to_string()))
+        .map_err(|e| ConfigError::Load(name_the_words(&e.to_string())))
+}
+
+/// The words each enumerated setting takes, by its type's name.
+const WORDS: &[(&str, &str)] = &[
+    ("LogFormat", "\"text\" or \"json\""),
+    (
+        "QueueEncoding",
+        "\"text\" or \"base64\" (base64 for Azure Functions queue triggers)",
+    ),
+    ("CopyMethod", "\"auto\", \"async\" or \"ranges\""),
+    ("Strategy", "\"fanout\" or \"naive\""),
+];
+
+/// The loader says "enum CopyMethod does not have variant constructor fast for
+/// key `engine.copy_method`"; people are told the key and the words it takes.
+fn name_the_words(message: &str) -> String {
+    let Some(rest) = message.split("enum ").nth(1) else {
+        return message.to_owned();
+    };
+    let mut parts = rest.split_whitespace();
+    let (Some(kind), Some(key)) = (parts.next(), message.split('`').nth(1)) else {
+        return message.to_owned();
+    };
+    let bad = rest
+        .split("variant constructor ")
+        .nth(1)
+        .and_then(|r| r.split(" for key").next())
+        .unwrap_or("?");
+    match WORDS.iter().find(|(k, _)| *k == kind) {
+        Some((_, words)) => format!("{key}: {bad:?} is not {words}"),
+        None => message.to_owned(),
+    }
 }
 
 fn endpoint(given: &Option<String>, account: &str, service: &str) -> Result<Url, String> {
@@ -1306,6 +1335,34 @@ region = "westeurope"
 
     fn keys(toml: &str) -> Vec<String> {
         problems(toml).into_iter().map(|p| p.key).collect()
+    }
+
+    /// A value outside an enumerated setting's words is refused at load,
+    /// naming the key and the words it takes.
+    #[test]
+    fn enumerated_settings_name_the_key_and_the_words() {
+        for (section, key, bad, words) in [
+            ("service", "log_format", "jsn", ["text", "json"]),
+            ("handoff", "queue_encoding", "b64", ["text", "base64"]),
+            ("engine", "copy_method", "fast", ["auto", "ranges"]),
+            ("engine", "strategy", "tree", ["fanout", "naive"]),
+        ] {
+            let text = format!("{GOOD}\n[{section}]\n{key} = \"{bad}\"\n");
+            let e = match Settings::from_toml(&text) {
+                Ok(s) => s.validate(&secrets()).err().map(|e| e.to_string()),
+                Err(e) => Some(e.to_string()),
+            }
+            .unwrap_or_default();
+            assert!(
+                e.contains(key) && e.contains(bad) && words.iter().all(|w| e.contains(w)),
+                "{section}.{key}: {e}"
+            );
+        }
+        let v = Settings::from_toml(&format!("{GOOD}\n[service]\nlog_format = \"json\"\n"))
+            .unwrap()
+            .validate(&secrets())
+            .unwrap();
+        assert!(v.log_json);
     }
 
     #[test]

@@ -240,9 +240,7 @@ impl Control {
                 .build()
                 .expect("a plain HTTP client builds"),
             retry: self.outbound.retry().clone(),
-            encoding: crate::handoff::QueueEncoding::from_setting(
-                &self.settings.handoff.queue_encoding,
-            ),
+            encoding: self.settings.handoff.queue_encoding,
             state: self.state.clone(),
         };
         Engine::new(

@@ -9,7 +9,7 @@
 
 use crate::azure::{auth::redact_sas, ServiceError, TransportFailure};
 use crate::job::{Caching, JobId, Os, ValidatedJob};
-use crate::queue::MessageQueue;
+use crate::queue::{MessageQueue, QueueEncoding};
 use crate::storage::BlobReference;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -197,35 +197,6 @@ pub struct HandOffReference {
     pub image_count: usize,
     /// Where the whole hand-off document is.
     pub handoff_ref: BlobReference,
-}
-
-/// How queue message text is encoded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum QueueEncoding {
-    /// The JSON as is (`az storage message put`, the Python SDK).
-    Text,
-    /// Base64 of the JSON (Azure Functions queue triggers, the Portal).
-    Base64,
-}
-
-impl QueueEncoding {
-    /// From `handoff.queue_encoding` (validated: `text` or `base64`).
-    pub(crate) fn from_setting(value: &str) -> Self {
-        if value == "base64" {
-            QueueEncoding::Base64
-        } else {
-            QueueEncoding::Text
-        }
-    }
-
-    /// The message text for `json`.
-    pub fn encode(self, json: &str) -> String {
-        use base64::{engine::general_purpose::STANDARD, Engine as _};
-        match self {
-            QueueEncoding::Text => json.to_owned(),
-            QueueEncoding::Base64 => STANDARD.encode(json),
-        }
-    }
 }
 
 /// Drops any query string (a SAS) from a URI.

@@ -8,6 +8,7 @@
 //! document, the pools page lists the pool records and reads each.
 
 use crate::estimate::Timing;
+use crate::state::ReplicaMethod;
 use crate::state::{JobDocument, JobListing, JobState, JobSummary, PoolRecord, ReplicaRecord};
 use crate::views::{human_bytes, human_duration, human_rate};
 use std::collections::BTreeMap;
@@ -273,7 +274,7 @@ fn replica_row(r: &ReplicaRecord) -> String {
         escape(&r.account),
         replica_state(r),
         bar(share),
-        escape(r.method.as_deref().unwrap_or("–")),
+        escape(r.method.map_or("–", ReplicaMethod::as_str)),
         escape(r.copied_from.as_deref().unwrap_or("–")),
         r.attempts,
         r.error.as_deref().map_or(String::new(), |e| format!("<span class=\"failed\" title=\"{0}\">{0}</span>", escape(e))),

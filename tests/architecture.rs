@@ -123,6 +123,7 @@ const LAYERS: &[(&str, &[&str])] = &[
 
 /// The edges allowed inside one layer.
 const SAME_LAYER: &[(&str, &str)] = &[
+    ("config", "queue"),
     ("plan", "job"),
     ("state", "job"),
     ("views", "state"),

@@ -442,7 +442,7 @@ fn relays_seed_every_account_at_once() {
         assert!(r
             .replicas
             .iter()
-            .all(|x| x.method.as_deref() == Some("ranges")));
+            .all(|x| x.method.map(|m| m.as_str()) == Some("ranges")));
     }
     let bound = with.lower_bound();
     assert!(
@@ -476,7 +476,7 @@ fn a_source_too_fragmented_to_list_is_copied_with_copy_blob() {
         assert!(
             r.replicas
                 .iter()
-                .all(|x| x.method.as_deref() == Some(method)),
+                .all(|x| x.method.map(|m| m.as_str()) == Some(method)),
             "{method}: {:?}",
             r.replicas.iter().map(|x| &x.method).collect::<Vec<_>>()
         );
@@ -500,7 +500,12 @@ fn auto_falls_back_to_copy_blob_where_put_page_from_url_is_refused() {
     assert_eq!(r.outcome, Outcome::Completed, "{:?}", r.error);
     assert_eq!(r.replicas.len(), 6);
     for x in &r.replicas {
-        assert_eq!(x.method.as_deref(), Some("async"), "replica {}", x.index);
+        assert_eq!(
+            x.method.map(|m| m.as_str()),
+            Some("async"),
+            "replica {}",
+            x.index
+        );
         // The refused ranged try and the Copy Blob; a refusal is no failure.
         assert!(x.attempts <= 2, "the refusal was retried: {x:?}");
         assert!(x.error.is_none(), "{x:?}");

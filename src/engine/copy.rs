@@ -4,6 +4,7 @@
 //! cleaned up.
 
 use super::*;
+use crate::state::ReplicaMethod;
 
 /// The copy phase of a run. It owns its scheduling state ([`CopyRun`]) and
 /// reads from the engine only what copying needs: the store, the accounts'
@@ -622,7 +623,7 @@ impl Copier<'_> {
         // The copy id reaches the document at the next tick: cancel and resume use it.
         ctx.job_run.replica_started(
             rec.index,
-            Method::Async,
+            ReplicaMethod::Async,
             Some(started.copy_id.clone()),
             ctx.source_len,
         );
@@ -743,7 +744,7 @@ impl Copier<'_> {
         }
         ctx.job_run.replica_verified(
             rec.index,
-            Method::Async,
+            ReplicaMethod::Async,
             Some(copy_id.to_owned()),
             ctx.source_len,
         );

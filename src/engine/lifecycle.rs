@@ -264,7 +264,9 @@ impl Engine {
                 uris.sort();
                 let mut h = HandOff::new(job, snapshot, uris.into_iter().map(|(_, u)| u).collect());
                 let published = job_run.publication();
-                if let Some(g) = published.filter(|g| g.state == "succeeded") {
+                if let Some(g) =
+                    published.filter(|g| g.state == crate::state::PublicationState::Succeeded)
+                {
                     h = h.published(job, &g.version_id, g.replicas);
                 }
                 job_run.record_handoff(serde_json::to_value(&h).expect("hand-off serialises"));

@@ -21,7 +21,7 @@ pub mod schedule;
 use checkpoint::Checkpoint;
 pub use error::JobError;
 pub(crate) use retire::retire_plan;
-use run::{JobRun, Method};
+use run::JobRun;
 
 use crate::azure::limits::AccountLimits;
 use crate::config::Strategy;

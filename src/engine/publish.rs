@@ -7,6 +7,7 @@
 use super::*;
 use crate::gallery::{arm::Operation, arm::OperationState, version_name, Gallery, GalleryError};
 use crate::state::Publication;
+use crate::state::PublicationState;
 
 /// Names taken by others before a job gives up finding one.
 const MAX_NAME_ATTEMPTS: u32 = 10;
@@ -150,7 +151,7 @@ impl Publisher<'_> {
         job_run.update_publication(|g| {
             g.history
                 .push(format!("replication failed ({failed}); {how}"));
-            g.state = "recovering".into();
+            g.state = PublicationState::Recovering;
             g.operation = None;
         });
         job_run.save().await.map_err(Failure::from_state)?;
@@ -200,7 +201,7 @@ impl Publisher<'_> {
             version,
             replicas: gallery.config().replicas_for(job.spec.pool.nodes),
             staged_uri: staged,
-            state: "pending".into(),
+            state: PublicationState::Pending,
             progress: 0.0,
             operation: None,
             attempt: 0,
@@ -248,13 +249,16 @@ impl Publisher<'_> {
                     tracing::info!(version = %p.version, replicas = first, of = p.replicas, "creating the gallery image version");
                     let op = gallery.create_version(&p.version, &body).await;
                     (
-                        "creating",
+                        PublicationState::Creating,
                         op,
                         format!("created with {first} of {} replicas", p.replicas),
                     )
                 }
                 // (A recovery under way updates it instead, below.)
-                Some(v) if v.provisioning_state == "Failed" && p.state != "recovering" => {
+                Some(v)
+                    if v.provisioning_state == "Failed"
+                        && p.state != PublicationState::Recovering =>
+                {
                     return Ok(Next::Failed(format!(
                         "image version {} is in state Failed",
                         p.version_id
@@ -272,12 +276,12 @@ impl Publisher<'_> {
                         .unwrap_or_else(|| Operation::Resource(gallery.version_url(&p.version)));
                     return Ok(Next::Follow(op));
                 }
-                Some(v) if v.replicas != p.replicas || p.state == "recovering" => {
+                Some(v) if v.replicas != p.replicas || p.state == PublicationState::Recovering => {
                     let step = next_step(v.replicas, p.replicas, initial);
                     tracing::info!(version = %p.version, from = v.replicas, to = step, of = p.replicas, "changing the gallery replica count");
                     let op = gallery.set_replicas(&p.version, &v, step).await;
                     (
-                        "updating",
+                        PublicationState::Updating,
                         op,
                         format!("replicas {} -> {step} of {}", v.replicas, p.replicas),
                     )
@@ -286,7 +290,7 @@ impl Publisher<'_> {
             };
             let op = op.map_err(|e| JobError::Gallery(e.into()))?;
             job_run.update_publication(|g| {
-                g.state = state.into();
+                g.state = state;
                 g.operation = serde_json::to_value(&op).ok();
                 g.history.push(step);
             });
@@ -392,7 +396,7 @@ impl Publisher<'_> {
         }
         self.set_progress(job, job_run, 1.0);
         job_run.update_publication(|g| {
-            g.state = "succeeded".into();
+            g.state = PublicationState::Succeeded;
             g.replicas = v.replicas;
             g.operation = None;
         });

@@ -11,6 +11,7 @@
 use super::copy::{Copier, CopyContext, CopyError};
 use super::*;
 use crate::config::CopyMethod;
+use crate::state::ReplicaMethod;
 use crate::storage::{merge_ranges, MAX_PAGES_FROM_URL};
 use std::{collections::VecDeque, ops::Range};
 
@@ -164,7 +165,8 @@ impl Copier<'_> {
         };
         let adoptable = existing.as_ref().is_some_and(|p| {
             is_our_replica(&p.metadata, ctx.job, rec.index, ctx.snapshot)
-                && p.metadata.get(META_METHOD).map(String::as_str) == Some(Method::Ranges.as_str())
+                && p.metadata.get(META_METHOD).map(String::as_str)
+                    == Some(ReplicaMethod::Ranges.as_str())
                 && p.len == ctx.source_len
         });
         if adoptable {
@@ -177,13 +179,16 @@ impl Copier<'_> {
             }
         }
         let mut metadata = self.replica_tags(ctx, rec);
-        metadata.insert(META_METHOD.to_owned(), Method::Ranges.as_str().to_owned());
+        metadata.insert(
+            META_METHOD.to_owned(),
+            ReplicaMethod::Ranges.as_str().to_owned(),
+        );
         self.store
             .create_page_blob(dest, ctx.source_len, &metadata)
             .await
             .map_err(|e| CopyError::from_storage(&e))?;
         ctx.job_run
-            .replica_started(rec.index, Method::Ranges, None, ctx.source_len);
+            .replica_started(rec.index, ReplicaMethod::Ranges, None, ctx.source_len);
         Ok(Vec::new())
     }
 
@@ -281,7 +286,7 @@ impl Copier<'_> {
             return Err(CopyError::Unsound(format!("{} {problem}", rec.blob)));
         }
         ctx.job_run
-            .replica_verified(rec.index, Method::Ranges, None, ctx.source_len);
+            .replica_verified(rec.index, ReplicaMethod::Ranges, None, ctx.source_len);
         tracing::info!(replica = rec.index, account = %rec.account, method = "ranges", "replica verified");
         Ok(())
     }

@@ -11,6 +11,7 @@
 //! The live view of this instance's pages shares the document read-only.
 
 use super::checkpoint::Checkpoint;
+use crate::state::ReplicaMethod;
 use crate::state::{
     JobDocument, JobState, Phase, Publication, ReplicaRecord, ReplicaState, RunRef, StateError,
 };
@@ -20,25 +21,6 @@ use std::{
     sync::{Arc, Mutex},
     time::Duration,
 };
-
-/// How a replica was (or is being) made.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Method {
-    /// An asynchronous Copy Blob.
-    Async,
-    /// Put Page From URL over the source's written ranges.
-    Ranges,
-}
-
-impl Method {
-    /// The name recorded in the replica's record and tags.
-    pub(super) fn as_str(self) -> &'static str {
-        match self {
-            Method::Async => "async",
-            Method::Ranges => "ranges",
-        }
-    }
-}
 
 /// A run of a job: its document, and the only code that changes it.
 pub(super) struct JobRun<'a> {
@@ -257,13 +239,13 @@ impl<'a> JobRun<'a> {
     pub(super) fn replica_started(
         &self,
         index: u32,
-        method: Method,
+        method: ReplicaMethod,
         copy_id: Option<String>,
         bytes_total: u64,
     ) {
         self.move_replica(index, ReplicaState::Copying, |r| {
             r.copy_id = copy_id;
-            r.method = Some(method.as_str().into());
+            r.method = Some(method);
             r.attempts += 1;
             r.bytes_copied = 0;
             r.bytes_total = bytes_total;
@@ -326,7 +308,7 @@ impl<'a> JobRun<'a> {
     pub(super) fn replica_verified(
         &self,
         index: u32,
-        method: Method,
+        method: ReplicaMethod,
         copy_id: Option<String>,
         len: u64,
     ) {
@@ -334,7 +316,7 @@ impl<'a> JobRun<'a> {
             if copy_id.is_some() {
                 r.copy_id = copy_id;
             }
-            r.method = Some(method.as_str().into());
+            r.method = Some(method);
             r.ranges_done.clear();
             r.bytes_copied = len;
             r.bytes_total = len;

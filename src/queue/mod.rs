@@ -20,6 +20,27 @@ use std::{fmt, sync::Arc, time::Duration};
 
 use time::OffsetDateTime;
 
+/// How queue message text is encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueEncoding {
+    /// The JSON as is (`az storage message put`, the Python SDK).
+    Text,
+    /// Base64 of the JSON (Azure Functions queue triggers, the Portal).
+    Base64,
+}
+
+impl QueueEncoding {
+    /// The message text for `json`.
+    pub fn encode(self, json: &str) -> String {
+        use base64::{engine::general_purpose::STANDARD, Engine as _};
+        match self {
+            QueueEncoding::Text => json.to_owned(),
+            QueueEncoding::Base64 => STANDARD.encode(json),
+        }
+    }
+}
+
 /// Result of a queue call.
 pub(crate) type QueueResult<T> = Result<T, ServiceError>;
 

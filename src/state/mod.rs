@@ -143,6 +143,61 @@ pub enum ReplicaState {
     Cancelled,
 }
 
+/// Where a job's gallery image version stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PublicationState {
+    /// Named, not asked for yet.
+    Pending,
+    /// Being created (with the first replica-count step).
+    Creating,
+    /// Its replica count being raised, or a failed replication updated again.
+    Updating,
+    /// A failed replication being recovered.
+    Recovering,
+    /// Replicated everywhere it should be.
+    Succeeded,
+}
+
+impl PublicationState {
+    /// The name in the job document and views.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PublicationState::Pending => "pending",
+            PublicationState::Creating => "creating",
+            PublicationState::Updating => "updating",
+            PublicationState::Recovering => "recovering",
+            PublicationState::Succeeded => "succeeded",
+        }
+    }
+}
+
+impl std::fmt::Display for PublicationState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How a replica was (or is being) made; recorded in its record and tags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplicaMethod {
+    /// An asynchronous Copy Blob.
+    Async,
+    /// Put Page From URL over the source's written ranges.
+    Ranges,
+}
+
+impl ReplicaMethod {
+    /// The name recorded in the replica's record and tags.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReplicaMethod::Async => "async",
+            ReplicaMethod::Ranges => "ranges",
+        }
+    }
+}
+
 /// One replica in a job document.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReplicaRecord {
@@ -177,7 +232,7 @@ pub struct ReplicaRecord {
     pub inherited: bool,
     /// How it was copied: `async` (Copy Blob) or `ranges` (Put Page From URL).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub method: Option<String>,
+    pub method: Option<ReplicaMethod>,
     /// Ranges of a ranged copy written so far (merged), so a resumed copy
     /// writes only the rest.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -304,8 +359,8 @@ pub struct Publication {
     pub replicas: u32,
     /// The staged VHD it is made from.
     pub staged_uri: String,
-    /// `pending` (named, not asked for), `creating`, `updating`, `succeeded`.
-    pub state: String,
+    /// Where the version stands.
+    pub state: PublicationState,
     /// Replication progress, 0 to 1.
     #[serde(default)]
     pub progress: f64,

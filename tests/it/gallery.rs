@@ -363,7 +363,7 @@ async fn a_resumed_job_adopts_the_version_it_named() {
         let (d, _) = app.control.state.load(&job_id).await.unwrap().unwrap();
         if let Some(g) = d
             .gallery
-            .filter(|g| g.state == "creating" && g.progress > 0.0)
+            .filter(|g| g.state.as_str() == "creating" && g.progress > 0.0)
         {
             break g;
         }
@@ -588,7 +588,7 @@ async fn sigkill_mid_replication_then_the_same_version_is_adopted() {
         if let Some(g) = d
             .gallery
             .clone()
-            .filter(|g| g.state == "creating" && g.progress > 0.0)
+            .filter(|g| g.state.as_str() == "creating" && g.progress > 0.0)
         {
             break (d.phase(), g);
         }
@@ -726,7 +726,7 @@ async fn a_failed_replication_is_recovered_and_each_step_shows() {
     let d = wait_for_end(&app.control, &job_id, Duration::from_secs(90)).await;
     assert_eq!(d.state(), JobState::Completed, "{:?}", d.error);
     let g = d.gallery.unwrap();
-    assert_eq!(g.state, "succeeded");
+    assert_eq!(g.state.as_str(), "succeeded");
     let history = g.history.join("\n");
     assert!(history.contains("updating it again"), "{history}");
     assert!(

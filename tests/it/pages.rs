@@ -41,14 +41,11 @@ fn replica(index: u32, account: &str, state: ReplicaState, share: f64) -> Replic
         error: (state == ReplicaState::Failed)
             .then(|| "copy Failed (500 InternalError: the copy failed in the service)".to_owned()),
         inherited: false,
-        method: Some(
-            if index.is_multiple_of(7) {
-                "async"
-            } else {
-                "ranges"
-            }
-            .to_owned(),
-        ),
+        method: Some(if index.is_multiple_of(7) {
+            vhd_replicator::state::ReplicaMethod::Async
+        } else {
+            vhd_replicator::state::ReplicaMethod::Ranges
+        }),
         ranges_done: Vec::new(),
         copied_from: Some(if index == 0 {
             "snapshot".to_owned()

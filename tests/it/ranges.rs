@@ -206,7 +206,7 @@ async fn auto_copies_ranged_across_accounts_and_async_inside() {
             "replica {}",
             r.index
         );
-        let method = r.method.clone().expect("method recorded");
+        let method = r.method.expect("method recorded").as_str();
         if method == "ranges" {
             assert_eq!(
                 direct.store.page_ranges(&r.blob).await.unwrap(),
@@ -225,7 +225,7 @@ async fn auto_copies_ranged_across_accounts_and_async_inside() {
     let async_paths: std::collections::BTreeSet<String> = doc
         .replicas
         .iter()
-        .filter(|r| r.method.as_deref() == Some("async"))
+        .filter(|r| r.method.map(|m| m.as_str()) == Some("async"))
         .map(|r| format!("/{}/{}/{}", r.blob.account, r.blob.container, r.blob.name))
         .collect();
     assert_eq!(started, async_paths);
@@ -324,7 +324,7 @@ async fn a_ranged_copy_killed_midway_resumes_with_the_ranges_left() {
         second.log()
     );
     let r = &doc.replicas[0];
-    assert_eq!(r.method.as_deref(), Some("ranges"));
+    assert_eq!(r.method.map(|m| m.as_str()), Some("ranges"));
     assert_eq!(read_all(&direct, &r.blob).await, image);
     let source = vhd_replicator::job::locate_source(&source_url, &direct.settings).unwrap();
     let wanted = direct.store.page_ranges(&source).await.unwrap();
