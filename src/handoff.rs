@@ -87,6 +87,12 @@ pub struct HandOff {
 /// `2025-06-01.21.0`; the service's version string has no suffix.)
 pub const BATCH_API_VERSION: &str = "2025-06-01";
 
+/// `resizeTimeout` of the pool-create body: Batch asks for at least 15 minutes
+/// per 1,000 nodes of a large custom-image pool, and 15 minutes is its default.
+pub(crate) fn resize_timeout(nodes: u32) -> String {
+    format!("PT{}M", 15 * nodes.div_ceil(1000).max(1))
+}
+
 /// The body of Batch "Pool - Add" (REST API [`BATCH_API_VERSION`]) for a pool
 /// booting a gallery image version.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -164,7 +170,7 @@ impl HandOff {
             id: pool.id.clone(),
             vm_size: job.vm_size.clone(),
             target_dedicated_nodes: pool.nodes,
-            resize_timeout: crate::gallery::resize_timeout(pool.nodes),
+            resize_timeout: resize_timeout(pool.nodes),
             virtual_machine_configuration: GalleryVmConfiguration {
                 image_reference: ImageReference {
                     virtual_machine_image_id: version_id.to_owned(),
@@ -384,6 +390,14 @@ impl HandoffSinks {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resize_timeout_is_15_minutes_per_1000_nodes() {
+        assert_eq!(resize_timeout(200), "PT15M");
+        assert_eq!(resize_timeout(1000), "PT15M");
+        assert_eq!(resize_timeout(1001), "PT30M");
+        assert_eq!(resize_timeout(2500), "PT45M");
+    }
     use crate::config::{SecretSource, Settings};
     use serde_json::Value;
 

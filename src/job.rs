@@ -1,7 +1,8 @@
 //! Jobs: the submitted spec (queue message, `submit --file`, `POST /v1/jobs`), its
 //! validation against the configuration, ids and states.
 
-use crate::config::{check_container_name, ValidatedSettings};
+use crate::azure::names::check_container_name;
+use crate::config::ValidatedSettings;
 use crate::storage::BlobPath;
 use base64::{engine::general_purpose::STANDARD as B64, Engine as _};
 use serde::{Deserialize, Serialize};

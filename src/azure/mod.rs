@@ -9,6 +9,7 @@ pub mod account;
 pub mod auth;
 mod error;
 pub mod limits;
+pub mod names;
 pub mod outbound;
 pub mod retry;
 pub mod transport;

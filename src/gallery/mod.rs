@@ -68,12 +68,6 @@ pub fn version_name(now: OffsetDateTime, attempt: u32) -> String {
     )
 }
 
-/// `resizeTimeout` of the pool-create body: Batch asks for at least 15 minutes
-/// per 1,000 nodes of a large custom-image pool, and 15 minutes is its default.
-pub(crate) fn resize_timeout(nodes: u32) -> String {
-    format!("PT{}M", 15 * nodes.div_ceil(1000).max(1))
-}
-
 impl Gallery {
     /// A client for `cfg` under the one retry policy.
     pub fn new(

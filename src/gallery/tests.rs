@@ -183,10 +183,6 @@ fn ids_names_and_replica_counts() {
     assert_eq!(c.replicas_for(201), 5);
     assert_eq!(c.replicas_for(600), 12);
     assert_eq!(c.replicas_for(100_000), 100);
-    assert_eq!(resize_timeout(200), "PT15M");
-    assert_eq!(resize_timeout(1000), "PT15M");
-    assert_eq!(resize_timeout(1001), "PT30M");
-    assert_eq!(resize_timeout(2500), "PT45M");
 }
 
 #[test]
