@@ -14,6 +14,7 @@ mod prepare;
 mod publish;
 mod ranged;
 pub mod relay;
+mod replica;
 mod retire;
 mod run;
 pub mod schedule;

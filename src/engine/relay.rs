@@ -10,7 +10,8 @@
 //! that took a job over leaves an earlier run's relays to gc, since that run
 //! may still be reading them).
 
-use super::copy::{Copier, CopyContext, CopyError};
+use super::copy::Copier;
+use super::replica::{CopyContext, CopyError};
 use super::*;
 use crate::storage::Metadata;
 
