@@ -205,8 +205,7 @@ impl Worker {
             Ok(n) => {
                 let running = self.engine.runs_here() as u64;
                 self.metrics
-                    .jobs
-                    .with_label_values(&["queued"])
+                    .jobs_gauge(crate::metrics::JobsGauge::Queued)
                     .set(n.saturating_sub(running) as i64);
             }
             Err(e) => tracing::debug!(error = %e, "cannot count the intake queue"),
@@ -381,10 +380,7 @@ impl Worker {
         doc.fail(reason.clone()).expect("a queued job may fail");
         match self.state.create(&doc).await {
             Ok(_) => {
-                self.metrics
-                    .jobs_finished
-                    .with_label_values(&["failed"])
-                    .inc();
+                self.metrics.job_ended(crate::metrics::Ended::Failed);
             }
             Err(_) => {
                 // A job a live run holds is that run's to end: this delivery was

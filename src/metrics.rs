@@ -83,6 +83,69 @@ fn copy_duration_histogram() -> prometheus::Result<HistogramVec> {
     )
 }
 
+/// How a job or a replica ended: the `outcome` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ended {
+    /// Completed.
+    Completed,
+    /// Failed with a reason.
+    Failed,
+    /// Cancelled on request.
+    Cancelled,
+}
+
+impl Ended {
+    const ALL: [Ended; 3] = [Ended::Completed, Ended::Failed, Ended::Cancelled];
+
+    fn label(self) -> &'static str {
+        match self {
+            Ended::Completed => "completed",
+            Ended::Failed => "failed",
+            Ended::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// Where the jobs counted by `vhdrep_jobs` are: the `state` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum JobsGauge {
+    /// Waiting in the intake queue.
+    Queued,
+    /// Running on this instance.
+    Running,
+}
+
+impl JobsGauge {
+    const ALL: [JobsGauge; 2] = [JobsGauge::Queued, JobsGauge::Running];
+
+    fn label(self) -> &'static str {
+        match self {
+            JobsGauge::Queued => "queued",
+            JobsGauge::Running => "running",
+        }
+    }
+}
+
+/// Where a copy went: the `kind` label of `vhdrep_copy_duration_seconds`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CopyKind {
+    /// Into another account than its source's.
+    CrossAccount,
+    /// Inside its source's account.
+    SameAccount,
+}
+
+impl CopyKind {
+    const ALL: [CopyKind; 2] = [CopyKind::CrossAccount, CopyKind::SameAccount];
+
+    fn label(self) -> &'static str {
+        match self {
+            CopyKind::CrossAccount => "cross_account",
+            CopyKind::SameAccount => "same_account",
+        }
+    }
+}
+
 impl Metrics {
     /// A fresh registry with every metric registered.
     pub fn new() -> Self {
@@ -185,11 +248,13 @@ impl Metrics {
         self.build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1.0);
-        for outcome in ["completed", "failed", "cancelled"] {
-            self.jobs_finished.with_label_values(&[outcome]).reset();
+        for outcome in Ended::ALL {
+            self.jobs_finished
+                .with_label_values(&[outcome.label()])
+                .reset();
         }
-        for state in ["queued", "running"] {
-            self.jobs.with_label_values(&[state]).set(0);
+        for state in JobsGauge::ALL {
+            self.jobs.with_label_values(&[state.label()]).set(0);
         }
     }
 
@@ -210,14 +275,38 @@ impl Metrics {
                     .inc_by(0);
             }
         }
-        for outcome in ["completed", "failed", "cancelled"] {
+        for outcome in Ended::ALL {
             self.replicas_finished
-                .with_label_values(&[outcome])
+                .with_label_values(&[outcome.label()])
                 .inc_by(0);
         }
-        for kind in ["cross_account", "same_account"] {
-            let _ = self.copy_duration.with_label_values(&[kind]);
+        for kind in CopyKind::ALL {
+            let _ = self.copy_duration.with_label_values(&[kind.label()]);
         }
+    }
+
+    /// A job ended so.
+    pub(crate) fn job_ended(&self, how: Ended) {
+        self.jobs_finished.with_label_values(&[how.label()]).inc();
+    }
+
+    /// A replica ended so.
+    pub(crate) fn replica_ended(&self, how: Ended) {
+        self.replicas_finished
+            .with_label_values(&[how.label()])
+            .inc();
+    }
+
+    /// The gauge of jobs in `state`.
+    pub(crate) fn jobs_gauge(&self, state: JobsGauge) -> prometheus::IntGauge {
+        self.jobs.with_label_values(&[state.label()])
+    }
+
+    /// A copy of `kind` took `secs`.
+    pub(crate) fn copy_took(&self, kind: CopyKind, secs: f64) {
+        self.copy_duration
+            .with_label_values(&[kind.label()])
+            .observe(secs);
     }
 
     /// The Prometheus text exposition of every metric.

@@ -46,10 +46,7 @@ impl Engine {
                 self.delete_own_replica(&r, job, job_run.id()).await;
             }
             if job_run.replica_cancelled(r.index) {
-                self.metrics
-                    .replicas_finished
-                    .with_label_values(&["cancelled"])
-                    .inc();
+                self.metrics.replica_ended(crate::metrics::Ended::Cancelled);
             }
         }
         if let Some(s) = snapshot {

@@ -5,6 +5,7 @@
 
 use super::replica::{CopyContext, CopyError};
 use super::*;
+use crate::metrics::{CopyKind, Ended};
 
 /// The copy phase of a run. It owns its scheduling state ([`CopyRun`]) and
 /// reads from the engine only what copying needs: the store, the accounts'
@@ -317,23 +318,17 @@ impl Copier<'_> {
             Ok(copied_now) => {
                 if copied_now {
                     let kind = if source_account == account {
-                        "same_account"
+                        CopyKind::SameAccount
                     } else {
-                        "cross_account"
+                        CopyKind::CrossAccount
                     };
-                    self.metrics
-                        .copy_duration
-                        .with_label_values(&[kind])
-                        .observe(took.as_secs_f64());
+                    self.metrics.copy_took(kind, took.as_secs_f64());
                     self.metrics
                         .copy_bytes
                         .with_label_values(&[&account])
                         .inc_by(source_len);
                 }
-                self.metrics
-                    .replicas_finished
-                    .with_label_values(&["completed"])
-                    .inc();
+                self.metrics.replica_ended(Ended::Completed);
                 job_run.enter_phase(run.phase());
             }
             Err(CopyError::Stop(Failure::Interrupted)) => {}
@@ -468,10 +463,7 @@ impl Copier<'_> {
 
     fn replica_failed(&self, job_run: &JobRun<'_>, index: u32, reason: &str) {
         job_run.replica_failed(index, reason);
-        self.metrics
-            .replicas_finished
-            .with_label_values(&["failed"])
-            .inc();
+        self.metrics.replica_ended(Ended::Failed);
     }
 }
 

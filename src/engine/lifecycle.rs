@@ -2,6 +2,7 @@
 //! outcome, its end recorded; and what it registers while it runs.
 
 use super::*;
+use crate::metrics::{Ended, JobsGauge};
 
 impl Engine {
     /// Runs (or resumes) a job until it ends, `stop` fires, or it must be
@@ -147,14 +148,14 @@ impl Engine {
             };
         }
         let ended = match &outcome {
-            Outcome::Completed => Some("completed"),
-            Outcome::Failed(_) => Some("failed"),
-            Outcome::Cancelled => Some("cancelled"),
+            Outcome::Completed => Some(Ended::Completed),
+            Outcome::Failed(_) => Some(Ended::Failed),
+            Outcome::Cancelled => Some(Ended::Cancelled),
             _ => None,
         };
         if let Some(label) = ended {
             self.unlock_pool(job, job_run).await;
-            self.metrics.jobs_finished.with_label_values(&[label]).inc();
+            self.metrics.job_ended(label);
         }
         match &outcome {
             Outcome::Completed => tracing::info!("job completed"),
@@ -388,9 +389,7 @@ impl<'a> RunningJob<'a> {
         Self {
             engine,
             id: id.to_owned(),
-            _gauge: crate::metrics::GaugeGuard::new(
-                engine.metrics.jobs.with_label_values(&["running"]),
-            ),
+            _gauge: crate::metrics::GaugeGuard::new(engine.metrics.jobs_gauge(JobsGauge::Running)),
         }
     }
 }

@@ -55,12 +55,11 @@ impl Engine {
         }
         match &outcome {
             Outcome::Completed | Outcome::Failed(_) => {
-                let label = if outcome == Outcome::Completed {
-                    "completed"
+                self.metrics.job_ended(if outcome == Outcome::Completed {
+                    crate::metrics::Ended::Completed
                 } else {
-                    "failed"
-                };
-                self.metrics.jobs_finished.with_label_values(&[label]).inc();
+                    crate::metrics::Ended::Failed
+                });
             }
             _ => {}
         }
