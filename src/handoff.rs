@@ -586,109 +586,6 @@ mod tests {
 
     /// Without a default, a job that lacks what Batch requires is refused at
     /// submission, naming the field and the configuration key.
-    /// Checks a body against `BatchPoolCreateOptions` of Batch REST API
-    /// 2025-06-01 (azure-rest-api-specs, specification/batch/data-plane/
-    /// Azure.Batch/stable/2025-06-01.21.0/BatchService.json, and its example
-    /// `Pools_CreatePool_OSDisk.json`), as far as this body goes: known and
-    /// required properties, a gallery image version for `virtualMachineImageId`,
-    /// an ISO 8601 `resizeTimeout` of at least 15 minutes per 1,000 nodes.
-    fn check_pool_create_2025_06_01(body: &Value) -> Result<(), String> {
-        let pool = body.as_object().ok_or("not an object")?;
-        const POOL: [&str; 22] = [
-            "id",
-            "displayName",
-            "vmSize",
-            "virtualMachineConfiguration",
-            "resizeTimeout",
-            "resourceTags",
-            "targetDedicatedNodes",
-            "targetLowPriorityNodes",
-            "enableAutoScale",
-            "autoScaleFormula",
-            "autoScaleEvaluationInterval",
-            "enableInterNodeCommunication",
-            "networkConfiguration",
-            "startTask",
-            "applicationPackageReferences",
-            "taskSlotsPerNode",
-            "taskSchedulingPolicy",
-            "userAccounts",
-            "metadata",
-            "mountConfiguration",
-            "targetNodeCommunicationMode",
-            "upgradePolicy",
-        ];
-        if let Some(k) = pool.keys().find(|k| !POOL.contains(&k.as_str())) {
-            return Err(format!("BatchPoolCreateOptions.{k} is not a property"));
-        }
-        for r in ["id", "vmSize"] {
-            if pool
-                .get(r)
-                .and_then(Value::as_str)
-                .is_none_or(str::is_empty)
-            {
-                return Err(format!("BatchPoolCreateOptions.{r} is required"));
-            }
-        }
-        let vm = pool["virtualMachineConfiguration"]
-            .as_object()
-            .ok_or("virtualMachineConfiguration is missing")?;
-        for r in ["imageReference", "nodeAgentSKUId"] {
-            if vm.get(r).is_none_or(Value::is_null) {
-                return Err(format!("VirtualMachineConfiguration.{r} is required"));
-            }
-        }
-        if vm.contains_key("osDisk") && vm["osDisk"].get("imageUris").is_some() {
-            return Err("osDisk.imageUris was removed in 2017-09-01.6.0".into());
-        }
-        let image = vm["imageReference"]
-            .as_object()
-            .ok_or("imageReference is not an object")?;
-        const IMAGE: [&str; 7] = [
-            "publisher",
-            "offer",
-            "sku",
-            "version",
-            "virtualMachineImageId",
-            "sharedGalleryImageId",
-            "communityGalleryImageId",
-        ];
-        if let Some(k) = image.keys().find(|k| !IMAGE.contains(&k.as_str())) {
-            return Err(format!("BatchVmImageReference.{k} is not a property"));
-        }
-        let id = image
-            .get("virtualMachineImageId")
-            .and_then(Value::as_str)
-            .unwrap_or_default();
-        let parts: Vec<&str> = id.split('/').collect();
-        let gallery_version = parts.len() == 13
-            && parts[1] == "subscriptions"
-            && parts[3] == "resourceGroups"
-            && parts[5] == "providers"
-            && parts[6] == "Microsoft.Compute"
-            && parts[7] == "galleries"
-            && parts[9] == "images"
-            && parts[11] == "versions";
-        if !gallery_version {
-            return Err(format!(
-                "virtualMachineImageId {id:?} is not a gallery image version id"
-            ));
-        }
-        let nodes = pool["targetDedicatedNodes"]
-            .as_u64()
-            .ok_or("targetDedicatedNodes must be an int32")?;
-        let minutes = pool["resizeTimeout"]
-            .as_str()
-            .and_then(|t| t.strip_prefix("PT")?.strip_suffix('M')?.parse::<u64>().ok())
-            .ok_or("resizeTimeout must be an ISO 8601 duration in minutes")?;
-        if minutes < 15 * nodes.div_ceil(1000).max(1) {
-            return Err(format!(
-                "resizeTimeout of {minutes} minutes is short for {nodes} nodes"
-            ));
-        }
-        Ok(())
-    }
-
     #[test]
     fn pool_create_bodies_follow_batch_2025_06_01() {
         let s = settings("windows_node_agent_sku_id = \"batch.node.windows amd64\"\nvm_size = \"STANDARD_D2_V3\"");
@@ -712,7 +609,7 @@ mod tests {
             assert_eq!(text["gallery_image_version_id"], id);
             assert_eq!(text["gallery_replicas"], 4);
             let body = &text["pool_create"];
-            check_pool_create_2025_06_01(body).unwrap();
+            crate::testkit::fake_batch::check_pool_add(body).unwrap();
             assert_eq!(body["resizeTimeout"], timeout);
             assert_eq!(
                 body["virtualMachineConfiguration"]["imageReference"]["virtualMachineImageId"],
@@ -733,17 +630,17 @@ mod tests {
             .add_pool,
         )
         .unwrap();
-        assert!(check_pool_create_2025_06_01(&legacy).is_err());
+        assert!(crate::testkit::fake_batch::check_pool_add(&legacy).is_err());
         let mut short = serde_json::json!({"id":"p","vmSize":"v","targetDedicatedNodes":1001,"resizeTimeout":"PT15M",
             "virtualMachineConfiguration":{"imageReference":{"virtualMachineImageId":id},"nodeAgentSKUId":"a"}});
-        assert!(check_pool_create_2025_06_01(&short)
+        assert!(crate::testkit::fake_batch::check_pool_add(&short)
             .unwrap_err()
             .contains("short"));
         short["resizeTimeout"] = "PT30M".into();
-        check_pool_create_2025_06_01(&short).unwrap();
+        crate::testkit::fake_batch::check_pool_add(&short).unwrap();
         short["virtualMachineConfiguration"]["imageReference"]["virtualMachineImageId"] =
             "/subscriptions/s/resourceGroups/r/providers/Microsoft.Compute/images/legacy".into();
-        assert!(check_pool_create_2025_06_01(&short).is_err());
+        assert!(crate::testkit::fake_batch::check_pool_add(&short).is_err());
     }
 
     #[test]

@@ -34,6 +34,7 @@
 
 pub mod api;
 pub mod azure;
+pub(crate) mod batch;
 pub mod cli;
 pub mod config;
 pub mod control;

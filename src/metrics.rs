@@ -55,6 +55,8 @@ pub struct Metrics {
     /// `vhdrep_duplicate_deliveries_total`: intake messages of a job this
     /// instance already runs, dropped without a second run.
     pub duplicate_deliveries: IntCounter,
+    /// The pool stage's gauges.
+    pub pools: PoolGauges,
     /// `vhdrep_build_info{version}`.
     pub build_info: GaugeVec,
 }
@@ -81,6 +83,40 @@ fn copy_duration_histogram() -> prometheus::Result<HistogramVec> {
         .buckets(COPY_DURATION_BUCKETS.to_vec()),
         &["kind"],
     )
+}
+
+/// The pool stage's gauges, label `pool`.
+#[derive(Clone)]
+pub struct PoolGauges {
+    /// `vhdrep_pool_target_nodes`: a staged or watched pool's target dedicated nodes.
+    pub target: IntGaugeVec,
+    /// `vhdrep_pool_current_nodes`: its current dedicated nodes.
+    pub current: IntGaugeVec,
+    /// `vhdrep_pool_image_capacity_nodes`: the nodes its image serves
+    /// (gallery replicas x `gallery.nodes_per_replica`).
+    pub capacity: IntGaugeVec,
+}
+
+impl PoolGauges {
+    fn new(r: &Registry) -> Self {
+        let gauge = |name: &str, help: &str| {
+            register(r, IntGaugeVec::new(Opts::new(name, help), &["pool"]))
+        };
+        Self {
+            target: gauge(
+                "vhdrep_pool_target_nodes",
+                "Target dedicated nodes of a pool the pool stage made or watches.",
+            ),
+            current: gauge(
+                "vhdrep_pool_current_nodes",
+                "Current dedicated nodes of a pool the pool stage made or watches.",
+            ),
+            capacity: gauge(
+                "vhdrep_pool_image_capacity_nodes",
+                "Nodes a pool's image serves: gallery replicas x gallery.nodes_per_replica.",
+            ),
+        }
+    }
 }
 
 /// How a job or a replica ended: the `outcome` label.
@@ -230,6 +266,7 @@ impl Metrics {
                 "vhdrep_duplicate_deliveries_total",
                 "Intake messages of a job already running on this instance, dropped.",
             ),
+            pools: PoolGauges::new(&r),
             build_info: register(
                 &r,
                 GaugeVec::new(
@@ -283,6 +320,26 @@ impl Metrics {
         for kind in CopyKind::ALL {
             let _ = self.copy_duration.with_label_values(&[kind.label()]);
         }
+    }
+
+    /// A pool's target and current dedicated nodes, as Batch last said.
+    pub(crate) fn pool_nodes(&self, pool: &str, target: u32, current: u32) {
+        self.pools
+            .target
+            .with_label_values(&[pool])
+            .set(i64::from(target));
+        self.pools
+            .current
+            .with_label_values(&[pool])
+            .set(i64::from(current));
+    }
+
+    /// The nodes a pool's image serves.
+    pub(crate) fn pool_capacity(&self, pool: &str, nodes: u32) {
+        self.pools
+            .capacity
+            .with_label_values(&[pool])
+            .set(i64::from(nodes));
     }
 
     /// A job ended so.

@@ -110,7 +110,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     // The job model: jobs, plans, documents, views.
     ("domain", &["job", "plan", "state", "views"]),
     // What a job publishes to and hands off through.
-    ("integrations", &["gallery", "handoff"]),
+    ("integrations", &["gallery", "handoff", "batch"]),
     ("engine", &["engine"]),
     // The control plane: submissions, the queue consumer, garbage collection.
     ("control", &["control", "intake", "gc"]),
@@ -128,6 +128,7 @@ const SAME_LAYER: &[(&str, &str)] = &[
     ("state", "job"),
     ("views", "state"),
     ("handoff", "gallery"),
+    ("batch", "handoff"),
     ("gc", "control"),
     ("api", "pages"),
     ("daemon", "api"),

@@ -11,6 +11,7 @@ mod error;
 pub mod limits;
 pub mod names;
 pub mod outbound;
+pub(crate) mod rest;
 pub mod retry;
 pub mod transport;
 

@@ -195,6 +195,7 @@ impl JobArgs {
             accounts: self.accounts.clone(),
             container: None,
             gallery: None,
+            submitted_by: None,
         })
     }
 }

@@ -65,6 +65,135 @@ impl BatchSettings {
     }
 }
 
+/// The PEM file at `path` (none: `Some(None)`), or `None` with a problem
+/// under `key`.
+fn read_ca(
+    path: Option<&str>,
+    key: &str,
+    secrets: &dyn SecretSource,
+    p: &mut Problems,
+) -> Option<Option<Vec<u8>>> {
+    let Some(path) = path.filter(|p| !p.is_empty()) else {
+        return Some(None);
+    };
+    match secrets.file(path) {
+        Ok(text)
+            if reqwest::Certificate::from_pem_bundle(text.as_bytes())
+                .is_ok_and(|c| !c.is_empty()) =>
+        {
+            Some(Some(text.into_bytes()))
+        }
+        Ok(_) => {
+            p.add(key, format!("{path} holds no PEM certificate"));
+            None
+        }
+        Err(e) => {
+            p.add(key, format!("cannot read {path}: {e}"));
+            None
+        }
+    }
+}
+
+impl PoolStageSettings {
+    /// Checks `[pool_stage]`; the validated form when nothing is wrong.
+    pub(super) fn check(
+        &self,
+        gallery: bool,
+        secrets: &dyn SecretSource,
+        p: &mut Problems,
+    ) -> Option<PoolStageConfig> {
+        let before = p.0.len();
+        let batch_url = match Url::parse(self.batch_url.trim().trim_end_matches('/')) {
+            Ok(u)
+                if matches!(u.scheme(), "https" | "http")
+                    && u.host().is_some()
+                    && u.query().is_none() =>
+            {
+                Some(u)
+            }
+            _ => {
+                p.add(
+                    "pool_stage.batch_url",
+                    format!(
+                        "{:?} is not the Batch account's URL, such as \"https://mybatch.westeurope.batch.azure.com\"",
+                        self.batch_url
+                    ),
+                );
+                None
+            }
+        };
+        let credential = entra_credential(self.credential.as_deref().unwrap_or("auto"), secrets)
+            .map_err(|m| p.add("pool_stage.credential", m))
+            .ok();
+        let ca_pem = read_ca(Some(&self.ca_file), "pool_stage.ca_file", secrets, p);
+        let template = self.template(secrets, p);
+        if !(0.0..=10.0).contains(&self.headroom) {
+            p.add(
+                "pool_stage.headroom",
+                format!(
+                    "{} is not between 0 and 10 (0.25 keeps a quarter above the target)",
+                    self.headroom
+                ),
+            );
+        }
+        if self.watch_seconds > 0 && self.watch_seconds < 10 {
+            p.add(
+                "pool_stage.watch_seconds",
+                "must be 0 (off) or at least 10: each round reads every pool from Batch",
+            );
+        }
+        if self.watch_seconds > 0 && !gallery {
+            p.add(
+                "pool_stage.watch_seconds",
+                "background scaling raises gallery replicas: configure [gallery], or set watch_seconds = 0",
+            );
+        }
+        if p.0.len() > before {
+            return None;
+        }
+        Some(PoolStageConfig {
+            settings: self.clone(),
+            batch_url: batch_url?,
+            credential: credential?,
+            ca_pem: ca_pem?,
+            template: template?,
+        })
+    }
+
+    /// The template file's JSON object (an empty one when none is named).
+    fn template(
+        &self,
+        secrets: &dyn SecretSource,
+        p: &mut Problems,
+    ) -> Option<serde_json::Map<String, serde_json::Value>> {
+        if self.template.is_empty() {
+            return Some(serde_json::Map::new());
+        }
+        let key = "pool_stage.template";
+        let text = secrets
+            .file(&self.template)
+            .map_err(|e| p.add(key, format!("cannot read {}: {e}", self.template)))
+            .ok()?;
+        match serde_json::from_str::<serde_json::Value>(&text) {
+            Ok(serde_json::Value::Object(m)) => Some(m),
+            Ok(_) => {
+                p.add(
+                    key,
+                    format!(
+                        "{} is not a JSON object of Pool - Add properties",
+                        self.template
+                    ),
+                );
+                None
+            }
+            Err(e) => {
+                p.add(key, format!("{} is not JSON: {e}", self.template));
+                None
+            }
+        }
+    }
+}
+
 impl GallerySettings {
     /// Checks `[gallery]` against `[batch]` and the accounts; the validated
     /// form when nothing is wrong.
@@ -99,28 +228,7 @@ impl GallerySettings {
         let credential = entra_credential(self.credential.as_deref().unwrap_or("auto"), secrets)
             .map_err(|m| p.add("gallery.credential", m))
             .ok();
-        let ca_pem = match &self.ca_file {
-            None => Some(None),
-            Some(path) => match secrets.file(path) {
-                Ok(text)
-                    if reqwest::Certificate::from_pem_bundle(text.as_bytes())
-                        .is_ok_and(|c| !c.is_empty()) =>
-                {
-                    Some(Some(text.into_bytes()))
-                }
-                Ok(_) => {
-                    p.add(
-                        "gallery.ca_file",
-                        format!("{path} holds no PEM certificate"),
-                    );
-                    None
-                }
-                Err(e) => {
-                    p.add("gallery.ca_file", format!("cannot read {path}: {e}"));
-                    None
-                }
-            },
-        };
+        let ca_pem = read_ca(self.ca_file.as_deref(), "gallery.ca_file", secrets, p);
         let storage_account_ids = self.storage_account_ids(accounts, p);
         if p.0.len() > before {
             return None;

@@ -51,6 +51,8 @@ pub struct ValidatedSettings {
     pub accounts: Vec<AccountConfig>,
     /// `[gallery]`, when configured.
     pub gallery: Option<GalleryConfig>,
+    /// `[pool_stage]`, when configured.
+    pub pool_stage: Option<PoolStageConfig>,
 }
 
 impl ValidatedSettings {
@@ -192,6 +194,10 @@ impl Settings {
             .gallery
             .as_ref()
             .and_then(|g| g.check(&self.batch, &self.accounts, secrets, &mut problems));
+        let pool_stage = self
+            .pool_stage
+            .as_ref()
+            .and_then(|s| s.check(self.gallery.is_some(), secrets, &mut problems));
         let problems = problems.0;
         if !problems.is_empty() {
             return Err(ConfigError::Invalid(problems));
@@ -219,6 +225,7 @@ impl Settings {
             gc: self.gc.clone(),
             accounts,
             gallery,
+            pool_stage,
         })
     }
 }

@@ -33,9 +33,76 @@ pub struct Settings {
     /// `[gallery]`: publish each job's image to an Azure Compute Gallery.
     #[serde(default)]
     pub gallery: Option<GallerySettings>,
+    /// `[pool_stage]`: create or resize the pool after a hand-off, and keep
+    /// the pools' image capacity ahead of their size.
+    #[serde(default)]
+    pub pool_stage: Option<PoolStageSettings>,
     /// `[[accounts]]`
     #[serde(default)]
     pub accounts: Vec<AccountSettings>,
+}
+
+/// `[pool_stage]`: the built-in pool-creation stage and background scaling.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolStageSettings {
+    /// The Batch account endpoint, e.g. `https://mybatch.westeurope.batch.azure.com`.
+    pub batch_url: String,
+    /// Entra credential kind (Batch pool creation needs Entra): `auto`,
+    /// `managed_identity`, `workload_identity` or `azure_cli`.
+    #[serde(default)]
+    pub credential: Option<String>,
+    /// A PEM file of extra CA certificates for `batch_url` (tests).
+    #[serde(default)]
+    pub ca_file: String,
+    /// A JSON file of Pool - Add properties the stage owns (network, start
+    /// task, task slots...), merged under `pool_create`.
+    #[serde(default)]
+    pub template: String,
+    /// Create a pool that does not exist.
+    #[serde(default = "default_true")]
+    pub create: bool,
+    /// Resize an existing pool on the same image version to the job's nodes.
+    #[serde(default = "default_true")]
+    pub resize: bool,
+    /// When above 0: every so many seconds, read the pools this deployment
+    /// made and submit a grow job for one whose target outgrows its image.
+    #[serde(default)]
+    pub watch_seconds: u64,
+    /// Room kept above a pool's target: a grow job is submitted when the target
+    /// exceeds capacity / (1 + headroom), for target x (1 + headroom) nodes.
+    #[serde(default = "default_headroom")]
+    pub headroom: f64,
+}
+
+fn default_headroom() -> f64 {
+    0.25
+}
+
+/// `[pool_stage]`, validated.
+#[derive(Clone)]
+pub struct PoolStageConfig {
+    /// The settings as given.
+    pub settings: PoolStageSettings,
+    /// The Batch account endpoint.
+    pub batch_url: Url,
+    /// The Entra credential for `https://batch.core.windows.net/.default`.
+    pub credential: Arc<dyn TokenCredential>,
+    /// Extra CA certificates (PEM) to trust.
+    pub ca_pem: Option<Vec<u8>>,
+    /// The template's properties (an empty object when none).
+    pub template: serde_json::Map<String, serde_json::Value>,
+}
+
+impl fmt::Debug for PoolStageConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PoolStageConfig")
+            .field("batch_url", &self.batch_url.as_str())
+            .field("create", &self.settings.create)
+            .field("resize", &self.settings.resize)
+            .field("watch_seconds", &self.settings.watch_seconds)
+            .finish_non_exhaustive()
+    }
 }
 
 /// `[gallery]`: the Azure Compute Gallery image definition each job publishes

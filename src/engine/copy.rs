@@ -3,30 +3,9 @@
 //! that follows its progress, and verified; what a failed or cancelled job made
 //! cleaned up.
 
-use super::replica::{CopyContext, CopyError};
+use super::copier::{Copier, CopyContext, CopyError};
 use super::*;
 use crate::metrics::{CopyKind, Ended};
-
-/// The copy phase of a run. It owns its scheduling state ([`CopyRun`]) and
-/// reads from the engine only what copying needs: the store, the accounts'
-/// limits, the metrics and the settings. The run's document is reached only
-/// through the [`JobRun`] it is given.
-pub(super) struct Copier<'a> {
-    /// Destination accounts whose service does not do Put Page From URL: with
-    /// `copy_method = "auto"` their copies use Copy Blob.
-    pub(super) without_from_url: &'a FromUrlSupport,
-    pub(super) store: &'a dyn BlobStore,
-    pub(super) limits: &'a AccountLimits,
-    pub(super) metrics: &'a Metrics,
-    pub(super) settings: &'a ValidatedSettings,
-}
-
-impl Copier<'_> {
-    /// The claim's lease: progress is written at least every third of it.
-    fn lease(&self) -> Duration {
-        Duration::from_secs(self.settings.engine.lease_seconds as u64)
-    }
-}
 
 impl Copier<'_> {
     /// Runs every copy of the job under the scheduler, the account gates and the

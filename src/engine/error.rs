@@ -96,6 +96,8 @@ pub enum JobError {
     HandOff(HandoffError),
     /// Publishing to the gallery failed.
     Gallery(crate::gallery::GalleryError),
+    /// A Batch request of the pool stage failed.
+    Batch(ServiceError),
 }
 
 impl JobError {
@@ -134,6 +136,7 @@ impl JobError {
             }
             JobError::HandOff(e) => !e.is_permanent(),
             JobError::Gallery(e) => e.is_transient(),
+            JobError::Batch(e) => e.class.is_retryable(),
             JobError::AccountUnsuitable { .. }
             | JobError::AccountNotConfigured(_)
             | JobError::SourceMissing(_)
@@ -202,6 +205,7 @@ impl fmt::Display for JobError {
             ),
             JobError::HandOff(e) => e.fmt(f),
             JobError::Gallery(e) => write!(f, "gallery: {e}"),
+            JobError::Batch(e) => write!(f, "pool stage: {e}"),
         }
     }
 }
@@ -215,6 +219,7 @@ impl std::error::Error for JobError {
             JobError::State { source, .. } => Some(source),
             JobError::HandOff(e) => Some(e),
             JobError::Gallery(e) => Some(e),
+            JobError::Batch(e) => Some(e),
             _ => None,
         }
     }

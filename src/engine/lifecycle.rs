@@ -235,7 +235,11 @@ impl Engine {
         job_run.save().await.map_err(Failure::from_state)?;
         self.record_image_set(job, job_run, &snapshot, source_len)
             .await?;
-        self.hand_off(job, job_run, &snapshot).await?;
+        let handoff = self.hand_off(job, job_run, &snapshot).await?;
+        if let Some(stager) = self.pool_stager() {
+            job_run.enter_phase(Phase::PoolStage);
+            stager.run(job, job_run, stop, &handoff).await?;
+        }
         job_run.finish(JobState::Completed, None);
         self.metrics
             .job_progress
@@ -251,7 +255,7 @@ impl Engine {
         job: &ValidatedJob,
         job_run: &JobRun<'_>,
         snapshot: &str,
-    ) -> Result<(), Failure> {
+    ) -> Result<HandOff, Failure> {
         let recorded = job_run.read(|d| d.handoff.clone());
         let handoff: HandOff = match recorded.and_then(|v| serde_json::from_value(v).ok()) {
             Some(h) => h,
@@ -278,7 +282,8 @@ impl Engine {
         self.handoff
             .deliver(&handoff)
             .await
-            .map_err(|e| Failure::from(JobError::from(e)))
+            .map_err(|e| Failure::from(JobError::from(e)))?;
+        Ok(handoff)
     }
 
     /// Writes the pool's image set: the current set (same snapshot) takes this job's

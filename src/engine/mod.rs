@@ -6,10 +6,12 @@
 
 mod checkpoint;
 mod cleanup;
+mod copier;
 mod copy;
 mod error;
 mod lifecycle;
 pub mod poll;
+mod pool_stage;
 mod prepare;
 mod publish;
 mod ranged;
@@ -207,6 +209,7 @@ pub struct Engine {
     without_from_url: FromUrlSupport,
     instance: String,
     gallery: Option<Arc<crate::gallery::Gallery>>,
+    batch: Option<Arc<crate::batch::Batch>>,
 }
 
 impl Engine {
@@ -230,6 +233,12 @@ impl Engine {
                 .expect("validated: the gallery's CA file parses"),
             )
         });
+        let batch = settings.pool_stage.as_ref().map(|s| {
+            Arc::new(
+                crate::batch::Batch::new(s, settings.retry_policy(), settings.connect_timeout())
+                    .expect("validated: the pool stage's CA file parses"),
+            )
+        });
         Self {
             store,
             state,
@@ -242,6 +251,7 @@ impl Engine {
             without_from_url: FromUrlSupport::default(),
             instance: instance_id(),
             gallery,
+            batch,
         }
     }
 
@@ -255,14 +265,24 @@ impl Engine {
     }
 
     /// The copy phase, over this engine's store, limits, metrics and settings.
-    fn copier(&self) -> copy::Copier<'_> {
-        copy::Copier {
+    fn copier(&self) -> copier::Copier<'_> {
+        copier::Copier {
             without_from_url: &self.without_from_url,
             store: self.store.as_ref(),
             limits: &self.limits,
             metrics: &self.metrics,
             settings: &self.settings,
         }
+    }
+
+    /// The pool stage, when `[pool_stage]` is configured.
+    fn pool_stager(&self) -> Option<pool_stage::PoolStager<'_>> {
+        Some(pool_stage::PoolStager {
+            batch: self.batch.as_deref()?,
+            cfg: self.settings.pool_stage.as_ref()?,
+            metrics: &self.metrics,
+            settings: &self.settings,
+        })
     }
 
     /// The publishing phase, over this engine's gallery, metrics and settings.

@@ -8,8 +8,7 @@
 //! verified by its length, its tags and its page ranges, which must equal the
 //! source's.
 
-use super::copy::Copier;
-use super::replica::{CopyContext, CopyError};
+use super::copier::{Copier, CopyContext, CopyError};
 use super::*;
 use crate::config::CopyMethod;
 use crate::state::ReplicaMethod;

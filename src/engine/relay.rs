@@ -10,8 +10,7 @@
 //! that took a job over leaves an earlier run's relays to gc, since that run
 //! may still be reading them).
 
-use super::copy::Copier;
-use super::replica::{CopyContext, CopyError};
+use super::copier::{Copier, CopyContext, CopyError};
 use super::*;
 use crate::storage::Metadata;
 

@@ -11,10 +11,10 @@
 //! The live view of this instance's pages shares the document read-only.
 
 use super::checkpoint::Checkpoint;
-use crate::state::ReplicaMethod;
 use crate::state::{
     JobDocument, JobState, Phase, Publication, ReplicaRecord, ReplicaState, RunRef, StateError,
 };
+use crate::state::{PoolStage, ReplicaMethod};
 use crate::storage::BlobPath;
 use std::{
     ops::Range,
@@ -197,6 +197,18 @@ impl<'a> JobRun<'a> {
             d.relays.retain(|r| r.name.starts_with(prefix));
             before - d.relays.len()
         })
+    }
+
+    // --- the pool stage ----------------------------------------------------------
+
+    /// The pool stage's record, once it has one.
+    pub(super) fn pool_stage(&self) -> Option<PoolStage> {
+        self.read(|d| d.pool_stage.clone())
+    }
+
+    /// The pool stage's record is now `stage`.
+    pub(super) fn record_pool_stage(&self, stage: PoolStage) {
+        self.change(|d| d.pool_stage = Some(stage));
     }
 
     // --- the gallery -------------------------------------------------------------

@@ -6,17 +6,17 @@
 //! `provisioningState`.
 
 use crate::azure::{
+    rest::{RestClient, RestSettings},
     retry::{Idempotency, RetryPolicy},
-    ErrorClass, ServiceError, TransportFailure,
+    ErrorClass, ServiceError,
 };
 use crate::config::GalleryConfig;
-use azure_core::credentials::TokenCredential;
 
 /// Result of a Resource Manager call.
 pub(crate) type ArmResult<T> = Result<T, ServiceError>;
 use reqwest::Method;
 use serde_json::Value;
-use std::{sync::Arc, time::Duration};
+use std::time::Duration;
 use url::Url;
 
 /// The Compute (gallery) API version of every request.
@@ -59,21 +59,10 @@ pub enum OperationState {
 }
 
 /// An ARM client for one deployment's `[gallery]`.
+#[derive(Debug)]
 pub(crate) struct Arm {
-    http: reqwest::Client,
+    rest: RestClient,
     endpoint: Url,
-    credential: Arc<dyn TokenCredential>,
-    scope: String,
-    retry: RetryPolicy,
-}
-
-impl std::fmt::Debug for Arm {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Arm")
-            .field("endpoint", &self.endpoint.as_str())
-            .field("scope", &self.scope)
-            .finish_non_exhaustive()
-    }
 }
 
 /// The token scope for an ARM endpoint: its origin's `.default`, and for a
@@ -99,26 +88,18 @@ impl Arm {
         retry: RetryPolicy,
         connect_timeout: Duration,
     ) -> ArmResult<Self> {
-        let mut builder = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .connect_timeout(connect_timeout);
-        if let Some(pem) = &cfg.ca_pem {
-            let bad = |e: reqwest::Error| {
-                ServiceError::other("tls", "gallery.ca_file", ErrorClass::Invalid, e)
-            };
-            for cert in reqwest::Certificate::from_pem_bundle(pem).map_err(bad)? {
-                builder = builder.add_root_certificate(cert);
-            }
-        }
-        let http = builder.build().map_err(|e| {
-            ServiceError::other("tls", "gallery", ErrorClass::Invalid, e.to_string())
-        })?;
-        Ok(Self {
-            http,
-            endpoint: cfg.arm_endpoint.clone(),
+        let rest = RestClient::new(RestSettings {
+            ca_pem: cfg.ca_pem.as_deref().map(|p| (p, "gallery.ca_file")),
             credential: cfg.credential.clone(),
             scope: scope_for(&cfg.arm_endpoint),
             retry,
+            connect_timeout,
+            map_error: arm_error,
+            content_type: "application/json",
+        })?;
+        Ok(Self {
+            rest,
+            endpoint: cfg.arm_endpoint.clone(),
         })
     }
 
@@ -140,89 +121,21 @@ impl Arm {
         url: &Url,
         body: Option<&Value>,
     ) -> ArmResult<Answer> {
-        let shown = url.path().to_owned();
-        self.retry
-            .run(
-                Idempotency::Idempotent,
-                |e| tracing::debug!(operation, target = %shown, error = %e.message, "retrying an ARM request"),
-                || {
-                    self.retry.timed(
-                        operation,
-                        &shown,
-                        self.attempt(operation, method.clone(), url, body),
-                    )
-                },
-            )
-            .await
-    }
-
-    async fn attempt(
-        &self,
-        operation: &'static str,
-        method: Method,
-        url: &Url,
-        body: Option<&Value>,
-    ) -> ArmResult<Answer> {
-        let target = url.path();
-        let token = self
-            .credential
-            .get_token(&[self.scope.as_str()], None)
-            .await
-            .map_err(|e| {
-                ServiceError::transport(
-                    operation,
-                    target,
-                    TransportFailure::Connect,
-                    format!("cannot get an Entra token for {}: {e}", self.scope),
-                )
-            })?;
-        let mut request = self
-            .http
-            .request(method, url.clone())
-            .bearer_auth(token.token.secret());
-        if let Some(body) = body {
-            request = request.json(body);
-        }
-        let rsp = request.send().await.map_err(|e| {
-            let failure = if e.is_connect() {
-                TransportFailure::Connect
-            } else {
-                TransportFailure::Broken
-            };
-            ServiceError::transport(operation, target, failure, e.without_url())
-        })?;
-        let status = rsp.status().as_u16();
-        let header = |name: &str| {
-            rsp.headers()
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned)
-        };
-        let retry_after = header("retry-after")
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
-        let operation_header = header("azure-asyncoperation")
+        let a = self
+            .rest
+            .call(operation, method, url, body, Idempotency::Idempotent)
+            .await?;
+        let operation = a
+            .async_operation
             .map(Operation::AsyncOperation)
-            .or_else(|| header("location").map(Operation::Location))
+            .or_else(|| a.location.map(Operation::Location))
             .unwrap_or_else(|| Operation::Resource(url.to_string()));
-        let text = rsp
-            .text()
-            .await
-            .map_err(|e| ServiceError::transport(operation, target, TransportFailure::Broken, e))?;
-        let body = if text.trim().is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(&text).unwrap_or(Value::String(text))
-        };
-        if (200..300).contains(&status) {
-            return Ok(Answer {
-                status,
-                body,
-                operation: operation_header,
-                retry_after,
-            });
-        }
-        Err(arm_error(operation, target, status, &body, retry_after))
+        Ok(Answer {
+            status: a.status,
+            body: a.body,
+            operation,
+            retry_after: a.retry_after,
+        })
     }
 
     /// Asks where a long-running operation stands.

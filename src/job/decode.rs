@@ -161,5 +161,6 @@ fn lenient_spec(v: &serde_json::Value) -> JobSpec {
         accounts: None,
         container: s(v, "container"),
         gallery: None,
+        submitted_by: s(v, "submitted_by"),
     }
 }

@@ -84,7 +84,14 @@ pub struct JobSpec {
     /// Publish to the configured gallery (default: when `[gallery]` is configured).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gallery: Option<bool>,
+    /// Who submitted it: `watch` for a grow job of the pool stage's background
+    /// scaling (such a job raises image capacity only, never the pool's size).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub submitted_by: Option<String>,
 }
+
+/// `submitted_by` of the jobs background scaling submits.
+pub const SUBMITTED_BY_WATCH: &str = "watch";
 
 /// A job checked against the configuration, with defaults filled in.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

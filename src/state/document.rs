@@ -73,16 +73,19 @@ pub enum Phase {
     HandingOff,
     /// Making the gallery image version and waiting for its replicas.
     Publishing,
+    /// Creating or resizing the pool, and following its allocation.
+    PoolStage,
 }
 
 impl Phase {
-    const ALL: [Phase; 6] = [
+    const ALL: [Phase; 7] = [
         Phase::Planning,
         Phase::Seeding,
         Phase::Copying,
         Phase::Verifying,
         Phase::Publishing,
         Phase::HandingOff,
+        Phase::PoolStage,
     ];
 
     /// Order of the phases: a running job never goes back to a lower rank.
@@ -92,6 +95,7 @@ impl Phase {
             Phase::Seeding | Phase::Copying | Phase::Verifying => 1,
             Phase::Publishing => 2,
             Phase::HandingOff => 3,
+            Phase::PoolStage => 4,
         }
     }
 
@@ -109,6 +113,7 @@ impl Phase {
             Phase::Verifying => "verifying",
             Phase::HandingOff => "handing_off",
             Phase::Publishing => "publishing",
+            Phase::PoolStage => "pool_stage",
         }
     }
 
@@ -329,6 +334,8 @@ pub struct JobDocument {
     /// The gallery image version the job publishes (its name is fixed here
     /// before it is asked for, so a resumed job follows the same version).
     pub gallery: Option<Publication>,
+    /// What the pool stage did with the job's pool (`[pool_stage]`).
+    pub pool_stage: Option<PoolStage>,
     /// Relays the job made and has not deleted yet (short-lived same-account
     /// copies of the snapshot that seed other accounts).
     pub relays: Vec<BlobPath>,
@@ -337,6 +344,81 @@ pub struct JobDocument {
     /// Bytes copied over time, one sample per checkpoint (the last few), for
     /// throughput and ETA.
     pub progress_log: Vec<crate::estimate::Sample>,
+}
+
+/// What the pool stage does with a job's pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolAction {
+    /// Pool - Add.
+    Create,
+    /// Pool - Resize.
+    Resize,
+    /// Nothing asked of Batch.
+    None,
+}
+
+/// Where the pool stage stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolStageState {
+    /// Deciding, or waiting for the pool to be steady before a resize.
+    Waiting,
+    /// The pool is allocating nodes.
+    Resizing,
+    /// The pool is steady at its target.
+    Steady,
+    /// The pool fell short (resize errors) or did not settle in time.
+    Failed,
+    /// Left alone, for the reason given.
+    Skipped,
+}
+
+impl PoolStageState {
+    /// Whether the stage is over.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            PoolStageState::Steady | PoolStageState::Failed | PoolStageState::Skipped
+        )
+    }
+
+    /// The name in the job document and views.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PoolStageState::Waiting => "waiting",
+            PoolStageState::Resizing => "resizing",
+            PoolStageState::Steady => "steady",
+            PoolStageState::Failed => "failed",
+            PoolStageState::Skipped => "skipped",
+        }
+    }
+}
+
+/// The pool stage's record in a job document.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PoolStage {
+    /// What it does.
+    pub action: PoolAction,
+    /// Where it stands.
+    pub state: PoolStageState,
+    /// The dedicated nodes asked for.
+    pub target_nodes: u32,
+    /// The dedicated nodes the pool has, last seen.
+    pub current_nodes: u32,
+    /// Batch's resize errors, in its own words.
+    #[serde(default)]
+    pub errors: Vec<String>,
+    /// Why it was skipped, or why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The Pool - Add or Pool - Resize was answered (so a resumed stage never
+    /// sends it again).
+    #[serde(default)]
+    pub requested: bool,
+    /// When that request was answered: the allocation's deadline runs from here.
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub requested_at: Option<OffsetDateTime>,
 }
 
 /// A gallery image version a job publishes or resizes.
@@ -432,6 +514,7 @@ impl JobDocument {
             image_set: None,
             owner: None,
             gallery: None,
+            pool_stage: None,
             relays: Vec::new(),
             started_at: None,
             progress_log: Vec::new(),

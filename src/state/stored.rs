@@ -45,6 +45,8 @@ pub(super) struct StoredDocument {
     owner: Option<Owner>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     gallery: Option<Publication>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pool_stage: Option<PoolStage>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     relays: Vec<BlobPath>,
     #[serde(
@@ -86,6 +88,7 @@ impl TryFrom<StoredDocument> for JobDocument {
             image_set: d.image_set,
             owner: d.owner,
             gallery: d.gallery,
+            pool_stage: d.pool_stage,
             relays: d.relays,
             started_at: d.started_at,
             progress_log: d.progress_log,
@@ -118,6 +121,7 @@ impl From<JobDocument> for StoredDocument {
             image_set: d.image_set,
             owner: d.owner,
             gallery: d.gallery,
+            pool_stage: d.pool_stage,
             relays: d.relays,
             started_at: d.started_at,
             progress_log: d.progress_log,

@@ -8,9 +8,9 @@
 //! version's `replicationStatus` advances; 429 with Retry-After and 409
 //! Conflict are answered on demand; bodies are checked as the service does.
 
-use http_body_util::{BodyExt, Full};
-use hyper::{body::Incoming, server::conn::http1, service::service_fn, Request, Response};
-use hyper_util::rt::TokioIo;
+use super::server::{json_reply, serve, Reply};
+use http_body_util::BodyExt;
+use hyper::{body::Incoming, Request};
 use serde_json::{json, Value};
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
@@ -18,7 +18,6 @@ use std::{
     path::PathBuf,
     sync::{Arc, Mutex},
 };
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 /// How the fake behaves.
@@ -89,7 +88,8 @@ struct World {
 
 struct Shared {
     cfg: FakeArmConfig,
-    base: String,
+    /// Known once the port is bound; operation URLs name it.
+    base: std::sync::OnceLock<String>,
     world: Mutex<World>,
 }
 
@@ -110,51 +110,20 @@ impl Drop for FakeArm {
 impl FakeArm {
     /// Starts the fake on a free loopback port.
     pub async fn start(cfg: FakeArmConfig) -> std::io::Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        let scheme = if cfg.tls.is_some() { "https" } else { "http" };
-        let base = format!("{scheme}://{addr}");
-        let acceptor = match &cfg.tls {
-            Some((cert, key)) => Some(acceptor(cert, key)?),
-            None => None,
-        };
+        let tls = cfg.tls.clone();
         let shared = Arc::new(Shared {
             cfg,
-            base: base.clone(),
+            base: std::sync::OnceLock::new(),
             world: Mutex::default(),
         });
-        let stop = CancellationToken::new();
-        let (s, st) = (shared.clone(), stop.clone());
-        tokio::spawn(async move {
-            loop {
-                let stream = tokio::select! {
-                    r = listener.accept() => match r { Ok((s, _)) => s, Err(_) => continue },
-                    _ = st.cancelled() => return,
-                };
-                let (shared, acceptor) = (s.clone(), acceptor.clone());
-                tokio::spawn(async move {
-                    let service = service_fn(move |req| handle(shared.clone(), req));
-                    let builder = http1::Builder::new();
-                    match acceptor {
-                        Some(a) => {
-                            if let Ok(tls) = a.accept(stream).await {
-                                let _ = builder.serve_connection(TokioIo::new(tls), service).await;
-                            }
-                        }
-                        None => {
-                            let _ = builder
-                                .serve_connection(TokioIo::new(stream), service)
-                                .await;
-                        }
-                    }
-                });
-            }
-        });
+        let s = shared.clone();
+        let serving = serve(tls.as_ref(), move |req| handle(s.clone(), req)).await?;
+        let _ = shared.base.set(serving.base.clone());
         Ok(Self {
-            addr,
-            base,
+            addr: serving.addr,
+            base: serving.base,
             shared,
-            stop,
+            stop: serving.stop,
         })
     }
 
@@ -228,21 +197,6 @@ impl FakeArm {
     }
 }
 
-fn acceptor(cert: &PathBuf, key: &PathBuf) -> std::io::Result<tokio_rustls::TlsAcceptor> {
-    use tokio_rustls::rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
-    let bad = |e: &dyn std::fmt::Display| std::io::Error::other(e.to_string());
-    let certs = CertificateDer::pem_file_iter(cert)
-        .map_err(|e| bad(&e))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| bad(&e))?;
-    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| bad(&e))?;
-    let config = tokio_rustls::rustls::ServerConfig::builder()
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| bad(&e))?;
-    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
-}
-
 type Answer = (u16, Vec<(&'static str, String)>, Value);
 
 fn error(status: u16, code: &str, message: &str) -> Answer {
@@ -253,10 +207,7 @@ fn error(status: u16, code: &str, message: &str) -> Answer {
     )
 }
 
-async fn handle(
-    shared: Arc<Shared>,
-    req: Request<Incoming>,
-) -> Result<Response<Full<bytes::Bytes>>, std::convert::Infallible> {
+async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Reply {
     let method = req.method().as_str().to_owned();
     let path = req.uri().path().to_owned();
     let query = req.uri().query().unwrap_or_default().to_owned();
@@ -286,20 +237,7 @@ async fn handle(
         });
         answer
     };
-    let mut rsp = Response::builder()
-        .status(status)
-        .header("content-type", "application/json");
-    for (k, v) in headers {
-        rsp = rsp.header(k, v);
-    }
-    let text = if answer.is_null() {
-        String::new()
-    } else {
-        answer.to_string()
-    };
-    Ok(rsp
-        .body(Full::new(bytes::Bytes::from(text)))
-        .expect("a valid response"))
+    json_reply(status, headers, &answer)
 }
 
 fn answer(
@@ -393,7 +331,7 @@ fn start(shared: &Shared, w: &mut World, key: &str, delete: bool, status: u16) -
     );
     let url = format!(
         "{}/operations/{id}?api-version={}",
-        shared.base,
+        shared.base.get().map(String::as_str).unwrap_or_default(),
         crate::gallery::arm::API_VERSION
     );
     let mut headers = vec![

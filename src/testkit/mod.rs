@@ -12,12 +12,17 @@
 //!   throttling, held copies, recording, and the Put Page From URL Azurite
 //!   lacks.
 //! - [`fake_arm`]: a fake Azure Resource Manager for the Compute Gallery.
+//! - [`fake_batch`]: a fake Batch data plane for the pool stage.
 
 #[cfg(feature = "testkit")]
 pub mod fake_arm;
+#[cfg(feature = "testkit")]
+pub mod fake_batch;
 pub mod memory_queue;
 #[cfg(feature = "testkit")]
 pub mod proxy;
+#[cfg(feature = "testkit")]
+mod server;
 pub mod sim;
 #[cfg(feature = "testkit")]
 pub mod simulation;

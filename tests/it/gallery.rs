@@ -36,7 +36,7 @@ impl TokenCredential for ArmToken {
     }
 }
 
-fn test_ca() -> std::path::PathBuf {
+pub(crate) fn test_ca() -> std::path::PathBuf {
     let ca = Path::new(env!("CARGO_MANIFEST_DIR")).join(".azurite");
     assert!(
         ca.join("ca.pem").exists(),

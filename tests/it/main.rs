@@ -14,6 +14,7 @@ mod helpers;
 mod observe;
 mod pages;
 mod poison;
+mod pool_stage;
 mod pools;
 mod proxy;
 mod ranges;

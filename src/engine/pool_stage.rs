@@ -1,0 +1,364 @@
+//! The pool stage (`[pool_stage]`): after a hand-off that carries
+//! `pool_create`, the job creates its pool when it is missing or resizes it to
+//! the job's nodes when it boots the same image version, then follows the
+//! allocation until the pool is steady (or its `resizeTimeout` passes),
+//! recording `pool_stage` in the job document.
+//!
+//! Crash safety: the decision is written before Batch is asked, and the
+//! answer (`requested`) right after. A resumed stage that finds a decision
+//! without an answer asks Pool - Get first: a pool that is there on this
+//! image (after a create) or already at the target (after a resize) means
+//! the lost request was carried out, so it is never sent twice.
+
+use super::run::JobRun;
+use super::*;
+use crate::batch::{Added, Batch, BatchPool, Resized};
+use crate::config::PoolStageConfig;
+use crate::handoff::PoolCreate;
+use crate::state::{PoolAction, PoolStage, PoolStageState};
+use serde_json::Value;
+
+/// Longest pause between two looks at a pool.
+const MAX_POLL: Duration = Duration::from_secs(15);
+
+/// The pool stage of a run: the Batch client, the stage's settings, metrics.
+pub(super) struct PoolStager<'a> {
+    pub(super) batch: &'a Batch,
+    pub(super) cfg: &'a PoolStageConfig,
+    pub(super) metrics: &'a Metrics,
+    pub(super) settings: &'a ValidatedSettings,
+}
+
+/// What the stage found it should do.
+enum Decision {
+    Create(Value),
+    Resize,
+    Follow,
+    Skip(String),
+}
+
+impl PoolStager<'_> {
+    /// Runs the stage for a job whose hand-off was `handoff`.
+    pub(super) async fn run(
+        &self,
+        job: &ValidatedJob,
+        job_run: &JobRun<'_>,
+        stop: &CancellationToken,
+        handoff: &HandOff,
+    ) -> Result<(), Failure> {
+        if job_run.pool_stage().is_some_and(|s| s.state.is_final()) {
+            return Ok(());
+        }
+        let Some(create) = handoff.pool_create.as_ref() else {
+            let why = "the hand-off carries the legacy add_pool (VHD URIs), which Batch refuses since 2026-03-31; publish to a gallery for a pool the stage can make";
+            return self.skip(job_run, PoolAction::None, 0, why).await;
+        };
+        if job.spec.submitted_by.as_deref() == Some(crate::job::SUBMITTED_BY_WATCH) {
+            let why = "submitted by background scaling: it raises image capacity only and never resizes the pool";
+            return self
+                .skip(
+                    job_run,
+                    PoolAction::None,
+                    create.target_dedicated_nodes,
+                    why,
+                )
+                .await;
+        }
+        let image = &create
+            .virtual_machine_configuration
+            .image_reference
+            .virtual_machine_image_id;
+        let found = self.get(&create.id).await?;
+        self.show(&create.id, found.as_ref(), None);
+        let earlier = job_run.pool_stage().filter(|s| !s.requested);
+        let decision = match (earlier.map(|s| s.action), &found) {
+            // A create or resize was decided and its answer is not on record:
+            // the pool says whether it was carried out.
+            (Some(PoolAction::Create), Some(p)) if p.boots(image) => Decision::Follow,
+            (Some(PoolAction::Resize), Some(p))
+                if p.target_dedicated == create.target_dedicated_nodes =>
+            {
+                Decision::Follow
+            }
+            _ => self.decide(create, found.as_ref()),
+        };
+        let target = create.target_dedicated_nodes;
+        match decision {
+            Decision::Skip(why) => return self.skip(job_run, PoolAction::None, target, &why).await,
+            Decision::Create(body) => {
+                self.write(job_run, self.record(PoolAction::Create, target, false))
+                    .await?;
+                tracing::info!(pool = %create.id, nodes = target, "creating the pool");
+                match self.batch.add_pool(&body).await {
+                    Ok(Added::Created | Added::Exists) => {}
+                    // An Add whose answer was lost: the pool says.
+                    Err(e) if e.outcome_unknown() => {}
+                    Err(e) => return Err(JobError::Batch(e).into()),
+                }
+                self.write(job_run, self.record(PoolAction::Create, target, true))
+                    .await?;
+            }
+            Decision::Resize => {
+                self.write(job_run, self.record(PoolAction::Resize, target, false))
+                    .await?;
+                self.resize(job_run, stop, create).await?;
+            }
+            Decision::Follow => {
+                let action = job_run.pool_stage().map_or(PoolAction::None, |s| s.action);
+                self.write(job_run, self.record(action, target, true))
+                    .await?;
+            }
+        }
+        self.follow(job_run, stop, create).await
+    }
+
+    /// What to do with the pool as Batch shows it.
+    fn decide(&self, create: &PoolCreate, found: Option<&BatchPool>) -> Decision {
+        let image = &create
+            .virtual_machine_configuration
+            .image_reference
+            .virtual_machine_image_id;
+        let s = &self.cfg.settings;
+        match found {
+            None if s.create => Decision::Create(self.body(create)),
+            None => Decision::Skip(format!(
+                "pool {} does not exist and pool_stage.create is false",
+                create.id
+            )),
+            Some(p) if !p.boots(image) => Decision::Skip(format!(
+                "pool {} boots {}, not this job's image {image}: left alone (a pool's image changes only by making a new pool)",
+                create.id,
+                p.image_id.as_deref().unwrap_or("an image that is not a gallery version")
+            )),
+            Some(p) if p.auto_scale => Decision::Skip(format!(
+                "pool {} scales by its autoscale formula: the stage never resizes it",
+                create.id
+            )),
+            Some(p) if p.target_dedicated == create.target_dedicated_nodes => Decision::Follow,
+            Some(_) if s.resize => Decision::Resize,
+            Some(p) => Decision::Skip(format!(
+                "pool {} has {} target nodes, the job {}; pool_stage.resize is false",
+                create.id, p.target_dedicated, create.target_dedicated_nodes
+            )),
+        }
+    }
+
+    /// The Pool - Add body: `pool_create` merged over the template, so the
+    /// hand-off's id, vmSize, image and node count win.
+    fn body(&self, create: &PoolCreate) -> Value {
+        let mut body = Value::Object(self.cfg.template.clone());
+        let ours = serde_json::to_value(create).expect("pool_create serialises");
+        merge(&mut body, ours);
+        body
+    }
+
+    /// Asks for the resize, waiting for the pool to be steady when it is not.
+    async fn resize(
+        &self,
+        job_run: &JobRun<'_>,
+        stop: &CancellationToken,
+        create: &PoolCreate,
+    ) -> Result<(), Failure> {
+        let target = create.target_dedicated_nodes;
+        loop {
+            tracing::info!(pool = %create.id, nodes = target, "resizing the pool");
+            match self
+                .batch
+                .resize_pool(&create.id, target, &create.resize_timeout)
+                .await
+                .map_err(JobError::Batch)?
+            {
+                Resized::Accepted => break,
+                Resized::Busy => {
+                    tracing::info!(pool = %create.id, "the pool is resizing; asking again once it is steady");
+                    self.pause(job_run, stop).await?;
+                }
+            }
+        }
+        self.write(job_run, self.record(PoolAction::Resize, target, true))
+            .await
+    }
+
+    /// Follows the allocation until the pool is steady or its resizeTimeout
+    /// (from when the request was answered, plus a minute) has passed.
+    async fn follow(
+        &self,
+        job_run: &JobRun<'_>,
+        stop: &CancellationToken,
+        create: &PoolCreate,
+    ) -> Result<(), Failure> {
+        let since = job_run
+            .pool_stage()
+            .and_then(|s| s.requested_at)
+            .unwrap_or_else(OffsetDateTime::now_utc);
+        let deadline = since + time::Duration::seconds(minutes(&create.resize_timeout) * 60 + 60);
+        loop {
+            let pool = self.get(&create.id).await?;
+            self.show(&create.id, pool.as_ref(), None);
+            let mut stage = job_run.pool_stage().expect("recorded before following");
+            let Some(p) = pool else {
+                stage.state = PoolStageState::Failed;
+                stage.reason = Some(format!(
+                    "pool {} is gone (deleted while the stage followed it)",
+                    create.id
+                ));
+                return self.write(job_run, stage).await;
+            };
+            stage.current_nodes = p.current_dedicated;
+            stage.errors = p.resize_errors.clone();
+            if p.steady() {
+                stage.state = if p.current_dedicated < stage.target_nodes
+                    && !p.resize_errors.is_empty()
+                {
+                    tracing::warn!(pool = %create.id, current = p.current_dedicated, target = stage.target_nodes, errors = ?p.resize_errors, "the pool fell short of its target");
+                    PoolStageState::Failed
+                } else {
+                    tracing::info!(pool = %create.id, nodes = p.current_dedicated, "the pool is steady");
+                    PoolStageState::Steady
+                };
+                return self.write(job_run, stage).await;
+            }
+            stage.state = PoolStageState::Resizing;
+            if OffsetDateTime::now_utc() > deadline {
+                stage.state = PoolStageState::Failed;
+                stage.reason = Some(format!(
+                    "pool {} was not steady within its resizeTimeout {}",
+                    create.id, create.resize_timeout
+                ));
+                return self.write(job_run, stage).await;
+            }
+            self.write(job_run, stage).await?;
+            self.pause(job_run, stop).await?;
+        }
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<BatchPool>, Failure> {
+        self.batch
+            .pool(id)
+            .await
+            .map_err(|e| Failure::from(JobError::Batch(e)))
+    }
+
+    /// The pool gauges; `capacity` when known.
+    pub(super) fn show(&self, pool: &str, p: Option<&BatchPool>, capacity: Option<u32>) {
+        if let Some(p) = p {
+            self.metrics
+                .pool_nodes(pool, p.target_dedicated, p.current_dedicated);
+        }
+        if let Some(c) = capacity {
+            self.metrics.pool_capacity(pool, c);
+        }
+    }
+
+    fn record(&self, action: PoolAction, target: u32, requested: bool) -> PoolStage {
+        PoolStage {
+            action,
+            state: if requested {
+                PoolStageState::Resizing
+            } else {
+                PoolStageState::Waiting
+            },
+            target_nodes: target,
+            current_nodes: 0,
+            errors: Vec::new(),
+            reason: None,
+            requested,
+            requested_at: requested.then(OffsetDateTime::now_utc),
+        }
+    }
+
+    async fn skip(
+        &self,
+        job_run: &JobRun<'_>,
+        action: PoolAction,
+        target: u32,
+        why: &str,
+    ) -> Result<(), Failure> {
+        tracing::info!(reason = why, "the pool stage leaves the pool alone");
+        let mut stage = self.record(action, target, false);
+        stage.state = PoolStageState::Skipped;
+        stage.reason = Some(why.to_owned());
+        self.write(job_run, stage).await
+    }
+
+    /// Records `stage` (keeping the time its request was answered) and saves.
+    async fn write(&self, job_run: &JobRun<'_>, mut stage: PoolStage) -> Result<(), Failure> {
+        if let Some(before) = job_run.pool_stage() {
+            if before.requested && stage.requested {
+                stage.requested_at = before.requested_at.or(stage.requested_at);
+            }
+        }
+        job_run.record_pool_stage(stage);
+        job_run.save().await.map_err(Failure::from_state)
+    }
+
+    async fn pause(&self, job_run: &JobRun<'_>, stop: &CancellationToken) -> Result<(), Failure> {
+        if job_run.cancel_requested() {
+            return Err(Failure::Cancelled);
+        }
+        let pause = Duration::from_millis(self.settings.engine.idle_poll_ms)
+            .clamp(Duration::from_millis(100), MAX_POLL);
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => Ok(()),
+            _ = stop.cancelled() => Err(Failure::Interrupted),
+        }
+    }
+}
+
+/// `PT<n>M` in minutes (15 when it cannot be read).
+fn minutes(iso: &str) -> i64 {
+    iso.strip_prefix("PT")
+        .and_then(|m| m.strip_suffix('M'))
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(15)
+}
+
+/// Merges `ours` into `base`: objects key by key, anything else replaced.
+fn merge(base: &mut Value, ours: Value) {
+    match (base, ours) {
+        (Value::Object(b), Value::Object(o)) => {
+            for (k, v) in o {
+                merge(b.entry(k).or_insert(Value::Null), v);
+            }
+        }
+        (b, o) => *b = o,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn the_hand_off_wins_over_the_template_key_by_key() {
+        let mut body = json!({
+            "id": "template-id", "vmSize": "small", "taskSlotsPerNode": 4,
+            "networkConfiguration": {"subnetId": "/subnets/a"},
+            "virtualMachineConfiguration": {"nodeAgentSKUId": "old", "osDisk": {"caching": "readonly"},
+                "imageReference": {"virtualMachineImageId": "/old"}}
+        });
+        merge(
+            &mut body,
+            json!({
+                "id": "render", "vmSize": "STANDARD_D2_V3", "targetDedicatedNodes": 200,
+                "virtualMachineConfiguration": {"nodeAgentSKUId": "batch.node.windows amd64",
+                    "imageReference": {"virtualMachineImageId": "/new"}}
+            }),
+        );
+        assert_eq!(body["id"], "render");
+        assert_eq!(body["vmSize"], "STANDARD_D2_V3");
+        assert_eq!(body["taskSlotsPerNode"], 4);
+        assert_eq!(body["networkConfiguration"]["subnetId"], "/subnets/a");
+        assert_eq!(
+            body["virtualMachineConfiguration"]["osDisk"]["caching"],
+            "readonly"
+        );
+        assert_eq!(
+            body["virtualMachineConfiguration"]["imageReference"]["virtualMachineImageId"],
+            "/new"
+        );
+        assert_eq!(minutes("PT45M"), 45);
+        assert_eq!(minutes("P1D"), 15);
+    }
+}

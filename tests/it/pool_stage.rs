@@ -1,0 +1,224 @@
+//! The pool stage against the test kit's fake Batch (HTTPS with the test CA,
+//! bearer tokens required, bodies checked against Batch 2025-06-01, pools that
+//! allocate over time) and the fake ARM: a published job creates its pool, a
+//! grow job resizes it, a pool on another image is left alone.
+
+use crate::gallery::{fake_arm, gallery_env, test_ca};
+use crate::helpers::*;
+use async_trait::async_trait;
+use azure_core::credentials::{AccessToken, Secret, TokenCredential, TokenRequestOptions};
+use std::{sync::Arc, time::Duration};
+use vhd_replicator::{
+    config::{Settings, ValidatedSettings},
+    job::parse_job_json,
+    state::{JobDocument, JobState, PoolAction, PoolStageState},
+    testkit::fake_batch::{BatchFault, FakeBatch, FakeBatchConfig},
+};
+
+pub(crate) const BATCH_TOKEN: &str = "batch-test-token";
+
+/// Hands out the token the fake Batch expects, for the Batch scope only.
+#[derive(Debug)]
+struct BatchToken;
+
+#[async_trait]
+impl TokenCredential for BatchToken {
+    async fn get_token(
+        &self,
+        scopes: &[&str],
+        _: Option<TokenRequestOptions<'_>>,
+    ) -> azure_core::Result<AccessToken> {
+        assert_eq!(scopes, ["https://batch.core.windows.net/.default"]);
+        Ok(AccessToken::new(
+            Secret::new(BATCH_TOKEN),
+            time::OffsetDateTime::now_utc() + time::Duration::hours(1),
+        ))
+    }
+}
+
+pub(crate) async fn fake_batch(nodes_per_second: f64, quota: Option<u32>) -> FakeBatch {
+    let ca = test_ca();
+    FakeBatch::start(FakeBatchConfig {
+        token: BATCH_TOKEN.into(),
+        tls: Some((ca.join("tls.pem"), ca.join("tls.key"))),
+        nodes_per_second,
+        quota,
+    })
+    .await
+    .expect("the fake Batch starts")
+}
+
+/// `[pool_stage]` for the fake, with `extra` keys.
+pub(crate) fn stage_toml(batch: &FakeBatch, extra: &str) -> String {
+    format!(
+        "\n[pool_stage]\nbatch_url = \"{}\"\ncredential = \"azure_cli\"\nca_file = \"{}\"\n{extra}",
+        batch.endpoint(),
+        test_ca().join("ca.pem").display()
+    )
+}
+
+/// A gallery environment whose jobs also go through the pool stage.
+async fn stage_env(
+    batch: &FakeBatch,
+    extra: &str,
+) -> (
+    TestEnv,
+    ValidatedSettings,
+    vhd_replicator::testkit::fake_arm::FakeArm,
+) {
+    let arm = fake_arm(2).await;
+    let (mut env, gallery_settings) = gallery_env(&arm);
+    env.toml.push_str(&stage_toml(batch, extra));
+    let mut settings = Settings::from_toml(&env.toml)
+        .expect("stage config parses")
+        .validate(&Keys(keys()))
+        .expect("stage config validates");
+    settings.gallery = gallery_settings.gallery;
+    settings.pool_stage.as_mut().expect("configured").credential = Arc::new(BatchToken);
+    (env, settings, arm)
+}
+
+async fn run_job(app: &TestApp, env: &TestEnv, id: &str, source: &str, nodes: u32) -> JobDocument {
+    app.control
+        .submit(parse_job_json(&env.job_json(id, source, "windows", nodes)).unwrap())
+        .await
+        .unwrap();
+    wait_for_end(&app.control, id, Duration::from_secs(120)).await
+}
+
+fn pool_id(env: &TestEnv) -> String {
+    format!("pool-{}", env.id)
+}
+
+/// A published 200-node job creates its pool (the template's network and
+/// task slots merged under the hand-off's body, Batch's 429 retried) and ends
+/// with the pool steady at 200 nodes, in phase `pool_stage`; a second job for
+/// 300 nodes resizes the same pool (asked again after Batch's 409 for a pool
+/// still resizing) without a second create. Every request carried the token
+/// and a body Batch 2025-06-01 accepts.
+#[tokio::test]
+async fn a_published_job_creates_its_pool_and_a_grow_job_resizes_it() {
+    let batch = fake_batch(400.0, None).await;
+    let template = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        template.path(),
+        r#"{"taskSlotsPerNode": 4, "networkConfiguration": {"subnetId": "/subscriptions/s/resourceGroups/n/providers/Microsoft.Network/virtualNetworks/v/subnets/batch"}}"#,
+    )
+    .unwrap();
+    let (env, settings, _arm) = stage_env(
+        &batch,
+        &format!("template = \"{}\"\n", template.path().display()),
+    )
+    .await;
+    let app = TestApp::spawn_with(settings).await;
+    let source = env.source_url("stage.vhd");
+    upload_sample(&app.control, &source, 2, 1, 61).await;
+    batch.fault(BatchFault {
+        method: Some("POST"),
+        path_contains: "/pools".into(),
+        status: 429,
+        code: "TooManyRequests".into(),
+        retry_after: Some(1),
+    });
+    let started = std::time::Instant::now();
+    let doc = run_job(&app, &env, &format!("stage-a-{}", env.id), &source, 200).await;
+    let took = started.elapsed();
+    assert_eq!(doc.state(), JobState::Completed, "{:?}", doc.error);
+    let stage = doc.pool_stage.clone().expect("the stage ran");
+    assert_eq!(
+        (
+            stage.action,
+            stage.state,
+            stage.target_nodes,
+            stage.current_nodes
+        ),
+        (PoolAction::Create, PoolStageState::Steady, 200, 200),
+        "{stage:?}"
+    );
+    let pool = batch.pool(&pool_id(&env)).expect("created");
+    assert_eq!(pool["allocationState"], "steady");
+    assert_eq!(pool["taskSlotsPerNode"], 4, "the template's properties");
+    assert!(pool["networkConfiguration"]["subnetId"].is_string());
+    let version = doc.gallery.as_ref().unwrap().version_id.clone();
+    assert_eq!(
+        pool["virtualMachineConfiguration"]["imageReference"]["virtualMachineImageId"],
+        version.as_str()
+    );
+    println!("submission to a steady 200-node pool: {took:?}");
+
+    // Grow: the first resize meets the 409 of a pool still resizing.
+    batch.fault(BatchFault {
+        method: Some("POST"),
+        path_contains: "/resize".into(),
+        status: 409,
+        code: "PoolBeingResized".into(),
+        retry_after: None,
+    });
+    let doc = run_job(&app, &env, &format!("stage-b-{}", env.id), &source, 300).await;
+    assert_eq!(doc.state(), JobState::Completed, "{:?}", doc.error);
+    let stage = doc.pool_stage.clone().expect("the stage ran");
+    assert_eq!(
+        (stage.action, stage.state, stage.current_nodes),
+        (PoolAction::Resize, PoolStageState::Steady, 300),
+        "{stage:?}"
+    );
+    let requests = batch.requests();
+    assert!(
+        requests.iter().all(|r| r.authorized),
+        "every request carried the token"
+    );
+    assert!(
+        requests.iter().all(|r| r.status != 400),
+        "every body was accepted: {requests:?}"
+    );
+    assert_eq!(batch.count("POST", "/pools"), 1, "one create");
+    assert_eq!(batch.count("POST", "/resize"), 1, "one resize");
+    assert!(
+        requests
+            .iter()
+            .any(|r| r.path.ends_with("/resize") && r.status == 409),
+        "the resize met the pool still resizing and waited"
+    );
+    let text = reqwest::get(app.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let series = format!(
+        "vhdrep_pool_current_nodes{{pool=\"{}\"}} 300",
+        pool_id(&env)
+    );
+    assert!(text.contains(&series), "{series} in /metrics");
+    app.shutdown().await;
+}
+
+/// A pool that boots another image is never touched: the job completes, its
+/// `pool_stage` says why it was skipped, and Batch saw only reads.
+#[tokio::test]
+async fn a_pool_on_another_image_is_left_alone() {
+    let batch = fake_batch(400.0, None).await;
+    let (env, settings, _arm) = stage_env(&batch, "").await;
+    let other = "/subscriptions/00000000-0000-0000-0000-000000000000/resourceGroups/images/providers/Microsoft.Compute/galleries/other/images/x/versions/1.0.0";
+    batch.put_pool(serde_json::json!({
+        "id": pool_id(&env), "vmSize": "STANDARD_D2_V3", "targetDedicatedNodes": 10,
+        "virtualMachineConfiguration": {"imageReference": {"virtualMachineImageId": other}, "nodeAgentSKUId": "batch.node.windows amd64"}
+    }));
+    let app = TestApp::spawn_with(settings).await;
+    let source = env.source_url("other.vhd");
+    upload_sample(&app.control, &source, 2, 1, 62).await;
+    let doc = run_job(&app, &env, &format!("stage-o-{}", env.id), &source, 100).await;
+    assert_eq!(doc.state(), JobState::Completed, "{:?}", doc.error);
+    let stage = doc.pool_stage.clone().expect("the stage ran");
+    assert_eq!(stage.state, PoolStageState::Skipped);
+    assert!(
+        stage.reason.as_deref().unwrap_or_default().contains(other),
+        "{stage:?}"
+    );
+    assert!(batch.requests().iter().all(|r| r.method == "GET"));
+    assert_eq!(
+        batch.pool(&pool_id(&env)).unwrap()["targetDedicatedNodes"],
+        10
+    );
+    app.shutdown().await;
+}
