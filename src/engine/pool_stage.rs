@@ -70,12 +70,14 @@ impl PoolStager<'_> {
             .virtual_machine_image_id;
         let found = self.get(&create.id).await?;
         self.show(&create.id, found.as_ref(), None);
-        let earlier = job_run.pool_stage().filter(|s| !s.requested);
-        let decision = match (earlier.map(|s| s.action), &found) {
+        let earlier = job_run.pool_stage().map(|s| (s.action, s.requested));
+        let decision = match (earlier, &found) {
+            // Batch answered the request before the crash: follow it.
+            (Some((_, true)), Some(_)) => Decision::Follow,
             // A create or resize was decided and its answer is not on record:
             // the pool says whether it was carried out.
-            (Some(PoolAction::Create), Some(p)) if p.boots(image) => Decision::Follow,
-            (Some(PoolAction::Resize), Some(p))
+            (Some((PoolAction::Create, false)), Some(p)) if p.boots(image) => Decision::Follow,
+            (Some((PoolAction::Resize, false)), Some(p))
                 if p.target_dedicated == create.target_dedicated_nodes =>
             {
                 Decision::Follow

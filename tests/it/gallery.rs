@@ -533,13 +533,15 @@ async fn retire_deletes_the_pools_version_and_nothing_else() {
 }
 
 /// A stand-in `az` for the Azure CLI credential of a daemon process: it hands
-/// out the fake's token for the management scope only.
+/// out the fake ARM's token for the management scope and the fake Batch's for
+/// the Batch scope, and nothing for any other.
 pub(crate) fn fake_az(dir: &Path) -> String {
     let bin = dir.join("bin");
     std::fs::create_dir_all(&bin).unwrap();
+    let batch = crate::pool_stage::BATCH_TOKEN;
     let script = format!(
-        "#!/bin/sh\ncase \"$*\" in *\"--scope https://management.azure.com/.default\"*) ;; *) echo \"unexpected: $*\" >&2; exit 1;; esac\n\
-         echo \"{{\\\"accessToken\\\":\\\"{TOKEN}\\\",\\\"expires_on\\\":$(( $(date +%s) + 3600 )),\\\"tokenType\\\":\\\"Bearer\\\"}}\"\n"
+        "#!/bin/sh\ncase \"$*\" in *\"--scope https://management.azure.com/.default\"*) t={TOKEN};; *\"--scope https://batch.core.windows.net/.default\"*) t={batch};; *) echo \"unexpected: $*\" >&2; exit 1;; esac\n\
+         echo \"{{\\\"accessToken\\\":\\\"$t\\\",\\\"expires_on\\\":$(( $(date +%s) + 3600 )),\\\"tokenType\\\":\\\"Bearer\\\"}}\"\n"
     );
     let az = bin.join("az");
     std::fs::write(&az, script).unwrap();

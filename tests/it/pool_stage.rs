@@ -222,3 +222,127 @@ async fn a_pool_on_another_image_is_left_alone() {
     );
     app.shutdown().await;
 }
+
+/// Waits for the job's document to satisfy `done`, or fails with `log`.
+async fn wait_doc(
+    control: &vhd_replicator::control::Control,
+    id: &str,
+    within: Duration,
+    log: impl Fn() -> String,
+    done: impl Fn(&JobDocument) -> bool,
+) -> JobDocument {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Some((d, _)) = control.state.load(id).await.unwrap() {
+            if done(&d) {
+                return d;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "job {id}; log:\n{}",
+            log()
+        );
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+}
+
+/// SIGKILL while the pool resizes: daemon processes (tokens from a stand-in
+/// `az`) create the pool with one job, then a grow job resizes it and the
+/// daemon is killed while the pool allocates; a new daemon resumes the job
+/// after the lease and follows the same resize to a steady pool. Batch saw
+/// exactly one create and one resize.
+#[tokio::test]
+async fn sigkill_during_the_resize_resumes_without_a_second_request() {
+    let batch = fake_batch(15.0, None).await;
+    let (env, settings, _arm) = stage_env(&batch, "").await;
+    let control = vhd_replicator::control::Control::azure(
+        Arc::new(settings),
+        vhd_replicator::metrics::Metrics::new(),
+    )
+    .unwrap();
+    control.ensure().await.unwrap();
+    let config = env.dir.path().join("stage.toml");
+    std::fs::write(&config, merge_toml(&env.toml, crate::crash::FAST)).unwrap();
+    let path = crate::gallery::fake_az(env.dir.path());
+    let source = env.source_url("kill.vhd");
+    upload_sample(&control, &source, 2, 1, 63).await;
+    let first = crate::crash::Daemon::start(
+        &config,
+        env.dir.path().join("first.log"),
+        &[("PATH", &path)],
+    );
+    let create = format!("kc-{}", env.id);
+    control
+        .submit(parse_job_json(&env.job_json(&create, &source, "windows", 60)).unwrap())
+        .await
+        .unwrap();
+    let d = wait_doc(
+        &control,
+        &create,
+        Duration::from_secs(90),
+        || first.log(),
+        |d| d.state().is_terminal(),
+    )
+    .await;
+    assert_eq!(
+        d.state(),
+        JobState::Completed,
+        "{:?}\n{}",
+        d.error,
+        first.log()
+    );
+    let grow = format!("kg-{}", env.id);
+    control
+        .submit(parse_job_json(&env.job_json(&grow, &source, "windows", 150)).unwrap())
+        .await
+        .unwrap();
+    let d = wait_doc(
+        &control,
+        &grow,
+        Duration::from_secs(90),
+        || first.log(),
+        |d| {
+            d.pool_stage
+                .as_ref()
+                .is_some_and(|s| s.requested && s.state == PoolStageState::Resizing)
+        },
+    )
+    .await;
+    first.kill9();
+    let at_kill = d.pool_stage.clone().unwrap();
+    assert!(
+        at_kill.current_nodes < 150,
+        "killed while allocating: {at_kill:?}"
+    );
+    let second = crate::crash::Daemon::start(
+        &config,
+        env.dir.path().join("second.log"),
+        &[("PATH", &path)],
+    );
+    let d = wait_doc(
+        &control,
+        &grow,
+        Duration::from_secs(90),
+        || second.log(),
+        |d| d.state().is_terminal(),
+    )
+    .await;
+    assert_eq!(
+        d.state(),
+        JobState::Completed,
+        "{:?}\n{}",
+        d.error,
+        second.log()
+    );
+    let stage = d.pool_stage.unwrap();
+    assert_eq!(
+        (stage.action, stage.state, stage.current_nodes),
+        (PoolAction::Resize, PoolStageState::Steady, 150),
+        "{stage:?}"
+    );
+    assert_eq!(batch.count("POST", "/pools"), 1, "exactly one create");
+    assert_eq!(batch.count("POST", "/resize"), 1, "exactly one resize");
+    assert!(batch.requests().iter().all(|r| r.authorized));
+    drop(second);
+}
