@@ -27,6 +27,11 @@ pub async fn run_daemon(
         })
     };
     tokio::spawn(housekeeping(control.clone(), stop.clone()));
+    tokio::spawn(crate::watch::run(
+        control.clone(),
+        engine.instance().to_owned(),
+        stop.clone(),
+    ));
     let worker = Worker::new(
         engine,
         control.intake.clone(),

@@ -58,3 +58,4 @@ pub(crate) mod telemetry;
 pub mod testkit;
 pub mod vhd;
 pub(crate) mod views;
+pub(crate) mod watch;

@@ -113,7 +113,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("integrations", &["gallery", "handoff", "batch"]),
     ("engine", &["engine"]),
     // The control plane: submissions, the queue consumer, garbage collection.
-    ("control", &["control", "intake", "gc"]),
+    ("control", &["control", "intake", "gc", "watch"]),
     // What people and programs talk to.
     ("surface", &["api", "pages", "daemon", "cli"]),
     // Tests and benchmarks only (feature `testkit`): stand-ins for services
@@ -130,6 +130,7 @@ const SAME_LAYER: &[(&str, &str)] = &[
     ("handoff", "gallery"),
     ("batch", "handoff"),
     ("gc", "control"),
+    ("watch", "control"),
     ("api", "pages"),
     ("daemon", "api"),
     ("cli", "daemon"),

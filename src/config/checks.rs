@@ -136,12 +136,6 @@ impl PoolStageSettings {
                 ),
             );
         }
-        if self.watch_seconds > 0 && self.watch_seconds < 10 {
-            p.add(
-                "pool_stage.watch_seconds",
-                "must be 0 (off) or at least 10: each round reads every pool from Batch",
-            );
-        }
         if self.watch_seconds > 0 && !gallery {
             p.add(
                 "pool_stage.watch_seconds",

@@ -169,6 +169,38 @@ mod tests {
         assert!(kept.is_empty(), "younger than the cutoff");
     }
 
+    /// One holder of a lease at a time: another is refused while it lasts,
+    /// the holder renews it, and once it runs out another takes it; two
+    /// takers of a free lease at once get one.
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_has_one_holder_until_it_runs_out() {
+        let s = StateStore::new(
+            Arc::new(SimStore::new(SimConfig::instant())),
+            "ops",
+            "state",
+        );
+        s.ensure().await.unwrap();
+        let ttl = Duration::from_secs(30);
+        let (a, b) = tokio::join!(s.lease("w", "a", ttl), s.lease("w", "b", ttl));
+        assert!(a.unwrap() ^ b.unwrap(), "one of two takers at once");
+        let (holder, other) = if s.lease("w", "a", ttl).await.unwrap() {
+            ("a", "b")
+        } else {
+            ("b", "a")
+        };
+        assert!(!s.lease("w", other, ttl).await.unwrap());
+        tokio::time::advance(Duration::from_secs(20)).await;
+        assert!(s.lease("w", holder, ttl).await.unwrap(), "renewed");
+        tokio::time::advance(Duration::from_secs(20)).await;
+        assert!(
+            !s.lease("w", other, ttl).await.unwrap(),
+            "the renewal holds"
+        );
+        tokio::time::advance(Duration::from_secs(31)).await;
+        assert!(s.lease("w", other, ttl).await.unwrap(), "run out: taken");
+        assert!(!s.lease("w", holder, ttl).await.unwrap());
+    }
+
     /// An update against a missing container, or one that loses every round to
     /// other writers, ends with an error instead of trying forever.
     #[tokio::test(start_paused = true)]

@@ -275,6 +275,59 @@ pub struct SkippedDocument {
 }
 
 impl StateStore {
+    /// Takes or renews the lease `name` for `holder` until `ttl` from now:
+    /// whether `holder` holds it. A lease held by another holder and not yet
+    /// run out is left alone; every write is conditional on the ETag read (or
+    /// on there being none), so two takers at once get one lease.
+    pub(crate) async fn lease(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<bool, StateError> {
+        #[derive(Serialize, serde::Deserialize)]
+        struct Lease {
+            holder: String,
+            #[serde(with = "time::serde::rfc3339")]
+            until: OffsetDateTime,
+        }
+        let path = BlobPath::new(
+            &self.account,
+            &self.container,
+            &format!("leases/{name}.json"),
+        );
+        let now = claim_now();
+        let condition = match self.store.read(&path, None).await {
+            Ok((bytes, etag)) => match serde_json::from_slice::<Lease>(&bytes) {
+                Ok(l) if l.holder != holder && l.until > now => return Ok(false),
+                _ => Condition::IfMatch(etag),
+            },
+            Err(e) if e.is_not_found() => Condition::IfAbsent,
+            Err(e) => return Err(e.into()),
+        };
+        let lease = Lease {
+            holder: holder.to_owned(),
+            until: now + ttl,
+        };
+        let bytes = Bytes::from(serde_json::to_vec(&lease).expect("leases serialise"));
+        match self
+            .store
+            .put_block_blob(&path, bytes, &Default::default(), condition)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e)
+                if matches!(
+                    e.class,
+                    ErrorClass::PreconditionFailed | ErrorClass::Conflict
+                ) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Writes the whole hand-off document of a job (for a hand-off too large for
     /// one queue message) and returns where it is. Overwrites: the document of a
     /// job never changes once recorded.

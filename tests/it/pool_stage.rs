@@ -346,3 +346,111 @@ async fn sigkill_during_the_resize_resumes_without_a_second_request() {
     assert!(batch.requests().iter().all(|r| r.authorized));
     drop(second);
 }
+
+/// Background scaling across two instances: a 50-node pool's image serves
+/// 150 nodes (3 gallery replicas x 50); its target is raised to 400 as an
+/// operator or a formula would. Both instances watch (every second); one grow
+/// job for 500 nodes (400 x 1.25) is submitted by itself, marked `watch`, it
+/// raises the version to 10 replicas (capacity 500), and the pool itself is
+/// never resized. No second job follows once the capacity is there.
+#[tokio::test]
+async fn a_watched_pool_gets_one_grow_job_from_two_instances() {
+    let batch = fake_batch(400.0, None).await;
+    let (env, settings, arm) = stage_env(&batch, "watch_seconds = 1\n").await;
+    let first = TestApp::spawn_with(settings.clone()).await;
+    let source = env.source_url("watch.vhd");
+    upload_sample(&first.control, &source, 2, 1, 64).await;
+    let doc = run_job(&first, &env, &format!("w0-{}", env.id), &source, 50).await;
+    assert_eq!(doc.state(), JobState::Completed, "{:?}", doc.error);
+    let version = doc.gallery.clone().unwrap().version_id;
+    let second = TestApp::spawn_with(settings).await;
+    let capacity = format!(
+        "vhdrep_pool_image_capacity_nodes{{pool=\"{}\"}} 150",
+        pool_id(&env)
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut text = String::new();
+        for app in [&first, &second] {
+            text.push_str(
+                &reqwest::get(app.url("/metrics"))
+                    .await
+                    .unwrap()
+                    .text()
+                    .await
+                    .unwrap(),
+            );
+        }
+        if text.contains(&capacity) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the watch never measured the pool"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    batch.set_target(&pool_id(&env), 400);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    let grown = loop {
+        let watch_jobs: Vec<_> = first
+            .control
+            .state
+            .list()
+            .await
+            .unwrap()
+            .jobs
+            .into_iter()
+            .filter(|j| j.job_id.starts_with("watch-"))
+            .collect();
+        if let Some(j) = watch_jobs.iter().find(|j| j.state.is_terminal()) {
+            break j.job_id.clone();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no grow job ended: {watch_jobs:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let (doc, _) = first.control.state.load(&grown).await.unwrap().unwrap();
+    assert_eq!(doc.state(), JobState::Completed, "{:?}", doc.error);
+    let spec = doc.spec().unwrap();
+    assert_eq!(spec.submitted_by.as_deref(), Some("watch"));
+    assert_eq!(spec.pool.nodes, 500);
+    assert_eq!(doc.gallery.as_ref().unwrap().replicas, 10);
+    assert_eq!(
+        doc.gallery.as_ref().unwrap().version_id,
+        version,
+        "the same version, more replicas"
+    );
+    let stage = doc.pool_stage.unwrap();
+    assert_eq!(stage.state, PoolStageState::Skipped, "{stage:?}");
+    // A few more rounds of both instances: capacity 500 serves 400 with the
+    // headroom, so nothing more is submitted.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let watch_jobs = first
+        .control
+        .state
+        .list()
+        .await
+        .unwrap()
+        .jobs
+        .into_iter()
+        .filter(|j| j.job_id.starts_with("watch-"))
+        .count();
+    assert_eq!(watch_jobs, 1, "one grow job from two watching instances");
+    assert_eq!(
+        batch.count("POST", "/resize"),
+        0,
+        "the pool was never resized"
+    );
+    assert_eq!(
+        batch.pool(&pool_id(&env)).unwrap()["targetDedicatedNodes"],
+        400
+    );
+    let regions =
+        &arm.resource(&version).unwrap()["properties"]["publishingProfile"]["targetRegions"];
+    assert_eq!(regions[0]["regionalReplicaCount"], 10, "{regions}");
+    first.shutdown().await;
+    second.shutdown().await;
+}
