@@ -207,7 +207,10 @@ async fn cancel_job(
 
 async fn get_pool(State(state): State<AppState>, Path(id): Path<String>) -> Response {
     match state.control.state.load_pool(&id).await {
-        Ok(Some((r, _))) => Json(pool_view(&r)).into_response(),
+        Ok(Some((r, _))) => {
+            let nodes = state.control.state.pool_nodes(&id).await.ok().flatten();
+            Json(pool_view(&r, nodes.as_ref())).into_response()
+        }
         Ok(None) => error(StatusCode::NOT_FOUND, format!("no image set for pool {id}")),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
@@ -292,11 +295,20 @@ async fn job_page(State(state): State<AppState>, Path(id): Path<String>) -> Resp
 /// The pools page: the pool records.
 async fn pools_page(State(state): State<AppState>) -> Response {
     match state.control.state.list_pools().await {
-        Ok(pools) => Html(crate::pages::pools_page(
-            &pools,
-            time::OffsetDateTime::now_utc(),
-        ))
-        .into_response(),
+        Ok(pools) => {
+            let mut nodes = std::collections::BTreeMap::new();
+            for p in &pools {
+                if let Ok(Some(n)) = state.control.state.pool_nodes(&p.pool_id).await {
+                    nodes.insert(p.pool_id.clone(), n);
+                }
+            }
+            Html(crate::pages::pools_page(
+                &pools,
+                &nodes,
+                time::OffsetDateTime::now_utc(),
+            ))
+            .into_response()
+        }
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
 }

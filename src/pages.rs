@@ -324,6 +324,9 @@ pub(crate) fn job_page(d: &JobDocument, now: OffsetDateTime) -> String {
     if let Some(e) = &d.error {
         body.push_str(&format!("<p class=\"error\">{}</p>", escape(e)));
     }
+    if let Some(line) = crate::views::pool_stage_line(d) {
+        body.push_str(&format!("<p class=\"pool-stage\">{}</p>", escape(&line)));
+    }
     if let (Some(line), Some(g)) = (crate::views::gallery_line(d), &d.gallery) {
         body.push_str(&format!(
             "<p class=\"gallery\">{} {}</p>",
@@ -388,7 +391,11 @@ pub(crate) fn job_page(d: &JobDocument, now: OffsetDateTime) -> String {
 
 /// The pools: each one's image sets (source, snapshot, replicas per account,
 /// gallery version), linked to its jobs.
-pub(crate) fn pools_page(pools: &[PoolRecord], now: OffsetDateTime) -> String {
+pub(crate) fn pools_page(
+    pools: &[PoolRecord],
+    nodes: &BTreeMap<String, crate::state::PoolNodes>,
+    now: OffsetDateTime,
+) -> String {
     let mut body = format!(
         "<h2>Pools <span class=\"muted\">{}</span></h2>",
         pools.len()
@@ -406,6 +413,19 @@ pub(crate) fn pools_page(pools: &[PoolRecord], now: OffsetDateTime) -> String {
                 "<p class=\"muted\">held by job <a href=\"/jobs/{j}\">{j}</a>{}</p>",
                 if l.retiring { " (retiring)" } else { "" },
                 j = escape(&l.job_id)
+            ));
+        }
+        if let Some(n) = nodes.get(&p.pool_id) {
+            body.push_str(&format!(
+                "<p class=\"nodes\">nodes: target {}, current {}, image capacity {}{}</p>",
+                n.target_nodes,
+                n.current_nodes,
+                n.image_capacity_nodes
+                    .map_or("–".to_owned(), |c| c.to_string()),
+                n.resize_errors.last().map_or(String::new(), |e| format!(
+                    " <span class=\"error\">last resize error: {}</span>",
+                    escape(e)
+                )),
             ));
         }
         body.push_str("<div class=\"scroll\"><table><tr><th>source</th><th class=\"hide-sm\">snapshot</th><th class=\"num\">size</th><th>replicas per account</th><th>gallery version</th></tr>");

@@ -1,7 +1,7 @@
 //! The JSON views of jobs and pools, and byte counts for people: one place for
 //! what the HTTP API answers and the command line prints.
 
-use crate::state::{JobDocument, JobSummary, PoolRecord};
+use crate::state::{JobDocument, JobSummary, PoolNodes, PoolRecord};
 use serde_json::{json, Value};
 
 /// Adds a job's timing (elapsed, throughput, ETA, estimating) to its view.
@@ -68,6 +68,8 @@ fn job_fields(d: &JobDocument) -> Value {
             "stalled": g.stalled,
             "history": g.history,
         })),
+        "pool_stage": d.pool_stage,
+        "submitted_by": d.spec().and_then(|s| s.submitted_by.as_deref()),
         "replicas": d.replicas.iter().map(|r| json!({
             "uri": r.uri,
             "account": r.account,
@@ -111,10 +113,11 @@ pub(crate) fn summary_view(s: &JobSummary) -> Value {
 }
 
 /// The JSON view of a pool's image sets (CONTRACT.md `GET /v1/pools/{id}`).
-pub(crate) fn pool_view(r: &PoolRecord) -> Value {
+pub(crate) fn pool_view(r: &PoolRecord, nodes: Option<&PoolNodes>) -> Value {
     let current = r.sets.last();
     json!({
         "pool_id": r.pool_id,
+        "nodes": nodes,
         "source": current.map(|s| s.source.clone()),
         "snapshot": current.map(|s| s.source_snapshot.clone()),
         "replicas": current.map(|s| s.replicas.iter().filter(|x| !x.surplus).map(|x| json!({"uri": x.uri, "account": x.account, "job_id": x.job_id, "state": "verified"})).collect::<Vec<_>>()).unwrap_or_default(),
@@ -130,6 +133,30 @@ pub(crate) fn pool_view(r: &PoolRecord) -> Value {
             "gallery_version": s.gallery_version.as_ref().map(|v| json!({"version": v.version, "version_id": v.version_id, "replicas": v.replicas})),
         })).collect::<Vec<_>>(),
     })
+}
+
+/// The pool stage's line for people: "pool stage: resize to 300 nodes,
+/// resizing, 120 of 300 nodes".
+pub(crate) fn pool_stage_line(d: &JobDocument) -> Option<String> {
+    let s = d.pool_stage.as_ref()?;
+    let action = match s.action {
+        crate::state::PoolAction::Create => format!("create with {} nodes", s.target_nodes),
+        crate::state::PoolAction::Resize => format!("resize to {} nodes", s.target_nodes),
+        crate::state::PoolAction::None => "no change".to_owned(),
+    };
+    let mut line = format!(
+        "pool stage: {action}, {}, {} of {} nodes",
+        s.state.as_str(),
+        s.current_nodes,
+        s.target_nodes
+    );
+    if let Some(r) = &s.reason {
+        line.push_str(&format!(" ({r})"));
+    }
+    if !s.errors.is_empty() {
+        line.push_str(&format!("; Batch: {}", s.errors.join("; ")));
+    }
+    Some(line)
 }
 
 /// Bytes in binary units, for people.

@@ -117,6 +117,16 @@ async fn judge(control: &Control, batch: &Batch, record: &PoolRecord, busy: bool
         pool.current_dedicated,
     );
     control.metrics.pool_capacity(&record.pool_id, capacity);
+    let nodes = crate::state::PoolNodes {
+        target_nodes: pool.target_dedicated,
+        current_nodes: pool.current_dedicated,
+        image_capacity_nodes: Some(capacity),
+        resize_errors: pool.resize_errors.clone(),
+        at: time::OffsetDateTime::now_utc(),
+    };
+    if let Err(e) = control.state.put_pool_nodes(&record.pool_id, &nodes).await {
+        tracing::debug!(error = %e, "cannot record the pool's nodes");
+    }
     let headroom = 1.0 + stage.settings.headroom;
     if f64::from(pool.target_dedicated) <= f64::from(capacity) / headroom {
         return Seen::Enough;

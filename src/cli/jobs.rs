@@ -77,9 +77,11 @@ pub(super) async fn status(
         return match control.state.load_pool(&pool).await {
             Ok(Some((r, _))) => {
                 if json {
+                    let nodes = control.state.pool_nodes(&pool).await.ok().flatten();
                     println!(
                         "{}",
-                        serde_json::to_string_pretty(&crate::views::pool_view(&r)).unwrap()
+                        serde_json::to_string_pretty(&crate::views::pool_view(&r, nodes.as_ref()))
+                            .unwrap()
                     );
                 } else {
                     for (i, set) in r.sets.iter().enumerate() {

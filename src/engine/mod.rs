@@ -279,6 +279,7 @@ impl Engine {
     fn pool_stager(&self) -> Option<pool_stage::PoolStager<'_>> {
         Some(pool_stage::PoolStager {
             batch: self.batch.as_deref()?,
+            state: &self.state,
             cfg: self.settings.pool_stage.as_ref()?,
             metrics: &self.metrics,
             settings: &self.settings,

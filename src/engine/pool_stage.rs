@@ -24,6 +24,7 @@ const MAX_POLL: Duration = Duration::from_secs(15);
 /// The pool stage of a run: the Batch client, the stage's settings, metrics.
 pub(super) struct PoolStager<'a> {
     pub(super) batch: &'a Batch,
+    pub(super) state: &'a StateStore,
     pub(super) cfg: &'a PoolStageConfig,
     pub(super) metrics: &'a Metrics,
     pub(super) settings: &'a ValidatedSettings,
@@ -208,6 +209,7 @@ impl PoolStager<'_> {
             };
             stage.current_nodes = p.current_dedicated;
             stage.errors = p.resize_errors.clone();
+            self.observe(job_run, &create.id, &p).await;
             if p.steady() {
                 stage.state = if p.current_dedicated < stage.target_nodes
                     && !p.resize_errors.is_empty()
@@ -231,6 +233,26 @@ impl PoolStager<'_> {
             }
             self.write(job_run, stage).await?;
             self.pause(job_run, stop).await?;
+        }
+    }
+
+    /// Records what Batch said of the pool for the pools page (a failure to
+    /// write it is only logged: it is an observation).
+    async fn observe(&self, job_run: &JobRun<'_>, pool: &str, p: &BatchPool) {
+        let capacity = job_run
+            .publication()
+            .zip(self.settings.gallery.as_ref())
+            .map(|(g, cfg)| g.replicas * cfg.settings.nodes_per_replica);
+        self.show(pool, Some(p), capacity);
+        let nodes = crate::state::PoolNodes {
+            target_nodes: p.target_dedicated,
+            current_nodes: p.current_dedicated,
+            image_capacity_nodes: capacity,
+            resize_errors: p.resize_errors.clone(),
+            at: OffsetDateTime::now_utc(),
+        };
+        if let Err(e) = self.state.put_pool_nodes(pool, &nodes).await {
+            tracing::debug!(error = %e, "cannot record the pool's nodes");
         }
     }
 

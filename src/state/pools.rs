@@ -65,6 +65,26 @@ pub struct SetVersion {
     pub replicas: u32,
 }
 
+/// What Batch last said of a pool, and what its image serves: written by the
+/// pool stage and by background scaling (last writer wins; it is an
+/// observation, not a decision), shown on the pools page and in the pool view.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolNodes {
+    /// Target dedicated nodes.
+    pub target_nodes: u32,
+    /// Current dedicated nodes.
+    pub current_nodes: u32,
+    /// Nodes the pool's image serves (gallery replicas x nodes per replica).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_capacity_nodes: Option<u32>,
+    /// The pool's resize errors, in Batch's words.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub resize_errors: Vec<String>,
+    /// When Batch said so.
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+}
+
 /// Everything the daemon made for one pool: its image sets, newest last.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PoolRecord {
@@ -145,6 +165,38 @@ impl StateStore {
     }
 
     /// Every pool's record.
+    /// Records what Batch said of `pool_id`.
+    pub(crate) async fn put_pool_nodes(
+        &self,
+        pool_id: &str,
+        nodes: &PoolNodes,
+    ) -> Result<(), StateError> {
+        let path = BlobPath::new(
+            &self.account,
+            &self.container,
+            &format!("pool-nodes/{pool_id}.json"),
+        );
+        let bytes = Bytes::from(serde_json::to_vec(nodes).expect("observations serialise"));
+        self.store
+            .put_block_blob(&path, bytes, &Default::default(), Condition::Always)
+            .await?;
+        Ok(())
+    }
+
+    /// What Batch last said of `pool_id`, if anything was recorded.
+    pub async fn pool_nodes(&self, pool_id: &str) -> Result<Option<PoolNodes>, StateError> {
+        let path = BlobPath::new(
+            &self.account,
+            &self.container,
+            &format!("pool-nodes/{pool_id}.json"),
+        );
+        match self.store.read(&path, None).await {
+            Ok((bytes, _)) => Ok(serde_json::from_slice(&bytes).ok()),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     pub(crate) async fn list_pools(&self) -> Result<Vec<PoolRecord>, StateError> {
         let names = self
             .store

@@ -179,18 +179,53 @@ async fn a_published_job_creates_its_pool_and_a_grow_job_resizes_it() {
             .any(|r| r.path.ends_with("/resize") && r.status == 409),
         "the resize met the pool still resizing and waited"
     );
+    operators_see_the_pool(&app, &env).await;
+    app.shutdown().await;
+}
+
+/// The grown pool as operators see it: the gauge, the pool's view and page,
+/// and the grow job's page.
+async fn operators_see_the_pool(app: &TestApp, env: &TestEnv) {
     let text = reqwest::get(app.url("/metrics"))
         .await
         .unwrap()
         .text()
         .await
         .unwrap();
-    let series = format!(
-        "vhdrep_pool_current_nodes{{pool=\"{}\"}} 300",
-        pool_id(&env)
-    );
+    let series = format!("vhdrep_pool_current_nodes{{pool=\"{}\"}} 300", pool_id(env));
     assert!(text.contains(&series), "{series} in /metrics");
-    app.shutdown().await;
+    // Operators see it: the pool's view and page, and the job's page.
+    let view: serde_json::Value = reqwest::get(app.url(&format!("/v1/pools/{}", pool_id(env))))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(view["nodes"]["target_nodes"], 300, "{view}");
+    assert_eq!(
+        view["nodes"]["image_capacity_nodes"], 300,
+        "6 replicas x 50: {view}"
+    );
+    let page = reqwest::get(app.url("/pools"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        page.contains("nodes: target 300, current 300, image capacity 300"),
+        "{page}"
+    );
+    let page = reqwest::get(app.url(&format!("/jobs/stage-b-{}", env.id)))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        page.contains("pool stage: resize to 300 nodes, steady, 300 of 300 nodes"),
+        "{page}"
+    );
 }
 
 /// A pool that boots another image is never touched: the job completes, its
@@ -453,4 +488,43 @@ async fn a_watched_pool_gets_one_grow_job_from_two_instances() {
     assert_eq!(regions[0]["regionalReplicaCount"], 10, "{regions}");
     first.shutdown().await;
     second.shutdown().await;
+}
+
+/// A pool that runs into the account's quota: the stage follows it to steady
+/// short of its target and records Batch's resize error in its own words;
+/// the job completes (its image is there) with the stage `failed`, and the
+/// pools page shows the last resize error.
+#[tokio::test]
+async fn a_quota_shortfall_is_recorded_in_batchs_words() {
+    let batch = fake_batch(400.0, Some(30)).await;
+    let (env, settings, _arm) = stage_env(&batch, "").await;
+    let app = TestApp::spawn_with(settings).await;
+    let source = env.source_url("quota.vhd");
+    upload_sample(&app.control, &source, 2, 1, 65).await;
+    let doc = run_job(&app, &env, &format!("stage-q-{}", env.id), &source, 50).await;
+    assert_eq!(doc.state(), JobState::Completed, "{:?}", doc.error);
+    let stage = doc.pool_stage.unwrap();
+    assert_eq!(
+        (stage.state, stage.current_nodes, stage.target_nodes),
+        (PoolStageState::Failed, 30, 50),
+        "{stage:?}"
+    );
+    assert!(
+        stage
+            .errors
+            .iter()
+            .any(|e| e.starts_with("AccountCoreQuotaReached: ")),
+        "{stage:?}"
+    );
+    let page = reqwest::get(app.url("/pools"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        page.contains("last resize error: AccountCoreQuotaReached"),
+        "{page}"
+    );
+    app.shutdown().await;
 }
