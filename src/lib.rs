@@ -19,11 +19,11 @@
 //! | Azure client | [`azure`] | accounts, Shared Key and SAS signing, the one retry policy, request limits, the outbound call path, the shared transport, [`azure::ServiceError`] |
 //! | settings and services | [`config`], [`storage`], [`queue`] | settings from TOML and `VHDREP__SECTION__KEY`, validated with the key named; the `BlobStore` trait and its Azure and instrumented stores; the `MessageQueue` trait and its Azure queue |
 //! | domain | [`job`], [`plan`], [`state`], `views` | the submitted job and its checks; replicas, names, metadata; job documents, pool records and locks; the JSON views the API and the CLI share |
-//! | integrations | [`gallery`], [`handoff`] | Compute Gallery versions through Resource Manager; the pool-creation hand-off and its sinks |
-//! | engine | [`engine`] | one job's run: prepare (source, snapshot, plan), copy (`Copy Blob`, ranged `Put Page From URL`, relays), poll, verify, publish, hand off, clean up; retire |
-//! | control | [`control`], [`intake`], [`gc`] | what the CLI and the API share (clients, submit, cancel, retire); the queue consumer with leases and the poison queue; orphan collection |
+//! | integrations | [`gallery`], [`handoff`], `batch` | Compute Gallery versions through Resource Manager; the pool-creation hand-off and its sinks; the Batch data plane (Pool - Get, Add, Resize) |
+//! | engine | [`engine`] | one job's run: prepare (source, snapshot, plan), copy (`Copy Blob`, ranged `Put Page From URL`, relays), poll, verify, publish, hand off, the pool stage, clean up; retire |
+//! | control | [`control`], [`intake`], [`gc`], `watch` | what the CLI and the API share (clients, submit, cancel, retire); the queue consumer with leases and the poison queue; orphan collection; background scaling |
 //! | surface | [`api`], `pages`, [`daemon`], [`cli`] | HTTP routes and health; the status pages; API, workers and housekeeping until shutdown; the command line |
-//! | test kit | `testkit` (feature `testkit`) | the simulated store and queue, whole-daemon simulations, the Azure behaviour proxy, the fake Resource Manager |
+//! | test kit | `testkit` (feature `testkit`) | the simulated store and queue, whole-daemon simulations, the Azure behaviour proxy, the fake Resource Manager and Batch |
 //!
 //! Reading the code for the first time: [`engine`]'s `lifecycle.rs` (a job's
 //! phases in order), then `engine/run.rs` (the one writer of a job's

@@ -65,6 +65,9 @@ fn exported() -> BTreeSet<String> {
     m.job_progress.with_label_values(&["j"]).set(0.5);
     m.gallery_replication.with_label_values(&["j"]).set(0.5);
     m.gallery_stalled.with_label_values(&["j"]).set(1.0);
+    for g in [&m.pools.target, &m.pools.current, &m.pools.capacity] {
+        g.with_label_values(&["p"]).set(1);
+    }
     m.replicas_finished.with_label_values(&["completed"]).inc();
     m.storage_request("a", "op", Some(503));
     m.storage_retries
@@ -121,6 +124,7 @@ fn the_dashboard_and_alerts_use_only_exported_metrics() {
         "throttling",
         "poison",
         "durations",
+        "pool nodes",
     ] {
         assert!(
             titles.iter().any(|t| t.contains(want)),
@@ -131,6 +135,8 @@ fn the_dashboard_and_alerts_use_only_exported_metrics() {
         "vhdrep_job_progress_ratio",
         "vhdrep_queue_poisoned_total",
         "vhdrep_storage_throttled_total",
+        "vhdrep_pool_target_nodes",
+        "vhdrep_pool_image_capacity_nodes",
     ] {
         assert!(metric_names(&alerts).contains(name), "no alert uses {name}");
     }
@@ -159,7 +165,7 @@ fn promtool_accepts_the_rules_and_the_config() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        String::from_utf8_lossy(&out.stdout).contains("SUCCESS: 6 rules found"),
+        String::from_utf8_lossy(&out.stdout).contains("SUCCESS: 7 rules found"),
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
