@@ -348,6 +348,36 @@ region = "westeurope"
 credential = "azure_cli"
 "#;
 
+    /// `[pool_stage]`: each wrong value named by its key (a URL that is not
+    /// one, background scaling without a gallery to scale, a headroom out of
+    /// range, a template that cannot be read); the defaults of a good one.
+    #[test]
+    fn a_pool_stage_is_checked_key_by_key() {
+        let bad = "\n[pool_stage]\nbatch_url = \"mybatch\"\ncredential = \"azure_cli\"\nwatch_seconds = 60\nheadroom = -1.0\ntemplate = \"/nowhere/template.json\"\n";
+        let got = problems(&format!("{GOOD}{bad}"));
+        let keys: Vec<&str> = got.iter().map(|p| p.key.as_str()).collect();
+        for k in [
+            "pool_stage.batch_url",
+            "pool_stage.watch_seconds",
+            "pool_stage.headroom",
+            "pool_stage.template",
+        ] {
+            assert!(keys.contains(&k), "{k} in {got:?}");
+        }
+        let good = "\n[pool_stage]\nbatch_url = \"https://mybatch.westeurope.batch.azure.com/\"\ncredential = \"azure_cli\"\n";
+        let v = Settings::from_toml(&format!("{GOOD}{good}"))
+            .unwrap()
+            .validate(&secrets())
+            .unwrap();
+        let s = v.pool_stage.expect("configured");
+        assert_eq!(
+            s.batch_url.as_str(),
+            "https://mybatch.westeurope.batch.azure.com/"
+        );
+        assert!(s.settings.create && s.settings.resize && s.template.is_empty());
+        assert_eq!((s.settings.watch_seconds, s.settings.headroom), (0, 0.25));
+    }
+
     /// A gallery must be the Batch account's (subscription and region), and
     /// every destination account needs its resource group for the version's
     /// `storageAccountId`; each problem names its key.

@@ -92,6 +92,18 @@ impl JobSpec {
             .clone()
             .unwrap_or_else(|| DEFAULT_CONTAINER.to_owned());
         check_container_name(&container).map_err(|m| JobError::new("container", m))?;
+        if let Some(by) = &self.submitted_by {
+            let fine = (1..=64).contains(&by.len())
+                && by
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+            if !fine {
+                return Err(JobError::new(
+                    "submitted_by",
+                    format!("{by:?} is not 1-64 lower-case letters, digits and hyphens (e.g. \"watch\" or your tool's name)"),
+                ));
+            }
+        }
         let (vm_size, node_agent_sku_id) = add_pool_fields(&self.pool, &settings.handoff)?;
         let mut spec = self.clone();
         spec.job_id = Some(id.to_string());

@@ -241,6 +241,10 @@ fn refused_cases(src: &str, novm: &str) -> Vec<(String, &'static str)> {
             job(serde_json::json!({"pool": {"id": "has space"}})),
             "pool.id:",
         ),
+        (
+            job(serde_json::json!({"submitted_by": "Not Me!"})),
+            "submitted_by:",
+        ),
         // Valid in every field but without a VM size, which Batch requires and
         // this configuration has no default for; its valid job id gets a
         // failed state document.
