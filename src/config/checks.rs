@@ -65,6 +65,24 @@ impl BatchSettings {
     }
 }
 
+/// An http(s) URL with a host and no query, or `None` with a problem under
+/// `key` saying it is not `what`.
+fn service_url(value: &str, key: &str, what: &str, p: &mut Problems) -> Option<Url> {
+    match Url::parse(value.trim().trim_end_matches('/')) {
+        Ok(u)
+            if matches!(u.scheme(), "https" | "http")
+                && u.host().is_some()
+                && u.query().is_none() =>
+        {
+            Some(u)
+        }
+        _ => {
+            p.add(key, format!("{value:?} is not {what}"));
+            None
+        }
+    }
+}
+
 /// The PEM file at `path` (none: `Some(None)`), or `None` with a problem
 /// under `key`.
 fn read_ca(
@@ -103,25 +121,12 @@ impl PoolStageSettings {
         p: &mut Problems,
     ) -> Option<PoolStageConfig> {
         let before = p.0.len();
-        let batch_url = match Url::parse(self.batch_url.trim().trim_end_matches('/')) {
-            Ok(u)
-                if matches!(u.scheme(), "https" | "http")
-                    && u.host().is_some()
-                    && u.query().is_none() =>
-            {
-                Some(u)
-            }
-            _ => {
-                p.add(
-                    "pool_stage.batch_url",
-                    format!(
-                        "{:?} is not the Batch account's URL, such as \"https://mybatch.westeurope.batch.azure.com\"",
-                        self.batch_url
-                    ),
-                );
-                None
-            }
-        };
+        let batch_url = service_url(
+            &self.batch_url,
+            "pool_stage.batch_url",
+            "the Batch account's URL, such as \"https://mybatch.westeurope.batch.azure.com\"",
+            p,
+        );
         let credential = entra_credential(self.credential.as_deref().unwrap_or("auto"), secrets)
             .map_err(|m| p.add("pool_stage.credential", m))
             .ok();
@@ -200,25 +205,12 @@ impl GallerySettings {
     ) -> Option<GalleryConfig> {
         let before = p.0.len();
         self.check_values(batch, p);
-        let arm_endpoint = match Url::parse(self.arm_endpoint.trim().trim_end_matches('/')) {
-            Ok(u)
-                if matches!(u.scheme(), "https" | "http")
-                    && u.host().is_some()
-                    && u.query().is_none() =>
-            {
-                Some(u)
-            }
-            _ => {
-                p.add(
-                    "gallery.arm_endpoint",
-                    format!(
-                        "{:?} is not an https URL such as \"https://management.azure.com\"",
-                        self.arm_endpoint
-                    ),
-                );
-                None
-            }
-        };
+        let arm_endpoint = service_url(
+            &self.arm_endpoint,
+            "gallery.arm_endpoint",
+            "an https URL such as \"https://management.azure.com\"",
+            p,
+        );
         let credential = entra_credential(self.credential.as_deref().unwrap_or("auto"), secrets)
             .map_err(|m| p.add("gallery.credential", m))
             .ok();

@@ -31,8 +31,9 @@ pub(super) struct PoolStager<'a> {
 }
 
 /// What the stage found it should do.
+#[derive(Debug, PartialEq)]
 enum Decision {
-    Create(Value),
+    Create,
     Resize,
     Follow,
     Skip(String),
@@ -88,7 +89,8 @@ impl PoolStager<'_> {
         let target = create.target_dedicated_nodes;
         match decision {
             Decision::Skip(why) => return self.skip(job_run, PoolAction::None, target, &why).await,
-            Decision::Create(body) => {
+            Decision::Create => {
+                let body = self.body(create);
                 self.write(job_run, self.record(PoolAction::Create, target, false))
                     .await?;
                 tracing::info!(pool = %create.id, nodes = target, "creating the pool");
@@ -117,33 +119,7 @@ impl PoolStager<'_> {
 
     /// What to do with the pool as Batch shows it.
     fn decide(&self, create: &PoolCreate, found: Option<&BatchPool>) -> Decision {
-        let image = &create
-            .virtual_machine_configuration
-            .image_reference
-            .virtual_machine_image_id;
-        let s = &self.cfg.settings;
-        match found {
-            None if s.create => Decision::Create(self.body(create)),
-            None => Decision::Skip(format!(
-                "pool {} does not exist and pool_stage.create is false",
-                create.id
-            )),
-            Some(p) if !p.boots(image) => Decision::Skip(format!(
-                "pool {} boots {}, not this job's image {image}: left alone (a pool's image changes only by making a new pool)",
-                create.id,
-                p.image_id.as_deref().unwrap_or("an image that is not a gallery version")
-            )),
-            Some(p) if p.auto_scale => Decision::Skip(format!(
-                "pool {} scales by its autoscale formula: the stage never resizes it",
-                create.id
-            )),
-            Some(p) if p.target_dedicated == create.target_dedicated_nodes => Decision::Follow,
-            Some(_) if s.resize => Decision::Resize,
-            Some(p) => Decision::Skip(format!(
-                "pool {} has {} target nodes, the job {}; pool_stage.resize is false",
-                create.id, p.target_dedicated, create.target_dedicated_nodes
-            )),
-        }
+        decide(&self.cfg.settings, create, found)
     }
 
     /// The Pool - Add body: `pool_create` merged over the template, so the
@@ -329,6 +305,41 @@ impl PoolStager<'_> {
     }
 }
 
+/// What to do with the pool as Batch shows it, under `s`.
+fn decide(
+    s: &crate::config::PoolStageSettings,
+    create: &PoolCreate,
+    found: Option<&BatchPool>,
+) -> Decision {
+    let image = &create
+        .virtual_machine_configuration
+        .image_reference
+        .virtual_machine_image_id;
+    match found {
+        None if s.create => Decision::Create,
+
+        None => Decision::Skip(format!(
+            "pool {} does not exist and pool_stage.create is false",
+            create.id
+        )),
+        Some(p) if !p.boots(image) => Decision::Skip(format!(
+            "pool {} boots {}, not this job's image {image}: left alone (a pool's image changes only by making a new pool)",
+            create.id,
+            p.image_id.as_deref().unwrap_or("an image that is not a gallery version")
+        )),
+        Some(p) if p.auto_scale => Decision::Skip(format!(
+            "pool {} scales by its autoscale formula: the stage never resizes it",
+            create.id
+        )),
+        Some(p) if p.target_dedicated == create.target_dedicated_nodes => Decision::Follow,
+        Some(_) if s.resize => Decision::Resize,
+        Some(p) => Decision::Skip(format!(
+            "pool {} has {} target nodes, the job {}; pool_stage.resize is false",
+            create.id, p.target_dedicated, create.target_dedicated_nodes
+        )),
+    }
+}
+
 /// `PT<n>M` in minutes (15 when it cannot be read).
 fn minutes(iso: &str) -> i64 {
     iso.strip_prefix("PT")
@@ -353,6 +364,61 @@ fn merge(base: &mut Value, ours: Value) {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    fn pool(image: &str, target: u32, auto_scale: bool) -> BatchPool {
+        BatchPool {
+            id: "render".into(),
+            image_id: Some(image.into()),
+            allocation_state: "steady".into(),
+            target_dedicated: target,
+            current_dedicated: target,
+            auto_scale,
+            resize_errors: Vec::new(),
+        }
+    }
+
+    /// Create when missing, resize on the same image, follow at the target;
+    /// another image, autoscale or a flag turned off leave the pool alone.
+    #[test]
+    fn decisions_follow_the_pool_and_the_settings() {
+        let create: PoolCreate = serde_json::from_value(json!({
+            "id": "render", "vmSize": "STANDARD_D2_V3", "targetDedicatedNodes": 200,
+            "resizeTimeout": "PT15M",
+            "virtualMachineConfiguration": {"imageReference": {"virtualMachineImageId": "/v/1"},
+                "nodeAgentSKUId": "batch.node.windows amd64"}
+        }))
+        .unwrap();
+        let on: crate::config::PoolStageSettings = serde_json::from_value(json!({
+            "batch_url": "https://b", "create": true, "resize": true, "watch_seconds": 0,
+            "headroom": 0.25, "ca_file": "", "template": ""
+        }))
+        .unwrap();
+        let off = crate::config::PoolStageSettings {
+            create: false,
+            resize: false,
+            ..on.clone()
+        };
+        assert_eq!(decide(&on, &create, None), Decision::Create);
+        assert_eq!(
+            decide(&on, &create, Some(&pool("/V/1", 100, false))),
+            Decision::Resize
+        );
+        assert_eq!(
+            decide(&on, &create, Some(&pool("/v/1", 200, false))),
+            Decision::Follow
+        );
+        for (s, found, says) in [
+            (&on, Some(pool("/v/2", 100, false)), "boots /v/2"),
+            (&on, Some(pool("/v/1", 100, true)), "autoscale"),
+            (&off, None, "create is false"),
+            (&off, Some(pool("/v/1", 100, false)), "resize is false"),
+        ] {
+            match decide(s, &create, found.as_ref()) {
+                Decision::Skip(why) => assert!(why.contains(says), "{why}"),
+                other => panic!("{says}: {other:?}"),
+            }
+        }
+    }
 
     #[test]
     fn the_hand_off_wins_over_the_template_key_by_key() {

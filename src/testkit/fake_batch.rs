@@ -10,7 +10,6 @@
 
 use super::server::{json_reply, serve, Reply};
 use crate::handoff::BATCH_API_VERSION;
-use http_body_util::BodyExt;
 use hyper::{body::Incoming, Request};
 use serde_json::{json, Value};
 use std::{
@@ -246,21 +245,13 @@ fn error(status: u16, code: &str, message: &str) -> Answer {
 }
 
 async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Reply {
-    let method = req.method().as_str().to_owned();
-    let path = req.uri().path().to_owned();
-    let query = req.uri().query().unwrap_or_default().to_owned();
-    let authorized = req
-        .headers()
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        == Some(format!("Bearer {}", shared.cfg.token).as_str());
-    let bytes = req
-        .into_body()
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-        .unwrap_or_default();
-    let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    let super::server::Received {
+        method,
+        path,
+        query,
+        authorized,
+        body,
+    } = super::server::read(req, &shared.cfg.token).await;
     let (status, headers, answer) = {
         let mut w = shared.world.lock().expect("fake lock");
         let answer = answer(

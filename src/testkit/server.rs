@@ -85,6 +85,43 @@ fn acceptor(cert: &PathBuf, key: &PathBuf) -> std::io::Result<tokio_rustls::TlsA
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
+/// A request as the fakes judge it.
+pub(crate) struct Received {
+    pub(crate) method: String,
+    pub(crate) path: String,
+    pub(crate) query: String,
+    /// Whether it carried `Bearer <token>`.
+    pub(crate) authorized: bool,
+    /// The JSON body (`Null` when none or not JSON).
+    pub(crate) body: serde_json::Value,
+}
+
+/// Reads `req`, checking its bearer token against `token`.
+pub(crate) async fn read(req: Request<hyper::body::Incoming>, token: &str) -> Received {
+    use http_body_util::BodyExt;
+    let method = req.method().as_str().to_owned();
+    let path = req.uri().path().to_owned();
+    let query = req.uri().query().unwrap_or_default().to_owned();
+    let authorized = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        == Some(format!("Bearer {token}").as_str());
+    let bytes = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    Received {
+        method,
+        path,
+        query,
+        authorized,
+        body: serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+    }
+}
+
 /// A JSON reply (an empty body for `Null`) with extra headers.
 pub(crate) fn json_reply(
     status: u16,

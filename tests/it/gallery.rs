@@ -4,8 +4,6 @@
 //! for the gallery, since ARM has no emulator.
 
 use crate::helpers::*;
-use async_trait::async_trait;
-use azure_core::credentials::{AccessToken, Secret, TokenCredential, TokenRequestOptions};
 use serde_json::Value;
 use std::{path::Path, sync::Arc, time::Duration};
 use vhd_replicator::{
@@ -16,25 +14,6 @@ use vhd_replicator::{
 };
 
 pub(crate) const TOKEN: &str = "arm-test-token";
-
-/// Hands out the token the fake expects, for the management scope only.
-#[derive(Debug)]
-struct ArmToken;
-
-#[async_trait]
-impl TokenCredential for ArmToken {
-    async fn get_token(
-        &self,
-        scopes: &[&str],
-        _: Option<TokenRequestOptions<'_>>,
-    ) -> azure_core::Result<AccessToken> {
-        assert_eq!(scopes, ["https://management.azure.com/.default"]);
-        Ok(AccessToken::new(
-            Secret::new(TOKEN),
-            time::OffsetDateTime::now_utc() + time::Duration::hours(1),
-        ))
-    }
-}
 
 pub(crate) fn test_ca() -> std::path::PathBuf {
     let ca = Path::new(env!("CARGO_MANIFEST_DIR")).join(".azurite");
@@ -112,7 +91,10 @@ ca_file = "{ca}"
         .expect("gallery config parses")
         .validate(&Keys(keys()))
         .expect("gallery config validates");
-    settings.gallery.as_mut().expect("configured").credential = Arc::new(ArmToken);
+    settings.gallery.as_mut().expect("configured").credential = Arc::new(ScopedToken {
+        scope: "https://management.azure.com/.default",
+        token: TOKEN,
+    });
     (env, settings)
 }
 

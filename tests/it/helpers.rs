@@ -550,3 +550,28 @@ pub fn run_ok(args: &[&str]) -> String {
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// Hands out `token` for `scope` only (a test's Entra credential for a fake
+/// service); any other scope fails the test.
+#[derive(Debug)]
+pub struct ScopedToken {
+    /// The one scope it serves.
+    pub scope: &'static str,
+    /// The token.
+    pub token: &'static str,
+}
+
+#[async_trait::async_trait]
+impl azure_core::credentials::TokenCredential for ScopedToken {
+    async fn get_token(
+        &self,
+        scopes: &[&str],
+        _: Option<azure_core::credentials::TokenRequestOptions<'_>>,
+    ) -> azure_core::Result<azure_core::credentials::AccessToken> {
+        assert_eq!(scopes, [self.scope]);
+        Ok(azure_core::credentials::AccessToken::new(
+            azure_core::credentials::Secret::new(self.token),
+            time::OffsetDateTime::now_utc() + time::Duration::hours(1),
+        ))
+    }
+}

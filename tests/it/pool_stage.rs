@@ -5,8 +5,6 @@
 
 use crate::gallery::{fake_arm, gallery_env, test_ca};
 use crate::helpers::*;
-use async_trait::async_trait;
-use azure_core::credentials::{AccessToken, Secret, TokenCredential, TokenRequestOptions};
 use std::{sync::Arc, time::Duration};
 use vhd_replicator::{
     config::{Settings, ValidatedSettings},
@@ -16,25 +14,6 @@ use vhd_replicator::{
 };
 
 pub(crate) const BATCH_TOKEN: &str = "batch-test-token";
-
-/// Hands out the token the fake Batch expects, for the Batch scope only.
-#[derive(Debug)]
-struct BatchToken;
-
-#[async_trait]
-impl TokenCredential for BatchToken {
-    async fn get_token(
-        &self,
-        scopes: &[&str],
-        _: Option<TokenRequestOptions<'_>>,
-    ) -> azure_core::Result<AccessToken> {
-        assert_eq!(scopes, ["https://batch.core.windows.net/.default"]);
-        Ok(AccessToken::new(
-            Secret::new(BATCH_TOKEN),
-            time::OffsetDateTime::now_utc() + time::Duration::hours(1),
-        ))
-    }
-}
 
 pub(crate) async fn fake_batch(nodes_per_second: f64, quota: Option<u32>) -> FakeBatch {
     let ca = test_ca();
@@ -74,7 +53,10 @@ async fn stage_env(
         .validate(&Keys(keys()))
         .expect("stage config validates");
     settings.gallery = gallery_settings.gallery;
-    settings.pool_stage.as_mut().expect("configured").credential = Arc::new(BatchToken);
+    settings.pool_stage.as_mut().expect("configured").credential = Arc::new(ScopedToken {
+        scope: "https://batch.core.windows.net/.default",
+        token: BATCH_TOKEN,
+    });
     (env, settings, arm)
 }
 
@@ -382,6 +364,19 @@ async fn sigkill_during_the_resize_resumes_without_a_second_request() {
     drop(second);
 }
 
+/// The jobs background scaling submitted.
+async fn watch_jobs(app: &TestApp) -> Vec<vhd_replicator::state::JobSummary> {
+    app.control
+        .state
+        .list()
+        .await
+        .unwrap()
+        .jobs
+        .into_iter()
+        .filter(|j| j.job_id.starts_with("watch-"))
+        .collect()
+}
+
 /// Background scaling across two instances: a 50-node pool's image serves
 /// 150 nodes (3 gallery replicas x 50); its target is raised to 400 as an
 /// operator or a formula would. Both instances watch (every second); one grow
@@ -428,16 +423,7 @@ async fn a_watched_pool_gets_one_grow_job_from_two_instances() {
     batch.set_target(&pool_id(&env), 400);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
     let grown = loop {
-        let watch_jobs: Vec<_> = first
-            .control
-            .state
-            .list()
-            .await
-            .unwrap()
-            .jobs
-            .into_iter()
-            .filter(|j| j.job_id.starts_with("watch-"))
-            .collect();
+        let watch_jobs = watch_jobs(&first).await;
         if let Some(j) = watch_jobs.iter().find(|j| j.state.is_terminal()) {
             break j.job_id.clone();
         }
@@ -463,17 +449,11 @@ async fn a_watched_pool_gets_one_grow_job_from_two_instances() {
     // A few more rounds of both instances: capacity 500 serves 400 with the
     // headroom, so nothing more is submitted.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let watch_jobs = first
-        .control
-        .state
-        .list()
-        .await
-        .unwrap()
-        .jobs
-        .into_iter()
-        .filter(|j| j.job_id.starts_with("watch-"))
-        .count();
-    assert_eq!(watch_jobs, 1, "one grow job from two watching instances");
+    assert_eq!(
+        watch_jobs(&first).await.len(),
+        1,
+        "one grow job from two watching instances"
+    );
     assert_eq!(
         batch.count("POST", "/resize"),
         0,
