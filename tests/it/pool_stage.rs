@@ -153,6 +153,9 @@ async fn a_published_job_creates_its_pool_and_a_grow_job_resizes_it() {
         requests.iter().all(|r| r.status != 400),
         "every body was accepted: {requests:?}"
     );
+    for r in &requests {
+        println!("batch request: {} {} -> {}", r.method, r.path, r.status);
+    }
     assert_eq!(batch.count("POST", "/pools"), 1, "one create");
     assert_eq!(batch.count("POST", "/resize"), 1, "one resize");
     assert!(
@@ -506,5 +509,42 @@ async fn a_quota_shortfall_is_recorded_in_batchs_words() {
         page.contains("last resize error: AccountCoreQuotaReached"),
         "{page}"
     );
+    app.shutdown().await;
+}
+
+/// A job that does not publish hands off the legacy add_pool (VHD URIs), which
+/// Batch refuses since 2026-03-31: the stage skips it with that reason and
+/// asks Batch nothing.
+#[tokio::test]
+async fn a_legacy_add_pool_hand_off_is_skipped_with_the_reason() {
+    let batch = fake_batch(400.0, None).await;
+    let (env, settings, _arm) = stage_env(&batch, "").await;
+    let app = TestApp::spawn_with(settings).await;
+    let source = env.source_url("legacy.vhd");
+    upload_sample(&app.control, &source, 2, 1, 66).await;
+    let id = format!("stage-l-{}", env.id);
+    let mut job: serde_json::Value =
+        serde_json::from_str(&env.job_json(&id, &source, "windows", 20)).unwrap();
+    job["gallery"] = serde_json::json!(false);
+    app.control
+        .submit(parse_job_json(&job.to_string()).unwrap())
+        .await
+        .unwrap();
+    let doc = wait_for_end(&app.control, &id, Duration::from_secs(60)).await;
+    assert_eq!(doc.state(), JobState::Completed, "{:?}", doc.error);
+    let stage = doc.pool_stage.unwrap();
+    assert_eq!(
+        (stage.action, stage.state),
+        (PoolAction::None, PoolStageState::Skipped)
+    );
+    assert!(
+        stage
+            .reason
+            .as_deref()
+            .unwrap_or_default()
+            .contains("add_pool"),
+        "{stage:?}"
+    );
+    assert!(batch.requests().is_empty(), "{:?}", batch.requests());
     app.shutdown().await;
 }
