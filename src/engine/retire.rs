@@ -98,6 +98,10 @@ impl Engine {
             .delete_pool_if(pool, &etag)
             .await
             .map_err(|e| Outcome::from(JobError::state("pool record", e)))?;
+        // The pool stage's observation of the pool goes with its record.
+        if let Err(e) = self.state.delete_pool_nodes(pool).await {
+            tracing::warn!(%pool, error = %e, "cannot delete the pool's node observation");
+        }
         let note = format!(
             "retired pool {pool}: deleted {deleted} of {} blobs (replicas and snapshots){}",
             doomed.len(),

@@ -171,11 +171,7 @@ impl StateStore {
         pool_id: &str,
         nodes: &PoolNodes,
     ) -> Result<(), StateError> {
-        let path = BlobPath::new(
-            &self.account,
-            &self.container,
-            &format!("pool-nodes/{pool_id}.json"),
-        );
+        let path = self.pool_nodes_path(pool_id);
         let bytes = Bytes::from(serde_json::to_vec(nodes).expect("observations serialise"));
         self.store
             .put_block_blob(&path, bytes, &Default::default(), Condition::Always)
@@ -183,13 +179,26 @@ impl StateStore {
         Ok(())
     }
 
-    /// What Batch last said of `pool_id`, if anything was recorded.
-    pub async fn pool_nodes(&self, pool_id: &str) -> Result<Option<PoolNodes>, StateError> {
-        let path = BlobPath::new(
+    /// Forgets what Batch said of `pool_id` (its pool was retired).
+    pub(crate) async fn delete_pool_nodes(&self, pool_id: &str) -> Result<(), StateError> {
+        match self.store.delete(&self.pool_nodes_path(pool_id)).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.is_not_found() => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn pool_nodes_path(&self, pool_id: &str) -> BlobPath {
+        BlobPath::new(
             &self.account,
             &self.container,
             &format!("pool-nodes/{pool_id}.json"),
-        );
+        )
+    }
+
+    /// What Batch last said of `pool_id`, if anything was recorded.
+    pub async fn pool_nodes(&self, pool_id: &str) -> Result<Option<PoolNodes>, StateError> {
+        let path = self.pool_nodes_path(pool_id);
         match self.store.read(&path, None).await {
             Ok((bytes, _)) => Ok(serde_json::from_slice(&bytes).ok()),
             Err(e) if e.is_not_found() => Ok(None),

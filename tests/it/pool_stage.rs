@@ -476,7 +476,8 @@ async fn a_watched_pool_gets_one_grow_job_from_two_instances() {
 /// A pool that runs into the account's quota: the stage follows it to steady
 /// short of its target and records Batch's resize error in its own words;
 /// the job completes (its image is there) with the stage `failed`, and the
-/// pools page shows the last resize error.
+/// pools page shows the last resize error. Retiring the pool removes the
+/// observation, never the Batch pool.
 #[tokio::test]
 async fn a_quota_shortfall_is_recorded_in_batchs_words() {
     let batch = fake_batch(400.0, Some(30)).await;
@@ -508,6 +509,33 @@ async fn a_quota_shortfall_is_recorded_in_batchs_words() {
     assert!(
         page.contains("last resize error: AccountCoreQuotaReached"),
         "{page}"
+    );
+    // Retiring the pool forgets the observation with the record (the Batch
+    // pool itself is never deleted).
+    assert!(app
+        .control
+        .state
+        .pool_nodes(&pool_id(&env))
+        .await
+        .unwrap()
+        .is_some());
+    let r = app
+        .control
+        .submit_retire(&pool_id(&env), None)
+        .await
+        .unwrap();
+    let d = wait_for_end(&app.control, &r.job_id, Duration::from_secs(60)).await;
+    assert_eq!(d.state(), JobState::Completed, "{:?}", d.error);
+    assert!(app
+        .control
+        .state
+        .pool_nodes(&pool_id(&env))
+        .await
+        .unwrap()
+        .is_none());
+    assert!(
+        batch.pool(&pool_id(&env)).is_some(),
+        "the stage never deletes a pool"
     );
     app.shutdown().await;
 }
