@@ -73,7 +73,35 @@ pub(crate) async fn round(
         return Ok(Vec::new());
     }
     let pools = control.state.list_pools().await?;
-    let busy: HashSet<String> = control
+    // The pools with a job queued or running, read once a round and only when
+    // some pool needs a grow job.
+    let mut busy: Option<HashSet<String>> = None;
+    let mut seen = Vec::new();
+    for record in pools {
+        let s = match judge(control, batch, &record).await {
+            Judged::Grow(nodes) => {
+                let busy = match &busy {
+                    Some(b) => b,
+                    None => busy.insert(pools_with_jobs(control).await?),
+                };
+                if busy.contains(&record.pool_id)
+                    || record.lock.as_ref().is_some_and(|l| l.retiring)
+                {
+                    Seen::Busy
+                } else {
+                    grow(control, &record, nodes).await
+                }
+            }
+            Judged::Seen(s) => s,
+        };
+        seen.push((record.pool_id, s));
+    }
+    Ok(seen)
+}
+
+/// The pools that have a job queued or running.
+async fn pools_with_jobs(control: &Control) -> Result<HashSet<String>, StateError> {
+    Ok(control
         .state
         .list()
         .await?
@@ -81,65 +109,53 @@ pub(crate) async fn round(
         .into_iter()
         .filter(|j| !j.state.is_terminal())
         .map(|j| j.pool_id)
-        .collect();
-    let mut seen = Vec::new();
-    for record in pools {
-        let s = judge(control, batch, &record, busy.contains(&record.pool_id)).await;
-        seen.push((record.pool_id, s));
-    }
-    Ok(seen)
+        .collect())
 }
 
-/// Judges one pool, submitting its grow job when it needs one.
-async fn judge(control: &Control, batch: &Batch, record: &PoolRecord, busy: bool) -> Seen {
+/// What a pool needs.
+enum Judged {
+    /// Nothing to submit.
+    Seen(Seen),
+    /// A grow job for this many nodes.
+    Grow(u32),
+}
+
+/// Judges one pool: what Batch says of it against what its image serves.
+async fn judge(control: &Control, batch: &Batch, record: &PoolRecord) -> Judged {
     let (Some(set), Some(stage), Some(gallery)) = (
         record.sets.last(),
         control.settings.pool_stage.as_ref(),
         control.settings.gallery.as_ref(),
     ) else {
-        return Seen::Unknown;
+        return Judged::Seen(Seen::Unknown);
     };
     let Some(version) = &set.gallery_version else {
-        return Seen::Unknown;
+        return Judged::Seen(Seen::Unknown);
     };
     let pool = match batch.pool(&record.pool_id).await {
         Ok(Some(p)) if p.boots(&version.version_id) => p,
-        Ok(_) => return Seen::Unknown,
+        Ok(_) => return Judged::Seen(Seen::Unknown),
         Err(e) => {
             tracing::warn!(pool = %record.pool_id, error = %e, "cannot read the pool from Batch");
-            return Seen::Unknown;
+            return Judged::Seen(Seen::Unknown);
         }
     };
     let capacity = version.replicas * gallery.settings.nodes_per_replica;
-    control.metrics.pool_nodes(
-        &record.pool_id,
-        pool.target_dedicated,
-        pool.current_dedicated,
-    );
-    control.metrics.pool_capacity(&record.pool_id, capacity);
-    let nodes = crate::state::PoolNodes {
-        target_nodes: pool.target_dedicated,
-        current_nodes: pool.current_dedicated,
-        image_capacity_nodes: Some(capacity),
-        resize_errors: pool.resize_errors.clone(),
-        at: time::OffsetDateTime::now_utc(),
-    };
-    if let Err(e) = control.state.put_pool_nodes(&record.pool_id, &nodes).await {
-        tracing::debug!(error = %e, "cannot record the pool's nodes");
-    }
+    crate::batch::observe(&control.metrics, &control.state, &pool, Some(capacity)).await;
     let headroom = 1.0 + stage.settings.headroom;
     if f64::from(pool.target_dedicated) <= f64::from(capacity) / headroom {
-        return Seen::Enough;
+        return Judged::Seen(Seen::Enough);
     }
-    if busy || record.lock.as_ref().is_some_and(|l| l.retiring) {
-        return Seen::Busy;
-    }
-    let nodes = (f64::from(pool.target_dedicated) * headroom).ceil() as u32;
+    Judged::Grow((f64::from(pool.target_dedicated) * headroom).ceil() as u32)
+}
+
+/// Submits the pool's grow job for `nodes` nodes.
+async fn grow(control: &Control, record: &PoolRecord, nodes: u32) -> Seen {
     let Some(spec) = grow_spec(control, record, nodes).await else {
         return Seen::Unknown;
     };
     let id = spec.job_id.clone().unwrap_or_default();
-    tracing::info!(pool = %record.pool_id, target = pool.target_dedicated, capacity, nodes, job = %id, "the pool outgrows its image: submitting a grow job");
+    tracing::info!(pool = %record.pool_id, nodes, job = %id, "the pool outgrows its image: submitting a grow job");
     match control.submit(spec).await {
         Ok(_) => Seen::Grown(id),
         Err(e) => {

@@ -82,6 +82,31 @@ impl BatchPool {
     }
 }
 
+/// Shows what Batch said of `pool` (and what its image serves, when known)
+/// to operators: the pool gauges, and the observation the pools page reads.
+/// A failure to write the observation is only logged.
+pub(crate) async fn observe(
+    metrics: &crate::metrics::Metrics,
+    state: &crate::state::StateStore,
+    pool: &BatchPool,
+    capacity: Option<u32>,
+) {
+    metrics.pool_nodes(&pool.id, pool.target_dedicated, pool.current_dedicated);
+    if let Some(c) = capacity {
+        metrics.pool_capacity(&pool.id, c);
+    }
+    let nodes = crate::state::PoolNodes {
+        target_nodes: pool.target_dedicated,
+        current_nodes: pool.current_dedicated,
+        image_capacity_nodes: capacity,
+        resize_errors: pool.resize_errors.clone(),
+        at: time::OffsetDateTime::now_utc(),
+    };
+    if let Err(e) = state.put_pool_nodes(&pool.id, &nodes).await {
+        tracing::debug!(pool = %pool.id, error = %e, "cannot record the pool's nodes");
+    }
+}
+
 /// What a Pool - Add did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Added {

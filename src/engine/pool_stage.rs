@@ -71,7 +71,6 @@ impl PoolStager<'_> {
             .image_reference
             .virtual_machine_image_id;
         let found = self.get(&create.id).await?;
-        self.show(&create.id, found.as_ref(), None);
         let earlier = job_run.pool_stage().map(|s| (s.action, s.requested));
         let decision = match (earlier, &found) {
             // Batch answered the request before the crash: follow it.
@@ -171,10 +170,14 @@ impl PoolStager<'_> {
             .and_then(|s| s.requested_at)
             .unwrap_or_else(OffsetDateTime::now_utc);
         let deadline = since + time::Duration::seconds(minutes(&create.resize_timeout) * 60 + 60);
+        // Written when something changed, and at least every third of the
+        // lease so the claim stays renewed through a long allocation.
+        let renew = Duration::from_secs(u64::from(self.settings.engine.lease_seconds) / 3);
+        let mut saved = tokio::time::Instant::now();
         loop {
             let pool = self.get(&create.id).await?;
-            self.show(&create.id, pool.as_ref(), None);
-            let mut stage = job_run.pool_stage().expect("recorded before following");
+            let before = job_run.pool_stage().expect("recorded before following");
+            let mut stage = before.clone();
             let Some(p) = pool else {
                 stage.state = PoolStageState::Failed;
                 stage.reason = Some(format!(
@@ -185,8 +188,8 @@ impl PoolStager<'_> {
             };
             stage.current_nodes = p.current_dedicated;
             stage.errors = p.resize_errors.clone();
-            self.observe(job_run, &create.id, &p).await;
             if p.steady() {
+                self.observe(job_run, &p).await;
                 stage.state = if p.current_dedicated < stage.target_nodes
                     && !p.resize_errors.is_empty()
                 {
@@ -207,29 +210,23 @@ impl PoolStager<'_> {
                 ));
                 return self.write(job_run, stage).await;
             }
-            self.write(job_run, stage).await?;
+            if stage != before || saved.elapsed() >= renew {
+                self.observe(job_run, &p).await;
+                self.write(job_run, stage).await?;
+                saved = tokio::time::Instant::now();
+            }
             self.pause(job_run, stop).await?;
         }
     }
 
     /// Records what Batch said of the pool for the pools page (a failure to
     /// write it is only logged: it is an observation).
-    async fn observe(&self, job_run: &JobRun<'_>, pool: &str, p: &BatchPool) {
+    async fn observe(&self, job_run: &JobRun<'_>, p: &BatchPool) {
         let capacity = job_run
             .publication()
             .zip(self.settings.gallery.as_ref())
             .map(|(g, cfg)| g.replicas * cfg.settings.nodes_per_replica);
-        self.show(pool, Some(p), capacity);
-        let nodes = crate::state::PoolNodes {
-            target_nodes: p.target_dedicated,
-            current_nodes: p.current_dedicated,
-            image_capacity_nodes: capacity,
-            resize_errors: p.resize_errors.clone(),
-            at: OffsetDateTime::now_utc(),
-        };
-        if let Err(e) = self.state.put_pool_nodes(pool, &nodes).await {
-            tracing::debug!(error = %e, "cannot record the pool's nodes");
-        }
+        crate::batch::observe(self.metrics, self.state, p, capacity).await;
     }
 
     async fn get(&self, id: &str) -> Result<Option<BatchPool>, Failure> {
@@ -237,17 +234,6 @@ impl PoolStager<'_> {
             .pool(id)
             .await
             .map_err(|e| Failure::from(JobError::Batch(e)))
-    }
-
-    /// The pool gauges; `capacity` when known.
-    pub(super) fn show(&self, pool: &str, p: Option<&BatchPool>, capacity: Option<u32>) {
-        if let Some(p) = p {
-            self.metrics
-                .pool_nodes(pool, p.target_dedicated, p.current_dedicated);
-        }
-        if let Some(c) = capacity {
-            self.metrics.pool_capacity(pool, c);
-        }
     }
 
     fn record(&self, action: PoolAction, target: u32, requested: bool) -> PoolStage {

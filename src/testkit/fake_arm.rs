@@ -8,7 +8,7 @@
 //! version's `replicationStatus` advances; 429 with Retry-After and 409
 //! Conflict are answered on demand; bodies are checked as the service does.
 
-use super::server::{json_reply, serve, Reply};
+use super::server::{json_reply, serve, Reply, Serving};
 use hyper::{body::Incoming, Request};
 use serde_json::{json, Value};
 use std::{
@@ -17,7 +17,6 @@ use std::{
     path::PathBuf,
     sync::{Arc, Mutex},
 };
-use tokio_util::sync::CancellationToken;
 
 /// How the fake behaves.
 #[derive(Debug, Clone)]
@@ -94,16 +93,9 @@ struct Shared {
 
 /// The fake, serving on a loopback port until dropped.
 pub struct FakeArm {
-    addr: SocketAddr,
-    base: String,
+    /// Stops serving when dropped.
+    serving: Serving,
     shared: Arc<Shared>,
-    stop: CancellationToken,
-}
-
-impl Drop for FakeArm {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
 }
 
 impl FakeArm {
@@ -118,22 +110,17 @@ impl FakeArm {
         let s = shared.clone();
         let serving = serve(tls.as_ref(), move |req| handle(s.clone(), req)).await?;
         let _ = shared.base.set(serving.base.clone());
-        Ok(Self {
-            addr: serving.addr,
-            base: serving.base,
-            shared,
-            stop: serving.stop,
-        })
+        Ok(Self { serving, shared })
     }
 
     /// Its base URL (`gallery.arm_endpoint`).
     pub fn endpoint(&self) -> &str {
-        &self.base
+        &self.serving.base
     }
 
     /// Its address.
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.serving.addr
     }
 
     /// Every request seen so far.

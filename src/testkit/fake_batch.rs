@@ -8,7 +8,7 @@
 //! node quota stops it short with Batch's `resizeErrors`; 409 `PoolExists`,
 //! 409 while resizing, and 429 or 5xx with Retry-After are answered on demand.
 
-use super::server::{json_reply, serve, Reply};
+use super::server::{json_reply, serve, Reply, Serving};
 use crate::handoff::BATCH_API_VERSION;
 use hyper::{body::Incoming, Request};
 use serde_json::{json, Value};
@@ -19,7 +19,6 @@ use std::{
     sync::{Arc, Mutex},
     time::Instant,
 };
-use tokio_util::sync::CancellationToken;
 
 /// How the fake behaves.
 #[derive(Debug, Clone)]
@@ -115,16 +114,9 @@ struct Shared {
 
 /// The fake, serving on a loopback port until dropped.
 pub struct FakeBatch {
-    addr: SocketAddr,
-    base: String,
+    /// Stops serving when dropped.
+    serving: Serving,
     shared: Arc<Shared>,
-    stop: CancellationToken,
-}
-
-impl Drop for FakeBatch {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
 }
 
 impl FakeBatch {
@@ -137,22 +129,17 @@ impl FakeBatch {
         });
         let s = shared.clone();
         let serving = serve(tls.as_ref(), move |req| handle(s.clone(), req)).await?;
-        Ok(Self {
-            addr: serving.addr,
-            base: serving.base,
-            shared,
-            stop: serving.stop,
-        })
+        Ok(Self { serving, shared })
     }
 
     /// Its base URL (`pool_stage.batch_url`).
     pub fn endpoint(&self) -> &str {
-        &self.base
+        &self.serving.base
     }
 
     /// Its address.
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.serving.addr
     }
 
     /// Every request seen so far.

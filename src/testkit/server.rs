@@ -12,11 +12,17 @@ use tokio_util::sync::CancellationToken;
 /// A response of a fake service.
 pub(crate) type Reply = Response<Full<bytes::Bytes>>;
 
-/// A running fake service: its address, base URL and the token that stops it.
+/// A running fake service: its address and base URL; it stops when dropped.
 pub(crate) struct Serving {
     pub(crate) addr: SocketAddr,
     pub(crate) base: String,
-    pub(crate) stop: CancellationToken,
+    stop: CancellationToken,
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
 }
 
 /// Serves `handle` on a free loopback port, over HTTPS with the certificate

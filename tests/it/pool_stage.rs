@@ -60,11 +60,22 @@ async fn stage_env(
     (env, settings, arm)
 }
 
-async fn run_job(app: &TestApp, env: &TestEnv, id: &str, source: &str, nodes: u32) -> JobDocument {
-    app.control
+/// Submits a Windows job of `nodes` nodes for the environment's pool.
+async fn submit(
+    control: &vhd_replicator::control::Control,
+    env: &TestEnv,
+    id: &str,
+    source: &str,
+    nodes: u32,
+) {
+    control
         .submit(parse_job_json(&env.job_json(id, source, "windows", nodes)).unwrap())
         .await
         .unwrap();
+}
+
+async fn run_job(app: &TestApp, env: &TestEnv, id: &str, source: &str, nodes: u32) -> JobDocument {
+    submit(&app.control, env, id, source, nodes).await;
     wait_for_end(&app.control, id, Duration::from_secs(120)).await
 }
 
@@ -293,10 +304,7 @@ async fn sigkill_during_the_resize_resumes_without_a_second_request() {
         &[("PATH", &path)],
     );
     let create = format!("kc-{}", env.id);
-    control
-        .submit(parse_job_json(&env.job_json(&create, &source, "windows", 60)).unwrap())
-        .await
-        .unwrap();
+    submit(&control, &env, &create, &source, 60).await;
     let d = wait_doc(
         &control,
         &create,
@@ -313,10 +321,7 @@ async fn sigkill_during_the_resize_resumes_without_a_second_request() {
         first.log()
     );
     let grow = format!("kg-{}", env.id);
-    control
-        .submit(parse_job_json(&env.job_json(&grow, &source, "windows", 150)).unwrap())
-        .await
-        .unwrap();
+    submit(&control, &env, &grow, &source, 150).await;
     let d = wait_doc(
         &control,
         &grow,
